@@ -1,0 +1,7 @@
+"""imageworks-proxy: one OpenAI-compatible base URL in front of the model servers on a GPU box."""
+
+__version__ = "0.1.0"
+
+from imageworks_proxy.app import create_app  # noqa: E402  (needs __version__ above)
+
+__all__ = ["create_app", "__version__"]

@@ -1,0 +1,3 @@
+from imageworks_proxy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,108 @@
+"""The adapter contract every backend plugin implements (SPEC §1, §8)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import attrs
+
+from imageworks_proxy.errors import ProxyError
+from imageworks_proxy.registry import Entry
+
+if TYPE_CHECKING:
+    import aiohttp
+    from aiohttp import web
+
+    from imageworks_proxy.config import Config
+
+#: A non-streamed answer: an OpenAI ``chat.completion`` object (missing required fields are filled in later).
+Completion = dict[str, Any]
+#: A streamed answer: ``chat.completion.chunk`` objects, in order.
+ChunkStream = AsyncIterator[dict[str, Any]]
+
+
+@attrs.define
+class ChatCall:
+    """What an adapter gets for one chat request, after the request stages ran.
+
+    ``body`` is the OpenAI request body with ``model`` already set to the upstream (served) name and
+    unknown fields kept. ``waiting`` must be awaited before any wait for a model switch or a backend
+    start: for streaming requests it commits the SSE response and starts keep-alive comments.
+    """
+
+    request_id: str
+    entry: Entry
+    model: str
+    body: dict[str, Any]
+    stream: bool
+    waiting: Callable[[], Awaitable[None]]
+    #: Milliseconds spent waiting for a model switch or start; adapters add to it.
+    queue_ms: float = 0.0
+
+
+class Adapter:
+    """Base class for backend adapters.
+
+    Subclasses set ``name`` (unique; what ``backend_config.adapter`` names) and ``backends`` (registry
+    ``backend`` values claimed). One instance is built per app, after the shared HTTP client session
+    exists, and lives until the app stops (:meth:`start` / :meth:`close`).
+    """
+
+    name: ClassVar[str] = ""
+    backends: ClassVar[tuple[str, ...]] = ()
+    #: The adapter used for registry backends nobody claims (openai-passthrough).
+    fallback: ClassVar[bool] = False
+    #: Shown in ``/v1/plugins``.
+    description: ClassVar[str] = ""
+
+    def __init__(self, app: web.Application, config: Config) -> None:
+        self.app = app
+        self.config = config
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        """The app's shared, pooled client session."""
+        from imageworks_proxy import keys
+
+        return keys.http(self.app)
+
+    def accepts(self, entry: Entry) -> bool:
+        """Whether this adapter serves ``entry`` when several claim its backend. Default: yes."""
+        return True
+
+    async def start(self) -> None:
+        """Called once when the app starts. Default: nothing."""
+
+    async def close(self) -> None:
+        """Called once when the app stops; stop background tasks and processes. Default: nothing."""
+
+    async def prepare_listing(self, entries: Sequence[Entry]) -> None:
+        """Called before ``/v1/models`` is built with the entries routed to this adapter; refresh
+        caches here, quickly (never load a model, never wait long for a backend)."""
+
+    def installed(self, entry: Entry) -> bool | None:
+        """Is ``entry`` installed? ``None`` means "use the default rule" (its ``download_path`` exists,
+        or it has none and its upstream is external)."""
+        return None
+
+    def model_status(self, entry: Entry) -> str | None:
+        """``loaded`` / ``loading`` / ``stopped`` for models this adapter starts itself, else ``None``."""
+        return None
+
+    async def chat(self, call: ChatCall) -> Completion | ChunkStream:
+        """Send the chat request upstream.
+
+        Non-streaming: return the completion. Streaming: return an async iterator of chunks once the
+        upstream has accepted the request (an error raised before that is a JSON error response; one
+        raised while iterating becomes an in-band error event). Raise :class:`ProxyError` for failures.
+        """
+        raise ProxyError(501, "not_implemented", f"adapter {self.name!r} does not serve chat completions")
+
+
+def default_installed(entry: Entry) -> bool:
+    """The default installed rule: ``download_path`` exists; entries without one count as installed."""
+    if entry.download_path:
+        return os.path.exists(os.path.expanduser(entry.download_path))
+    return True

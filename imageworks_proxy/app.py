@@ -1,0 +1,119 @@
+"""The application factory (SPEC §1): ``create_app(config)`` builds a self-contained aiohttp app."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from imageworks_proxy import keys
+from imageworks_proxy.adapters.base import Adapter
+from imageworks_proxy.config import Config, load_config
+from imageworks_proxy.gpu import Gpu
+from imageworks_proxy.middlewares import auth_middleware, error_middleware
+from imageworks_proxy.models import ModelService
+from imageworks_proxy.pipeline import Pipeline, Stage
+from imageworks_proxy.plugins import PluginError, PluginManager, collect, make_plugin_manager, unique_by_name
+from imageworks_proxy.registry import RegistryStore
+from imageworks_proxy.views import info
+
+log = logging.getLogger("imageworks_proxy")
+
+
+def _build_adapters(app: web.Application, config: Config, pm: PluginManager) -> dict[str, Adapter]:
+    adapters: dict[str, Adapter] = {}
+    for name, (plugin_name, cls) in unique_by_name(collect(pm, "register_backends"), "adapter").items():
+        if not (isinstance(cls, type) and issubclass(cls, Adapter)):
+            raise PluginError(f"plugin {plugin_name!r} registered {cls!r}, which is not an Adapter subclass")
+        adapter = cls(app, config)
+        adapter.plugin_name = plugin_name  # type: ignore[attr-defined]
+        adapters[name] = adapter
+    return adapters
+
+
+def _build_pipeline(app: web.Application, config: Config, pm: PluginManager) -> Pipeline:
+    stages: list[Stage] = []
+    for _name, (plugin_name, cls) in unique_by_name(collect(pm, "register_stages"), "stage").items():
+        if not (isinstance(cls, type) and issubclass(cls, Stage)):
+            raise PluginError(f"plugin {plugin_name!r} registered {cls!r}, which is not a Stage subclass")
+        stage = cls(app, config)
+        stage.plugin_name = plugin_name  # type: ignore[attr-defined]
+        stages.append(stage)
+    return Pipeline(stages)
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    """Every resource with a lifetime: the pooled client session, NVML, adapters, the registry watcher."""
+    config = keys.config(app)
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30)
+    # No session-wide timeout: each call sets its own (backend timeout, stream idle timeout).
+    app[keys.HTTP] = aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=None), auto_decompress=True, trust_env=False
+    )
+    gpu = keys.gpu(app)
+    await asyncio.to_thread(gpu.open)
+    models = keys.models(app)
+    started: list[Adapter] = []
+    watcher: asyncio.Task[None] | None = None
+    try:
+        for adapter in models.adapters.values():
+            await adapter.start()
+            started.append(adapter)
+        watcher = asyncio.get_running_loop().create_task(models.store.watch(), name="registry-watcher")
+        yield
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        for adapter in reversed(started):
+            try:
+                await adapter.close()
+            except Exception:
+                log.exception("adapter %s failed to close cleanly", adapter.name)
+        await app[keys.HTTP].close()
+        gpu.close()
+
+
+def create_app(
+    config: Config | None = None,
+    *,
+    plugin_manager: PluginManager | None = None,
+    load_entrypoints: bool = True,
+) -> web.Application:
+    """Build the proxy as an aiohttp application.
+
+    ``config`` defaults to :func:`~imageworks_proxy.config.load_config` on the environment.
+    ``plugin_manager`` defaults to :func:`~imageworks_proxy.plugins.make_plugin_manager` (entry points
+    scanned unless ``load_entrypoints`` is false). The app works standalone and mounted with
+    ``parent.add_subapp("/prefix", create_app(cfg))``; its resources start and stop with it.
+    Raises :class:`~imageworks_proxy.plugins.PluginError` when plugins register clashing names.
+    """
+    config = config if config is not None else load_config()
+    pm = plugin_manager if plugin_manager is not None else make_plugin_manager(load_entrypoints=load_entrypoints)
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware],
+        client_max_size=config.max_body_bytes,
+    )
+    app[keys.CONFIG] = config
+    app[keys.PLUGINS] = pm
+    app[keys.STARTED_AT] = time.monotonic()
+    app[keys.GPU] = Gpu()
+    store = RegistryStore(config.registry, config.registry_poll_s)
+    models = ModelService(config, store)
+    app[keys.MODELS] = models
+    models.set_adapters(_build_adapters(app, config, pm))
+    app[keys.PIPELINE] = _build_pipeline(app, config, pm)
+    store.load_initial()
+
+    app.router.add_get("/v1/health", info.health, name="health")
+    app.router.add_get("/v1/models", info.list_models, name="models")
+    app.router.add_get("/v1/plugins", info.list_plugins, name="plugins")
+    app.cleanup_ctx.append(_resources)
+    pm.hook.startup(app=app)
+    return app

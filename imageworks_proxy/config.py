@@ -1,0 +1,334 @@
+"""Configuration: environment > optional TOML file > defaults (SPEC §2).
+
+``load_config`` is a pure function of the environment mapping (and the TOML file it may name), so tests
+build configs in code and two apps in one process can run with different settings.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tomllib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+import orjson
+
+PREFIX = "CHAT_PROXY_"
+
+
+class ConfigError(ValueError):
+    """A setting has a value we cannot use; the message names the variable, the value and what was expected."""
+
+
+def _default_vllm_command() -> str:
+    return f"{sys.executable} -m vllm.entrypoints.openai.api_server"
+
+
+def _bool(raw: str) -> bool:
+    v = raw.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected 0/1 (or true/false, yes/no, on/off)")
+
+
+def _int(raw: str) -> int:
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise ValueError("expected an integer") from None
+
+
+def _nonneg_int(raw: str) -> int:
+    n = _int(raw)
+    if n < 0:
+        raise ValueError("expected an integer >= 0")
+    return n
+
+
+def _pos_int(raw: str) -> int:
+    n = _int(raw)
+    if n <= 0:
+        raise ValueError("expected an integer > 0")
+    return n
+
+
+def _port(raw: str) -> int:
+    try:
+        n = int(raw.strip())
+    except ValueError:
+        raise ValueError("expected a TCP port number (1-65535)") from None
+    if not 1 <= n <= 65535:
+        raise ValueError("expected a TCP port number (1-65535)")
+    return n
+
+
+def _pos_float(raw: str) -> float:
+    try:
+        n = float(raw.strip())
+    except ValueError:
+        raise ValueError("expected a number") from None
+    if n <= 0:
+        raise ValueError("expected a number > 0")
+    return n
+
+
+def _fraction(raw: str) -> float:
+    try:
+        n = float(raw.strip())
+    except ValueError:
+        raise ValueError("expected a fraction between 0 and 1") from None
+    if not 0 < n <= 1:
+        raise ValueError("expected a fraction between 0 and 1")
+    return n
+
+
+def _str(raw: str) -> str:
+    return raw
+
+
+def _opt_str(raw: str) -> str | None:
+    return raw.strip() or None
+
+
+def _opt_pos_int(raw: str) -> int | None:
+    return _pos_int(raw) if raw.strip() else None
+
+
+def _url(raw: str) -> str:
+    v = raw.strip().rstrip("/")
+    if not v.startswith(("http://", "https://")):
+        raise ValueError("expected an http:// or https:// URL")
+    return v
+
+
+def _keys(raw: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in raw.split(",") if k.strip())
+
+
+def _autostart_map(raw: str) -> dict[str, tuple[str, ...] | str]:
+    """Logical name -> shell command string, argv list, or {"command": [...]}."""
+    if not raw.strip():
+        return {}
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"expected a JSON object (logical name -> command): {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError("expected a JSON object (logical name -> command)")
+    out: dict[str, tuple[str, ...] | str] = {}
+    for name, cmd in data.items():
+        if isinstance(cmd, dict):
+            cmd = cmd.get("command")
+        if isinstance(cmd, str) and cmd.strip():
+            out[name] = cmd
+        elif isinstance(cmd, list) and cmd and all(isinstance(a, str) for a in cmd):
+            out[name] = tuple(cmd)
+        else:
+            raise ValueError(f"entry {name!r}: expected a command string, an argv list or {{\"command\": [...]}}")
+    return out
+
+
+@attrs.frozen
+class Setting:
+    env: str
+    attr: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+
+
+def _s(name: str, parse: Callable[[str], Any], default: Any, help: str) -> Setting:
+    return Setting(PREFIX + name, name.lower(), parse, default, help)
+
+
+# One row per setting: the environment variable, its parser, the default and what it does.
+SETTINGS: tuple[Setting, ...] = (
+    _s("HOST", _str, "127.0.0.1", "Bind address"),
+    _s("PORT", _port, 8100, "Listen port"),
+    _s("REGISTRY", _str, None, "Registry JSON file or ImageWorks layered directory "
+       "(default: $IMAGEWORKS_REGISTRY_DIR or configs)"),
+    _s("REGISTRY_POLL_S", _pos_float, 1.0, "How often the registry files are checked for changes"),
+    _s("SUPPRESS_DECORATIONS", _bool, True, "Hide backend/format/quant fields in models output"),
+    _s("INCLUDE_NON_INSTALLED", _bool, False, "Include entries without visible files"),
+    _s("INCLUDE_TEST_MODELS", _bool, False, "List entries marked metadata.testing"),
+    _s("LOOPBACK_ALIAS", _opt_str, None, "Replace localhost targets in backend URLs (e.g. host.docker.internal)"),
+    _s("ENABLE_METRICS", _bool, False, "Enable /v1/metrics and Prometheus /metrics"),
+    _s("METRICS_WINDOW_S", _pos_int, 300, "Rolling window of /v1/metrics in seconds"),
+    _s("REQUIRE_TEMPLATE", _bool, True, "Enforce presence of a chat template for orchestrated vLLM models"),
+    _s("MAX_IMAGE_BYTES", _pos_int, 6_000_000, "Max decoded image size in bytes"),
+    _s("MAX_BODY_BYTES", _pos_int, 67_108_864, "Request body cap in bytes"),
+    _s("BACKEND_TIMEOUT_MS", _pos_int, 120_000, "Upstream request timeout in ms"),
+    _s("STREAM_IDLE_TIMEOUT_MS", _pos_int, 60_000, "Streaming idle cutoff in ms"),
+    _s("LOG_PATH", _str, "logs/chat_proxy.jsonl", "JSONL chat log (rotates by size)"),
+    _s("MAX_LOG_BYTES", _pos_int, 25_000_000, "Log rotation threshold in bytes"),
+    _s("LOG_PROMPTS", _bool, False, "Include prompt payloads in the JSONL log"),
+    _s("LOG_LEVEL", _str, "INFO", "Human log level (DEBUG, INFO, WARNING, ERROR)"),
+    _s("DISABLE_TOOL_NORMALIZATION", _bool, False, "Pass through backend tool payloads unchanged"),
+    _s("SCHEMA_VERSION", _pos_int, 1, "Schema version advertised in models list"),
+    _s("VISION_TRUNCATE_HISTORY", _bool, True, "Trim earlier turns when a request carries images"),
+    _s("VISION_KEEP_SYSTEM", _bool, True, "Keep system messages when trimming vision history"),
+    _s("VISION_KEEP_LAST_N_TURNS", _nonneg_int, 0, "Earlier complete turns kept when trimming vision history"),
+    _s("OLLAMA_BASE_URL", _url, "http://127.0.0.1:11434", "Ollama for entries that name no host"),
+    _s("OLLAMA_KEEP_ALIVE", _opt_str, None, "keep_alive sent with Ollama chat requests (e.g. 10m, -1)"),
+    _s("OLLAMA_STOP_TIMEOUT_S", _pos_float, 30.0, "How long to wait for Ollama to unload its models"),
+    _s("GPU_EXCLUSIVE", _bool, True, "One GPU tenant at a time (Ollama or vLLM)"),
+    _s("AUTOSTART_ENABLED", _bool, False, "Enable backend autostart commands"),
+    _s("AUTOSTART_MAP", _autostart_map, {}, "JSON map of logical model -> command"),
+    _s("AUTOSTART_GRACE_PERIOD_S", _pos_float, 120.0, "How long an autostarted backend has to become ready"),
+    _s("VLLM_SINGLE_PORT", _bool, True, "Enable single active vLLM orchestration"),
+    _s("VLLM_PORT", _port, 24001, "Canonical vLLM port when orchestration is enabled"),
+    _s("VLLM_HOST", _str, "127.0.0.1", "Bind address given to orchestrated vLLM"),
+    _s("VLLM_COMMAND", _str, None, "Launcher prefix for orchestrated vLLM "
+       "(default: <python> -m vllm.entrypoints.openai.api_server)"),
+    _s("VLLM_STATE_PATH", _str, "_staging/active_vllm.json", "Metadata file tracking the active vLLM instance"),
+    _s("VLLM_LOG_DIR", _str, "logs/vllm", "Directory of per-model vLLM logs"),
+    _s("VLLM_START_TIMEOUT_S", _pos_float, 180.0, "Time budget (seconds) for vLLM startup + health"),
+    _s("VLLM_STOP_TIMEOUT_S", _pos_float, 30.0, "Graceful shutdown timeout before SIGKILL"),
+    _s("VLLM_HEALTH_TIMEOUT_S", _pos_float, 120.0, "Per-request timeout when polling vLLM health"),
+    _s("VLLM_GPU_MEMORY_UTILIZATION", _fraction, 0.75, "Fraction of GPU memory vLLM should claim"),
+    _s("VLLM_MAX_MODEL_LEN", _opt_pos_int, None, "Override max sequence length passed to vLLM"),
+    _s("VLLM_MAX_QUEUE", _pos_int, 64, "Requests waiting for a model switch before 429"),
+    _s("API_KEYS", _keys, (), "Comma-separated bearer keys; when set every route but /v1/health needs one"),
+    _s("CONFIG_FILE", _opt_str, None, "Optional TOML file with settings (lower-case names, no prefix)"),
+)
+
+_BY_ATTR = {s.attr: s for s in SETTINGS}
+
+
+@attrs.frozen
+class Config:
+    """The effective configuration. Build it with :func:`load_config`; change it with ``attrs.evolve``."""
+
+    host: str
+    port: int
+    registry: str
+    registry_poll_s: float
+    suppress_decorations: bool
+    include_non_installed: bool
+    include_test_models: bool
+    loopback_alias: str | None
+    enable_metrics: bool
+    metrics_window_s: int
+    require_template: bool
+    max_image_bytes: int
+    max_body_bytes: int
+    backend_timeout_ms: int
+    stream_idle_timeout_ms: int
+    log_path: str
+    max_log_bytes: int
+    log_prompts: bool
+    log_level: str
+    disable_tool_normalization: bool
+    schema_version: int
+    vision_truncate_history: bool
+    vision_keep_system: bool
+    vision_keep_last_n_turns: int
+    ollama_base_url: str
+    ollama_keep_alive: str | None
+    ollama_stop_timeout_s: float
+    gpu_exclusive: bool
+    autostart_enabled: bool
+    autostart_map: Mapping[str, Any] = attrs.field(eq=False)
+    autostart_grace_period_s: float = 120.0
+    vllm_single_port: bool = True
+    vllm_port: int = 24001
+    vllm_host: str = "127.0.0.1"
+    vllm_command: str = ""
+    vllm_state_path: str = "_staging/active_vllm.json"
+    vllm_log_dir: str = "logs/vllm"
+    vllm_start_timeout_s: float = 180.0
+    vllm_stop_timeout_s: float = 30.0
+    vllm_health_timeout_s: float = 120.0
+    vllm_gpu_memory_utilization: float = 0.75
+    vllm_max_model_len: int | None = None
+    vllm_max_queue: int = 64
+    api_keys: tuple[str, ...] = attrs.field(default=(), repr=False)
+    config_file: str | None = None
+    #: Which source set each setting: "env", "file" or "default".
+    sources: Mapping[str, str] = attrs.field(factory=dict, eq=False, repr=False)
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{PREFIX}CONFIG_FILE={path!r}: file not found") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{PREFIX}CONFIG_FILE={path!r}: cannot read TOML: {exc}") from None
+    # Accept a [chat_proxy] table as well as top-level keys.
+    table = data.get("chat_proxy", data)
+    return {str(k).lower().removeprefix("chat_proxy_"): v for k, v in table.items()}
+
+
+def _file_value_to_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, (list, dict)):
+        if value and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return ",".join(value)
+        return orjson.dumps(value).decode()
+    return str(value)
+
+
+def load_config(environ: Mapping[str, str] | None = None) -> Config:
+    """Build the effective :class:`Config` from ``environ`` (default ``os.environ``) and the TOML file it names.
+
+    Raises :class:`ConfigError` naming the variable, the value and what was expected.
+    """
+    env = dict(os.environ if environ is None else environ)
+    file_path = (env.get(PREFIX + "CONFIG_FILE") or "").strip() or None
+    file_values = _read_toml(file_path) if file_path else {}
+    unknown = sorted(set(file_values) - set(_BY_ATTR))
+    if unknown:
+        raise ConfigError(f"{PREFIX}CONFIG_FILE={file_path!r}: unknown setting(s) {', '.join(unknown)}")
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for s in SETTINGS:
+        if s.env in env:
+            raw, source = env[s.env], "env"
+        elif s.attr in file_values:
+            raw, source = _file_value_to_text(file_values[s.attr]), "file"
+        else:
+            values[s.attr], sources[s.attr] = s.default, "default"
+            continue
+        try:
+            values[s.attr] = s.parse(raw)
+        except ValueError as exc:
+            where = s.env if source == "env" else f"{s.attr} in {file_path}"
+            raise ConfigError(f"{where}={raw!r}: {exc}") from None
+        sources[s.attr] = source
+
+    if values["registry"] is None:
+        values["registry"] = env.get("IMAGEWORKS_REGISTRY_DIR") or "configs"
+        sources["registry"] = "env (IMAGEWORKS_REGISTRY_DIR)" if env.get("IMAGEWORKS_REGISTRY_DIR") else "default"
+    if values["vllm_command"] is None:
+        values["vllm_command"] = _default_vllm_command()
+    if values["log_level"].upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"{PREFIX}LOG_LEVEL={values['log_level']!r}: expected DEBUG, INFO, WARNING or ERROR")
+    values["log_level"] = values["log_level"].upper()
+    return Config(**values, sources=sources)
+
+
+def describe_config(config: Config) -> list[tuple[str, str, str]]:
+    """Rows of (variable, effective value, source) for ``--print-config``; API keys are masked."""
+    rows = []
+    for s in SETTINGS:
+        value = getattr(config, s.attr)
+        if s.attr == "api_keys":
+            shown = f"<{len(value)} key(s)>" if value else ""
+        elif isinstance(value, bool):
+            shown = "1" if value else "0"
+        elif value is None:
+            shown = ""
+        elif isinstance(value, (dict, tuple, list)):
+            shown = orjson.dumps(value).decode()
+        else:
+            shown = str(value)
+        rows.append((s.env, shown, config.sources.get(s.attr, "default")))
+    return rows

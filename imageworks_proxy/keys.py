@@ -1,0 +1,46 @@
+"""Typed application keys and the accessors the rest of the code uses to reach app resources."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import ClientSession, web
+
+if TYPE_CHECKING:
+    from imageworks_proxy.config import Config
+    from imageworks_proxy.gpu import Gpu
+    from imageworks_proxy.models import ModelService
+    from imageworks_proxy.pipeline import Pipeline
+    from imageworks_proxy.plugins import PluginManager
+
+CONFIG: web.AppKey[Config] = web.AppKey("config")
+PLUGINS: web.AppKey[PluginManager] = web.AppKey("plugins")
+MODELS: web.AppKey[ModelService] = web.AppKey("models")
+PIPELINE: web.AppKey[Pipeline] = web.AppKey("pipeline")
+HTTP: web.AppKey[ClientSession] = web.AppKey("http")
+GPU: web.AppKey[Gpu] = web.AppKey("gpu")
+STARTED_AT: web.AppKey[float] = web.AppKey("started_at")
+
+
+def config(app: web.Application) -> Config:
+    return app[CONFIG]
+
+
+def plugins(app: web.Application) -> PluginManager:
+    return app[PLUGINS]
+
+
+def models(app: web.Application) -> ModelService:
+    return app[MODELS]
+
+
+def pipeline(app: web.Application) -> Pipeline:
+    return app[PIPELINE]
+
+
+def http(app: web.Application) -> ClientSession:
+    return app[HTTP]
+
+
+def gpu(app: web.Application) -> Gpu:
+    return app[GPU]

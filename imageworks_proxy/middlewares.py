@@ -1,0 +1,97 @@
+"""aiohttp middlewares for HTTP concerns only: request ids, the error envelope and API keys (SPEC §9, §12)."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import secrets
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from imageworks_proxy import keys
+from imageworks_proxy.errors import ProxyError
+
+log = logging.getLogger("imageworks_proxy.http")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+REQUEST_ID = "request_id"
+_SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+#: Route names that never need an API key.
+PUBLIC_ROUTES = frozenset({"health"})
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+def request_id(request: web.Request) -> str:
+    rid = request.get(REQUEST_ID)
+    if rid is None:
+        incoming = request.headers.get("X-Request-Id", "")
+        rid = incoming if _SANE_ID.match(incoming) else new_request_id()
+        request[REQUEST_ID] = rid
+    return rid
+
+
+def _http_exception_error(exc: web.HTTPException) -> ProxyError:
+    status = exc.status
+    if status == 404:
+        return ProxyError(404, "not_found", "Unknown route. The proxy serves /v1/models, /v1/chat/completions, /v1/health.")
+    if status == 405:
+        return ProxyError(405, "method_not_allowed", f"Method not allowed here; allowed: {exc.headers.get('Allow', '')}")
+    if status == 413:
+        return ProxyError(413, "payload_too_large", f"Request body too large: {exc.text or ''}".strip())
+    return ProxyError(status, "http_error", exc.reason or str(status))
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as the OpenAI error shape with the request id; never a bare 500."""
+    rid = request_id(request)
+    try:
+        resp = await handler(request)
+    except ProxyError as exc:
+        resp = exc.response(rid)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        err = _http_exception_error(exc)
+        resp = err.response(rid)
+        if exc.status == 405 and "Allow" in exc.headers:
+            resp.headers["Allow"] = exc.headers["Allow"]
+    except Exception:
+        log.exception("unhandled error in %s %s (request %s)", request.method, request.path, rid)
+        resp = ProxyError(500, "internal_error", f"Internal error; see the proxy log for request {rid}.").response(rid)
+    if not resp.prepared:
+        resp.headers["X-Request-Id"] = rid
+    return resp
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """When ``CHAT_PROXY_API_KEYS`` is set, every route but health needs ``Authorization: Bearer <key>``."""
+    api_keys = keys.config(request.app).api_keys
+    route = request.match_info.route
+    if api_keys and getattr(route, "name", None) not in PUBLIC_ROUTES:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        token = token.strip().encode()
+        ok = scheme.lower() == "bearer" and token and _any_key_matches(token, api_keys)
+        if not ok:
+            raise ProxyError(
+                401,
+                "invalid_api_key",
+                "Missing or invalid API key. Send 'Authorization: Bearer <key>' with one of CHAT_PROXY_API_KEYS.",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+    return await handler(request)
+
+
+def _any_key_matches(token: bytes, api_keys: tuple[str, ...]) -> bool:
+    # Compare against every key, always, so timing does not reveal which key or prefix matched.
+    found = False
+    for key in api_keys:
+        found |= hmac.compare_digest(token, key.encode())
+    return found

@@ -1,0 +1,151 @@
+"""The plugin manager factory and what the loaded plugins registered (SPEC §1)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as md
+import logging
+import sys
+from collections.abc import Iterable
+from types import ModuleType
+from typing import Any
+
+import attrs
+import pluggy
+
+from imageworks_proxy import hookspecs
+
+log = logging.getLogger("imageworks_proxy.plugins")
+
+#: Built-in adapter plugins, by entry-point name. Normally loaded through the core's own entry points;
+#: listed here so a manager built without entry-point scanning (tests) still has them.
+BUILTIN_ADAPTERS: dict[str, str] = {
+    "openai-passthrough": "imageworks_proxy.adapters.openai_passthrough",
+    "vllm-external": "imageworks_proxy.adapters.vllm_external",
+    "vllm-orchestrated": "imageworks_proxy.adapters.vllm_orchestrated",
+    "ollama": "imageworks_proxy.adapters.ollama",
+}
+#: Core plugins registered directly (the shared pipeline stages).
+CORE_PLUGINS: tuple[str, ...] = ("imageworks_proxy.stages",)
+
+
+class PluginError(RuntimeError):
+    """Plugins registered something the proxy cannot use (e.g. two adapters with one name)."""
+
+
+@attrs.frozen
+class PluginFailure:
+    name: str
+    error: str
+
+
+@attrs.frozen
+class PluginInfo:
+    name: str
+    distribution: str | None
+    version: str | None
+    builtin: bool
+
+
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager plus what we learned while loading (failures, distribution versions)."""
+
+    def __init__(self) -> None:
+        super().__init__(hookspecs.PROJECT)
+        self.failures: list[PluginFailure] = []
+        self.infos: dict[str, PluginInfo] = {}
+
+
+def make_plugin_manager(
+    *, load_entrypoints: bool = True, plugins: Iterable[ModuleType | Any] = ()
+) -> PluginManager:
+    """Build the plugin manager: hookspecs, core plugins, adapters from entry points, then ``plugins``.
+
+    ``load_entrypoints=False`` skips entry-point scanning (tests); the built-in adapters are then
+    registered from :data:`BUILTIN_ADAPTERS` directly. A plugin that fails to import is recorded in
+    ``failures`` and logged with its name; the others still load.
+    """
+    pm = PluginManager()
+    pm.add_hookspecs(hookspecs)
+    own_version = md.version("imageworks-proxy") if _installed("imageworks-proxy") else None
+    for modname in CORE_PLUGINS:
+        pm.register(importlib.import_module(modname), name=modname)
+        pm.infos[modname] = PluginInfo(modname, "imageworks-proxy", own_version, True)
+    if load_entrypoints:
+        for ep in md.entry_points(group=hookspecs.PROJECT):
+            if pm.has_plugin(ep.name) or pm.is_blocked(ep.name):
+                continue
+            dist = getattr(ep, "dist", None)
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # any error in third-party code
+                _fail(pm, ep.name, exc)
+                continue
+            _register(pm, ep.name, plugin, dist.name if dist else None, dist.version if dist else None)
+    for name, modname in BUILTIN_ADAPTERS.items():
+        if not pm.has_plugin(name):
+            _register(pm, name, importlib.import_module(modname), "imageworks-proxy", own_version)
+    for plugin in plugins:
+        name = getattr(plugin, "__name__", None) or type(plugin).__name__
+        _register(pm, name, plugin, None, None)
+    pm.check_pending()
+    return pm
+
+
+def _installed(dist: str) -> bool:
+    try:
+        md.distribution(dist)
+        return True
+    except md.PackageNotFoundError:
+        return False
+
+
+def _register(pm: PluginManager, name: str, plugin: Any, dist: str | None, version: str | None) -> None:
+    try:
+        pm.register(plugin, name=name)
+    except Exception as exc:  # pluggy validation errors: unknown hook, bad signature
+        _fail(pm, name, exc)
+        return
+    builtin = name in BUILTIN_ADAPTERS and dist == "imageworks-proxy"
+    pm.infos[name] = PluginInfo(name, dist, version, builtin)
+
+
+def _fail(pm: PluginManager, name: str, exc: BaseException) -> None:
+    msg = f"{type(exc).__name__}: {exc}"
+    pm.failures.append(PluginFailure(name, msg))
+    log.error("plugin %r failed to load and is disabled: %s", name, msg)
+
+
+def collect(pm: PluginManager, hook_name: str) -> list[tuple[str, type]]:
+    """Call a registration hook and return (plugin name, registered class) pairs, in registration order."""
+    out: list[tuple[str, type]] = []
+    hook = getattr(pm.hook, hook_name)
+    for impl in hook.get_hookimpls():
+        plugin_name = pm.get_name(impl.plugin) or repr(impl.plugin)
+        registered: list[type] = []
+        try:
+            impl.function(register=registered.append)
+        except Exception as exc:
+            _fail(pm, plugin_name, exc)
+            continue
+        out.extend((plugin_name, cls) for cls in registered)
+    return out
+
+
+def unique_by_name(pairs: list[tuple[str, type]], what: str) -> dict[str, tuple[str, type]]:
+    """Index registered classes by their ``name``; a clash is a startup error naming both plugins."""
+    out: dict[str, tuple[str, type]] = {}
+    for plugin_name, cls in pairs:
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"plugin {plugin_name!r} registered a {what} without a name: {cls!r}")
+        if name in out:
+            raise PluginError(
+                f"{what} {name!r} is registered by both plugin {out[name][0]!r} and plugin {plugin_name!r}"
+            )
+        out[name] = (plugin_name, cls)
+    return out
+
+
+def python_info() -> str:
+    return sys.version.split()[0]
