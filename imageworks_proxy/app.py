@@ -20,6 +20,7 @@ from imageworks_proxy.models import ModelService
 from imageworks_proxy.pipeline import Pipeline, Stage
 from imageworks_proxy.plugins import PluginError, PluginManager, collect, make_plugin_manager, unique_by_name
 from imageworks_proxy.registry import RegistryStore
+from imageworks_proxy.tenancy import PassThroughTenancy
 from imageworks_proxy.views import info
 
 log = logging.getLogger("imageworks_proxy")
@@ -104,6 +105,7 @@ def create_app(
     app[keys.PLUGINS] = pm
     app[keys.STARTED_AT] = time.monotonic()
     app[keys.GPU] = Gpu()
+    app[keys.TENANCY] = PassThroughTenancy()
     store = RegistryStore(config.registry, config.registry_poll_s)
     models = ModelService(config, store)
     app[keys.MODELS] = models

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from imageworks_proxy.models import ModelService
     from imageworks_proxy.pipeline import Pipeline
     from imageworks_proxy.plugins import PluginManager
+    from imageworks_proxy.tenancy import Tenancy
 
 CONFIG: web.AppKey[Config] = web.AppKey("config")
 PLUGINS: web.AppKey[PluginManager] = web.AppKey("plugins")
@@ -20,6 +21,7 @@ PIPELINE: web.AppKey[Pipeline] = web.AppKey("pipeline")
 HTTP: web.AppKey[ClientSession] = web.AppKey("http")
 GPU: web.AppKey[Gpu] = web.AppKey("gpu")
 STARTED_AT: web.AppKey[float] = web.AppKey("started_at")
+TENANCY: web.AppKey[Tenancy] = web.AppKey("tenancy")
 
 
 def config(app: web.Application) -> Config:

@@ -1,0 +1,67 @@
+"""GPU tenancy: who may use the GPU right now (SPEC §11).
+
+Adapters whose backend occupies the GPU (orchestrated vLLM, Ollama when ``CHAT_PROXY_GPU_EXCLUSIVE=1``,
+plugin-managed servers) take a lease for a :class:`Tenant` around each request. The implementation that
+drains, switches and evicts tenants is installed on the app under ``keys.TENANCY``; this module holds the
+contract and a pass-through implementation used when nothing needs to be exclusive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol
+
+import attrs
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from imageworks_proxy.adapters.base import ChatCall
+
+
+@attrs.frozen
+class Tenant:
+    """Something that can hold the GPU.
+
+    ``key`` identifies it (``"vllm:<logical name>"``, ``"ollama"``, ``"<plugin>:<logical name>"``).
+    ``start`` runs when it becomes the active tenant (after the previous one was evicted) and raises
+    ``ProxyError`` on failure; ``stop`` evicts it (stop the process, unload the models). Either may be None.
+    """
+
+    key: str
+    label: str
+    start: Callable[[], Awaitable[None]] | None = attrs.field(default=None, eq=False)
+    stop: Callable[[], Awaitable[None]] | None = attrs.field(default=None, eq=False)
+
+
+class Lease(Protocol):
+    def release(self) -> None:
+        """Give the lease back (idempotent). Call it when the response, stream included, is over."""
+
+
+class Tenancy(Protocol):
+    async def acquire(self, tenant: Tenant, call: ChatCall) -> Lease:
+        """Wait until ``tenant`` is the active GPU tenant and return a lease on it.
+
+        Awaits ``call.waiting()`` before any wait. Raises ``ProxyError`` (429 ``queue_full``,
+        503 ``model_start_failed``, 504 ``model_start_timeout``, ...).
+        """
+        ...
+
+
+class _NoLease:
+    def release(self) -> None:
+        pass
+
+
+class PassThroughTenancy:
+    """No exclusivity: every tenant may use the GPU at once; ``start``/``stop`` are never called."""
+
+    async def acquire(self, tenant: Tenant, call: ChatCall) -> Lease:
+        return _NoLease()
+
+
+def tenancy(app: web.Application) -> Tenancy:
+    from imageworks_proxy import keys
+
+    return app[keys.TENANCY]
