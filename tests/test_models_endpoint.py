@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 
 from imageworks_proxy import __version__, keys
+from imageworks_proxy.hookspecs import hookimpl
 from tests.openai_schemas import validate_error, validate_models
 
 EXTERNAL = {"base_url": "http://127.0.0.1:9/v1"}
@@ -306,3 +307,43 @@ async def test_incoming_request_id_kept_only_when_sane(make_config, registry_fil
         assert rid == incoming
     else:
         assert rid != incoming and rid.startswith("req_")
+
+
+class RoutesPlugin:
+    """Adds routes through the startup hook that fail the way real handlers can."""
+
+    @hookimpl
+    def startup(self, app):
+        async def crash(request):
+            raise RuntimeError("secret internal detail")
+
+        async def echo(request):
+            return web.json_response({"bytes": len(await request.read())})
+
+        app.router.add_get("/v1/crash", crash)
+        app.router.add_post("/v1/echo", echo)
+
+
+async def test_unexpected_exception_is_a_json_500_without_a_traceback(make_config, registry_file, proxy_client, caplog):
+    registry_file([])
+    client = await proxy_client(make_config(), plugins=(RoutesPlugin(),))
+    resp = await client.get("/v1/crash")
+    assert resp.status == 500 and resp.content_type == "application/json"
+    body = await resp.json()
+    validate_error(body)
+    rid = resp.headers["X-Request-Id"]
+    assert body["error"]["code"] == "internal_error" and rid in body["error"]["message"]
+    assert "secret internal detail" not in await resp.text() and "Traceback" not in await resp.text()
+    assert any(r.exc_info and rid in r.getMessage() for r in caplog.records), "logged with its traceback"
+
+
+async def test_body_over_the_cap_is_a_json_413(make_config, registry_file, proxy_client):
+    registry_file([])
+    client = await proxy_client(make_config(MAX_BODY_BYTES="1000"), plugins=(RoutesPlugin(),))
+    assert await (await client.post("/v1/echo", data=b"x" * 1000)).json() == {"bytes": 1000}
+    resp = await client.post("/v1/echo", data=b"x" * 1001)
+    assert resp.status == 413 and resp.content_type == "application/json"
+    body = await resp.json()
+    validate_error(body)
+    assert body["error"]["code"] == "payload_too_large"
+    assert resp.headers["X-Request-Id"]
