@@ -236,7 +236,7 @@ def _registry(draw):
     return out
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_registry())
 def test_every_listed_id_resolves_to_its_entry(entries):
     cat = build_catalogue(entries)
