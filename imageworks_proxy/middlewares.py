@@ -7,19 +7,16 @@ import logging
 import re
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiohttp import web
 
 from imageworks_proxy import keys
+from imageworks_proxy.keys import REQUEST_ID
 from imageworks_proxy.errors import ProxyError
 
 log = logging.getLogger("imageworks_proxy.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-# aiohttp >= 3.14 warns (NotAppKeyWarning, an error under the test suite's filterwarnings) the first time
-# a plain string is used as a request key; older releases have no RequestKey.
-REQUEST_ID: Any = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "request_id"
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 #: Route names that never need an API key.
 PUBLIC_ROUTES = frozenset({"health"})
