@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -36,9 +36,6 @@ _OLLAMA_OPTIONS = frozenset({
     "use_mmap", "numa", "low_vram", "main_gpu",
 })
 _REASONING_EFFORT = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high"}
-#: Longest text put in one delta, in characters. Even fully escaped (6 bytes a char) a chunk stays
-#: well under the 64 KiB SSE line limit (SPEC §7).
-MAX_DELTA_CHARS = 8192
 _NUM_CTX_FLAGS = ("--num-ctx", "--num_ctx")
 
 
@@ -341,7 +338,7 @@ def usage_from(data: Mapping[str, Any]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _tool_call(call: Any, index: int) -> tuple[str, str, str]:
+def _tool_call(call: Any) -> tuple[str, str, str]:
     """(id, name, JSON arguments) of one Ollama tool call."""
     fn = call.get("function") if isinstance(call, Mapping) else None
     fn = fn if isinstance(fn, Mapping) else {}
@@ -357,7 +354,7 @@ def completion_from_ollama(
     """A ``chat.completion`` for a non-streamed ``/api/chat`` reply; ``model`` is the id the client asked for."""
     msg = data.get("message") if isinstance(data.get("message"), Mapping) else {}
     content = msg.get("content") if isinstance(msg.get("content"), str) else ""
-    calls = [_tool_call(c, i) for i, c in enumerate(msg.get("tool_calls") or ())]
+    calls = [_tool_call(c) for c in msg.get("tool_calls") or ()]
     message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
     if calls:
         message["tool_calls"] = [
@@ -385,17 +382,12 @@ def completion_from_ollama(
     }
 
 
-def _pieces(text: str, size: int = MAX_DELTA_CHARS) -> Iterable[str]:
-    for start in range(0, len(text), size):
-        yield text[start:start + size]
-
-
 class ChunkTranslator:
     """Turns ``/api/chat`` NDJSON lines into ``chat.completion.chunk`` dicts for one stream.
 
     Feed every decoded line to :meth:`feed`; it returns the chunks to send (role first; content and
-    reasoning deltas; each tool call as a first delta with index/id/type/name then argument fragments;
-    on ``done`` the finish chunk and, with ``include_usage``, the usage chunk). Raises
+    reasoning deltas; each tool call as one delta with index, id, type, name and its JSON arguments, since
+    Ollama sends calls whole; on ``done`` the finish chunk and, with ``include_usage``, the usage chunk). Raises
     :class:`ProxyError` for an ``{"error": ...}`` line.
     """
 
@@ -428,20 +420,19 @@ class ChunkTranslator:
             self._started = True
             out.append(self._chunk({"role": "assistant", "content": ""}))
         msg = line.get("message") if isinstance(line.get("message"), Mapping) else {}
+        # Oversized deltas are cut into pieces by the SSE writer (sse.py), so each field goes out whole here.
         thinking = msg.get("thinking")
         if isinstance(thinking, str) and thinking:
-            out.extend(self._chunk({"reasoning_content": p}) for p in _pieces(thinking))
+            out.append(self._chunk({"reasoning_content": thinking}))
         content = msg.get("content")
         if isinstance(content, str) and content:
-            out.extend(self._chunk({"content": p}) for p in _pieces(content))
+            out.append(self._chunk({"content": content}))
         for call in msg.get("tool_calls") or ():
             index = self._tool_calls
             self._tool_calls += 1
-            call_id, name, args = _tool_call(call, index)
-            parts = list(_pieces(args)) or [""]
-            first = {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": parts[0]}}
+            call_id, name, args = _tool_call(call)
+            first = {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
             out.append(self._chunk({"tool_calls": [first]}))
-            out.extend(self._chunk({"tool_calls": [{"index": index, "function": {"arguments": p}}]}) for p in parts[1:])
         if line.get("done"):
             self.finished = True
             self.usage = usage_from(line)
@@ -459,27 +450,28 @@ class ChunkTranslator:
 
 
 class NdjsonSplitter:
-    """Splits a byte stream into decoded JSON lines without aiohttp's line-length cap (PROTOCOLS §6.4)."""
+    """Splits a byte stream into NDJSON lines without aiohttp's line-length cap (PROTOCOLS §6.4)."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
 
-    def feed(self, data: bytes) -> list[Any]:
+    def feed(self, data: bytes) -> list[bytes]:
         self._buf += data
         end = self._buf.rfind(b"\n")
         if end < 0:
             return []
         complete = bytes(self._buf[:end])
         del self._buf[:end + 1]
-        return [_decode_line(line) for line in complete.split(b"\n") if line.strip()]
+        return [line for line in complete.split(b"\n") if line.strip()]
 
-    def close(self) -> list[Any]:
+    def close(self) -> list[bytes]:
         """Whatever followed the last newline (a final line without ``\\n``)."""
         rest, self._buf = bytes(self._buf), bytearray()
-        return [_decode_line(rest)] if rest.strip() else []
+        return [rest] if rest.strip() else []
 
 
-def _decode_line(line: bytes) -> Any:
+def decode_line(line: bytes) -> Any:
+    """One NDJSON line; :class:`ProxyError` 502 when it is not JSON."""
     try:
         return orjson.loads(line)
     except orjson.JSONDecodeError:

@@ -21,6 +21,7 @@ from imageworks_proxy.ollama_translate import (
     ChunkTranslator,
     NdjsonSplitter,
     completion_from_ollama,
+    decode_line,
     error_from_body,
     image_urls,
     keep_alive_value,
@@ -346,7 +347,9 @@ class OllamaChunkStream:
         self._idle_s = idle_s
         self._lease = lease
         self._splitter = NdjsonSplitter()
+        self._lines: collections.deque[bytes] = collections.deque()
         self._pending: collections.deque[dict[str, Any]] = collections.deque()
+        self._eof = False
         self._closed = False
 
     @property
@@ -361,13 +364,22 @@ class OllamaChunkStream:
             if self._closed or self._translator.finished:
                 await self.aclose()
                 raise StopAsyncIteration
-            await self._read(self._idle_s)
+            await self._advance(self._idle_s)
         return self._pending.popleft()
 
     async def prime(self) -> None:
-        """Read until the first chunk is ready (no idle limit: the caller bounds this wait)."""
+        """Read until the first line is translated (no idle limit: the caller bounds this wait)."""
         while not self._pending and not self._translator.finished:
-            await self._read(None)
+            await self._advance(None)
+
+    async def _advance(self, idle_s: float | None) -> None:
+        # One line at a time, so an error line only counts for what came before it.
+        if self._lines:
+            self._pending.extend(self._translator.feed(decode_line(self._lines.popleft())))
+        elif self._eof:
+            raise ProxyError(502, "backend_error", f"Ollama at {self._base} ended the stream before it was done")
+        else:
+            await self._read(idle_s)
 
     async def _read(self, idle_s: float | None) -> None:
         try:
@@ -381,13 +393,11 @@ class OllamaChunkStream:
             ) from None
         except aiohttp.ClientError as exc:
             raise ProxyError(502, "backend_error", f"the stream from Ollama at {self._base} broke: {_describe(exc)}") from None
-        lines = self._splitter.feed(data) if data else self._splitter.close()
-        for line in lines:
-            if self._translator.finished:
-                break
-            self._pending.extend(self._translator.feed(line))
-        if not data and not self._translator.finished:
-            raise ProxyError(502, "backend_error", f"Ollama at {self._base} ended the stream before it was done")
+        if data:
+            self._lines.extend(self._splitter.feed(data))
+        else:
+            self._lines.extend(self._splitter.close())
+            self._eof = True
 
     async def aclose(self) -> None:
         if self._closed:

@@ -36,12 +36,18 @@ class Reply:
     error: str | None = None
     #: Streaming: send ``{"error": error}`` as a line after this many content lines (status stays 200).
     error_after: int | None = None
-    #: Streaming: after this many lines stop sending (connection kept open) until the fake shuts down.
+    #: Streaming: after this many lines stop sending (connection kept open) until ``resume`` is set
+    #: (then carry on) or the fake shuts down.
     stall_after: int | None = None
+    resume: asyncio.Event | None = None
     #: Streaming: after this many lines close the stream without a ``done`` line.
     cut_after: int | None = None
     #: Characters per streamed content/thinking line.
     piece: int = 4
+    #: Seconds before answering at all (headers included), like a model load; cut short by shutdown.
+    delay_s: float = 0.0
+    #: Streaming: seconds between lines.
+    line_delay_s: float = 0.0
 
 
 def _ollama_error(status: int, message: str) -> web.Response:
@@ -88,6 +94,8 @@ class FakeOllama:
         self.loaded: dict[str, float] = {}
         #: How long a ``keep_alive: 0`` unload takes to show in ``/api/ps``; ``None``: never unloads.
         self.unload_delay_s: float | None = 0.0
+        #: Streams whose client went away before the end (Ollama then stops generating).
+        self.disconnects = 0
         self._shutdown = asyncio.Event()
 
     def app(self) -> web.Application:
@@ -102,6 +110,15 @@ class FakeOllama:
 
     async def _on_shutdown(self, app: web.Application) -> None:
         self._shutdown.set()
+
+    async def _pause(self, seconds: float, until: asyncio.Event | None = None) -> None:
+        """Sleep up to ``seconds``; end early at shutdown or when ``until`` is set."""
+        waits = [asyncio.ensure_future(e.wait()) for e in (self._shutdown, until) if e is not None]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     def _resolve(self, name: Any) -> str | None:
         if not isinstance(name, str) or not name:
@@ -166,6 +183,8 @@ class FakeOllama:
             self.loaded[tag] = float("inf")
             return web.json_response({"model": tag, "done": True, "done_reason": "load", "message": {"role": "assistant", "content": ""}})
         reply = self.responder(body)
+        if reply.delay_s:
+            await self._pause(reply.delay_s)
         if reply.status != 200:
             return _ollama_error(reply.status, reply.error or "internal error")
         self.loaded[tag] = float("inf")
@@ -229,17 +248,23 @@ class FakeOllama:
                     if not prepared:
                         await resp.prepare(request)
                         prepared = True
-                    await asyncio.wait_for(self._shutdown.wait(), timeout=30)
-                    return resp
+                    await self._pause(30, until=reply.resume)
+                    if reply.resume is None or not reply.resume.is_set():
+                        return resp
                 if not prepared:
                     await resp.prepare(request)
                     prepared = True
+                elif reply.line_delay_s:
+                    await self._pause(reply.line_delay_s)
                 await resp.write(json.dumps(item).encode() + b"\n")
                 if "error" in item:
                     break
             await resp.write_eof()
-        except (ConnectionResetError, asyncio.TimeoutError):
-            pass
+        except ConnectionError:
+            self.disconnects += 1
+        except asyncio.CancelledError:  # aiohttp cancels the handler when the client goes away
+            self.disconnects += 1
+            raise
         return resp
 
     async def generate(self, request: web.Request) -> web.Response:
@@ -272,3 +297,30 @@ class FakeOllama:
 
     async def version(self, request: web.Request) -> web.Response:
         return web.json_response({"version": "0.33.0"})
+
+
+def ollama_entry(
+    base_url: str | None,
+    *,
+    name: str = "llama3.2-3b",
+    display_name: str = "llama3.2 3b",
+    tag: str = "llama3.2:latest",
+    vision: bool = True,
+    **fields: Any,
+) -> dict[str, Any]:
+    """A registry entry for a model served by the fake (``base_url=None``: use CHAT_PROXY_OLLAMA_BASE_URL)."""
+    backend_config: dict[str, Any] = {"model_path": f"ollama:/{tag}"}
+    if base_url:
+        backend_config["base_url"] = base_url
+    backend_config.update(fields.pop("backend_config", {}))
+    entry: dict[str, Any] = {
+        "name": name,
+        "display_name": display_name,
+        "backend": "ollama",
+        "backend_config": backend_config,
+        "capabilities": {"vision": vision, "tools": True, "reasoning": True},
+        "quantization": "q4_k_m",
+        "metadata": {"ollama_family": "llama3.2", "ollama_parameter_size": "3.2B"},
+    }
+    entry.update(fields)
+    return entry
