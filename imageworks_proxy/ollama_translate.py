@@ -300,7 +300,12 @@ def to_ollama_request(
         "stream": stream,  # explicit: Ollama's default is true
     }
     tools = _tools(body)
-    if tools and body.get("tool_choice") != "none":
+    choice = body.get("tool_choice")
+    if isinstance(choice, Mapping) and isinstance(choice.get("function"), Mapping):
+        # Ollama has no tool_choice; offering only the named tool is the closest it gets.
+        named = [t for t in tools if t["function"].get("name") == choice["function"].get("name")]
+        tools = named or tools
+    if tools and choice != "none":
         payload["tools"] = tools
     options = _options(body, num_ctx)
     if options:

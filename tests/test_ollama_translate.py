@@ -165,6 +165,10 @@ def test_tool_round_trip_messages_carry_objects_and_tool_names():
 def test_tool_choice_none_sends_no_tools_and_bad_arguments_are_400():
     tools = [{"type": "function", "function": {"name": "f"}}]
     assert "tools" not in translate({"messages": [{"role": "user", "content": "x"}], "tools": tools, "tool_choice": "none"})
+    two = [*tools, {"type": "function", "function": {"name": "g"}}]
+    named = translate({"messages": [{"role": "user", "content": "x"}], "tools": two,
+                       "tool_choice": {"type": "function", "function": {"name": "g"}}})
+    assert named["tools"] == [{"type": "function", "function": {"name": "g"}}]
     with pytest.raises(ProxyError) as err:
         translate({"messages": [{"role": "assistant", "tool_calls": [
             {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1, 2]"}}]}]})

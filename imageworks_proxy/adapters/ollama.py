@@ -159,7 +159,11 @@ class OllamaAdapter(Adapter):
     async def _acquire(self, call: ChatCall) -> Lease:
         if not self.config.gpu_exclusive:
             return _NoLease()
-        return await tenancy(self.app).acquire(self.tenant, call)
+        started = time.perf_counter()
+        lease = await tenancy(self.app).acquire(self.tenant, call)
+        # Time spent waiting for the GPU (e.g. vLLM being stopped) is queue time in the request log.
+        call.queue_ms += (time.perf_counter() - started) * 1000
+        return lease
 
     async def _complete(self, call: ChatCall, base: str, tag: str, payload: dict[str, Any]) -> Completion:
         timeout = aiohttp.ClientTimeout(total=self._backend_s, sock_connect=self._connect_s)
