@@ -347,3 +347,17 @@ async def test_client_disconnect_stops_the_ollama_stream(env):
             break
         await asyncio.sleep(0.02)
     assert e.fake.disconnects == 1
+
+
+async def test_slow_model_load_gets_keep_alives_before_the_first_token(env):
+    from imageworks_proxy import keys
+
+    e = await env(fake=FakeOllama(responder=lambda body: Reply(content="ready", delay_s=0.6)))
+    keys.models(e.client.app).adapters["ollama"].stream_commit_after_s = 0.1
+    resp = await e.client.post("/v1/chat/completions", json={"model": MODEL, "stream": True, "messages": user("hi")})
+    assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+    raw = await resp.read()
+    assert raw.startswith(b": keep-alive\n\n")  # sent while Ollama was still loading
+    events = sse_events(raw)
+    assert "".join(ev["choices"][0]["delta"].get("content", "") for ev in events[:-1] if ev["choices"]) == "ready"
+    assert events[-1] == "[DONE]"

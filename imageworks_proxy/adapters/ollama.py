@@ -41,6 +41,8 @@ FIRST_TAGS_WAIT_S = 0.3
 #: Connecting to Ollama never waits longer than this (a refused or black-holed host is "unavailable").
 CONNECT_TIMEOUT_S = 10.0
 PS_TIMEOUT_S = 2.0
+#: A stream whose first line takes longer than this (Ollama loading the model) is committed and kept alive.
+STREAM_COMMIT_AFTER_S = 2.0
 UNLOAD_POLL_S = 0.2
 _JSON = {"Content-Type": "application/json"}
 
@@ -64,6 +66,7 @@ class OllamaAdapter(Adapter):
         self._idle_s = config.stream_idle_timeout_ms / 1000
         self._connect_s = min(CONNECT_TIMEOUT_S, self._backend_s)
         self._keep_alive = keep_alive_value(config.ollama_keep_alive)
+        self.stream_commit_after_s = STREAM_COMMIT_AFTER_S
 
     def base_url(self, entry: Entry) -> str:
         url = entry_base_url(entry, default_port=11434, default_url=self.config.ollama_base_url)
@@ -151,10 +154,28 @@ class OllamaAdapter(Adapter):
             finally:
                 lease.release()
         try:
-            return await self._open_stream(call, base, tag, payload, lease)
+            return await self._open_stream_kept_alive(call, base, tag, payload, lease)
         except BaseException:
             lease.release()
             raise
+
+    async def _open_stream_kept_alive(
+        self, call: ChatCall, base: str, tag: str, payload: dict[str, Any], lease: Lease
+    ) -> ChunkStream:
+        """Open the stream; if Ollama is slow to start it (loading the model), commit the SSE response and
+        send keep-alives meanwhile (SPEC §7). Fast failures stay JSON error responses."""
+        opening = asyncio.ensure_future(self._open_stream(call, base, tag, payload, lease))
+        try:
+            done, _ = await asyncio.wait({opening}, timeout=self.stream_commit_after_s)
+            if not done:
+                await call.waiting()
+        except BaseException:
+            opening.cancel()
+            (result,) = await asyncio.gather(opening, return_exceptions=True)
+            if isinstance(result, OllamaChunkStream):
+                await result.aclose()
+            raise
+        return await opening
 
     async def _acquire(self, call: ChatCall) -> Lease:
         if not self.config.gpu_exclusive:
