@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 
@@ -9,6 +10,8 @@ import attrs
 import openai
 import pytest
 from aiohttp import web
+
+from imageworks_proxy import keys
 
 from tests.chat_helpers import sse_events, user
 from tests.fakes.fake_ollama import FakeOllama, Reply, ollama_entry
@@ -336,8 +339,6 @@ async def test_backend_timeout_is_504(env):
 
 
 async def test_client_disconnect_stops_the_ollama_stream(env):
-    import asyncio
-
     e = await env(fake=FakeOllama(responder=lambda body: Reply(content="x" * 400, piece=1, line_delay_s=0.01)))
     resp = await e.client.post("/v1/chat/completions", json={"model": MODEL, "stream": True, "messages": user("hi")})
     await resp.content.readline()  # the stream is flowing
@@ -350,8 +351,6 @@ async def test_client_disconnect_stops_the_ollama_stream(env):
 
 
 async def test_slow_model_load_gets_keep_alives_before_the_first_token(env):
-    from imageworks_proxy import keys
-
     e = await env(fake=FakeOllama(responder=lambda body: Reply(content="ready", delay_s=0.6)))
     keys.models(e.client.app).adapters["ollama"].stream_commit_after_s = 0.1
     resp = await e.client.post("/v1/chat/completions", json={"model": MODEL, "stream": True, "messages": user("hi")})
