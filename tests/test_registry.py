@@ -199,7 +199,10 @@ async def test_editing_the_registry_file_changes_the_model_list(make_config, reg
 async def test_replacing_the_file_atomically_is_picked_up(make_config, registry_file, proxy_client, tmp_path):
     path = registry_file([ENTRY_A])
     client = await proxy_client(make_config(REGISTRY=str(path)))
+    old = path.stat()
     tmp = _write(tmp_path / "new.json", [ENTRY_B])
+    assert tmp.stat().st_size == old.st_size
+    os.utime(tmp, ns=(old.st_atime_ns, old.st_mtime_ns))  # same size, same mtime (rsync -t, one clock tick)
     os.replace(tmp, path)  # editors and tools that write a temp file and rename it
 
     async def swapped():
