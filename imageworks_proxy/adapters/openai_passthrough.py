@@ -16,6 +16,7 @@ from imageworks_proxy.adapters.base import Adapter, ChatCall, ChunkStream, Compl
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.hookspecs import hookimpl
 from imageworks_proxy.registry import Entry
+from imageworks_proxy.sse_parser import EventTooLong, SSEParser
 from imageworks_proxy.upstream import apply_loopback_alias, entry_base_url
 from imageworks_proxy.upstream_errors import in_band_error, upstream_error
 
@@ -128,27 +129,22 @@ class OpenAIPassthroughAdapter(Adapter):
 
     async def _events(self, resp: aiohttp.ClientResponse, where: str) -> AsyncIterator[dict[str, Any]]:
         adjust = self.adjust_chunk if type(self).adjust_chunk is not OpenAIPassthroughAdapter.adjust_chunk else None
-        data: list[bytes] = []
+        parser = SSEParser()
         try:
-            async for line in resp.content:
-                if line.startswith(b"data:"):
-                    data.append(line[5:].strip())
-                    continue
-                if line.strip() or not data:
-                    continue  # comments, event:/id: fields, blank lines between events
-                payload = data[0] if len(data) == 1 else b"\n".join(data)
-                data.clear()
-                if payload == b"[DONE]":
-                    return
-                try:
-                    obj = orjson.loads(payload)
-                except orjson.JSONDecodeError:
-                    raise ProxyError(502, "backend_error", f"{where} sent a stream event that is not JSON.") from None
-                if not isinstance(obj, dict):
-                    continue
-                if "error" in obj and obj["error"]:
-                    raise in_band_error(obj, where)
-                yield adjust(obj) if adjust else obj
+            # Each network read is split into events in one pass (no per-line awaits).
+            async for raw in resp.content.iter_any():
+                for payload in parser.feed(raw):
+                    if payload == b"[DONE]":
+                        return
+                    try:
+                        obj = orjson.loads(payload)
+                    except orjson.JSONDecodeError:
+                        raise ProxyError(502, "backend_error", f"{where} sent a stream event that is not JSON.") from None
+                    if not isinstance(obj, dict):
+                        continue
+                    if "error" in obj and obj["error"]:
+                        raise in_band_error(obj, where)
+                    yield adjust(obj) if adjust else obj
         except aiohttp.ServerTimeoutError:
             raise ProxyError(
                 504, "stream_idle_timeout",
@@ -156,6 +152,8 @@ class OpenAIPassthroughAdapter(Adapter):
             ) from None
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             raise ProxyError(502, "backend_error", f"{where} closed the stream early: {type(exc).__name__}") from None
+        except EventTooLong as exc:
+            raise ProxyError(502, "backend_error", f"{where} sent {exc}.") from None
         finally:
             resp.close()
 
