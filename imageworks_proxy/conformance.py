@@ -55,8 +55,9 @@ class Conformance(Stage):
             ids = ctx.state[self.name] = _Ids()
         return ids
 
-    def _top(self, ctx: ChatContext, obj: dict[str, Any], kind: str) -> None:
-        ids = self._ids(ctx)
+    def _top(self, ctx: ChatContext, obj: dict[str, Any], kind: str, ids: _Ids | None = None) -> None:
+        if ids is None:
+            ids = self._ids(ctx)
         if not isinstance(obj.get("id"), str) or not obj["id"]:
             obj["id"] = ids.id
         else:
@@ -95,7 +96,7 @@ class Conformance(Stage):
 
     def chunk(self, ctx: ChatContext, chunk: dict[str, Any]) -> list[dict[str, Any]]:
         ids = self._ids(ctx)
-        self._top(ctx, chunk, "chat.completion.chunk")
+        self._top(ctx, chunk, "chat.completion.chunk", ids)
         choices = chunk.get("choices")
         if not isinstance(choices, list):
             choices = chunk["choices"] = []

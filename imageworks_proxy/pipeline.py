@@ -99,7 +99,10 @@ class Pipeline:
     def run_chunk(self, ctx: ChatContext, chunk: dict[str, Any]) -> list[dict[str, Any]]:
         chunks = [chunk]
         for stage in self._chunk:
-            chunks = [out for c in chunks for out in stage.chunk(ctx, c)]
+            if len(chunks) == 1:  # the usual case: one chunk in, no list to flatten
+                chunks = stage.chunk(ctx, chunks[0])
+            else:
+                chunks = [out for c in chunks for out in stage.chunk(ctx, c)]
         return chunks
 
     def run_stream_end(self, ctx: ChatContext) -> list[dict[str, Any]]:

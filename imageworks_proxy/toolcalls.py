@@ -155,8 +155,11 @@ class ToolCallSynthesis(Stage):
             if "function_call" in delta or "tool_calls" in delta:
                 self._fix_call_delta(st, delta)
             content = delta.get("content")
-            if isinstance(content, str) and content and not st.decided and self._names(ctx):
-                out = self._maybe_buffer(ctx, st, chunk, choice, delta, content)
+            if isinstance(content, str) and content and not st.decided:
+                if self._names(ctx):
+                    out = self._maybe_buffer(ctx, st, chunk, choice, delta, content)
+                else:
+                    st.decided = True  # no tools offered: content is never a tool call; stop asking
             if choice.get("finish_reason") is not None:
                 if st.buffering:
                     out = self._flush_buffer(ctx, st, chunk) + out
