@@ -30,7 +30,7 @@ import drivers  # noqa: E402
 import machine  # noqa: E402
 import registry_gen  # noqa: E402
 import report  # noqa: E402
-from procs import Service, Services, cpu_plan, free_port, http_get, http_post, rss_mb  # noqa: E402
+from procs import Service, Services, cpu_plan, cpu_seconds, free_port, http_get, http_post, rss_mb  # noqa: E402
 
 TARGETS = ("upstream", "reference", "proxy")
 MODES = ("non-stream", "stream")
@@ -57,8 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="very short runs (smoke test); numbers are rough")
     p.add_argument("--soak", action="store_true", help="also run a soak and report the proxy's memory over it")
     p.add_argument("--soak-minutes", type=float, default=10.0, help="soak length (default 10)")
-    p.add_argument("--seconds", type=float, help="length of each load run (default 5; --quick 1)")
-    p.add_argument("--rounds", type=int, help="rounds over all scenarios; medians are reported (default 3; --quick 1)")
+    p.add_argument("--seconds", type=float, help="length of each load run (default 3; --quick 1)")
+    p.add_argument("--rounds", type=int, help="rounds over all scenarios; medians are reported (default 5; --quick 1)")
     p.add_argument("--entries", type=int, default=500, help="registry size for /v1/models (default 500)")
     p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
                    help="load generator: wrk when installed (auto), or the Python fallback")
@@ -66,8 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, help="Markdown report (default bench/RESULTS.md; --quick bench/out/RESULTS.quick.md)")
     p.add_argument("--json", type=Path, help="also write the raw figures as JSON here")
     args = p.parse_args(argv)
-    args.seconds = args.seconds or (1.0 if args.quick else 5.0)
-    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.seconds = args.seconds or (1.0 if args.quick else 3.0)
+    args.rounds = args.rounds or (1 if args.quick else 5)
     if args.output is None:
         args.output = HERE / "out" / "RESULTS.quick.md" if args.quick else HERE / "RESULTS.md"
     return args
@@ -90,14 +90,18 @@ def proxy_env(port: int, registry: Path, work: Path, stub_base: str) -> dict[str
 
 def probe_chat(url: str) -> str | None:
     """None when the route answers a chat request with 200, else why not."""
-    status, body = http_post(url, chat_body(False))
-    if status == 200:
-        return None
+    for _ in range(5):
+        status, body = http_post(url, chat_body(False))
+        if status == 200:
+            return None
+        time.sleep(0.2)
     return f"POST /v1/chat/completions answered {status or 'nothing'}: {body[:200].decode(errors='replace')}"
 
 
 def median_result(results: list[drivers.LoadResult]) -> dict:
+    cpu = [r.cpu_us for r in results if r.cpu_us is not None]
     out = {
+        "cpu_us": statistics.median(cpu) if cpu else None,
         "rps": statistics.median(r.rps for r in results),
         "p50_ms": statistics.median(r.p50_ms for r in results),
         "p99_ms": statistics.median(r.p99_ms for r in results),
@@ -108,7 +112,7 @@ def median_result(results: list[drivers.LoadResult]) -> dict:
     return out
 
 
-def run_chat(args, driver: drivers.Driver, urls: dict[str, str], skip: set[str]) -> list[dict]:
+def run_chat(args, driver: drivers.Driver, urls: dict[str, str], pids: dict[str, int], skip: set[str]) -> list[dict]:
     """Every scenario for every target, interleaved, ``rounds`` times; medians per (scenario, target)."""
     raw: dict[tuple[str, int, str], list[drivers.LoadResult]] = {}
     warm = 20 if args.quick else 300
@@ -123,11 +127,16 @@ def run_chat(args, driver: drivers.Driver, urls: dict[str, str], skip: set[str])
                 for target in TARGETS:
                     if target in skip:
                         continue
+                    cpu0 = cpu_seconds(pids[target])
                     r = driver.run(urls[target], concurrency=conc, seconds=args.seconds,
                                    body=chat_body(mode == "stream"))
+                    cpu1 = cpu_seconds(pids[target])
+                    if cpu0 is not None and cpu1 is not None and r.requests:
+                        r.cpu_us = (cpu1 - cpu0) / r.requests * 1e6
                     raw.setdefault((mode, conc, target), []).append(r)
                     print(f"  round {rnd + 1}/{args.rounds} {mode:<10} c={conc:<2} {target:<9} "
-                          f"{r.rps:8.0f} req/s  p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms"
+                          f"{r.rps:8.0f} req/s  p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms  "
+                          f"cpu {r.cpu_us or 0:5.0f} us/req"
                           + (f"  errors {r.errors}" if r.errors else ""), flush=True)
     return [{"mode": m, "concurrency": c, "target": t, **median_result(rs)} for (m, c, t), rs in raw.items()]
 
@@ -203,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"benchmark: {driver.name}; {args.rounds} round(s) of {args.seconds:g} s per figure; work dir {work}",
           flush=True)
     with Services() as services:
-        services.start(Service("upstream", [py, str(HERE / "upstream_stub.py"), str(ports["upstream"]), "16"],
+        stub = services.start(Service("upstream", [py, str(HERE / "upstream_stub.py"), str(ports["upstream"]), "16"],
                                log_dir=work, cpus=cpus["stub"]), stub_base + "/health")
         ref = services.start(Service("reference", [py, str(HERE / "ref_passthrough.py"), str(ports["reference"]),
                                                    stub_base], log_dir=work, cpus=cpus["server"]),
@@ -222,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             skip.add("proxy")
         results["models"] = run_models(args, driver, proxy_base)
         print(f"/v1/models: {results['models']['listed']} listed, p50 {results['models']['p50_ms']:.2f} ms", flush=True)
-        results["chat"] = run_chat(args, driver, urls, skip)
+        pids = {"upstream": stub.pid, "reference": ref.pid, "proxy": proxy.pid}
+        results["chat"] = run_chat(args, driver, urls, pids, skip)
         results["ttfb"] = run_ttfb(args, driver, urls, skip)
         time.sleep(1.0)
         results["rss"]["proxy_after_load_mb"] = rss_mb(proxy.pid)

@@ -82,13 +82,14 @@ class Pipeline:
 
     def __init__(self, stages: list[Stage]) -> None:
         self.stages = sorted(stages, key=lambda s: s.order)
+        self._request = [s for s in self.stages if type(s).request is not Stage.request]
         self._response = [s for s in self.stages if type(s).response is not Stage.response]
         self._chunk = [s for s in self.stages if type(s).chunk is not Stage.chunk]
         self._end = [s for s in self.stages if type(s).stream_end is not Stage.stream_end]
         self._finish = [s for s in self.stages if type(s).finish is not Stage.finish]
 
     async def run_request(self, ctx: ChatContext) -> None:
-        for stage in self.stages:
+        for stage in self._request:
             await stage.request(ctx)
 
     def run_response(self, ctx: ChatContext, completion: dict[str, Any]) -> dict[str, Any]:
