@@ -31,6 +31,15 @@ REQUEST_LOG: web.AppKey[RequestLog] = web.AppKey("request_log")
 PROMETHEUS: web.AppKey[PromMetrics] = web.AppKey("prometheus")
 
 
+# Per-request storage: typed RequestKeys on aiohttp versions that have them (3.14+), plain strings before.
+if hasattr(web, "RequestKey"):
+    REQUEST_ID = web.RequestKey("request_id", str)
+    CHAT_CONTEXT = web.RequestKey("chat_context", object)
+else:  # pragma: no cover - older aiohttp
+    REQUEST_ID = "request_id"  # type: ignore[assignment]
+    CHAT_CONTEXT = "chat_context"  # type: ignore[assignment]
+
+
 def config(app: web.Application) -> Config:
     return app[CONFIG]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ log = logging.getLogger("imageworks_proxy.passthrough")
 
 #: Upstream SSE lines may be long (reasoning traces, tool output); aiohttp's default caps a line at 128 KiB.
 READ_BUFSIZE = 4 * 1024 * 1024
+BIG_BODY = 512 * 1024
 
 
 class OpenAIPassthroughAdapter(Adapter):
@@ -66,7 +68,9 @@ class OpenAIPassthroughAdapter(Adapter):
         cfg = self.config
         url = base_url.rstrip("/") + "/chat/completions"
         hdrs = headers if headers is not None else self.headers(call.entry)
-        data = orjson.dumps(call.body)
+        data: bytes | io.BytesIO = orjson.dumps(call.body)
+        if len(data) > BIG_BODY:  # aiohttp writes big raw bodies in one go; a BytesIO is streamed in pieces
+            data = io.BytesIO(data)
         timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=min(10.0, cfg.backend_timeout_ms / 1000),
@@ -74,6 +78,8 @@ class OpenAIPassthroughAdapter(Adapter):
         )
         where = self.where(call)
         for attempt in (0, 1):
+            if isinstance(data, io.BytesIO):
+                data.seek(0)
             try:
                 async with asyncio.timeout(cfg.backend_timeout_ms / 1000):
                     resp = await self.http.post(url, data=data, headers=hdrs, timeout=timeout, read_bufsize=READ_BUFSIZE)

@@ -20,7 +20,6 @@ from imageworks_proxy.pipeline import ChatContext
 from imageworks_proxy.sse import SSEWriter
 
 log = logging.getLogger("imageworks_proxy.chat")
-CHAT_CONTEXT = "chat_context"
 
 
 async def _no_wait() -> None:
@@ -44,7 +43,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     rid = request_id(request)
     pipeline = keys.pipeline(app)
     ctx = ChatContext(request_id=rid, body={}, app=app)
-    request[CHAT_CONTEXT] = ctx
+    request[keys.CHAT_CONTEXT] = ctx
     writer: SSEWriter | None = None
     try:
         try:
