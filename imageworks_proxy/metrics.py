@@ -4,8 +4,9 @@ The window (``CHAT_PROXY_METRICS_WINDOW_S``) is cut into :data:`SLOTS` time slot
 overall and per model (logical name) and per backend (the adapter that served the request): request and
 error counts, errors by code, token sums and the latency and TTFT samples. A snapshot merges the slots
 still inside the window, so old traffic ages out slot by slot and memory stays bounded. Percentiles are
-nearest-rank over the samples; each slot keeps at most ``max_samples`` per series (a uniform reservoir
-sample beyond that, weighted back when slots are merged), so they are exact up to that rate.
+nearest-rank over the samples; each slot keeps at most ``max_samples`` requests (a uniform reservoir
+sample beyond that, weighted back when slots are merged), so they are exact up to that rate
+(1024 per slot: about 200 requests/s with the default 300 s window).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import random
 import time
 from array import array
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -25,35 +26,18 @@ SLOTS = 60
 PERCENTILES = (50, 95, 99)
 
 
-class _Series:
-    """Samples of one measurement in one slot: a reservoir of at most ``cap`` values and the count seen."""
-
-    __slots__ = ("values", "seen")
-
-    def __init__(self) -> None:
-        self.values = array("d")
-        self.seen = 0
-
-    def add(self, value: float, cap: int, rng: random.Random) -> None:
-        self.seen += 1
-        if len(self.values) < cap:
-            self.values.append(value)
-        else:
-            j = rng.randrange(self.seen)
-            if j < cap:
-                self.values[j] = value
+NAN = float("nan")
 
 
-class _Stats:
-    __slots__ = ("requests", "errors", "by_code", "latency", "ttft", "prompt_tokens", "completion_tokens",
-                 "gen_tokens", "gen_s")
+class _Counts:
+    """Counters of one group (overall, one model or one backend) in one slot."""
+
+    __slots__ = ("requests", "errors", "by_code", "prompt_tokens", "completion_tokens", "gen_tokens", "gen_s")
 
     def __init__(self) -> None:
         self.requests = 0
         self.errors = 0
         self.by_code: dict[str, int] = {}
-        self.latency = _Series()
-        self.ttft = _Series()
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.gen_tokens = 0
@@ -61,13 +45,21 @@ class _Stats:
 
 
 class _Slot:
-    __slots__ = ("index", "overall", "by_model", "by_backend")
+    """One time slot: counters per group, and a reservoir of at most ``cap`` request samples
+    (latency, TTFT, model id, backend id in parallel arrays; NaN/-1 where a value is absent)."""
+
+    __slots__ = ("index", "overall", "by_model", "by_backend", "latency", "ttft", "model", "backend", "seen")
 
     def __init__(self, index: int) -> None:
         self.index = index
-        self.overall = _Stats()
-        self.by_model: dict[str, _Stats] = {}
-        self.by_backend: dict[str, _Stats] = {}
+        self.overall = _Counts()
+        self.by_model: dict[str, _Counts] = {}
+        self.by_backend: dict[str, _Counts] = {}
+        self.latency = array("d")
+        self.ttft = array("d")
+        self.model = array("i")
+        self.backend = array("i")
+        self.seen = 0
 
 
 @attrs.frozen
@@ -89,29 +81,34 @@ class Sample:
         return self.status >= 400 or self.error_code is not None
 
 
-def percentiles(series: Iterable[_Series], qs: tuple[int, ...] = PERCENTILES) -> dict[str, float] | None:
+class _Values:
+    """Sample values of one series of one group, gathered from the slots for a percentile."""
+
+    __slots__ = ("plain", "weighted")
+
+    def __init__(self) -> None:
+        self.plain: list[float] = []
+        self.weighted: list[tuple[float, float]] = []
+
+    def add(self, value: float, weight: float) -> None:
+        if weight == 1.0:
+            self.plain.append(value)
+        else:
+            self.weighted.append((value, weight))
+
+
+def percentiles(values: _Values | None, qs: tuple[int, ...] = PERCENTILES) -> dict[str, float] | None:
     """Nearest-rank percentiles (``p50`` = the smallest value with at least 50 % of samples at or below it).
 
-    Slots whose reservoir overflowed carry a weight (samples seen / samples kept).
+    Samples from slots whose reservoir overflowed carry a weight (requests seen / samples kept).
     """
-    weighted: list[tuple[float, float]] = []
-    plain: list[float] = []
-    for s in series:
-        if not s.values:
-            continue
-        if s.seen == len(s.values):
-            plain.extend(s.values)
-        else:
-            w = s.seen / len(s.values)
-            weighted.extend((v, w) for v in s.values)
-    if not plain and not weighted:
+    if values is None or not (values.plain or values.weighted):
         return None
-    if not weighted:
-        plain.sort()
+    if not values.weighted:
+        plain = sorted(values.plain)
         n = len(plain)
         return {f"p{q}": round(plain[max(math.ceil(q / 100 * n), 1) - 1], 1) for q in qs}
-    weighted.extend((v, 1.0) for v in plain)
-    weighted.sort()
+    weighted = sorted(values.weighted + [(v, 1.0) for v in values.plain])
     total = sum(w for _, w in weighted)
     out: dict[str, float] = {}
     for q in qs:
@@ -127,8 +124,8 @@ def percentiles(series: Iterable[_Series], qs: tuple[int, ...] = PERCENTILES) ->
 class RollingMetrics:
     """Per-app rolling window of request metrics, plus the live in-flight count.
 
-    ``record`` is called once per finished chat request (from the observability stage); ``snapshot``
-    builds the JSON for ``/v1/metrics``. ``clock`` is injectable for tests.
+    ``record`` is called once per finished chat request (from the observability stage) and costs a few
+    microseconds; ``snapshot`` builds the JSON for ``/v1/metrics``. ``clock`` is injectable for tests.
     """
 
     def __init__(
@@ -147,7 +144,19 @@ class RollingMetrics:
         self.in_flight = 0
         self.total_requests = 0
         self._slots: deque[_Slot] = deque()
-        self._rng = random.Random(seed)
+        self._random = random.Random(seed).random
+        # model and backend names -> small ints for the sample arrays (bounded by the registry)
+        self._ids: dict[str, int] = {}
+        self._names: list[str] = []
+
+    def _id(self, name: str | None) -> int:
+        if name is None:
+            return -1
+        i = self._ids.get(name)
+        if i is None:
+            i = self._ids[name] = len(self._names)
+            self._names.append(name)
+        return i
 
     def _slot(self, now: float) -> _Slot:
         index = int(now // self.slot_s)
@@ -166,83 +175,113 @@ class RollingMetrics:
     def record(self, sample: Sample) -> None:
         slot = self._slot(self.clock())
         self.total_requests += 1
+        failed = sample.failed
         groups = [slot.overall]
         if sample.model is not None:
-            stats = slot.by_model.get(sample.model)
-            if stats is None:
-                stats = slot.by_model[sample.model] = _Stats()
-            groups.append(stats)
+            counts = slot.by_model.get(sample.model)
+            if counts is None:
+                counts = slot.by_model[sample.model] = _Counts()
+            groups.append(counts)
         if sample.backend is not None:
-            stats = slot.by_backend.get(sample.backend)
-            if stats is None:
-                stats = slot.by_backend[sample.backend] = _Stats()
-            groups.append(stats)
-        failed = sample.failed
+            counts = slot.by_backend.get(sample.backend)
+            if counts is None:
+                counts = slot.by_backend[sample.backend] = _Counts()
+            groups.append(counts)
         code = (sample.error_code or f"http_{sample.status}")[:64] if failed else None
+        prompt, completion = sample.prompt_tokens or 0, sample.completion_tokens or 0
         # Backend time spent producing the reply: everything but the wait for a model switch.
-        gen_s = max(sample.duration_ms - sample.queue_ms, 0.0) / 1000
-        cap, rng = self.max_samples, self._rng
-        for stats in groups:
-            stats.requests += 1
-            if failed:
-                stats.errors += 1
-                stats.by_code[code] = stats.by_code.get(code, 0) + 1  # type: ignore[index]
-            else:
-                stats.latency.add(sample.duration_ms, cap, rng)
-            if sample.ttft_ms is not None:
-                stats.ttft.add(sample.ttft_ms, cap, rng)
-            if sample.prompt_tokens:
-                stats.prompt_tokens += sample.prompt_tokens
-            if sample.completion_tokens:
-                stats.completion_tokens += sample.completion_tokens
-                if not failed and gen_s > 0:
-                    stats.gen_tokens += sample.completion_tokens
-                    stats.gen_s += gen_s
+        gen_s = max(sample.duration_ms - sample.queue_ms, 0.0) / 1000 if completion and not failed else 0.0
+        for counts in groups:
+            counts.requests += 1
+            if code is not None:
+                counts.errors += 1
+                counts.by_code[code] = counts.by_code.get(code, 0) + 1
+            counts.prompt_tokens += prompt
+            counts.completion_tokens += completion
+            if gen_s > 0:
+                counts.gen_tokens += completion
+                counts.gen_s += gen_s
+        latency = NAN if failed else sample.duration_ms
+        ttft = NAN if sample.ttft_ms is None else sample.ttft_ms
+        slot.seen += 1
+        if len(slot.latency) < self.max_samples:
+            slot.latency.append(latency)
+            slot.ttft.append(ttft)
+            slot.model.append(self._id(sample.model))
+            slot.backend.append(self._id(sample.backend))
+        else:  # uniform reservoir: each request of the slot is kept with the same probability
+            j = int(self._random() * slot.seen)
+            if j < self.max_samples:
+                slot.latency[j] = latency
+                slot.ttft[j] = ttft
+                slot.model[j] = self._id(sample.model)
+                slot.backend[j] = self._id(sample.backend)
 
     def _live_slots(self) -> list[_Slot]:
         now_index = int(self.clock() // self.slot_s)
         self._prune(now_index)
         return list(self._slots)
 
-    def _summary(self, stats: list[_Stats], seconds: float) -> dict[str, Any]:
-        requests = sum(s.requests for s in stats)
-        errors = sum(s.errors for s in stats)
+    @staticmethod
+    def _summary(counts: list[_Counts], latency: _Values | None, ttft: _Values | None, seconds: float) -> dict[str, Any]:
+        requests = sum(c.requests for c in counts)
         by_code: dict[str, int] = {}
-        for s in stats:
-            for code, n in s.by_code.items():
+        for c in counts:
+            for code, n in c.by_code.items():
                 by_code[code] = by_code.get(code, 0) + n
-        gen_s = sum(s.gen_s for s in stats)
-        gen_tokens = sum(s.gen_tokens for s in stats)
+        gen_s = sum(c.gen_s for c in counts)
+        gen_tokens = sum(c.gen_tokens for c in counts)
         return {
             "requests": requests,
             "requests_per_s": round(requests / seconds, 3) if seconds > 0 else None,
-            "errors": errors,
+            "errors": sum(c.errors for c in counts),
             "errors_by_code": dict(sorted(by_code.items())),
-            "latency_ms": percentiles(s.latency for s in stats),
-            "ttft_ms": percentiles(s.ttft for s in stats),
-            "prompt_tokens": sum(s.prompt_tokens for s in stats),
-            "completion_tokens": sum(s.completion_tokens for s in stats),
+            "latency_ms": percentiles(latency),
+            "ttft_ms": percentiles(ttft),
+            "prompt_tokens": sum(c.prompt_tokens for c in counts),
+            "completion_tokens": sum(c.completion_tokens for c in counts),
             "tokens_per_s": round(gen_tokens / gen_s, 2) if gen_s > 0 else None,
         }
-
-    def _grouped(self, slots: list[_Slot], attr: str, seconds: float) -> dict[str, Any]:
-        groups: dict[str, list[_Stats]] = {}
-        for slot in slots:
-            for name, stats in getattr(slot, attr).items():
-                groups.setdefault(name, []).append(stats)
-        return {name: self._summary(groups[name], seconds) for name in sorted(groups)}
 
     def snapshot(self) -> dict[str, Any]:
         """The window's figures: overall, ``by_model`` and ``by_backend``, and the in-flight count."""
         slots = self._live_slots()
         seconds = min(self.window_s, self.clock() - self.started)
+        names = self._names
+        # Distribute each slot's samples to overall / its model / its backend, once.
+        lat: dict[tuple[str, str], _Values] = {}
+        ttft: dict[tuple[str, str], _Values] = {}
+        for slot in slots:
+            if not slot.latency:
+                continue
+            weight = slot.seen / len(slot.latency)
+            for value, first, m, b in zip(slot.latency, slot.ttft, slot.model, slot.backend, strict=True):
+                keys = [("", "")]
+                if m >= 0:
+                    keys.append(("m", names[m]))
+                if b >= 0:
+                    keys.append(("b", names[b]))
+                for key in keys:
+                    if value == value:  # not NaN
+                        (lat.get(key) or lat.setdefault(key, _Values())).add(value, weight)
+                    if first == first:
+                        (ttft.get(key) or ttft.setdefault(key, _Values())).add(first, weight)
+
+        def grouped(kind: str, attr: str) -> dict[str, Any]:
+            counts: dict[str, list[_Counts]] = {}
+            for slot in slots:
+                for name, c in getattr(slot, attr).items():
+                    counts.setdefault(name, []).append(c)
+            return {name: self._summary(counts[name], lat.get((kind, name)), ttft.get((kind, name)), seconds)
+                    for name in sorted(counts)}
+
         return {
             "window_s": self.window_s,
             "in_flight": self.in_flight,
             "total_requests": self.total_requests,
-            "overall": self._summary([s.overall for s in slots], seconds),
-            "by_model": self._grouped(slots, "by_model", seconds),
-            "by_backend": self._grouped(slots, "by_backend", seconds),
+            "overall": self._summary([s.overall for s in slots], lat.get(("", "")), ttft.get(("", "")), seconds),
+            "by_model": grouped("m", "by_model"),
+            "by_backend": grouped("b", "by_backend"),
         }
 
 

@@ -26,8 +26,6 @@ _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 PUBLIC_ROUTES = frozenset({"health"})
 #: Routes polled by health checks and scrapers: their access lines are DEBUG, not INFO.
 QUIET_ROUTES = frozenset({"health", "metrics", "prometheus"})
-#: Where the chat view keeps the request's ChatContext (``imageworks_proxy.views.chat.CHAT_CONTEXT``).
-CHAT_CONTEXT = "chat_context"
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f\"\\]")
 
 
@@ -141,7 +139,7 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
             metrics.in_flight -= 1
         level = logging.DEBUG if route_name in QUIET_ROUTES else logging.INFO
         if access_log.isEnabledFor(level):
-            ctx = request.get(CHAT_CONTEXT)
+            ctx = request.get(keys.CHAT_CONTEXT)
             model = getattr(ctx, "model", None)
             error = getattr(ctx, "error_code", None)
             access_log.log(

@@ -1,20 +1,23 @@
 """Prometheus metrics for ``GET /metrics`` (SPEC §10), on a per-app ``CollectorRegistry``.
 
-Request counters and histograms are updated as requests finish; gauges that describe the present (in
-flight, switch queue, active model, GPU memory, request-log counters, model swaps) are read when the
-endpoint is scraped. Labels are bounded: ``model`` is a registry logical name (empty when the request
+A finished request only bumps plain counters and hand-kept histogram buckets (no locks, no label
+lookups: a few microseconds); ``prometheus_client`` collectors turn them into counters and histograms,
+and read the gauges that describe the present (in flight, switch queue, active model, GPU memory,
+request-log counters, model swaps), when the endpoint is scraped. Labels are bounded: ``model`` is a registry logical name (empty when the request
 named no known model), ``backend`` the adapter name, ``status_class`` ``2xx``/``4xx``/``5xx``, ``code``
 one of the proxy's error codes (anything else is ``other``).
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.utils import floatToGoString
 
 from imageworks_proxy.metrics import SwapStats
 
@@ -53,7 +56,7 @@ class _Present:
 
     def collect(self) -> Iterator[Metric]:
         prom = self.prom
-        state = prom.read_state()
+        state = prom.scrape_state if prom.scrape_state is not None else prom.read_state()
         yield GaugeMetricFamily(f"{NS}_in_flight_requests", "Chat requests being served now",
                                 value=prom.rolling.in_flight)
         stats: SwapStats = state.get("swaps") or SwapStats()
@@ -88,37 +91,105 @@ class _Present:
                                 value=prom.rolling.clock() - prom.rolling.started)
 
 
-class PromMetrics:
-    """The app's Prometheus registry and instruments.
+class _Histogram:
+    """Cumulative bucket counts, kept by hand: an update is a bisect and two additions, no lock."""
 
-    ``read_state`` is a no-argument callable returning ``{"swaps": SwapStats, "active_model": str | None,
-    "gpu": [device dicts]}``; it is called once per scrape.
+    __slots__ = ("bounds", "counts", "sum", "count")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def buckets(self) -> list[tuple[str, int]]:
+        out, acc = [], 0
+        for bound, n in zip(self.bounds, self.counts, strict=False):
+            acc += n
+            out.append((floatToGoString(bound), acc))
+        out.append(("+Inf", self.count))
+        return out
+
+
+class _Series:
+    """Everything counted for one (model, backend) label pair since the app started."""
+
+    __slots__ = ("by_class", "by_code", "duration", "ttft", "queue_wait", "prompt_tokens", "completion_tokens")
+
+    def __init__(self) -> None:
+        self.by_class: dict[str, int] = {}
+        self.by_code: dict[str, int] = {}
+        self.duration = _Histogram(LATENCY_BUCKETS)
+        self.ttft = _Histogram(TTFT_BUCKETS)
+        self.queue_wait = _Histogram(LATENCY_BUCKETS)
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+
+class _Requests:
+    """A collector for the per-request counters and histograms, built from :class:`_Series` at scrape time."""
+
+    def __init__(self, prom: PromMetrics) -> None:
+        self.prom = prom
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model", "backend"]
+        requests = CounterMetricFamily(f"{NS}_requests", "Chat requests by outcome", labels=[*labels, "status_class"])
+        errors = CounterMetricFamily(f"{NS}_request_errors", "Failed chat requests by error code",
+                                     labels=[*labels, "code"])
+        duration = HistogramMetricFamily(f"{NS}_request_duration_seconds", "Chat request duration (successful requests)",
+                                         labels=labels)
+        ttft = HistogramMetricFamily(f"{NS}_time_to_first_token_seconds", "Time until the first content byte was sent",
+                                     labels=labels)
+        queue_wait = HistogramMetricFamily(f"{NS}_queue_wait_seconds", "Time spent waiting for a model switch or start",
+                                           labels=labels)
+        tokens = CounterMetricFamily(f"{NS}_tokens", "Tokens processed (prompt) and generated (completion)",
+                                     labels=[*labels, "kind"])
+        for (model, backend), series in sorted(self.prom.series.items()):
+            for cls, n in sorted(series.by_class.items()):
+                requests.add_metric([model, backend, cls], n)
+            for code, n in sorted(series.by_code.items()):
+                errors.add_metric([model, backend, code], n)
+            for family, hist in ((duration, series.duration), (ttft, series.ttft), (queue_wait, series.queue_wait)):
+                family.add_metric([model, backend], hist.buckets(), hist.sum)
+            tokens.add_metric([model, backend, "prompt"], series.prompt_tokens)
+            tokens.add_metric([model, backend, "completion"], series.completion_tokens)
+        yield from (requests, errors, duration, ttft, queue_wait, tokens)
+        swaps = self.prom.swap_duration
+        swap = HistogramMetricFamily(f"{NS}_model_swap_duration_seconds", "vLLM model start/switch duration")
+        swap.add_metric([], swaps.buckets(), swaps.sum)
+        yield swap
+
+
+class PromMetrics:
+    """The app's Prometheus registry, and the cumulative figures it exposes.
+
+    ``record`` runs once per finished chat request and only updates plain counters; the exposition is
+    built by ``prometheus_client`` collectors when ``/metrics`` is scraped. ``read_state`` is a no-argument
+    callable returning ``{"swaps": SwapStats, "active_model": str | None, "gpu": [device dicts]}``, called
+    once per scrape.
     """
 
     def __init__(self, rolling: RollingMetrics, request_log: RequestLog, read_state: Callable[[], dict[str, Any]]) -> None:
         self.rolling = rolling
         self.request_log = request_log
         self.read_state = self._tracking_swaps(read_state)
-        self.registry = CollectorRegistry(auto_describe=False)
-        r = self.registry
-        self.requests = Counter(f"{NS}_requests", "Chat requests by outcome",
-                                ["model", "backend", "status_class"], registry=r)
-        self.errors = Counter(f"{NS}_request_errors", "Failed chat requests by error code",
-                              ["model", "backend", "code"], registry=r)
-        self.duration = Histogram(f"{NS}_request_duration_seconds", "Chat request duration (successful requests)",
-                                  ["model", "backend"], buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram(f"{NS}_time_to_first_token_seconds", "Time until the first content byte was sent",
-                              ["model", "backend"], buckets=TTFT_BUCKETS, registry=r)
-        self.queue_wait = Histogram(f"{NS}_queue_wait_seconds", "Time spent waiting for a model switch or start",
-                                    ["model", "backend"], buckets=LATENCY_BUCKETS, registry=r)
-        self.tokens = Counter(f"{NS}_tokens", "Tokens processed (prompt) and generated (completion)",
-                              ["model", "backend", "kind"], registry=r)
-        self.swap_duration = Histogram(f"{NS}_model_swap_duration_seconds", "vLLM model start/switch duration",
-                                       buckets=SWAP_BUCKETS, registry=r)
-        r.register(_Present(self))
-        # label children per (model, backend): the label lookup is the costly part of an update
-        self._children: dict[tuple[str, str], tuple[Any, ...]] = {}
+        self.series: dict[tuple[str, str], _Series] = {}
+        self.swap_duration = _Histogram(SWAP_BUCKETS)
         self._swaps_seen: int | None = None
+        #: The state read at the start of the current scrape (so the swap histogram is already fed).
+        self.scrape_state: dict[str, Any] | None = None
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Requests(self))
+        self.registry.register(_Present(self))
 
     def _tracking_swaps(self, read_state: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
         def read() -> dict[str, Any]:
@@ -135,52 +206,38 @@ class PromMetrics:
             return
         seen = self._swaps_seen
         self._swaps_seen = stats.swaps
-        if seen is None:
-            new = stats.swaps  # first read: whatever history the orchestrator still has
-        else:
-            new = stats.swaps - seen
+        new = stats.swaps if seen is None else stats.swaps - seen  # first read: the history still there
         if new <= 0 or not stats.durations_s:
             return
         for d in stats.durations_s[-min(new, len(stats.durations_s)):]:
             self.swap_duration.observe(d)
 
-    def _labelled(self, model: str, backend: str) -> tuple[Any, ...]:
-        key = (model, backend)
-        children = self._children.get(key)
-        if children is None:
-            children = self._children[key] = (
-                {},  # status class -> requests counter child
-                self.duration.labels(model, backend),
-                self.ttft.labels(model, backend),
-                self.queue_wait.labels(model, backend),
-                self.tokens.labels(model, backend, "prompt"),
-                self.tokens.labels(model, backend, "completion"),
-            )
-        return children
-
     def record(self, sample: Sample) -> None:
-        model, backend = sample.model or "", sample.backend or ""
-        by_class, duration, ttft, queue_wait, prompt, completion = self._labelled(model, backend)
+        key = (sample.model or "", sample.backend or "")
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = _Series()
         cls = status_class(sample.status)
-        counter = by_class.get(cls)
-        if counter is None:
-            counter = by_class[cls] = self.requests.labels(model, backend, cls)
-        counter.inc()
+        series.by_class[cls] = series.by_class.get(cls, 0) + 1
         if sample.failed:
             code = sample.error_code if sample.error_code in KNOWN_CODES else "other"
-            self.errors.labels(model, backend, code).inc()
+            series.by_code[code] = series.by_code.get(code, 0) + 1  # type: ignore[index]
         else:
-            duration.observe(sample.duration_ms / 1000)
+            series.duration.observe(sample.duration_ms / 1000)
         if sample.ttft_ms is not None:
-            ttft.observe(sample.ttft_ms / 1000)
+            series.ttft.observe(sample.ttft_ms / 1000)
         if sample.queue_ms:
-            queue_wait.observe(sample.queue_ms / 1000)
+            series.queue_wait.observe(sample.queue_ms / 1000)
         if sample.prompt_tokens:
-            prompt.inc(sample.prompt_tokens)
+            series.prompt_tokens += sample.prompt_tokens
         if sample.completion_tokens:
-            completion.inc(sample.completion_tokens)
+            series.completion_tokens += sample.completion_tokens
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         """The registry in the format the scraper asked for (Prometheus text by default); (body, content type)."""
         encoder, content_type = choose_encoder(accept or "")
-        return encoder(self.registry), content_type
+        self.scrape_state = self.read_state()
+        try:
+            return encoder(self.registry), content_type
+        finally:
+            self.scrape_state = None
