@@ -21,7 +21,7 @@ from imageworks_proxy.pipeline import Pipeline, Stage
 from imageworks_proxy.plugins import PluginError, PluginManager, collect, make_plugin_manager, unique_by_name
 from imageworks_proxy.registry import RegistryStore
 from imageworks_proxy.tenancy import PassThroughTenancy
-from imageworks_proxy.views import info
+from imageworks_proxy.views import chat, info
 
 log = logging.getLogger("imageworks_proxy")
 
@@ -116,6 +116,7 @@ def create_app(
     app.router.add_get("/v1/health", info.health, name="health")
     app.router.add_get("/v1/models", info.list_models, name="models")
     app.router.add_get("/v1/plugins", info.list_plugins, name="plugins")
+    app.router.add_post("/v1/chat/completions", chat.chat_completions, name="chat")
     app.cleanup_ctx.append(_resources)
     pm.hook.startup(app=app)
     return app

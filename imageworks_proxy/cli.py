@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         pass
     log.info("imageworks-chat-proxy %s on http://%s:%d (registry %s)", __version__, config.host, config.port, config.registry)
     try:
-        web.run_app(app, host=config.host, port=config.port, access_log=None, print=None, loop=loop)
+        web.run_app(app, host=config.host, port=config.port, access_log=None, print=None, loop=loop,
+                    handler_cancellation=True)
     except OSError as exc:
         print(f"imageworks-chat-proxy: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
