@@ -60,6 +60,13 @@ class LlamaCppAdapter(OpenAIPassthroughAdapter):
             stop=functools.partial(self.slot.stop, entry.name),
         )
 
+    def where(self, call: ChatCall) -> str:
+        return f"llama-server for {call.entry.name!r}"
+
+    async def on_unreachable(self, call: ChatCall) -> bool:
+        """The server refused the connection: if its process died, start it again and retry once."""
+        return await self.slot.recover(call.entry)
+
     async def chat(self, call: ChatCall) -> Completion | ChunkStream:
         lease = await tenancy(self.app).acquire(self.tenant(call.entry), call)
         releases: list[Callable[[], None]] = [lease.release]

@@ -200,6 +200,26 @@ class LlamaServerSlot:
             if name is None or self._active == name:
                 await self._stop_locked()
 
+    async def recover(self, entry: Entry) -> bool:
+        """Restart ``entry``'s server if its process has died (a crash seen as a refused connection).
+
+        Returns True when a fresh server is ready, False when the server is alive (or runs another model)
+        and a retry would not help.
+        """
+        async with self._lock:
+            proc = self._proc
+            if self._active != entry.name or proc is None:
+                return False
+            if proc.returncode is None:
+                try:  # the exit may not have been reaped yet
+                    await asyncio.wait_for(proc.wait(), 0.5)
+                except asyncio.TimeoutError:
+                    return False
+            log.warning("llama-server for %s exited with code %s; starting it again", entry.name, proc.returncode)
+            await self._stop_locked()
+            await self._start_locked(entry)
+            return True
+
     def _hold(self) -> Callable[[], None]:
         self._inflight += 1
         self._idle.clear()

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import imageworks_proxy_llamacpp.adapter as llamacpp_plugin
-from imageworks_proxy import create_app
+from imageworks_proxy import create_app, keys
 from imageworks_proxy.config import load_config
 from imageworks_proxy.plugins import make_plugin_manager
 from llamacpp_testlib import FAKE_SERVER, free_port
@@ -51,9 +51,12 @@ def gguf(tmp_path: Path) -> Callable[..., Path]:
 
 @pytest.fixture
 def make_proxy(aiohttp_client, tmp_path: Path) -> Callable[..., Any]:
-    """Start a proxy app (with this plugin) on loopback for registry ``entries``; returns the test client."""
+    """Start a proxy app (with this plugin) on loopback for registry ``entries``; returns the test client.
 
-    async def start(entries: list[dict[str, Any]], **overrides: Any):
+    Keyword arguments are CHAT_PROXY_* settings (lower-case, without the prefix); ``tenancy`` replaces
+    the app's GPU tenancy."""
+
+    async def start(entries: list[dict[str, Any]], *, tenancy: Any = None, **overrides: Any):
         registry = tmp_path / "registry.json"
         registry.write_text(json.dumps(entries))
         env = {
@@ -68,6 +71,26 @@ def make_proxy(aiohttp_client, tmp_path: Path) -> Callable[..., Any]:
         }
         env.update({"CHAT_PROXY_" + k.upper(): str(v) for k, v in overrides.items()})
         pm = make_plugin_manager(load_entrypoints=False, plugins=(llamacpp_plugin,))
-        return await aiohttp_client(create_app(load_config(env), plugin_manager=pm))
+        app = create_app(load_config(env), plugin_manager=pm)
+        if tenancy is not None:
+            app[keys.TENANCY] = tenancy  # stands in for the proxy's GPU tenancy
+        return await aiohttp_client(app)
 
     return start
+
+
+@pytest.fixture
+async def sdk():
+    """``sdk(client)``: an openai.AsyncOpenAI pointed at a started proxy (closed after the test)."""
+    import openai
+
+    made: list[openai.AsyncOpenAI] = []
+
+    def make(client) -> openai.AsyncOpenAI:
+        api = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="unused", max_retries=0)
+        made.append(api)
+        return api
+
+    yield make
+    for api in made:
+        await api.close()

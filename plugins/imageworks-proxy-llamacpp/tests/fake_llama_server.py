@@ -4,7 +4,8 @@ Accepts ``-m/--model``, ``--host``, ``--port``, ``--alias`` and any other argume
 ``/health`` answers 503 ``Loading model`` for ``FAKE_LLAMA_LOAD_S`` seconds, then 200. Replies say which
 model file and extra arguments the server was started with. The model file's first line steers failures:
 ``broken`` exits at once with an error line (like a bad GGUF), ``hang`` never becomes healthy.
-With ``FAKE_LLAMA_PIDDIR`` set, writes ``<alias>.pid`` there.
+With ``FAKE_LLAMA_PIDDIR`` set, writes ``<alias>.pid`` there. With ``FAKE_LLAMA_GATE`` set to a path, a stream
+pauses after its first content chunk until that file exists.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import json
 import os
 import sys
 import time
-
-from aiohttp import web
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -31,6 +30,10 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main() -> None:
     args, extra = parse(sys.argv[1:])
+    alias = args.alias or args.model
+    if os.environ.get("FAKE_LLAMA_PIDDIR"):  # first, so a test can find even a server that never got ready
+        with open(os.path.join(os.environ["FAKE_LLAMA_PIDDIR"], f"{alias}.pid"), "w") as fh:
+            fh.write(str(os.getpid()))
     print(f"fake llama-server: loading {args.model}", flush=True)
     try:
         with open(args.model) as fh:
@@ -42,10 +45,8 @@ def main() -> None:
         print("gguf_init_from_file: invalid magic characters 'brok'", file=sys.stderr, flush=True)
         print("llama_model_load: error loading model: failed to load model", file=sys.stderr, flush=True)
         raise SystemExit(1)
-    alias = args.alias or args.model
-    if os.environ.get("FAKE_LLAMA_PIDDIR"):
-        with open(os.path.join(os.environ["FAKE_LLAMA_PIDDIR"], f"{alias}.pid"), "w") as fh:
-            fh.write(str(os.getpid()))
+    from aiohttp import web
+
     ready_at = time.monotonic() + float(os.environ.get("FAKE_LLAMA_LOAD_S", "0"))
     loaded = {"model": os.path.basename(args.model), "alias": alias, "extra": extra, "mmproj": args.mmproj}
 
@@ -78,8 +79,11 @@ def main() -> None:
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
 
         await send({"role": "assistant", "content": ""})
+        gate = os.environ.get("FAKE_LLAMA_GATE")
         for i in range(0, len(text), 16):
             await send({"content": text[i:i + 16]})
+            while gate and not os.path.exists(gate):  # hold the stream open until the test says go
+                await asyncio.sleep(0.02)
             await asyncio.sleep(float(os.environ.get("FAKE_LLAMA_CHUNK_DELAY_S", "0")))
         await send({}, "stop")
         await resp.write(b"data: [DONE]\n\n")
