@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import openai
-import pytest
 from aiohttp import web
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -34,9 +34,10 @@ class EchoAdapter(Adapter):
         reply = str(call.entry.metadata.get("echo_prefix", "echo: ")) + last_user_text(call.body["messages"])
         if not call.stream:
             # Only the essentials: the proxy fills in id, created, model and the other required fields.
+            words = len(reply.split())
             return {
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 0, "completion_tokens": len(reply.split()), "total_tokens": len(reply.split())},
+                "usage": {"prompt_tokens": 0, "completion_tokens": words, "total_tokens": words},
             }
         return self._chunks(reply)
 

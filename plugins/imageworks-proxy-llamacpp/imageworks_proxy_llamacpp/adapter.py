@@ -86,7 +86,9 @@ class LlamaCppAdapter(OpenAIPassthroughAdapter):
         return _held(result, releases)
 
 
-async def _held(chunks: AsyncIterator[dict[str, Any]], releases: list[Callable[[], None]]) -> AsyncIterator[dict[str, Any]]:
+async def _held(
+    chunks: AsyncIterator[dict[str, Any]], releases: list[Callable[[], None]]
+) -> AsyncIterator[dict[str, Any]]:
     """Pass the chunks through and release the server and the lease when the stream is over."""
     try:
         async for chunk in chunks:

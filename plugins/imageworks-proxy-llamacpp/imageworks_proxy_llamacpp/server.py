@@ -83,7 +83,9 @@ def model_file(entry: Entry) -> Path:
     """
     raw = entry.backend_config.model_path or entry.download_path
     if not raw:
-        raise start_failed(f"Model {entry.name!r} has no backend_config.model_path or download_path to give llama-server.")
+        raise start_failed(
+            f"Model {entry.name!r} has no backend_config.model_path or download_path to give llama-server."
+        )
     path = Path(os.path.expanduser(raw))
     if not path.is_dir():
         return path
@@ -206,6 +208,9 @@ class LlamaServerSlot:
         Returns True when a fresh server is ready, False when the server is alive (or runs another model)
         and a retry would not help.
         """
+        if self._lock.locked():
+            # A switch is waiting for the requests in flight, this one included: waiting for it would deadlock.
+            return False
         async with self._lock:
             proc = self._proc
             if self._active != entry.name or proc is None:
@@ -267,7 +272,8 @@ class LlamaServerSlot:
             await self._stop_locked()
             raise
         self._ready = True
-        log.info("llama-server for %s ready in %.1f s (pid %d)", entry.name, time.perf_counter() - started, self._proc.pid)
+        log.info("llama-server for %s ready in %.1f s (pid %d)",
+                 entry.name, time.perf_counter() - started, self._proc.pid)
 
     async def _wait_ready(self, entry: Entry, log_path: Path) -> None:
         assert self._proc is not None

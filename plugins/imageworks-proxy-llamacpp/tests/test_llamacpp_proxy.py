@@ -11,7 +11,8 @@ import signal
 import openai
 import pytest
 
-from llamacpp_testlib import gguf_entry, pid_alive, read_pid
+from imageworks_proxy import keys
+from llamacpp_testlib import adapter_of, gguf_entry, pid_alive, read_pid
 
 
 def loaded(reply: str) -> dict:
@@ -208,3 +209,19 @@ async def test_each_request_holds_a_gpu_tenancy_lease_until_its_stream_ends(
     await tenancy.tenants["llamacpp:tiny"].stop()
     assert not pid_alive(pid)
     assert (await statuses(client))["tiny"] == "stopped"
+
+
+async def test_a_refused_connection_restarts_a_dead_server_but_not_a_live_one(sdk, make_proxy, fake_llama, gguf, pid_dir):
+    client = await make_proxy([gguf_entry("tiny", gguf("tiny.gguf"))])
+    await sdk(client).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "1"}])
+    adapter = adapter_of(client)
+    entry = keys.models(client.server.app).store.registry.by_name["tiny"]
+    live = read_pid(pid_dir, "tiny")
+    assert await adapter.slot.recover(entry) is False  # alive: a retry would not help
+    assert read_pid(pid_dir, "tiny") == live
+
+    os.kill(live, signal.SIGKILL)
+    assert await adapter.slot.recover(entry) is True  # what the adapter does when the connection is refused
+    fresh = read_pid(pid_dir, "tiny")
+    assert fresh != live and pid_alive(fresh)
+    assert (await statuses(client))["tiny"] == "loaded"
