@@ -18,7 +18,14 @@ from imageworks_proxy.gpu import Gpu
 from imageworks_proxy.middlewares import access_log_middleware, auth_middleware, error_middleware
 from imageworks_proxy.models import ModelService
 from imageworks_proxy.pipeline import Pipeline, Stage
-from imageworks_proxy.plugins import PluginError, PluginManager, collect, make_plugin_manager, unique_by_name
+from imageworks_proxy.plugins import (
+    PluginError,
+    PluginManager,
+    call_each,
+    collect,
+    make_plugin_manager,
+    unique_by_name,
+)
 from imageworks_proxy.registry import RegistryStore
 from imageworks_proxy.tenancy import PassThroughTenancy
 from imageworks_proxy.views import chat, info
@@ -120,5 +127,5 @@ def create_app(
     app.router.add_get("/v1/plugins", info.list_plugins, name="plugins")
     app.router.add_post("/v1/chat/completions", chat.chat_completions, name="chat")
     app.cleanup_ctx.append(_resources)
-    pm.hook.startup(app=app)
+    call_each(pm, "startup", app=app)
     return app
