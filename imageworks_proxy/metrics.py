@@ -223,7 +223,9 @@ class RollingMetrics:
         return list(self._slots)
 
     @staticmethod
-    def _summary(counts: list[_Counts], latency: _Values | None, ttft: _Values | None, seconds: float) -> dict[str, Any]:
+    def _summary(
+        counts: list[_Counts], latency: _Values | None, ttft: _Values | None, seconds: float
+    ) -> dict[str, Any]:
         requests = sum(c.requests for c in counts)
         by_code: dict[str, int] = {}
         for c in counts:
@@ -279,7 +281,8 @@ class RollingMetrics:
             "window_s": self.window_s,
             "in_flight": self.in_flight,
             "total_requests": self.total_requests,
-            "overall": self._summary([s.overall for s in slots], lat.get(("", "")), ttft.get(("", "")), seconds),
+            "overall": self._summary([s.overall for s in slots], lat.get(("", "")), ttft.get(("", "")),
+                                     seconds),
             "by_model": grouped("m", "by_model"),
             "by_backend": grouped("b", "by_backend"),
         }
@@ -329,10 +332,13 @@ def _durations_s(raw: Mapping[str, Any]) -> list[float]:
     if isinstance(recent, (list, tuple, deque)):
         for item in recent:
             item = _as_mapping(item) or {}
-            if isinstance(item.get("duration_s"), (int, float)):
-                out.append(float(item["duration_s"]))
-            elif isinstance(item.get("duration_ms"), (int, float)):
-                out.append(float(item["duration_ms"]) / 1000)
+            if item.get("ok") is False:
+                continue  # failed starts are counted as failures, not timed as swaps
+            for name, scale in (("total_s", 1.0), ("duration_s", 1.0), ("duration_ms", 0.001)):
+                value = item.get(name)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    out.append(float(value) * scale)
+                    break
     return out
 
 
@@ -351,8 +357,10 @@ def orchestrator_stats(adapter: Any) -> SwapStats:
 
     Understood names: ``swaps``/``swap_count``/``switches`` (a number, or a mapping with ``count``,
     ``failures`` and durations), ``swap_failures``/``failed_swaps``, ``swap_durations_s``/
-    ``swap_durations_ms`` or ``recent_swaps`` (items with ``duration_s``/``duration_ms``), and
-    ``queue_depth``/``queued``/``waiting``. Anything missing or malformed reads as unknown.
+    ``swap_durations_ms`` or ``recent_swaps`` (items with ``total_s``/``duration_s``/``duration_ms``;
+    items with ``ok: false`` are not timed), and ``queue_depth``/``queued``/``waiting``. Anything missing
+    or malformed reads as unknown. The built-in orchestrator's ``stats()`` gives ``swaps``,
+    ``swap_failures``, ``queue_depth`` and ``recent_swaps`` (the last 50, with ``ok`` and ``total_s``).
     """
     try:
         raw = getattr(adapter, "stats", None)

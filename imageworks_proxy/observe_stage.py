@@ -9,6 +9,7 @@ blocking the request.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Any
@@ -17,6 +18,8 @@ from imageworks_proxy import keys
 from imageworks_proxy.metrics import Sample
 from imageworks_proxy.pipeline import ChatContext, Stage
 from imageworks_proxy.requestlog import redact_messages
+
+log = logging.getLogger("imageworks_proxy.observe")
 
 #: Rough characters per token, for estimates only (records say ``tokens_estimated: true``).
 CHARS_PER_TOKEN = 4
@@ -89,7 +92,8 @@ class ObserveStage(Stage):
 
     def response(self, ctx: ChatContext, completion: dict[str, Any]) -> dict[str, Any]:
         choices = completion.get("choices")
-        message = choices[0].get("message") if isinstance(choices, list) and choices and isinstance(choices[0], dict) else None
+        first = choices[0] if isinstance(choices, list) and choices else None
+        message = first.get("message") if isinstance(first, dict) else None
         if not isinstance(message, dict):
             return completion
         if self.keep_prompts:
@@ -153,6 +157,12 @@ class ObserveStage(Stage):
         return reply
 
     def finish(self, ctx: ChatContext) -> None:
+        try:
+            self._finish(ctx)
+        except Exception:  # observability must never turn a served request into a failure
+            log.exception("recording request %s for the log and metrics failed", ctx.request_id)
+
+    def _finish(self, ctx: ChatContext) -> None:
         now = time.perf_counter()
         duration_ms = (now - ctx.started) * 1000
         ttft_ms = (ctx.first_byte - ctx.started) * 1000 if ctx.first_byte is not None else None
@@ -171,9 +181,12 @@ class ObserveStage(Stage):
             prompt_tokens = completion_tokens = None  # nothing reached a backend
         entry = ctx.entry
         logical = entry.name if entry is not None else None
+        error_code = ctx.error_code
+        if error_code is not None and not isinstance(error_code, str):  # a plugin's odd code
+            error_code = str(error_code)
         queue_ms = round(ctx.queue_ms, 1)
         if self.metrics is not None:
-            sample = Sample(logical, ctx.adapter_name, ctx.status, ctx.error_code, duration_ms, ttft_ms,
+            sample = Sample(logical, ctx.adapter_name, ctx.status, error_code, duration_ms, ttft_ms,
                             ctx.queue_ms, prompt_tokens, completion_tokens)
             self.metrics.record(sample)
             if self.prom is not None:
@@ -190,7 +203,7 @@ class ObserveStage(Stage):
             "adapter": ctx.adapter_name,
             "stream": ctx.stream,
             "status": ctx.status,
-            "error_code": ctx.error_code,
+            "error_code": error_code,
             "duration_ms": round(duration_ms, 1),
             "ttft_ms": round(ttft_ms, 1) if ttft_ms is not None else None,
             "queue_ms": queue_ms,

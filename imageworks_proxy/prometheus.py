@@ -3,9 +3,9 @@
 A finished request only bumps plain counters and hand-kept histogram buckets (no locks, no label
 lookups: a few microseconds); ``prometheus_client`` collectors turn them into counters and histograms,
 and read the gauges that describe the present (in flight, switch queue, active model, GPU memory,
-request-log counters, model swaps), when the endpoint is scraped. Labels are bounded: ``model`` is a registry logical name (empty when the request
-named no known model), ``backend`` the adapter name, ``status_class`` ``2xx``/``4xx``/``5xx``, ``code``
-one of the proxy's error codes (anything else is ``other``).
+request-log counters, model swaps), when the endpoint is scraped. Labels are bounded: ``model`` is a
+registry logical name (empty when the request named no known model), ``backend`` the adapter name,
+``status_class`` ``2xx``/``4xx``/``5xx``, ``code`` one of the proxy's error codes (else ``other``).
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ class _Present:
             yield GaugeMetricFamily(f"{NS}_switch_queue_depth", "Requests waiting for a model switch",
                                     value=stats.queue_depth)
         if stats.swaps is not None:
-            yield CounterMetricFamily(f"{NS}_model_swaps", "vLLM model starts and switches", value=stats.swaps)
+            yield CounterMetricFamily(f"{NS}_model_swaps", "vLLM model starts and switches",
+                                      value=stats.swaps)
         if stats.failures is not None:
             yield CounterMetricFamily(f"{NS}_model_swap_failures", "vLLM model starts that failed",
                                       value=stats.failures)
@@ -73,8 +74,9 @@ class _Present:
         if state.get("active_model"):
             active.add_metric([str(state["active_model"])], 1)
         yield active
-        used = GaugeMetricFamily(f"{NS}_gpu_memory_used_bytes", "GPU memory in use (NVML)", labels=["gpu", "name"])
-        total = GaugeMetricFamily(f"{NS}_gpu_memory_total_bytes", "GPU memory (NVML)", labels=["gpu", "name"])
+        gpu_labels = ["gpu", "name"]
+        used = GaugeMetricFamily(f"{NS}_gpu_memory_used_bytes", "GPU memory in use (NVML)", labels=gpu_labels)
+        total = GaugeMetricFamily(f"{NS}_gpu_memory_total_bytes", "GPU memory (NVML)", labels=gpu_labels)
         for dev in state.get("gpu") or ():
             labels = [str(dev.get("index")), str(dev.get("name"))]
             used.add_metric(labels, dev.get("memory_used_bytes", 0))
@@ -82,11 +84,12 @@ class _Present:
         yield used
         yield total
         rlog = prom.request_log
-        yield CounterMetricFamily(f"{NS}_request_log_records", "Request log records written", value=rlog.written)
-        yield CounterMetricFamily(f"{NS}_request_log_dropped", "Request log records dropped (writer queue full)",
-                                  value=rlog.dropped)
-        yield CounterMetricFamily(f"{NS}_request_log_write_errors", "Request log records lost to write errors",
-                                  value=rlog.write_errors)
+        for name, doc, value in (
+            ("records", "Request log records written", rlog.written),
+            ("dropped", "Request log records dropped (writer queue full)", rlog.dropped),
+            ("write_errors", "Request log records lost to write errors", rlog.write_errors),
+        ):
+            yield CounterMetricFamily(f"{NS}_request_log_{name}", doc, value=value)
         yield GaugeMetricFamily(f"{NS}_uptime_seconds", "Seconds since the app started",
                                 value=prom.rolling.clock() - prom.rolling.started)
 
@@ -119,7 +122,8 @@ class _Histogram:
 class _Series:
     """Everything counted for one (model, backend) label pair since the app started."""
 
-    __slots__ = ("by_class", "by_code", "duration", "ttft", "queue_wait", "prompt_tokens", "completion_tokens")
+    __slots__ = ("by_class", "by_code", "duration", "ttft", "queue_wait", "prompt_tokens",
+                 "completion_tokens")
 
     def __init__(self) -> None:
         self.by_class: dict[str, int] = {}
@@ -142,15 +146,16 @@ class _Requests:
 
     def collect(self) -> Iterator[Metric]:
         labels = ["model", "backend"]
-        requests = CounterMetricFamily(f"{NS}_requests", "Chat requests by outcome", labels=[*labels, "status_class"])
+        requests = CounterMetricFamily(f"{NS}_requests", "Chat requests by outcome",
+                                       labels=[*labels, "status_class"])
         errors = CounterMetricFamily(f"{NS}_request_errors", "Failed chat requests by error code",
                                      labels=[*labels, "code"])
-        duration = HistogramMetricFamily(f"{NS}_request_duration_seconds", "Chat request duration (successful requests)",
-                                         labels=labels)
-        ttft = HistogramMetricFamily(f"{NS}_time_to_first_token_seconds", "Time until the first content byte was sent",
-                                     labels=labels)
-        queue_wait = HistogramMetricFamily(f"{NS}_queue_wait_seconds", "Time spent waiting for a model switch or start",
-                                           labels=labels)
+        duration = HistogramMetricFamily(f"{NS}_request_duration_seconds",
+                                         "Chat request duration (successful requests)", labels=labels)
+        ttft = HistogramMetricFamily(f"{NS}_time_to_first_token_seconds",
+                                     "Time until the first content byte was sent", labels=labels)
+        queue_wait = HistogramMetricFamily(f"{NS}_queue_wait_seconds",
+                                           "Time spent waiting for a model switch or start", labels=labels)
         tokens = CounterMetricFamily(f"{NS}_tokens", "Tokens processed (prompt) and generated (completion)",
                                      labels=[*labels, "kind"])
         for (model, backend), series in sorted(self.prom.series.items()):
@@ -158,7 +163,8 @@ class _Requests:
                 requests.add_metric([model, backend, cls], n)
             for code, n in sorted(series.by_code.items()):
                 errors.add_metric([model, backend, code], n)
-            for family, hist in ((duration, series.duration), (ttft, series.ttft), (queue_wait, series.queue_wait)):
+            hists = ((duration, series.duration), (ttft, series.ttft), (queue_wait, series.queue_wait))
+            for family, hist in hists:
                 family.add_metric([model, backend], hist.buckets(), hist.sum)
             tokens.add_metric([model, backend, "prompt"], series.prompt_tokens)
             tokens.add_metric([model, backend, "completion"], series.completion_tokens)
@@ -178,7 +184,9 @@ class PromMetrics:
     once per scrape.
     """
 
-    def __init__(self, rolling: RollingMetrics, request_log: RequestLog, read_state: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self, rolling: RollingMetrics, request_log: RequestLog, read_state: Callable[[], dict[str, Any]]
+    ) -> None:
         self.rolling = rolling
         self.request_log = request_log
         self.read_state = self._tracking_swaps(read_state)
@@ -234,7 +242,8 @@ class PromMetrics:
             series.completion_tokens += sample.completion_tokens
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
-        """The registry in the format the scraper asked for (Prometheus text by default); (body, content type)."""
+        """(body, content type): the registry in the format the scraper asked for (Prometheus text by
+        default, OpenMetrics when its ``Accept`` header names it)."""
         encoder, content_type = choose_encoder(accept or "")
         self.scrape_state = self.read_state()
         try:

@@ -76,7 +76,8 @@ class RequestLog:
         return len(self._pending)
 
     def submit(self, record: dict[str, Any]) -> None:
-        """Queue one record; never blocks. ``record["ts"]`` may be a POSIX timestamp (written as ISO-8601 UTC).
+        """Queue one record; never blocks. ``record["ts"]`` may be a POSIX timestamp (written as ISO-8601
+        UTC).
 
         The record must not be changed after it is submitted (the writer thread serialises it later).
         """

@@ -141,6 +141,12 @@ class BrokenStats:
                               "queue_depth": 5}})(), (2, 0, (12.5, 0.5), 5)),
     (type("A", (), {"stats": AttrsStats(3, 1, [4.0, 5.0, 6.0], 0)})(), (3, 1, (4.0, 5.0, 6.0), 0)),
     (MethodStats(), (4, 1, (1.0, 3.0, 2.0), 2)),
+    # the shape of the built-in orchestrator's stats(): cumulative "queued" must not be read as the depth
+    (type("A", (), {"stats": lambda self: {
+        "swaps": 2, "swap_failures": 1, "queued": 40, "queue_depth": 3, "swap_seconds_total": 12.5,
+        "recent_swaps": [{"from": None, "to": "vllm:a", "ok": True, "total_s": 10.0},
+                         {"from": "vllm:a", "to": "vllm:b", "ok": False, "error": "model_start_failed", "total_s": 4.0},
+                         {"from": "vllm:a", "to": "ollama", "ok": True, "total_s": 2.5}]}})(), (2, 1, (10.0, 2.5), 3)),
     (BrokenStats(), (None, None, (), None)),
     (type("A", (), {"stats": {"swaps": "many", "queue_depth": "x"}})(), (None, None, (), None)),
 ])

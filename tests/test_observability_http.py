@@ -20,12 +20,11 @@ SECRET_PROMPT = "PURPLE-ELEPHANT-PROMPT-42"
 
 
 @pytest.fixture
-async def env(aiohttp_server, registry_file, make_config, proxy_client, tmp_path):
-    async def start(**overrides):
+async def env(aiohttp_server, aiohttp_client, registry_file, make_config, make_app):
+    async def start(server_kwargs=None, **overrides):
         server = await aiohttp_server(make_fake_openai())
         registry_file(registry_for(str(server.make_url("/v1")), vision=overrides.pop("vision", False)))
-        client = await proxy_client(make_config(**overrides))
-        return client
+        return await aiohttp_client(make_app(make_config(**overrides)), server_kwargs=server_kwargs or {})
 
     return start
 
@@ -140,8 +139,10 @@ async def test_an_error_inside_a_stream_is_recorded_with_its_code(env):
     assert rec["ttft_ms"] is not None
 
 
-async def test_a_cancelled_stream_is_recorded_as_a_client_disconnect(env):
-    client = await env()
+@pytest.mark.parametrize("handler_cancellation", [False, True])
+async def test_a_cancelled_stream_is_recorded_as_a_client_disconnect(env, handler_cancellation):
+    # the server command runs with handler_cancellation=True: the handler is cancelled mid-await
+    client = await env(server_kwargs={"handler_cancellation": handler_cancellation})
     resp = await client.post("/v1/chat/completions", json={"model": "m-slow_stream", "messages": user("x"),
                                                            "stream": True})
     assert resp.status == 200
@@ -409,3 +410,17 @@ async def test_access_line_cannot_be_forged_with_control_characters(env, caplog)
     lines = [r.getMessage() for r in caplog.records if r.name == "imageworks_proxy.access"]
     assert len(lines) == 2 and not any("\n" in line for line in lines)
     assert 'model="evil?FAKE LINE"' in lines[0]
+
+
+async def test_a_failure_inside_observability_never_fails_the_request(env, caplog):
+    client = await env(enable_metrics="1")
+
+    def broken(sample):
+        raise RuntimeError("metrics bug")
+
+    keys.metrics(client.app).record = broken
+    resp = await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": user("hi")})
+    assert resp.status == 200
+    assert (await resp.json())["choices"][0]["message"]["content"] == "echo: hi"
+    await settle(client)
+    assert any("metrics bug" in (r.exc_text or str(r.exc_info)) for r in caplog.records if r.exc_info)

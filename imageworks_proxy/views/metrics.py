@@ -20,8 +20,10 @@ ORCHESTRATED = "vllm-orchestrated"
 
 
 def _disabled() -> ProxyError:
-    return ProxyError(404, "metrics_disabled",
-                      "Metrics are disabled. Set CHAT_PROXY_ENABLE_METRICS=1 to serve /v1/metrics and /metrics.")
+    return ProxyError(
+        404, "metrics_disabled",
+        "Metrics are disabled. Set CHAT_PROXY_ENABLE_METRICS=1 to serve /v1/metrics and /metrics.",
+    )
 
 
 def _active_name(active: Any) -> str | None:
