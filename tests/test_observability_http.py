@@ -278,7 +278,8 @@ async def test_v1_metrics_reports_the_window_by_model_and_backend(env):
     assert "nope" not in m["by_model"]
     assert m["by_backend"]["openai-passthrough"]["requests"] == 5
     assert m["in_flight"] == 0 and m["queue_depth"] == 0
-    assert m["swaps"] == {"count": None, "failures": None, "duration_s": None}
+    assert m["swaps"]["count"] in (None, 0) and m["swaps"]["failures"] in (None, 0)  # 0: orchestrator, idle
+    assert m["swaps"]["duration_s"] is None
     assert m["vllm"]["active_model"] is None
     assert isinstance(m["gpu"], list)
     assert m["request_log"]["written"] == 6 and m["request_log"]["dropped"] == 0
