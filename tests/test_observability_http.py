@@ -121,11 +121,13 @@ async def test_a_stream_without_usage_gets_estimated_and_flagged_token_counts(en
     resp = await client.post("/v1/chat/completions", json={
         "model": "m-echo", "messages": user("alpha beta gamma delta"), "stream": True})
     await resp.read()
-    [rec] = await settle(client)
-    assert rec["tokens_estimated"] is True
-    # "echo: alpha beta gamma delta " is 29 characters: about 8 tokens
-    assert rec["completion_tokens"] == 8
-    assert rec["prompt_tokens"] >= 5
+    resp = await client.post("/v1/chat/completions", json={"model": "m-minimal", "messages": user("alpha beta")})
+    assert (await resp.json())["choices"][0]["message"]["content"] == "echo: alpha beta"  # and no usage
+    streamed, plain = await settle(client)
+    assert streamed["tokens_estimated"] is True and plain["tokens_estimated"] is True
+    # "echo: alpha beta gamma delta " is 29 characters: about 8 tokens; "echo: alpha beta" 16: 4 tokens
+    assert streamed["completion_tokens"] == 8 and plain["completion_tokens"] == 4
+    assert streamed["prompt_tokens"] >= 5 and plain["prompt_tokens"] >= 5
 
 
 async def test_an_error_inside_a_stream_is_recorded_with_its_code(env):
