@@ -26,6 +26,8 @@ class LoadResult:
     mean_ms: float
     errors: int
     ttfb_p50_ms: float | None = None
+    #: CPU time the server under test spent per request (user + system), filled in by the caller.
+    cpu_us: float | None = None
 
     @property
     def rps(self) -> float:

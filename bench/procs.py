@@ -54,6 +54,15 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time used so far by ``pid`` (Linux), or None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes, float]:
     """(status, body, seconds) for a GET; status 0 when nothing answered."""
     started = time.perf_counter()

@@ -77,7 +77,9 @@ def markdown(results: dict) -> str:
            if pin["server"] else "No CPU pinning. ")
         + "The proxy runs as users run it: request log and metrics on, a generated "
         f"{meta['entries']}-entry registry. Upstream = the stub called directly; reference = "
-        "`bench/ref_passthrough.py`; added latency = p50 minus the upstream's p50 in the same scenario.",
+        "`bench/ref_passthrough.py`; added latency = p50 minus the upstream's p50 in the same scenario; "
+        "server CPU = user + system CPU time of the server under test per request (less sensitive to other "
+        "load on the machine than the wall-clock figures).",
         "",
     ]
     for target, why in results.get("skipped", {}).items():
@@ -85,8 +87,9 @@ def markdown(results: dict) -> str:
     lines += ["## Targets (SPEC §14)", "", "| target | proxy | reference | ratio | goal | met |", "|---|---:|---:|---:|---|---|"]
     lines += [f"| {w} | {p} | {r} | {q} | {g} | {_met(ok)} |" for w, p, r, q, g, ok in targets(results)]
     lines += ["", "## Chat completions", "",
-              "| mode | conc. | target | req/s | p50 ms | p99 ms | added p50 ms | req/s vs ref | added p50 vs ref | errors |",
-              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| mode | conc. | target | req/s | p50 ms | p99 ms | added p50 ms | req/s vs ref | added p50 vs ref "
+              "| server CPU µs/req | errors |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     idx = _index(results.get("chat", []))
     for mode in ("non-stream", "stream"):
         for conc in (1, 32):
@@ -100,7 +103,8 @@ def markdown(results: dict) -> str:
                 vs_added = _ratio(added, _added(idx, mode, conc, "reference")) if target == "proxy" else None
                 lines.append(
                     f"| {mode} | {conc} | {target} | {row['rps']:.0f} | {row['p50_ms']:.3f} | {row['p99_ms']:.3f} | "
-                    f"{_f(added, 3)} | {_f(vs_rps and vs_rps * 100, 0, ' %')} | {_f(vs_added, 2, '×')} | {row['errors']} |")
+                    f"{_f(added, 3)} | {_f(vs_rps and vs_rps * 100, 0, ' %')} | {_f(vs_added, 2, '×')} | "
+                    f"{_f(row.get('cpu_us'), 0)} | {row['errors']} |")
     ttfb = results.get("ttfb") or {}
     if ttfb:
         up = ttfb.get("upstream")
