@@ -39,6 +39,9 @@ def _check(results: dict, report: str) -> None:
     models = results["models"]
     assert models["status"] == 200 and models["listed"] > 0 and models["p50_ms"] > 0
     assert results["rss"]["proxy_idle_mb"] > 0
+    # the proxy ran as users run it: every chat request went into the request log, metrics are on
+    assert results["request_log_lines"] >= sum(r["requests"] for r in results["chat"] if r["target"] == "proxy")
+    assert results["metrics_status"] == 200
     assert "## Targets (SPEC §14)" in report
     assert "| non-stream | 32 | proxy |" in report
     assert "| stream | 1 | proxy |" in report
