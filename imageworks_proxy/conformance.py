@@ -35,14 +35,24 @@ def fix_usage(usage: Any) -> dict[str, Any] | None:
 
 
 class _Ids:
-    __slots__ = ("id", "created", "role_sent", "finish_sent", "usage_sent")
+    __slots__ = ("_id", "created", "role_sent", "finish_sent", "usage_sent")
 
     def __init__(self) -> None:
-        self.id = "chatcmpl-" + secrets.token_hex(12)
+        self._id: str | None = None  # made only when the upstream sent none (a random id costs a syscall)
         self.created = int(time.time())
         self.role_sent = False
         self.finish_sent = False
         self.usage_sent = False
+
+    @property
+    def id(self) -> str:
+        if self._id is None:
+            self._id = "chatcmpl-" + secrets.token_hex(12)
+        return self._id
+
+    @id.setter
+    def id(self, value: str) -> None:
+        self._id = value
 
 
 class Conformance(Stage):

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
+from imageworks_proxy import keys
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.registry import Entry
 
@@ -64,9 +65,7 @@ class Adapter:
     @property
     def http(self) -> aiohttp.ClientSession:
         """The app's shared, pooled client session."""
-        from imageworks_proxy import keys
-
-        return keys.http(self.app)
+        return self.app[keys.HTTP]
 
     def accepts(self, entry: Entry) -> bool:
         """Whether this adapter serves ``entry`` when several claim its backend. Default: yes."""
