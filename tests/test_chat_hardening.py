@@ -1,0 +1,336 @@
+"""Edge cases of the chat core seen from clients: OpenWebUI-shaped requests, stream endings (finish, usage,
+[DONE]), the tool-call content heuristic, line splitting, client disconnects and adapters that fail oddly."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+
+from imageworks_proxy import sse
+from imageworks_proxy.adapters.base import Adapter
+from imageworks_proxy.hookspecs import hookimpl
+from imageworks_proxy.pipeline import Stage
+from tests.chat_helpers import sse_events, user
+from tests.fakes import fake_openai
+from tests.fakes.fake_openai import REQUESTS, SCRIPTS, make_fake_openai, registry_for, scripted_entry
+from tests.openai_schemas import validate_chunk, validate_error
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+
+
+def ch(delta=None, finish=None, **extra):
+    """One scripted upstream chunk with a single choice."""
+    return {"choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}], **extra}
+
+
+@pytest.fixture
+async def env(aiohttp_server, registry_file, make_config, proxy_client):
+    """start(scripts={name: events}, vision=False, backend="openai", **config) -> (client, fake, sdk)."""
+    sdks = []
+
+    async def start(scripts=None, vision=False, backend="openai", **overrides):
+        fake = make_fake_openai()
+        fake[SCRIPTS].update(scripts or {})
+        server = await aiohttp_server(fake)
+        base = str(server.make_url("/v1"))
+        entries = registry_for(base, vision=vision)
+        for name in scripts or {}:
+            entry = scripted_entry(base, name, vision=vision)
+            entry["backend"] = backend
+            entries.append(entry)
+        registry_file(entries)
+        client = await proxy_client(make_config(**overrides))
+        sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="x", max_retries=0)
+        sdks.append(sdk)
+        return client, fake, sdk
+
+    yield start
+    for sdk in sdks:
+        await sdk.close()
+
+
+async def stream_events(client, model, **body):
+    resp = await client.post("/v1/chat/completions", json={"model": model, "stream": True, **body})
+    assert resp.status == 200, await resp.text()
+    raw = await resp.read()
+    events = sse_events(raw)
+    assert events[-1] == "[DONE]"
+    for e in events[:-1]:
+        if "error" not in e:
+            validate_chunk(e)
+    return raw, events[:-1]
+
+
+def finishes(chunks):
+    return [(c["index"], c["finish_reason"]) for e in chunks for c in e.get("choices", []) if c["finish_reason"]]
+
+
+def text_of(chunks, field="content"):
+    return "".join(c["delta"].get(field) or "" for e in chunks for c in e.get("choices", []))
+
+
+# -- OpenWebUI-shaped requests --------------------------------------------------------------------------
+
+
+async def test_openwebui_shaped_request_goes_through_with_its_extras(env):
+    client, fake, _ = await env(vision=True)
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 64).decode()
+    pdf = "data:application/pdf;base64," + base64.b64encode(b"%PDF-1.4").decode()
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": [
+            {"type": "text", "text": "What is in this picture?"},
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}", "detail": "auto"}},
+            {"type": "file", "file": {"file_data": pdf, "filename": "a.pdf"}},
+            {"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+         "cache_control": {"type": "ephemeral"}}]
+    _, chunks = await stream_events(client, "m-echo", messages=messages, stream_options={"include_usage": True},
+                                    temperature=0.6, top_k=40, num_ctx=8192,
+                                    chat_template_kwargs={"enable_thinking": False})
+    assert text_of(chunks).strip() == "echo: What is in this picture? Be brief."
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 8
+    sent = fake[REQUESTS][-1]["body"]
+    assert sent["messages"][1] == messages[1]  # file part, cache_control and the image arrive untouched
+    assert (sent["top_k"], sent["num_ctx"], sent["chat_template_kwargs"]) == (40, 8192, {"enable_thinking": False})
+
+
+async def test_sdk_streams_a_vision_request(env):
+    _, fake, sdk = await env(vision=True)
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 100).decode()
+    parts = [{"type": "text", "text": "describe"},
+             {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]
+    stream = await sdk.chat.completions.create(model="m-echo", messages=[{"role": "user", "content": parts}],
+                                               stream=True)
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text.strip() == "echo: describe"
+    assert fake[REQUESTS][-1]["body"]["messages"][0]["content"][1]["image_url"]["url"].endswith(png)
+
+
+async def test_generation_defaults_reach_the_backend_only_where_the_request_is_silent(
+        aiohttp_server, registry_file, make_config, proxy_client):
+    fake = make_fake_openai()
+    server = await aiohttp_server(fake)
+    registry_file([{"name": "tuned", "backend": "openai", "served_model_id": "echo",
+                    "backend_config": {"base_url": str(server.make_url("/v1"))},
+                    "generation_defaults": {"temperature": 0.2, "top_p": 0.8, "max_tokens": 256,
+                                            "stop_sequences": ["</s>"]}}])
+    client = await proxy_client(make_config())
+    resp = await client.post("/v1/chat/completions", json={"model": "tuned", "messages": user("x"), "temperature": 1.0})
+    assert resp.status == 200
+    sent = fake[REQUESTS][-1]["body"]
+    assert (sent["temperature"], sent["top_p"], sent["max_tokens"], sent["stop"]) == (1.0, 0.8, 256, ["</s>"])
+
+
+# -- how a stream ends: finish_reason once per choice, usage last, [DONE] ---------------------------------
+
+
+async def test_usage_is_absent_unless_asked_and_last_before_done_when_asked(env):
+    client, _, _ = await env()
+    _, plain = await stream_events(client, "m-echo", messages=user("a b"))
+    assert all(e["choices"] for e in plain) and not any(e.get("usage") for e in plain)
+    _, asked = await stream_events(client, "m-echo", messages=user("a b"), stream_options={"include_usage": True})
+    assert asked[-1]["choices"] == [] and asked[-1]["usage"] == USAGE
+    assert finishes(asked) == [(0, "stop")]
+
+
+# -- the tool-call content heuristic (tools offered, the model answers in content) -------------------------
+
+
+# -- streamed tool calls from upstreams that deviate from the convention -------------------------------------
+
+
+# -- no SSE line over 64 KiB -------------------------------------------------------------------------------
+
+
+async def test_big_vllm_reasoning_is_split_under_64k_in_both_fields(env):
+    thought = "ü" * 150_000
+    script = [ch({"role": "assistant", "reasoning": thought}), ch({"content": "42"}, "stop")]
+    client, _, _ = await env({"think": script}, backend="vllm")
+    raw, chunks = await stream_events(client, "m-think", messages=user("x"))
+    assert max(len(line) for line in raw.split(b"\n")) <= 64 * 1024
+    assert text_of(chunks, "reasoning_content") == thought and text_of(chunks, "reasoning") == thought
+    assert text_of(chunks) == "42" and finishes(chunks) == [(0, "stop")]
+
+
+# -- errors and disconnects from adapters ---------------------------------------------------------------------
+
+class Events:
+    """What the test adapter saw: cancellations and stream closes."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+
+class OddAdapter(Adapter):
+    """An adapter plugin that fails the ways third-party adapters can (the served id picks how)."""
+
+    name = "odd"
+    backends = ("odd",)
+    events: Events
+
+    async def chat(self, call):
+        mode = call.body["model"]
+        seen = self.events.seen
+        if mode == "raise_before":
+            raise KeyError("secret detail")
+        if mode == "wait_forever":
+            await call.waiting()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                seen.append("wait cancelled")
+                raise
+        if mode == "slow_accept":
+            try:
+                await asyncio.sleep(0.3)
+            except asyncio.CancelledError:
+                seen.append("accept cancelled")
+                raise
+
+        async def chunks():
+            try:
+                yield {"choices": [{"index": 0, "delta": {"content": "partial"}}]}
+                if mode == "reset_mid":
+                    raise ConnectionResetError("upstream reset the connection")
+                if mode == "raise_mid":
+                    raise ValueError("secret detail")
+                yield {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+            finally:
+                seen.append("stream closed")
+
+        return chunks()
+
+
+def odd_plugin(events: Events):
+    class Plugin:
+        @hookimpl
+        def register_backends(self, register):
+            register(type("Odd", (OddAdapter,), {"events": events}))
+
+    return Plugin()
+
+
+ODD_MODES = ("raise_before", "wait_forever", "slow_accept", "reset_mid", "raise_mid")
+
+
+@pytest.fixture
+async def odd(registry_file, make_config, proxy_client):
+    events = Events()
+    registry_file([{"name": m, "backend": "odd"} for m in ODD_MODES])
+    client = await proxy_client(make_config(), plugins=(odd_plugin(events),))
+    return client, events
+
+
+@pytest.fixture(params=["test-server", "embedded"])
+async def odd_served(request, registry_file, make_config, make_app, proxy_client):
+    """The test adapter behind the test server (aiohttp cancels a handler whose client left) and behind an
+    ``AppRunner`` the way ``web.run_app(parent)`` serves an embedding app (it does not: the proxy must notice)."""
+    events = Events()
+    registry_file([{"name": m, "backend": "odd"} for m in ODD_MODES])
+    if request.param == "test-server":
+        yield await proxy_client(make_config(), plugins=(odd_plugin(events),)), events
+        return
+    runner = web.AppRunner(make_app(make_config(), plugins=(odd_plugin(events),)))  # handler_cancellation=False
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    session = aiohttp.ClientSession(base_url=f"http://{host}:{port}")
+    yield session, events
+    await session.close()
+    await runner.cleanup()
+
+
+async def wait_for(events: Events) -> list[str]:
+    for _ in range(100):
+        if events.seen:
+            break
+        await asyncio.sleep(0.05)
+    return events.seen
+
+
+@pytest.mark.parametrize("mode", ["raise_before", "raise_mid"])
+async def test_unexpected_adapter_exceptions_are_500_shaped_with_the_request_id(odd, mode):
+    client, _ = odd
+    resp = await client.post("/v1/chat/completions", json={"model": mode, "messages": user("x")})
+    assert resp.status == 500 and resp.content_type == "application/json"
+    body = await resp.json()
+    validate_error(body)
+    assert body["error"]["code"] == "internal_error" and "secret" not in json.dumps(body)
+    assert body["error"]["request_id"] == resp.headers["X-Request-Id"]
+    resp = await client.post("/v1/chat/completions", json={"model": mode, "stream": True, "messages": user("x")},
+                             headers={"X-Request-Id": f"trace-{mode}"})
+    assert resp.headers["X-Request-Id"] == f"trace-{mode}"
+    if mode == "raise_before":  # nothing was streamed yet: a JSON 500
+        assert resp.status == 500 and (await resp.json())["error"]["request_id"] == f"trace-{mode}"
+        return
+    events = sse_events(await resp.read())
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["code"] == "internal_error" and events[-2]["error"]["request_id"] == f"trace-{mode}"
+
+
+class BrokenFinishStage(Stage):
+    """A request-log/metrics stage with a bug: its finish hook raises."""
+
+    name = "broken-finish"
+    order = 1100
+
+    def finish(self, ctx):
+        raise RuntimeError("log disk full")
+
+
+class BrokenFinishPlugin:
+    @hookimpl
+    def register_stages(self, register):
+        register(BrokenFinishStage)
+
+
+# -- timeouts: backend timeout until the upstream answers, idle timeout inside the stream -------------------
+
+
+async def test_idle_timeout_before_the_first_chunk_follows_keep_alives_in_band(env, monkeypatch):
+    monkeypatch.setattr(fake_openai, "DELAY", 1.0)
+    monkeypatch.setattr(sse.SSEWriter.__init__, "__defaults__", (0.1,))
+    client, _, _ = await env(stream_idle_timeout_ms=400, backend_timeout_ms=5000)
+    resp = await client.post("/v1/chat/completions", json={"model": "m-slow_first_chunk", "stream": True,
+                                                           "messages": user("x")})
+    assert resp.status == 200
+    raw = await resp.read()
+    assert raw.startswith(b": keep-alive\n\n")
+    events = sse_events(raw)
+    assert events[-2]["error"]["code"] == "stream_idle_timeout" and events[-1] == "[DONE]"
+    validate_error(events[-2])
+
+
+# -- HTTP surface ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS", "PUT"])
+async def test_other_methods_on_chat_completions_are_a_json_405(env, method):
+    client, _, _ = await env()
+    resp = await client.request(method, "/v1/chat/completions")
+    assert resp.status == 405 and resp.headers["Allow"] == "POST"
+    assert resp.content_type == "application/json" and resp.headers["X-Request-Id"]
+    if method != "HEAD":
+        body = await resp.json()
+        validate_error(body)
+        assert body["error"]["code"] == "method_not_allowed" and body["error"]["type"] == "invalid_request_error"
+
+
+async def test_streamed_responses_carry_the_request_id(env):
+    client, _, _ = await env()
+    resp = await client.post("/v1/chat/completions", json={"model": "m-echo", "stream": True, "messages": user("x")},
+                             headers={"X-Request-Id": "owui-42"})
+    assert resp.headers["X-Request-Id"] == "owui-42"
+    await resp.read()
+    resp = await client.post("/v1/chat/completions", json={"model": "m-echo", "stream": True, "messages": user("x")})
+    assert resp.headers["X-Request-Id"].startswith("req_")
+    await resp.read()
