@@ -102,6 +102,15 @@ async def test_openwebui_shaped_request_goes_through_with_its_extras(env):
     assert (sent["top_k"], sent["num_ctx"], sent["chat_template_kwargs"]) == (40, 8192, {"enable_thinking": False})
 
 
+async def test_stream_options_on_a_non_streamed_request_do_not_make_the_backend_refuse_it(env):
+    client, fake, _ = await env()
+    resp = await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": user("hi"), "stream": False,
+                                                           "stream_options": {"include_usage": True}})
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["choices"][0]["message"]["content"] == "echo: hi"
+    assert "stream_options" not in fake[REQUESTS][-1]["body"]
+
+
 async def test_sdk_streams_a_vision_request(env):
     _, fake, sdk = await env(vision=True)
     png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 100).decode()
