@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import time
 from typing import Any
@@ -73,8 +72,19 @@ def encode_event(chunk: dict[str, Any]) -> bytes:
     return b"".join(encode_event(p) for p in pieces)
 
 
+class ClientGone(Exception):
+    """The client closed the connection: nothing more can be sent to it."""
+
+
 class SSEWriter:
-    """Owns the client's streaming response: commit once, keep alive until data flows, then events."""
+    """Owns the client's streaming response: commit once, keep alive until data flows, then events.
+
+    A failed write raises :class:`ClientGone` (never ``ConnectionError``, so the caller can tell a client
+    that left from an adapter whose upstream connection broke). A keep-alive that finds the client gone
+    cancels the task that committed the stream, so a wait for a model start or a slow first token ends at
+    once even where aiohttp does not cancel handlers itself (``handler_cancellation=False``, its default
+    for embedding apps).
+    """
 
     def __init__(self, request: web.Request, request_id: str, keepalive_s: float = 5.0) -> None:
         self.request = request
@@ -85,6 +95,7 @@ class SSEWriter:
         self.first_data_at: float | None = None
         self._keepalive: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._owner: asyncio.Task[Any] | None = None
 
     @property
     def committed(self) -> bool:
@@ -103,15 +114,25 @@ class SSEWriter:
                 "X-Request-Id": self.request_id,
             },
         )
-        await resp.prepare(self.request)
-        self.response = resp
+        self.response = resp  # set first: the handler returns it even when the client is already gone
+        self._owner = asyncio.current_task()
+        try:
+            await resp.prepare(self.request)
+        except ConnectionError:
+            raise ClientGone() from None
 
     async def commit_and_keep_alive(self) -> None:
         """Commit now, send a keep-alive comment at once, and keep sending them until data flows."""
         await self.commit()
         if not self.data_started:
-            await self.response.write(KEEPALIVE)  # type: ignore[union-attr]
+            await self._write(KEEPALIVE)
             self.arm_keepalive()
+
+    async def _write(self, data: bytes) -> None:
+        try:
+            await self.response.write(data)  # type: ignore[union-attr]
+        except ConnectionError:
+            raise ClientGone() from None
 
     def arm_keepalive(self) -> None:
         """Send ``: keep-alive`` every ``keepalive_s`` until the first data event (a timer, not a task)."""
@@ -125,9 +146,17 @@ class SSEWriter:
         self._keepalive = asyncio.get_running_loop().create_task(self._write_keepalive())
 
     async def _write_keepalive(self) -> None:
-        with contextlib.suppress(ConnectionError, RuntimeError):
+        try:
             await self.response.write(KEEPALIVE)  # type: ignore[union-attr]
-            self.arm_keepalive()
+        except ConnectionError:
+            # The client left while the request waits (model start, prefill): stop waiting for it.
+            owner, self._owner = self._owner, None
+            if owner is not None and not owner.done():
+                owner.cancel()
+            return
+        except RuntimeError:
+            return  # the stream already ended
+        self.arm_keepalive()
 
     async def _stop_keepalive(self) -> None:
         if self._timer is not None:
@@ -136,26 +165,32 @@ class SSEWriter:
         task, self._keepalive = self._keepalive, None
         if task is not None and not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait((task,))  # unlike awaiting it, lets a cancellation of our own task through
 
     async def send(self, chunk: dict[str, Any]) -> None:
         if not self.data_started:
             self.data_started = True
             self.first_data_at = time.perf_counter()
             await self._stop_keepalive()
-        await self.response.write(encode_event(chunk))  # type: ignore[union-attr]
+        try:
+            await self.response.write(encode_event(chunk))  # type: ignore[union-attr]
+        except ConnectionError:
+            raise ClientGone() from None
 
     async def send_error(self, error: ProxyError) -> None:
         """In-band error event, then [DONE]."""
         await self._stop_keepalive()
         await self.commit()
-        await self.response.write(b"data: " + orjson.dumps(error.payload(self.request_id)) + b"\n\n" + DONE)  # type: ignore[union-attr]
+        await self._write(b"data: " + orjson.dumps(error.payload(self.request_id)) + b"\n\n" + DONE)
 
     async def finish(self) -> None:
         await self._stop_keepalive()
-        await self.response.write(DONE)  # type: ignore[union-attr]
-        await self.response.write_eof()  # type: ignore[union-attr]
+        try:
+            await self.response.write(DONE)  # type: ignore[union-attr]
+            await self.response.write_eof()  # type: ignore[union-attr]
+        except ConnectionError:
+            raise ClientGone() from None
 
     async def close(self) -> None:
+        self._owner = None
         await self._stop_keepalive()

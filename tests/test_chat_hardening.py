@@ -266,6 +266,14 @@ async def wait_for(events: Events) -> list[str]:
     return events.seen
 
 
+async def test_an_adapter_stream_dying_with_a_connection_error_ends_with_an_in_band_error(odd):
+    client, _ = odd
+    _, chunks = await stream_events(client, "reset_mid", messages=user("x"))
+    assert chunks[0]["choices"][0]["delta"]["content"] == "partial"
+    validate_error(chunks[-1])
+    assert chunks[-1]["error"]["type"] == "server_error"
+
+
 @pytest.mark.parametrize("mode", ["raise_before", "raise_mid"])
 async def test_unexpected_adapter_exceptions_are_500_shaped_with_the_request_id(odd, mode):
     client, _ = odd
@@ -284,6 +292,28 @@ async def test_unexpected_adapter_exceptions_are_500_shaped_with_the_request_id(
     events = sse_events(await resp.read())
     assert events[-1] == "[DONE]"
     assert events[-2]["error"]["code"] == "internal_error" and events[-2]["error"]["request_id"] == f"trace-{mode}"
+
+
+async def test_client_leaving_during_the_keep_alive_wait_cancels_the_wait(odd_served, monkeypatch):
+    monkeypatch.setattr(sse.SSEWriter.__init__, "__defaults__", (0.1,))
+    client, events = odd_served
+    resp = await client.post("/v1/chat/completions", json={"model": "wait_forever", "stream": True,
+                                                           "messages": user("x")})
+    assert await resp.content.readuntil(b"\n\n") == b": keep-alive\n\n"
+    resp.close()
+    assert await wait_for(events) == ["wait cancelled"]
+
+
+async def test_client_leaving_before_the_stream_starts_still_closes_the_adapter_stream(odd_served):
+    client, events = odd_served
+    task = asyncio.ensure_future(client.post("/v1/chat/completions", json={
+        "model": "slow_accept", "stream": True, "messages": user("x")}))
+    await asyncio.sleep(0.1)
+    task.cancel()  # the client gives up while the adapter is still connecting upstream
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # either the wait is cancelled before the adapter answers, or its stream is closed right after
+    assert await wait_for(events) in (["stream closed"], ["accept cancelled"])
 
 
 class BrokenFinishStage(Stage):
