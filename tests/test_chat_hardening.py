@@ -332,6 +332,21 @@ class BrokenFinishPlugin:
         register(BrokenFinishStage)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_failing_finish_hook_does_not_turn_a_good_answer_into_an_error(
+        aiohttp_server, registry_file, make_config, proxy_client, stream):
+    server = await aiohttp_server(make_fake_openai())
+    registry_file(registry_for(str(server.make_url("/v1"))))
+    client = await proxy_client(make_config(), plugins=(BrokenFinishPlugin(),))
+    resp = await client.post("/v1/chat/completions", json={"model": "m-echo", "stream": stream, "messages": user("hi")})
+    assert resp.status == 200
+    if stream:
+        events = sse_events(await resp.read())
+        assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1])
+    else:
+        assert (await resp.json())["choices"][0]["message"]["content"] == "echo: hi"
+
+
 # -- timeouts: backend timeout until the upstream answers, idle timeout inside the stream -------------------
 
 

@@ -93,7 +93,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     finally:
         if writer is not None:
             await writer.close()
-        pipeline.run_finish(ctx)
+        try:
+            pipeline.run_finish(ctx)
+        except Exception:
+            # A broken log or metrics stage must not turn an answer the client already has into an error.
+            log.exception("a pipeline finish hook failed (request %s)", rid)
 
 
 async def _send_error(writer: SSEWriter, exc: ProxyError) -> None:
