@@ -150,6 +150,23 @@ async def test_usage_is_absent_unless_asked_and_last_before_done_when_asked(env)
     assert finishes(asked) == [(0, "stop")]
 
 
+async def test_a_finish_reason_the_upstream_repeats_reaches_the_client_once(env):
+    script = [ch({"role": "assistant", "content": "Hi"}), ch(finish="stop"), ch(finish="stop"),
+              {"choices": [], "usage": USAGE}]
+    client, _, _ = await env({"twice": script})
+    _, chunks = await stream_events(client, "m-twice", messages=user("x"), stream_options={"include_usage": True})
+    assert finishes(chunks) == [(0, "stop")]
+    assert chunks[-1] == {**chunks[-1], "choices": [], "usage": USAGE}
+
+
+async def test_a_missing_finish_reason_is_added_before_the_usage_chunk(env):
+    script = [ch({"role": "assistant", "content": "Hi"}), {"choices": [], "usage": USAGE}]
+    client, _, _ = await env({"nofinish": script})
+    _, chunks = await stream_events(client, "m-nofinish", messages=user("x"), stream_options={"include_usage": True})
+    assert finishes(chunks) == [(0, "stop")]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == USAGE
+
+
 # -- the tool-call content heuristic (tools offered, the model answers in content) -------------------------
 
 
