@@ -170,7 +170,93 @@ async def test_a_missing_finish_reason_is_added_before_the_usage_chunk(env):
 # -- the tool-call content heuristic (tools offered, the model answers in content) -------------------------
 
 
+async def test_json_tool_call_whose_last_fragment_carries_the_finish_reason(env):
+    script = [ch({"role": "assistant", "content": ""}), ch({"content": '{"name": "get_weather", '}),
+              ch({"content": '"arguments": {"city": "Paris"}}'}, "stop"), {"choices": [], "usage": USAGE}]
+    client, _, sdk = await env({"jsonlast": script})
+    async with sdk.chat.completions.stream(model="m-jsonlast", messages=user("w"), tools=TOOLS) as stream:
+        final = await stream.get_final_completion()
+    assert final.choices[0].message.tool_calls[0].function.name == "get_weather"
+    assert json.loads(final.choices[0].message.tool_calls[0].function.arguments) == {"city": "Paris"}
+    assert final.choices[0].finish_reason == "tool_calls"
+    _, chunks = await stream_events(client, "m-jsonlast", messages=user("w"), tools=TOOLS,
+                                    stream_options={"include_usage": True})
+    assert finishes(chunks) == [(0, "tool_calls")]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == USAGE
+
+
+@pytest.mark.parametrize("pieces", [
+    ["{x} is a placeholder ", "in Python's format strings."],
+    ['{"name": "get_weather"', ', "note": "not quite a call"', "} said the model"],
+    ["[1] Smith, J. ", "(2020). ", "A paper."],
+])
+async def test_a_reply_that_only_starts_like_json_is_delivered_intact(env, pieces):
+    script = [ch({"role": "assistant", "content": ""})] + [ch({"content": p}) for p in pieces[:-1]] + \
+        [ch({"content": pieces[-1]}, "stop")]
+    client, _, sdk = await env({"brace": script})
+    _, chunks = await stream_events(client, "m-brace", messages=user("x"), tools=TOOLS)
+    assert text_of(chunks) == "".join(pieces)
+    assert finishes(chunks) == [(0, "stop")]
+    assert not any("tool_calls" in c["delta"] for e in chunks for c in e["choices"])
+    async with sdk.chat.completions.stream(model="m-brace", messages=user("x"), tools=TOOLS) as stream:
+        final = await stream.get_final_completion()
+    assert final.choices[0].message.content == "".join(pieces) and not final.choices[0].message.tool_calls
+
+
+async def test_a_code_block_reply_still_streams_piece_by_piece_when_tools_are_offered(env):
+    pieces = ["```python\n", "def f():\n", "    return 1\n", "```\n", "Done."]
+    script = [ch({"role": "assistant", "content": ""})] + [ch({"content": p}) for p in pieces] + [ch(finish="stop")]
+    client, _, _ = await env({"code": script})
+    _, chunks = await stream_events(client, "m-code", messages=user("x"), tools=TOOLS)
+    contents = [c["delta"]["content"] for e in chunks for c in e["choices"] if c["delta"].get("content")]
+    assert "".join(contents) == "".join(pieces)
+    assert len(contents) >= len(pieces) - 1  # not held back and sent as one piece at the end
+
+
 # -- streamed tool calls from upstreams that deviate from the convention -------------------------------------
+
+
+async def test_a_tool_name_sent_after_the_call_id_is_kept(env):
+    script = [ch({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_x", "type": "function"}]}),
+              ch({"tool_calls": [{"index": 0, "function": {"name": "get_weather"}}]}),
+              ch({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": "Paris"}'}}]}),
+              ch(finish="tool_calls")]
+    _, _, sdk = await env({"latename": script})
+    async with sdk.chat.completions.stream(model="m-latename", messages=user("w"), tools=TOOLS) as stream:
+        final = await stream.get_final_completion()
+    call = final.choices[0].message.tool_calls[0]
+    assert (call.id, call.function.name, call.function.arguments) == ("call_x", "get_weather", '{"city": "Paris"}')
+
+
+async def test_argument_fragments_without_index_or_id_join_the_call_they_follow(env):
+    script = [ch({"role": "assistant", "tool_calls": [{"id": "call_a", "type": "function",
+                                                       "function": {"name": "get_weather", "arguments": ""}}]}),
+              ch({"tool_calls": [{"function": {"arguments": '{"city": '}}]}),
+              ch({"tool_calls": [{"function": {"arguments": '"Paris"}'}}]}),
+              ch({"tool_calls": [{"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": ""}}]}),
+              ch({"tool_calls": [{"function": {"arguments": "{}"}}]}),
+              ch(finish="tool_calls")]
+    _, _, sdk = await env({"noindex": script})
+    async with sdk.chat.completions.stream(model="m-noindex", messages=user("w"), tools=TOOLS) as stream:
+        final = await stream.get_final_completion()
+    calls = final.choices[0].message.tool_calls
+    assert [(c.id, c.function.name, c.function.arguments) for c in calls] == [
+        ("call_a", "get_weather", '{"city": "Paris"}'), ("call_b", "get_time", "{}")]
+
+
+@pytest.mark.parametrize("script", [
+    [ch({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                                              "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]})],
+    [ch({"role": "assistant", "content": '{"name": "get_weather", "arguments": {"city": "Paris"}}'})],
+], ids=["structured", "json-content"])
+async def test_tool_calls_without_a_finish_chunk_still_end_with_tool_calls(env, script):
+    client, _, sdk = await env({"nofinishcall": script})
+    _, chunks = await stream_events(client, "m-nofinishcall", messages=user("w"), tools=TOOLS)
+    assert finishes(chunks) == [(0, "tool_calls")]
+    async with sdk.chat.completions.stream(model="m-nofinishcall", messages=user("w"), tools=TOOLS) as stream:
+        final = await stream.get_final_completion()
+    assert final.choices[0].message.tool_calls[0].function.name == "get_weather"
+    assert final.choices[0].finish_reason == "tool_calls"
 
 
 # -- no SSE line over 64 KiB -------------------------------------------------------------------------------

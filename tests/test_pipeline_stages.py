@@ -7,7 +7,14 @@ import pytest
 from imageworks_proxy.pipeline import ChatContext
 from imageworks_proxy.request_stages import DefaultSystemPrompt, GenerationDefaults
 from imageworks_proxy.registry import parse_entry
-from imageworks_proxy.toolcalls import ToolCallSynthesis, calls_from_content
+from imageworks_proxy.toolcalls import (
+    LOOKS_LIKE_A_CALL,
+    NOT_A_CALL,
+    UNDECIDED,
+    ToolCallSynthesis,
+    call_prefix,
+    calls_from_content,
+)
 from imageworks_proxy.truncation import truncate_history
 from imageworks_proxy.upstream import apply_loopback_alias, entry_base_url
 
@@ -82,6 +89,16 @@ def test_content_heuristic_needs_an_offered_tool_name():
     assert calls_from_content("The answer is {x}", frozenset({"f"})) is None
 
 
+@pytest.mark.parametrize("start, verdict", [
+    ("```python\n", NOT_A_CALL), ("`x` is", NOT_A_CALL), ("{x} is", NOT_A_CALL), ("[1] Smith", NOT_A_CALL),
+    ("{}", NOT_A_CALL), ("``", UNDECIDED), ("```", UNDECIDED), ("```js", UNDECIDED), ("```json\n", UNDECIDED),
+    ("  {", UNDECIDED), ("[ ", UNDECIDED), ('{"name"', LOOKS_LIKE_A_CALL), ('```JSON\n[ {"fun', LOOKS_LIKE_A_CALL),
+    ('```\n{"name": "f"}', LOOKS_LIKE_A_CALL),
+])
+def test_a_streamed_reply_is_held_back_only_while_its_start_can_be_a_json_call(start, verdict):
+    assert call_prefix(start) == verdict
+
+
 def test_streamed_tool_calls_get_index_and_id_once(make_config):
     stage = ToolCallSynthesis(None, make_config())  # type: ignore[arg-type]
     ctx = _ctx({"messages": []})
@@ -113,3 +130,14 @@ def test_entry_base_url_forms():
     assert entry_base_url(e({"host": "h", "port": 2}), **kw) == "http://h:2/v1"
     assert entry_base_url(e({"host": "http://h:3"}), **kw) == "http://h:3/v1"
     assert entry_base_url(e({}), **kw) is None
+
+
+def test_a_streamed_call_announced_with_null_arguments_starts_them_empty(make_config):
+    stage = ToolCallSynthesis(None, make_config())  # type: ignore[arg-type]
+    ctx = _ctx({"messages": []})
+    first = {"choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "id": "x", "type": "function", "function": {"name": "f", "arguments": None}}]}}]}
+    rest = {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"a": 1}'}}]}}]}
+    out = [c for chunk in (first, rest) for c in stage.chunk(ctx, chunk)]
+    args = "".join(c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"] for c in out)
+    assert args == '{"a": 1}'
