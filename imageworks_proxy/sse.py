@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 import time
 from typing import Any
 
@@ -20,45 +19,53 @@ _PIECE_CHARS = 8 * 1024  # worst case JSON escaping is 6 bytes/char: 48 KiB < MA
 _SPLIT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
 
 
+def _piece(chunk: dict[str, Any], choice: dict[str, Any], delta: dict[str, Any], last: bool) -> dict[str, Any]:
+    """One piece of a split chunk: finish_reason and usage stay on the last piece."""
+    out = {k: v for k, v in chunk.items() if k != "choices" and (last or k != "usage")}
+    out["choices"] = [{**choice, "delta": delta, "finish_reason": choice.get("finish_reason") if last else None}]
+    return out
+
+
+def _cut(text: str) -> list[str]:
+    return [text[i:i + _PIECE_CHARS] for i in range(0, len(text), _PIECE_CHARS)]
+
+
 def _split_delta(chunk: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """Split an oversized single-choice chunk into several whose string fields are cut in pieces."""
+    """Split an oversized single-choice chunk: long text fields into pieces, several tool calls into one
+    chunk each, long tool-call arguments into fragments (the way clients concatenate them)."""
     choices = chunk.get("choices")
-    if not isinstance(choices, list) or len(choices) != 1:
+    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
         return None
     choice = choices[0]
     delta = choice.get("delta") or {}
     for field in _SPLIT_FIELDS:
         text = delta.get(field)
         if isinstance(text, str) and len(text) > _PIECE_CHARS:
-            pieces = [text[i:i + _PIECE_CHARS] for i in range(0, len(text), _PIECE_CHARS)]
-            out = []
-            for n, piece in enumerate(pieces):
-                c = {k: v for k, v in chunk.items() if k != "choices"}
-                d = dict(delta) if n == 0 else {}
-                d[field] = piece
-                if n > 0:
-                    c.pop("usage", None)
-                last = n == len(pieces) - 1
-                c["choices"] = [{**choice, "delta": d, "finish_reason": choice.get("finish_reason") if last else None}]
-                out.append(c)
-            return out
+            pieces = _cut(text)
+            last = len(pieces) - 1
+            return [_piece(chunk, choice, {**delta, field: p} if n == 0 else {field: p}, n == last)
+                    for n, p in enumerate(pieces)]
     calls = delta.get("tool_calls")
-    if isinstance(calls, list) and len(calls) == 1:
-        fn = calls[0].get("function") or {}
-        args = fn.get("arguments")
-        if isinstance(args, str) and len(args) > _PIECE_CHARS:
-            out = []
-            pieces = [args[i:i + _PIECE_CHARS] for i in range(0, len(args), _PIECE_CHARS)]
-            for n, piece in enumerate(pieces):
-                call = copy.deepcopy(calls[0]) if n == 0 else {"index": calls[0].get("index", 0)}
-                call.setdefault("function", {})["arguments"] = piece
-                d = {**delta, "tool_calls": [call]} if n == 0 else {"tool_calls": [call]}
-                last = n == len(pieces) - 1
-                c = {k: v for k, v in chunk.items() if k != "choices"}
-                c["choices"] = [{**choice, "delta": d, "finish_reason": choice.get("finish_reason") if last else None}]
-                out.append(c)
-            return out
-    return None
+    if not isinstance(calls, list) or not calls:
+        return None
+    if len(calls) > 1:  # parallel calls sent whole in one delta: one chunk per call, then split each
+        last = len(calls) - 1
+        return [_piece(chunk, choice, {**delta, "tool_calls": [c]} if n == 0 else {"tool_calls": [c]}, n == last)
+                for n, c in enumerate(calls)]
+    call = calls[0]
+    fn = call.get("function") if isinstance(call, dict) else None
+    args = fn.get("arguments") if isinstance(fn, dict) else None
+    if not isinstance(args, str) or len(args) <= _PIECE_CHARS:
+        return None
+    pieces = _cut(args)
+    last = len(pieces) - 1
+    out = [_piece(chunk, choice, {**delta, "tool_calls": [{**call, "function": {**fn, "arguments": pieces[0]}}]},
+                  last == 0)]
+    index = call.get("index", 0)
+    for n in range(1, len(pieces)):
+        out.append(_piece(chunk, choice, {"tool_calls": [{"index": index, "function": {"arguments": pieces[n]}}]},
+                          n == last))
+    return out
 
 
 def encode_event(chunk: dict[str, Any]) -> bytes:

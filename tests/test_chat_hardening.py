@@ -262,6 +262,23 @@ async def test_tool_calls_without_a_finish_chunk_still_end_with_tool_calls(env, 
 # -- no SSE line over 64 KiB -------------------------------------------------------------------------------
 
 
+async def test_big_parallel_tool_calls_in_one_delta_are_split_under_64k(env):
+    big_a = json.dumps({"text": "a" * 100_000})
+    big_b = json.dumps({"text": "é" * 50_000})
+    script = [ch({"role": "assistant", "tool_calls": [
+        {"index": 0, "id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": big_a}},
+        {"index": 1, "id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": big_b}}]}),
+        ch(finish="tool_calls")]
+    client, _, sdk = await env({"bigcalls": script})
+    raw, _ = await stream_events(client, "m-bigcalls", messages=user("w"), tools=TOOLS)
+    assert max(len(line) for line in raw.split(b"\n")) <= 64 * 1024
+    async with sdk.chat.completions.stream(model="m-bigcalls", messages=user("w"), tools=TOOLS) as stream:
+        final = await stream.get_final_completion()
+    calls = final.choices[0].message.tool_calls
+    assert [(c.id, c.function.name, c.function.arguments) for c in calls] == [
+        ("call_a", "get_weather", big_a), ("call_b", "get_time", big_b)]
+
+
 async def test_big_vllm_reasoning_is_split_under_64k_in_both_fields(env):
     thought = "ü" * 150_000
     script = [ch({"role": "assistant", "reasoning": thought}), ch({"content": "42"}, "stop")]

@@ -141,3 +141,19 @@ def test_a_streamed_call_announced_with_null_arguments_starts_them_empty(make_co
     out = [c for chunk in (first, rest) for c in stage.chunk(ctx, chunk)]
     args = "".join(c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"] for c in out)
     assert args == '{"a": 1}'
+
+
+def test_an_oversized_chunk_is_split_with_finish_and_usage_on_its_last_piece():
+    import orjson
+
+    from imageworks_proxy.sse import MAX_LINE, encode_event
+
+    usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "usage": usage,
+             "choices": [{"index": 0, "delta": {"content": "\n" * 40_000}, "finish_reason": "stop"}]}
+    lines = [line for line in encode_event(chunk).split(b"\n\n") if line]
+    assert len(lines) > 1 and all(len(line) <= MAX_LINE for line in lines)
+    events = [orjson.loads(line[6:]) for line in lines]
+    assert "".join(e["choices"][0]["delta"]["content"] for e in events) == "\n" * 40_000
+    assert [e["choices"][0]["finish_reason"] for e in events] == [None] * (len(events) - 1) + ["stop"]
+    assert [e.get("usage") for e in events] == [None] * (len(events) - 1) + [usage]
