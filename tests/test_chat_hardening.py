@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import socket
 
 import aiohttp
 import openai
@@ -468,6 +470,53 @@ async def test_a_failing_finish_hook_does_not_turn_a_good_answer_into_an_error(
 
 
 # -- timeouts: backend timeout until the upstream answers, idle timeout inside the stream -------------------
+
+
+async def test_a_stream_silent_past_the_idle_timeout_before_its_headers_names_that_timeout(env, monkeypatch):
+    # For a stream, the idle timeout bounds upstream silence from the start, headers or not.
+    monkeypatch.setattr(fake_openai, "DELAY", 0.6)
+    client, _, _ = await env(stream_idle_timeout_ms=200, backend_timeout_ms=5000)
+    resp = await client.post("/v1/chat/completions", json={"model": "m-slow_headers", "stream": True,
+                                                           "messages": user("x")})
+    assert resp.status == 504 and resp.content_type == "application/json"
+    body = await resp.json()
+    validate_error(body)
+    assert body["error"]["code"] == "backend_timeout"
+    assert "200 ms" in body["error"]["message"] and "CHAT_PROXY_STREAM_IDLE_TIMEOUT_MS" in body["error"]["message"]
+
+
+@pytest.fixture
+def unanswered_port():
+    """A loopback port whose listen backlog is full: connections to it are never accepted."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        c = socket.socket()
+        c.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            c.connect(("127.0.0.1", port))
+        fillers.append(c)
+    yield port
+    for c in fillers:
+        c.close()
+    listener.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_backend_that_never_accepts_the_connection_is_503_unavailable(
+        registry_file, make_config, proxy_client, unanswered_port, stream):
+    registry_file([{"name": "blackhole", "backend": "openai",
+                    "backend_config": {"base_url": f"http://127.0.0.1:{unanswered_port}/v1"}}])
+    client = await proxy_client(make_config(backend_timeout_ms=600))
+    resp = await client.post("/v1/chat/completions", json={"model": "blackhole", "stream": stream,
+                                                           "messages": user("x")})
+    assert resp.status == 503 and resp.content_type == "application/json"
+    body = await resp.json()
+    validate_error(body)
+    assert body["error"]["code"] == "backend_unavailable" and int(resp.headers["Retry-After"]) > 0
 
 
 async def test_idle_timeout_before_the_first_chunk_follows_keep_alives_in_band(env, monkeypatch):

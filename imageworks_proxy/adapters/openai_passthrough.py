@@ -73,7 +73,8 @@ class OpenAIPassthroughAdapter(Adapter):
             data = io.BytesIO(data)
         timeout = aiohttp.ClientTimeout(
             total=None,
-            sock_connect=min(10.0, cfg.backend_timeout_ms / 1000),
+            # at most half a short backend budget, so a host that never accepts shows as unreachable
+            sock_connect=min(10.0, cfg.backend_timeout_ms / 2000),
             sock_read=cfg.stream_idle_timeout_ms / 1000 if call.stream else None,
         )
         where = self.where(call)
@@ -97,12 +98,21 @@ class OpenAIPassthroughAdapter(Adapter):
                     continue
                 raise ProxyError(503, "backend_unavailable", f"{where} is unreachable at {base_url}: {exc.os_error or exc}",
                                  headers={"Retry-After": "5"}) from None
+            except aiohttp.ConnectionTimeoutError:
+                # Nothing accepted the connection: as unreachable as a refused one (aiohttp's timeout
+                # errors are TimeoutErrors too, so they are told apart before the generic case below).
+                raise ProxyError(503, "backend_unavailable",
+                                 f"{where} did not accept a connection at {base_url} within {timeout.sock_connect:g} s.",
+                                 headers={"Retry-After": "5"}) from None
+            except aiohttp.ServerTimeoutError:
+                # sock_read, set for streams only: the idle timeout bounds upstream silence from the start
+                raise ProxyError(504, "backend_timeout",
+                                 f"{where} sent nothing for {cfg.stream_idle_timeout_ms} ms "
+                                 "(CHAT_PROXY_STREAM_IDLE_TIMEOUT_MS).") from None
             except TimeoutError:
                 raise ProxyError(504, "backend_timeout",
                                  f"{where} did not answer within {cfg.backend_timeout_ms} ms "
                                  "(CHAT_PROXY_BACKEND_TIMEOUT_MS).") from None
-            except aiohttp.ServerTimeoutError:
-                raise ProxyError(504, "backend_timeout", f"{where} stopped sending data.") from None
             except aiohttp.ClientError as exc:
                 raise ProxyError(502, "backend_error", f"{where} failed: {type(exc).__name__}: {exc}") from None
         if not call.stream:
