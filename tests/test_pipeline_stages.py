@@ -56,6 +56,13 @@ def test_truncation_can_drop_system_messages_and_uses_newest_dropped_image():
     assert kept[0]["role"] == "user" and kept[0]["content"][0] == img(2)
 
 
+def test_truncation_carries_no_older_image_when_a_kept_turn_still_shows_one():
+    msgs = turn("a", image=1) + turn("b", image=2) + [{"role": "user", "content": "and now?"}]
+    kept, dropped = truncate_history(msgs, keep_system=True, keep_last_n_turns=1)
+    assert dropped == 2
+    assert kept == msgs[2:]  # image 2 is still in the history; image 1 is not pushed into the question
+
+
 def _ctx(body, entry=None):
     return ChatContext(request_id="r", body=body, app=None, entry=entry, model="m")  # type: ignore[arg-type]
 
