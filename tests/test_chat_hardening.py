@@ -319,6 +319,13 @@ class OddAdapter(Adapter):
             except asyncio.CancelledError:
                 seen.append("wait cancelled")
                 raise
+        if mode == "slow_wait":
+            await asyncio.sleep(0.3)
+            try:
+                await call.waiting()
+            except BaseException as exc:
+                seen.append(f"waiting raised {type(exc).__name__}")
+                raise
         if mode == "slow_accept":
             try:
                 await asyncio.sleep(0.3)
@@ -341,15 +348,15 @@ class OddAdapter(Adapter):
 
 
 def odd_plugin(events: Events):
-    class Plugin:
+    class OddPlugin:
         @hookimpl
         def register_backends(self, register):
             register(type("Odd", (OddAdapter,), {"events": events}))
 
-    return Plugin()
+    return OddPlugin()
 
 
-ODD_MODES = ("raise_before", "wait_forever", "slow_accept", "reset_mid", "raise_mid")
+ODD_MODES = ("raise_before", "wait_forever", "slow_accept", "slow_wait", "reset_mid", "raise_mid")
 
 
 @pytest.fixture
@@ -436,6 +443,52 @@ async def test_client_leaving_before_the_stream_starts_still_closes_the_adapter_
         await task
     # either the wait is cancelled before the adapter answers, or its stream is closed right after
     assert await wait_for(events) in (["stream closed"], ["accept cancelled"])
+
+
+class FinishRecorder(Stage):
+    """Records what the request log is told when a request ends."""
+
+    name = "finish-recorder"
+    order = 1200
+    seen: list[tuple[int, str | None]] = []
+
+    def finish(self, ctx):
+        self.seen.append((ctx.status, ctx.error_code))
+
+
+async def test_client_leaving_before_a_model_wait_is_logged_as_a_disconnect_not_a_crash(
+        registry_file, make_config, make_app, caplog):
+    events = Events()
+    recorder = type("Recorder", (FinishRecorder,), {"seen": []})
+
+    class RecorderPlugin:
+        @hookimpl
+        def register_stages(self, register):
+            register(recorder)
+
+    registry_file([{"name": m, "backend": "odd"} for m in ODD_MODES])
+    runner = web.AppRunner(make_app(make_config(), plugins=(odd_plugin(events), RecorderPlugin())))  # as when embedded
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        async with aiohttp.ClientSession() as session:
+            task = asyncio.ensure_future(session.post(f"http://{host}:{port}/v1/chat/completions", json={
+                "model": "slow_wait", "stream": True, "messages": user("x")}))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert await wait_for(events) == ["waiting raised ClientGone"]
+            for _ in range(50):
+                if recorder.seen:
+                    break
+                await asyncio.sleep(0.02)
+    finally:
+        await runner.cleanup()
+    assert recorder.seen == [(499, "client_disconnected")]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
 class BrokenFinishStage(Stage):

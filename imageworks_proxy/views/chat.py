@@ -80,6 +80,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             await _send_error(writer, exc)
             return writer.response  # type: ignore[return-value]
         raise
+    except ClientGone:  # left while the adapter waited (a keep-alive or commit found it gone)
+        ctx.status, ctx.error_code = 499, "client_disconnected"
+        return writer.response  # type: ignore[union-attr,return-value]
     except asyncio.CancelledError:
         ctx.status, ctx.error_code = 499, "client_disconnected"
         raise
