@@ -169,6 +169,25 @@ async def test_a_missing_finish_reason_is_added_before_the_usage_chunk(env):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == USAGE
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_error_the_backend_answers_with_http_200_is_an_error(env, stream):
+    client, _, _ = await env()
+    resp = await client.post("/v1/chat/completions", json={"model": "m-error200", "stream": stream,
+                                                           "messages": user("x")})
+    assert resp.status == 400 and resp.content_type == "application/json"
+    body = await resp.json()
+    validate_error(body)
+    assert body["error"]["message"] == "prompt is too long" and body["error"]["code"] == "backend_rejected"
+
+
+async def test_a_json_answer_to_a_streaming_request_is_replayed_as_a_stream(env):
+    client, _, sdk = await env()
+    _, chunks = await stream_events(client, "m-json_for_stream", messages=user("x"),
+                                    stream_options={"include_usage": True})
+    assert text_of(chunks) == "whole answer" and finishes(chunks) == [(0, "stop")]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == USAGE
+
+
 # -- the tool-call content heuristic (tools offered, the model answers in content) -------------------------
 
 

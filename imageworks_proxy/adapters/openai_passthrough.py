@@ -87,7 +87,8 @@ class OpenAIPassthroughAdapter(Adapter):
                     try:
                         if resp.status >= 400:
                             raise upstream_error(resp.status, await resp.read(), where)
-                        if not call.stream:
+                        sse = call.stream and "text/event-stream" in resp.headers.get("Content-Type", "")
+                        if not sse:  # a completion, or a JSON answer to a streaming request
                             raw = await resp.read()
                     except BaseException:
                         resp.close()
@@ -115,18 +116,27 @@ class OpenAIPassthroughAdapter(Adapter):
                                  "(CHAT_PROXY_BACKEND_TIMEOUT_MS).") from None
             except aiohttp.ClientError as exc:
                 raise ProxyError(502, "backend_error", f"{where} failed: {type(exc).__name__}: {exc}") from None
-        if not call.stream:
-            resp.release()
-            try:
-                completion = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                raise ProxyError(502, "backend_error", f"{where} sent a reply that is not JSON.") from None
-            if not isinstance(completion, dict):
-                raise ProxyError(502, "backend_error", f"{where} sent a reply that is not a completion object.")
-            return self.adjust_completion(completion)
-        if "text/event-stream" not in resp.headers.get("Content-Type", ""):
-            return self._json_as_stream(resp, where)
-        return self._events(resp, where)
+        if sse:
+            return self._events(resp, where)
+        resp.release()
+        completion = self._completion(raw, where)
+        return self._replay(completion) if call.stream else completion
+
+    def _completion(self, raw: bytes, where: str) -> dict[str, Any]:
+        try:
+            completion = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise ProxyError(502, "backend_error", f"{where} sent a reply that is not JSON.") from None
+        if not isinstance(completion, dict):
+            raise ProxyError(502, "backend_error", f"{where} sent a reply that is not a completion object.")
+        if "choices" not in completion and (completion.get("error") or completion.get("object") == "error"):
+            # an error answered with HTTP 200 (some servers and gateways do): still an error for the client
+            code = completion.get("code")
+            if isinstance(completion.get("error"), dict):
+                code = completion["error"].get("code")
+            status = code if isinstance(code, int) and 400 <= code < 600 else 502
+            raise upstream_error(status, raw, where)
+        return self.adjust_completion(completion)
 
     def adjust_completion(self, completion: dict[str, Any]) -> dict[str, Any]:
         """Per-backend fix-ups of a non-streamed completion (vLLM overrides)."""
@@ -169,15 +179,8 @@ class OpenAIPassthroughAdapter(Adapter):
         finally:
             resp.close()
 
-    async def _json_as_stream(self, resp: aiohttp.ClientResponse, where: str) -> AsyncIterator[dict[str, Any]]:
+    async def _replay(self, completion: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """An upstream that answered a streaming request with plain JSON: replay it as chunks."""
-        try:
-            completion = orjson.loads(await resp.read())
-        except (orjson.JSONDecodeError, aiohttp.ClientError):
-            raise ProxyError(502, "backend_error", f"{where} sent a reply that is not JSON.") from None
-        finally:
-            resp.close()
-        completion = self.adjust_completion(completion)
         base = {k: completion.get(k) for k in ("id", "created", "model") if completion.get(k) is not None}
         for i, choice in enumerate(completion.get("choices") or ()):
             msg = dict(choice.get("message") or {})

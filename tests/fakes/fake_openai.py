@@ -1,7 +1,7 @@
 """A fake OpenAI/vLLM upstream (aiohttp) for tests. The requested ``model`` picks the behaviour:
 
 echo, tools, tools_object_args, legacy, json_tool, reasoning, minimal, huge, slow_headers, slow_first_chunk,
-hang, drop, error400_flat, error404, error500, midstream_error, slow_stream, not_json.
+hang, drop, error400_flat, error404, error500, error200, midstream_error, slow_stream, not_json, json_for_stream.
 Every request is recorded in ``app[REQUESTS]`` (body and headers); cancelled streams in ``app[CANCELLED]``.
 A test can also script a stream exactly: ``app[SCRIPTS][name] = [chunk dict or raw bytes, ...]`` streams those
 events (then ``[DONE]``) for ``model == name``; chunk dicts get id/object/created/model filled in.
@@ -75,6 +75,11 @@ async def chat(request: web.Request) -> web.StreamResponse:
                                             "param": None, "code": 404}}, status=404)
     if mode == "error500":
         return web.json_response({"error": {"message": "CUDA out of memory", "type": "InternalServerError"}}, status=500)
+    if mode == "error200":  # an error body with HTTP 200, whatever was asked
+        return web.json_response({"object": "error", "message": "prompt is too long", "type": "BadRequestError",
+                                  "param": None, "code": 400})
+    if mode == "json_for_stream":  # ignores stream: true and answers with a completion
+        return web.json_response(_completion(mode, {"content": "whole answer"}))
     if mode == "not_json":
         return web.Response(text="<html>oops</html>", content_type="text/html")
 
@@ -200,8 +205,8 @@ def make_fake_openai() -> web.Application:
 
 
 MODES = ("echo", "tools", "tools_object_args", "legacy", "json_tool", "reasoning", "minimal", "huge", "slow_headers",
-         "slow_first_chunk", "hang", "drop", "error400_flat", "error404", "error500", "midstream_error", "slow_stream",
-         "not_json")
+         "slow_first_chunk", "hang", "drop", "error400_flat", "error404", "error500", "error200", "midstream_error",
+         "slow_stream", "not_json", "json_for_stream")
 
 
 def registry_for(base_url: str, backend: str = "openai", vision: bool = False) -> list[dict[str, Any]]:
