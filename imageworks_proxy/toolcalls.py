@@ -26,6 +26,9 @@ def json_arguments(value: Any) -> str:
 
 
 def tool_names(body: dict[str, Any]) -> frozenset[str]:
+    """Names of the tools a reply may call; none when the request said ``tool_choice: "none"``."""
+    if body.get("tool_choice") == "none":
+        return frozenset()
     names = set()
     for tool in body.get("tools") or ():
         if isinstance(tool, dict):

@@ -164,3 +164,17 @@ def test_an_oversized_chunk_is_split_with_finish_and_usage_on_its_last_piece():
     assert "".join(e["choices"][0]["delta"]["content"] for e in events) == "\n" * 40_000
     assert [e["choices"][0]["finish_reason"] for e in events] == [None] * (len(events) - 1) + ["stop"]
     assert [e.get("usage") for e in events] == [None] * (len(events) - 1) + [usage]
+
+
+def test_json_content_stays_text_when_the_request_forbade_tool_calls(make_config):
+    stage = ToolCallSynthesis(None, make_config())  # type: ignore[arg-type]
+    tools = [{"type": "function", "function": {"name": "get_weather"}}]
+    content = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+
+    def reply(**body):
+        completion = {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
+        return stage.response(_ctx({"messages": [], "tools": tools, **body}), completion)["choices"][0]
+
+    assert reply()["finish_reason"] == "tool_calls"
+    forbidden = reply(tool_choice="none")
+    assert forbidden["message"]["content"] == content and "tool_calls" not in forbidden["message"]
