@@ -510,6 +510,38 @@ async def test_client_leaving_before_a_model_wait_is_logged_as_a_disconnect_not_
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
+async def test_client_leaving_while_sending_its_request_is_logged_as_a_disconnect(
+        registry_file, make_config, make_app, caplog):
+    recorder = type("Recorder", (FinishRecorder,), {"seen": []})
+
+    class RecorderPlugin:
+        @hookimpl
+        def register_stages(self, register):
+            register(recorder)
+
+    registry_file([])
+    runner = web.AppRunner(make_app(make_config(), plugins=(RecorderPlugin(),)))  # as when embedded
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100000\r\n\r\n" + b'{"model": "m", "messages": [' + b" " * 1000)
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.close()
+        for _ in range(50):
+            if recorder.seen:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await runner.cleanup()
+    assert recorder.seen == [(499, "client_disconnected")]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
 class BrokenFinishStage(Stage):
     """A request-log/metrics stage with a bug: its finish hook raises."""
 

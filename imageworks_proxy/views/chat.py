@@ -52,6 +52,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             limit = keys.config(app).max_body_bytes
             raise ProxyError(413, "payload_too_large",
                              f"The request body is over {limit} bytes (CHAT_PROXY_MAX_BODY_BYTES).") from None
+        except ConnectionError:
+            raise ClientGone() from None  # left while sending the body
         ctx.body = _parse(raw)
         await pipeline.run_request(ctx)
         entry = ctx.entry
@@ -80,9 +82,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             await _send_error(writer, exc)
             return writer.response  # type: ignore[return-value]
         raise
-    except ClientGone:  # left while the adapter waited (a keep-alive or commit found it gone)
+    except ClientGone:  # left while sending its body, or while the adapter waited (keep-alive, commit)
         ctx.status, ctx.error_code = 499, "client_disconnected"
-        return writer.response  # type: ignore[union-attr,return-value]
+        if writer is not None and writer.response is not None:
+            return writer.response
+        return web.Response(status=499)  # nobody will read it; aiohttp needs a response
     except asyncio.CancelledError:
         ctx.status, ctx.error_code = 499, "client_disconnected"
         raise
