@@ -169,6 +169,25 @@ async def test_a_missing_finish_reason_is_added_before_the_usage_chunk(env):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == USAGE
 
 
+@pytest.mark.parametrize("model, status, code, etype", [
+    ("m-error400_flat", 400, "backend_rejected", "invalid_request_error"),
+    ("m-error404", 404, "model_not_found", "not_found_error"),
+    ("m-error500", 502, "backend_error", "server_error"),
+    ("nope", 404, "model_not_found", "not_found_error"),
+])
+async def test_error_types_follow_openai_whatever_the_backend_called_them(env, model, status, code, etype):
+    client, _, sdk = await env()
+    for stream in (False, True):
+        resp = await client.post("/v1/chat/completions", json={"model": model, "stream": stream,
+                                                               "messages": user("x")})
+        body = await resp.json()
+        validate_error(body)
+        assert (resp.status, body["error"]["code"], body["error"]["type"]) == (status, code, etype)
+    with pytest.raises(openai.APIStatusError) as caught:
+        await sdk.chat.completions.create(model=model, messages=user("x"))
+    assert caught.value.status_code == status and caught.value.code == code and caught.value.type == etype
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_an_error_the_backend_answers_with_http_200_is_an_error(env, stream):
     client, _, _ = await env()
