@@ -15,7 +15,7 @@ from imageworks_proxy import keys
 from imageworks_proxy.adapters.base import Adapter
 from imageworks_proxy.config import Config, load_config
 from imageworks_proxy.gpu import Gpu
-from imageworks_proxy.middlewares import auth_middleware, error_middleware
+from imageworks_proxy.middlewares import access_log_middleware, auth_middleware, error_middleware
 from imageworks_proxy.models import ModelService
 from imageworks_proxy.pipeline import Pipeline, Stage
 from imageworks_proxy.plugins import (
@@ -29,6 +29,7 @@ from imageworks_proxy.plugins import (
 from imageworks_proxy.registry import RegistryStore
 from imageworks_proxy.tenancy import PassThroughTenancy
 from imageworks_proxy.views import chat, info
+from imageworks_proxy.views import metrics as metrics_views
 
 log = logging.getLogger("imageworks_proxy")
 
@@ -105,7 +106,7 @@ def create_app(
     config = config if config is not None else load_config()
     pm = plugin_manager if plugin_manager is not None else make_plugin_manager(load_entrypoints=load_entrypoints)
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware],
+        middlewares=[access_log_middleware, error_middleware, auth_middleware],
         client_max_size=config.max_body_bytes,
     )
     app[keys.CONFIG] = config
@@ -117,6 +118,7 @@ def create_app(
     models = ModelService(config, store)
     app[keys.MODELS] = models
     models.set_adapters(_build_adapters(app, config, pm))
+    metrics_views.install(app, config)  # request log + metrics, before the stages that feed them
     app[keys.PIPELINE] = _build_pipeline(app, config, pm)
     store.load_initial()
 
