@@ -1,23 +1,67 @@
-"""Built-in adapter plugin: vLLM models started and switched on demand on one port (SPEC §11)."""
+"""Built-in adapter plugin: vLLM models started and switched on demand on one port (SPEC §8, §11).
+
+Each chat request takes a lease on the GPU tenant ``vllm:<logical name>`` from the app's scheduler
+(``app[keys.TENANCY]``); the scheduler drains, stops and starts models, and this adapter's
+:class:`~imageworks_proxy.orchestrator.supervisor.VllmSupervisor` does the process work. With the lease
+held, the request is forwarded exactly like ``vllm-external`` to ``http://<VLLM_HOST>:<VLLM_PORT>/v1``;
+the lease is given back when the response, stream included, is over.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+from collections.abc import AsyncIterator
+from typing import Any
 
-from imageworks_proxy.adapters.base import Adapter
+from aiohttp import web
+
+from imageworks_proxy import keys
+from imageworks_proxy.adapters.base import ChatCall, ChunkStream, Completion
+from imageworks_proxy.adapters.vllm_external import VllmExternalAdapter
+from imageworks_proxy.config import Config
+from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.hookspecs import hookimpl
+from imageworks_proxy.orchestrator.command import build_command
+from imageworks_proxy.orchestrator.scheduler import GpuScheduler
+from imageworks_proxy.orchestrator.supervisor import Instance, VllmSupervisor
 from imageworks_proxy.registry import Entry
+from imageworks_proxy.template_stage import check_template
+from imageworks_proxy.tenancy import Lease, Tenant, tenancy
+
+log = logging.getLogger("imageworks_proxy.orchestrator")
+
+TENANT_PREFIX = "vllm:"
 
 
 def _looks_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~"))
 
 
-class VllmOrchestratedAdapter(Adapter):
+def is_vllm_tenant(tenant: Tenant) -> bool:
+    return tenant.key.startswith(TENANT_PREFIX)
+
+
+class _Activation:
+    """The ``ChatCall`` stand-in for an explicit activation (admin API): nothing to commit while waiting."""
+
+    queue_ms = 0.0
+
+    async def waiting(self) -> None:
+        pass
+
+
+class VllmOrchestratedAdapter(VllmExternalAdapter):
     name = "vllm-orchestrated"
     backends = ("vllm",)
     description = "vLLM started by the proxy, one model at a time on CHAT_PROXY_VLLM_PORT"
 
+    def __init__(self, app: web.Application, config: Config) -> None:
+        super().__init__(app, config)
+        self.supervisor = VllmSupervisor(config, lambda: keys.http(app), keys.gpu(app), self._on_exit)
+
+    # -- routing and listing -------------------------------------------------------------------
     def accepts(self, entry: Entry) -> bool:
         return self.config.vllm_single_port and not entry.backend_config.base_url
 
@@ -30,7 +74,183 @@ class VllmOrchestratedAdapter(Adapter):
         return True  # a hub id: vLLM fetches it itself
 
     def model_status(self, entry: Entry) -> str | None:
-        return "stopped"
+        return self.supervisor.status_of(entry.name)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    @property
+    def scheduler(self) -> GpuScheduler | None:
+        sched = tenancy(self.app)
+        return sched if isinstance(sched, GpuScheduler) else None
+
+    async def start(self) -> None:
+        await super().start()
+        sched = self.scheduler
+        if sched is not None and self.config.gpu_exclusive:
+            # Ollama may hold GPU memory from before this proxy started: unload it before the first vLLM start.
+            ollama = keys.models(self.app).adapters.get("ollama")
+            unload = getattr(ollama, "unload_all", None)
+            if callable(unload):
+                sched.add_resident(Tenant("ollama", "Ollama", stop=unload))
+        inst = await self.supervisor.adopt()
+        if inst is not None and sched is not None:
+            sched.add_resident(self._tenant_for_name(inst.logical_name))
+        self.supervisor.start_monitor()
+
+    async def close(self) -> None:
+        await self.supervisor.close(keep=self.config.vllm_keep_on_exit)
+        await super().close()
+
+    # -- tenants -------------------------------------------------------------------------------
+    def tenant(self, entry: Entry) -> Tenant:
+        """The GPU tenant for ``entry``: starting it launches (or reuses) its vLLM; stopping it stops vLLM."""
+        cmd = build_command(self.config, entry)
+        revision = hashlib.sha1("\0".join(cmd.flags).encode()).hexdigest()[:16]
+
+        async def start() -> None:
+            await self.supervisor.ensure(entry)
+
+        return Tenant(TENANT_PREFIX + entry.name, f"vLLM model {entry.name!r}", start=start,
+                      stop=self._stop, revision=revision)
+
+    def _tenant_for_name(self, name: str) -> Tenant:
+        entry = keys.models(self.app).store.registry.by_name.get(name)
+        if entry is not None:
+            try:
+                return self.tenant(entry)
+            except ProxyError:
+                pass
+        return Tenant(TENANT_PREFIX + name, f"vLLM model {name!r}", stop=self._stop)
+
+    async def _stop(self) -> None:
+        await self.supervisor.stop("GPU needed by another model")
+
+    def _on_exit(self, inst: Instance, code: int | None, line: str | None) -> None:
+        sched = self.scheduler
+        if sched is not None:
+            sched.lost(TENANT_PREFIX + inst.logical_name)
+
+    async def acquire(self, entry: Entry, call: Any, *, force: bool = False) -> Lease:
+        tenant = self.tenant(entry)
+        sched = self.scheduler
+        if sched is not None:
+            return await sched.acquire(tenant, call, force=force)
+        return await tenancy(self.app).acquire(tenant, call)
+
+    # -- chat ----------------------------------------------------------------------------------
+    def _upstream(self) -> str:
+        inst = self.supervisor.instance
+        if inst is not None:
+            return inst.base_url
+        from imageworks_proxy.orchestrator.process import url_host
+
+        return f"http://{url_host(self.config.vllm_host)}:{self.config.vllm_port}/v1"
+
+    async def chat(self, call: ChatCall) -> Completion | ChunkStream:
+        lease = await self.acquire(call.entry, call)
+        try:
+            inst = self.supervisor.instance
+            if inst is not None:
+                call.body["model"] = inst.served_model_id
+            result = await self.forward(call, base_url=self._upstream())
+        except BaseException as exc:
+            lease.release()
+            if isinstance(exc, ProxyError) and exc.status >= 500:
+                await self.supervisor.check()  # notice a crash now, not at the next monitor tick
+            raise
+        if isinstance(result, dict):
+            lease.release()
+            return result
+        return self._hold(result, lease)
+
+    async def _hold(self, chunks: ChunkStream, lease: Lease) -> AsyncIterator[dict[str, Any]]:
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except ProxyError:
+            await self.supervisor.check()
+            raise
+        finally:
+            lease.release()
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    # -- control (admin API, imageworks-loader) ------------------------------------------------
+    async def activate(self, entry: Entry) -> dict[str, Any]:
+        """Make ``entry`` the active model (waiting for in-flight requests on another one to finish),
+        ignoring a start-failure backoff. Returns :meth:`public_state`."""
+        if self.config.require_template:
+            check_template(entry)
+        lease = await self.acquire(entry, _Activation(), force=True)
+        lease.release()
+        return self.public_state()
+
+    async def deactivate(self) -> dict[str, Any]:
+        """Stop the active vLLM model once its in-flight requests are done. Returns :meth:`public_state`."""
+        sched = self.scheduler
+        if sched is not None:
+            await sched.vacate(is_vllm_tenant)
+        else:
+            await self.supervisor.stop("requested")
+        return self.public_state()
+
+    # -- state ---------------------------------------------------------------------------------
+    def public_state(self) -> dict[str, Any]:
+        """``{"active": logical name or None, "state": "stopped"|"loading"|"loaded"|"draining"|"stopping",
+        ...}`` for ``/v1/health`` and the admin API. Never does I/O."""
+        sup = self.supervisor
+        inst = sup.instance
+        sched = self.scheduler
+        active: str | None = None
+        state = "stopped"
+        if sup.starting is not None:
+            active, state = sup.starting, "loading"
+        elif inst is not None:
+            active = inst.logical_name
+            if inst.stopping:
+                state = "stopping"
+            elif not inst.ready:
+                state = "loading"
+            elif sched is not None and sched.phase == "draining" and sched.active is not None \
+                    and sched.active.key == TENANT_PREFIX + inst.logical_name:
+                state = "draining"
+            else:
+                state = "loaded"
+        out: dict[str, Any] = {
+            "active": active,
+            "state": state,
+            "served_model_id": inst.served_model_id if inst is not None else None,
+            "pid": inst.pid if inst is not None else None,
+            "port": inst.port if inst is not None else self.config.vllm_port,
+            "started_at": inst.started_at if inst is not None else None,
+            "adopted": inst.adopted if inst is not None else False,
+            "last_error": sup.last_error,
+        }
+        if sched is not None:
+            out["queue_depth"] = sched.queue_depth
+            out["inflight"] = sched._inflight if sched.active is not None and is_vllm_tenant(sched.active) else 0
+        return out
+
+    if not hasattr(VllmExternalAdapter, "forward"):  # pragma: no cover - until the shared forward lands
+        async def forward(self, call: ChatCall, base_url: str, headers: dict[str, str] | None = None):
+            from imageworks_proxy.orchestrator._interim_forward import forward
+
+            return await forward(self, call, base_url)
+
+    def stats(self) -> dict[str, Any]:
+        """Metrics for observability: the scheduler's counters (swaps, failures, recent swap durations,
+        queue depth, in-flight) plus vLLM launches and the public state."""
+        sched = self.scheduler
+        out: dict[str, Any] = dict(sched.stats()) if sched is not None else {}
+        out["vllm_launches"] = self.supervisor.launches
+        out["vllm"] = self.public_state()
+        return out
+
+
+def orchestrator(app: web.Application) -> VllmOrchestratedAdapter | None:
+    """The app's orchestrated-vLLM adapter, or ``None`` when it is not loaded."""
+    adapter = keys.models(app).adapters.get(VllmOrchestratedAdapter.name)
+    return adapter if isinstance(adapter, VllmOrchestratedAdapter) else None
 
 
 @hookimpl
