@@ -18,11 +18,11 @@ from imageworks_proxy.config import Config, load_config
 from imageworks_proxy.gpu import Gpu
 from imageworks_proxy.middlewares import auth_middleware, error_middleware
 from imageworks_proxy.models import ModelService
+from imageworks_proxy.orchestrator.scheduler import GpuScheduler
 from imageworks_proxy.pipeline import Pipeline, Stage
 from imageworks_proxy.plugins import PluginError, PluginManager, collect, make_plugin_manager, unique_by_name
 from imageworks_proxy.registry import RegistryStore
-from imageworks_proxy.orchestrator.scheduler import GpuScheduler
-from imageworks_proxy.views import admin, info
+from imageworks_proxy.views import admin, chat, info
 
 log = logging.getLogger("imageworks_proxy")
 
@@ -130,6 +130,7 @@ def create_app(
     app.router.add_get("/v1/health", info.health, name="health")
     app.router.add_get("/v1/models", info.list_models, name="models")
     app.router.add_get("/v1/plugins", info.list_plugins, name="plugins")
+    app.router.add_post("/v1/chat/completions", chat.chat_completions, name="chat")
     admin.add_routes(app)
     app.cleanup_ctx.append(_resources)
     app.cleanup_ctx.append(autostart_ctx)

@@ -38,6 +38,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def exposure_warning(host: str, api_keys: tuple[str, ...]) -> str | None:
+    """The loud start-up warning for a proxy reachable beyond this machine without API keys."""
+    if is_loopback(host) or api_keys:
+        return None
+    return (f"!!! Listening on {host} without API keys: anyone who can reach this port can use your models. "
+            "Set CHAT_PROXY_API_KEYS or bind CHAT_PROXY_HOST=127.0.0.1. !!!")
+
+
 def _print_plugins(app: web.Application) -> None:
     from imageworks_proxy.views.info import plugin_listing
 
@@ -77,12 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_plugins:
         _print_plugins(app)
         return 0
-    if not is_loopback(config.host) and not config.api_keys:
-        log.warning(
-            "!!! Listening on %s without API keys: anyone who can reach this port can use your models. "
-            "Set CHAT_PROXY_API_KEYS or bind CHAT_PROXY_HOST=127.0.0.1. !!!",
-            config.host,
-        )
+    warning = exposure_warning(config.host, config.api_keys)
+    if warning:
+        log.warning(warning)
     loop = None
     try:
         import uvloop
@@ -92,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         pass
     log.info("imageworks-chat-proxy %s on http://%s:%d (registry %s)", __version__, config.host, config.port, config.registry)
     try:
-        web.run_app(app, host=config.host, port=config.port, access_log=None, print=None, loop=loop)
+        web.run_app(app, host=config.host, port=config.port, access_log=None, print=None, loop=loop,
+                    handler_cancellation=True)
     except OSError as exc:
         print(f"imageworks-chat-proxy: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1

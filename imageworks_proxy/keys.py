@@ -24,6 +24,15 @@ STARTED_AT: web.AppKey[float] = web.AppKey("started_at")
 TENANCY: web.AppKey[Tenancy] = web.AppKey("tenancy")
 
 
+# Per-request storage: typed RequestKeys on aiohttp versions that have them (3.14+), plain strings before.
+if hasattr(web, "RequestKey"):
+    REQUEST_ID = web.RequestKey("request_id", str)
+    CHAT_CONTEXT = web.RequestKey("chat_context", object)
+else:  # pragma: no cover - older aiohttp
+    REQUEST_ID = "request_id"  # type: ignore[assignment]
+    CHAT_CONTEXT = "chat_context"  # type: ignore[assignment]
+
+
 def config(app: web.Application) -> Config:
     return app[CONFIG]
 

@@ -11,12 +11,12 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from imageworks_proxy import keys
+from imageworks_proxy.keys import REQUEST_ID
 from imageworks_proxy.errors import ProxyError
 
 log = logging.getLogger("imageworks_proxy.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-REQUEST_ID = "request_id"
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 #: Route names that never need an API key.
 PUBLIC_ROUTES = frozenset({"health"})

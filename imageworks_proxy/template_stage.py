@@ -56,8 +56,8 @@ class TemplateStage(Stage):
 
     def __init__(self, app, config) -> None:
         super().__init__(app, config)
-        # logical name -> (checked at, extra_args, template path, found); file checks run off the loop
-        self._cache: dict[str, tuple[float, tuple[str, ...], str | None, bool]] = {}
+        # logical name -> (checked at, what the check depended on, found); file checks run off the loop
+        self._cache: dict[str, tuple[float, tuple[object, ...], bool]] = {}
 
     async def request(self, ctx: ChatContext) -> None:
         entry = ctx.entry
@@ -70,12 +70,13 @@ class TemplateStage(Stage):
         if adapter.name != ORCHESTRATED:
             return
         now = time.monotonic()
+        bc = entry.backend_config
+        depends = (bc.extra_args, entry.chat_template_path, bc.model_path, entry.download_path)
         cached = self._cache.get(entry.name)
-        if (cached is not None and now - cached[0] < _CACHE_TTL_S
-                and cached[1] == entry.backend_config.extra_args and cached[2] == entry.chat_template_path):
-            found = cached[3]
+        if cached is not None and now - cached[0] < _CACHE_TTL_S and cached[1] == depends:
+            found = cached[2]
         else:
             found = await asyncio.to_thread(template_source, entry) is not None
-            self._cache[entry.name] = (now, entry.backend_config.extra_args, entry.chat_template_path, found)
+            self._cache[entry.name] = (now, depends, found)
         if not found:
             raise template_error(entry)

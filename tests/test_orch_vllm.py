@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -74,7 +75,7 @@ async def test_a_cold_model_is_started_on_first_request_and_reported_loading_the
     argv = started(tmp_path)[0]["argv"]
     assert argv[argv.index("--served-model-name") + 1] == "served-alpha"
     assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.75"
-    state = json.loads(open(keys.config(client.app).vllm_state_path).read())
+    state = json.loads(Path(keys.config(client.app).vllm_state_path).read_text())
     assert state["logical_name"] == "alpha" and state["pid"] == pid_of(text)
     assert os.path.exists(os.path.join(keys.config(client.app).vllm_log_dir, "alpha.log"))
 

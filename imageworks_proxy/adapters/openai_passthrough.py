@@ -2,8 +2,28 @@
 
 from __future__ import annotations
 
-from imageworks_proxy.adapters.base import Adapter
+import asyncio
+import io
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+
+from imageworks_proxy.adapters.base import Adapter, ChatCall, ChunkStream, Completion
+from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.hookspecs import hookimpl
+from imageworks_proxy.registry import Entry
+from imageworks_proxy.upstream import apply_loopback_alias, entry_base_url
+from imageworks_proxy.upstream_errors import in_band_error, upstream_error
+
+log = logging.getLogger("imageworks_proxy.passthrough")
+
+#: Upstream SSE lines may be long (reasoning traces, tool output); aiohttp's default caps a line at 128 KiB.
+READ_BUFSIZE = 4 * 1024 * 1024
+BIG_BODY = 512 * 1024
 
 
 class OpenAIPassthroughAdapter(Adapter):
@@ -11,6 +31,154 @@ class OpenAIPassthroughAdapter(Adapter):
     backends = ("openai",)
     fallback = True
     description = "Any OpenAI-compatible server (base_url or http://host:port/v1)"
+
+    def base_url(self, entry: Entry) -> str:
+        url = entry_base_url(entry, default_port=None, default_url=None, path="/v1")
+        if url is None:
+            raise ProxyError(
+                503, "backend_unavailable",
+                f"Model {entry.name!r} has no backend_config.base_url, host or port in the registry.",
+                headers={"Retry-After": "30"},
+            )
+        return apply_loopback_alias(url, self.config.loopback_alias)
+
+    def headers(self, entry: Entry) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        env = entry.backend_config.api_key_env
+        if env:
+            key = os.environ.get(env)
+            if key:
+                headers["Authorization"] = f"Bearer {key}"
+            else:
+                log.warning("model %s: api_key_env %s is not set; calling upstream without a key", entry.name, env)
+        return headers
+
+    async def chat(self, call: ChatCall) -> Completion | ChunkStream:
+        return await self.forward(call, self.base_url(call.entry))
+
+    async def on_unreachable(self, call: ChatCall) -> bool:
+        """The upstream refused the connection: return True after starting it (autostart) to retry once."""
+        from imageworks_proxy.autostart import ensure_started
+
+        return await ensure_started(self.app, call.entry, call)
+
+    def where(self, call: ChatCall) -> str:
+        return f"Backend for {call.entry.name!r}"
+
+    async def forward(self, call: ChatCall, base_url: str, headers: dict[str, str] | None = None) -> Completion | ChunkStream:
+        """POST the request to ``{base_url}/chat/completions`` and return the completion or chunk stream."""
+        cfg = self.config
+        url = base_url.rstrip("/") + "/chat/completions"
+        hdrs = headers if headers is not None else self.headers(call.entry)
+        data: bytes | io.BytesIO = orjson.dumps(call.body)
+        if len(data) > BIG_BODY:  # aiohttp writes big raw bodies in one go; a BytesIO is streamed in pieces
+            data = io.BytesIO(data)
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=min(10.0, cfg.backend_timeout_ms / 1000),
+            sock_read=cfg.stream_idle_timeout_ms / 1000 if call.stream else None,
+        )
+        where = self.where(call)
+        for attempt in (0, 1):
+            if isinstance(data, io.BytesIO):
+                data.seek(0)
+            try:
+                async with asyncio.timeout(cfg.backend_timeout_ms / 1000):
+                    resp = await self.http.post(url, data=data, headers=hdrs, timeout=timeout, read_bufsize=READ_BUFSIZE)
+                    try:
+                        if resp.status >= 400:
+                            raise upstream_error(resp.status, await resp.read(), where)
+                        if not call.stream:
+                            raw = await resp.read()
+                    except BaseException:
+                        resp.close()
+                        raise
+                break
+            except aiohttp.ClientConnectorError as exc:
+                if attempt == 0 and await self.on_unreachable(call):
+                    continue
+                raise ProxyError(503, "backend_unavailable", f"{where} is unreachable at {base_url}: {exc.os_error or exc}",
+                                 headers={"Retry-After": "5"}) from None
+            except TimeoutError:
+                raise ProxyError(504, "backend_timeout",
+                                 f"{where} did not answer within {cfg.backend_timeout_ms} ms "
+                                 "(CHAT_PROXY_BACKEND_TIMEOUT_MS).") from None
+            except aiohttp.ServerTimeoutError:
+                raise ProxyError(504, "backend_timeout", f"{where} stopped sending data.") from None
+            except aiohttp.ClientError as exc:
+                raise ProxyError(502, "backend_error", f"{where} failed: {type(exc).__name__}: {exc}") from None
+        if not call.stream:
+            resp.release()
+            try:
+                completion = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                raise ProxyError(502, "backend_error", f"{where} sent a reply that is not JSON.") from None
+            if not isinstance(completion, dict):
+                raise ProxyError(502, "backend_error", f"{where} sent a reply that is not a completion object.")
+            return self.adjust_completion(completion)
+        if "text/event-stream" not in resp.headers.get("Content-Type", ""):
+            return self._json_as_stream(resp, where)
+        return self._events(resp, where)
+
+    def adjust_completion(self, completion: dict[str, Any]) -> dict[str, Any]:
+        """Per-backend fix-ups of a non-streamed completion (vLLM overrides)."""
+        return completion
+
+    def adjust_chunk(self, chunk: dict[str, Any]) -> dict[str, Any]:
+        """Per-backend fix-ups of a streamed chunk (vLLM overrides)."""
+        return chunk
+
+    async def _events(self, resp: aiohttp.ClientResponse, where: str) -> AsyncIterator[dict[str, Any]]:
+        adjust = self.adjust_chunk if type(self).adjust_chunk is not OpenAIPassthroughAdapter.adjust_chunk else None
+        data: list[bytes] = []
+        try:
+            async for line in resp.content:
+                if line.startswith(b"data:"):
+                    data.append(line[5:].strip())
+                    continue
+                if line.strip() or not data:
+                    continue  # comments, event:/id: fields, blank lines between events
+                payload = data[0] if len(data) == 1 else b"\n".join(data)
+                data.clear()
+                if payload == b"[DONE]":
+                    return
+                try:
+                    obj = orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    raise ProxyError(502, "backend_error", f"{where} sent a stream event that is not JSON.") from None
+                if not isinstance(obj, dict):
+                    continue
+                if "error" in obj and obj["error"]:
+                    raise in_band_error(obj, where)
+                yield adjust(obj) if adjust else obj
+        except aiohttp.ServerTimeoutError:
+            raise ProxyError(
+                504, "stream_idle_timeout",
+                f"{where} sent nothing for {self.config.stream_idle_timeout_ms} ms (CHAT_PROXY_STREAM_IDLE_TIMEOUT_MS).",
+            ) from None
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            raise ProxyError(502, "backend_error", f"{where} closed the stream early: {type(exc).__name__}") from None
+        finally:
+            resp.close()
+
+    async def _json_as_stream(self, resp: aiohttp.ClientResponse, where: str) -> AsyncIterator[dict[str, Any]]:
+        """An upstream that answered a streaming request with plain JSON: replay it as chunks."""
+        try:
+            completion = orjson.loads(await resp.read())
+        except (orjson.JSONDecodeError, aiohttp.ClientError):
+            raise ProxyError(502, "backend_error", f"{where} sent a reply that is not JSON.") from None
+        finally:
+            resp.close()
+        completion = self.adjust_completion(completion)
+        base = {k: completion.get(k) for k in ("id", "created", "model") if completion.get(k) is not None}
+        for i, choice in enumerate(completion.get("choices") or ()):
+            msg = dict(choice.get("message") or {})
+            msg.pop("refusal", None) if msg.get("refusal") is None else None
+            yield {**base, "choices": [{"index": choice.get("index", i), "delta": msg, "finish_reason": None}]}
+            yield {**base, "choices": [{"index": choice.get("index", i), "delta": {},
+                                        "finish_reason": choice.get("finish_reason") or "stop"}]}
+        if completion.get("usage"):
+            yield {**base, "choices": [], "usage": completion["usage"]}
 
 
 @hookimpl

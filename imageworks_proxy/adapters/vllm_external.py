@@ -3,18 +3,43 @@ or any ``vllm`` entry when single-port orchestration is off)."""
 
 from __future__ import annotations
 
-from imageworks_proxy.adapters.base import Adapter
+from typing import Any
+
+from imageworks_proxy.adapters.openai_passthrough import OpenAIPassthroughAdapter
 from imageworks_proxy.hookspecs import hookimpl
 from imageworks_proxy.registry import Entry
+from imageworks_proxy.upstream import apply_loopback_alias, entry_base_url
 
 
-class VllmExternalAdapter(Adapter):
+class VllmExternalAdapter(OpenAIPassthroughAdapter):
+    """Passthrough plus vLLM's specifics: its error shapes (normalised by the shared error mapping) and its
+    ``reasoning`` field, which is mirrored as ``reasoning_content`` so every client finds it."""
+
     name = "vllm-external"
     backends = ("vllm",)
+    fallback = False
     description = "A vLLM server started elsewhere (OpenAI API plus vLLM's quirks)"
 
     def accepts(self, entry: Entry) -> bool:
         return not (self.config.vllm_single_port and not entry.backend_config.base_url)
+
+    def base_url(self, entry: Entry) -> str:
+        url = entry_base_url(entry, default_port=8000, default_url="http://127.0.0.1:8000/v1", path="/v1")
+        return apply_loopback_alias(url or "http://127.0.0.1:8000/v1", self.config.loopback_alias)
+
+    def adjust_completion(self, completion: dict[str, Any]) -> dict[str, Any]:
+        for choice in completion.get("choices") or ():
+            msg = choice.get("message") if isinstance(choice, dict) else None
+            if isinstance(msg, dict) and msg.get("reasoning") and not msg.get("reasoning_content"):
+                msg["reasoning_content"] = msg["reasoning"]
+        return completion
+
+    def adjust_chunk(self, chunk: dict[str, Any]) -> dict[str, Any]:
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if isinstance(delta, dict) and delta.get("reasoning") and not delta.get("reasoning_content"):
+                delta["reasoning_content"] = delta["reasoning"]
+        return chunk
 
 
 @hookimpl

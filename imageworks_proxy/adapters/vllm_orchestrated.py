@@ -9,6 +9,7 @@ the lease is given back when the response, stream included, is over.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -33,6 +34,8 @@ from imageworks_proxy.tenancy import Lease, Tenant, tenancy
 log = logging.getLogger("imageworks_proxy.orchestrator")
 
 TENANT_PREFIX = "vllm:"
+#: How many 20 ms looks at the process after a failed upstream call before deciding it is alive.
+DEATH_POLLS = 15
 
 
 def _looks_local(path: str) -> bool:
@@ -93,7 +96,10 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
                 sched.add_resident(Tenant("ollama", "Ollama", stop=unload))
         inst = await self.supervisor.adopt()
         if inst is not None and sched is not None:
-            sched.add_resident(self._tenant_for_name(inst.logical_name))
+            tenant = self._tenant_for_name(inst.logical_name)
+            # healthy: serve it at once; still loading: the first request's start waits for its readiness
+            if not (inst.ready and sched.adopt(tenant)):
+                sched.add_resident(tenant)
         self.supervisor.start_monitor()
 
     async def close(self) -> None:
@@ -145,22 +151,51 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
 
         return f"http://{url_host(self.config.vllm_host)}:{self.config.vllm_port}/v1"
 
+    async def on_unreachable(self, call: ChatCall) -> bool:
+        """Orchestrated entries never autostart (SPEC §11); a refused connection is handled in :meth:`chat`."""
+        return False
+
+    def where(self, call: ChatCall) -> str:
+        return f"vLLM for {call.entry.name!r}"
+
+    async def _died(self) -> bool:
+        """After a failed upstream call: did our vLLM die? (Then the failure was the crash, not the request.)
+        A process that is exiting can close its sockets a moment before it can be reaped, so look briefly."""
+        inst = self.supervisor.instance
+        if inst is None:
+            return True
+        for _ in range(DEATH_POLLS):
+            if not inst.poll():
+                await self.supervisor.check()
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
     async def chat(self, call: ChatCall) -> Completion | ChunkStream:
-        lease = await self.acquire(call.entry, call)
-        try:
-            inst = self.supervisor.instance
-            if inst is not None:
-                call.body["model"] = inst.served_model_id
-            result = await self.forward(call, base_url=self._upstream())
-        except BaseException as exc:
-            lease.release()
-            if isinstance(exc, ProxyError) and exc.status >= 500:
-                await self.supervisor.check()  # notice a crash now, not at the next monitor tick
-            raise
-        if isinstance(result, dict):
-            lease.release()
-            return result
-        return self._hold(result, lease)
+        retried = False
+        while True:
+            lease = await self.acquire(call.entry, call)
+            try:
+                inst = self.supervisor.instance
+                if inst is not None:
+                    call.body["model"] = inst.served_model_id
+                result = await self.forward(call, base_url=self._upstream())
+            except ProxyError as exc:
+                lease.release()
+                if not retried and exc.status in (502, 503) and await self._died():
+                    # vLLM died between requests: the next request restarts it, and that is this one
+                    log.warning("vLLM for %r died before answering; starting it again for request %s",
+                                call.entry.name, call.request_id)
+                    retried = True
+                    continue
+                raise
+            except BaseException:
+                lease.release()
+                raise
+            if isinstance(result, dict):
+                lease.release()
+                return result
+            return self._hold(result, lease)
 
     async def _hold(self, chunks: ChunkStream, lease: Lease) -> AsyncIterator[dict[str, Any]]:
         try:
@@ -230,12 +265,6 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
             out["queue_depth"] = sched.queue_depth
             out["inflight"] = sched._inflight if sched.active is not None and is_vllm_tenant(sched.active) else 0
         return out
-
-    if not hasattr(VllmExternalAdapter, "forward"):  # pragma: no cover - until the shared forward lands
-        async def forward(self, call: ChatCall, base_url: str, headers: dict[str, str] | None = None):
-            from imageworks_proxy.orchestrator._interim_forward import forward
-
-            return await forward(self, call, base_url)
 
     def stats(self) -> dict[str, Any]:
         """Metrics for observability: the scheduler's counters (swaps, failures, recent swap durations,

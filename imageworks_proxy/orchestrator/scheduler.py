@@ -169,6 +169,16 @@ class GpuScheduler:
         if self.schedules(tenant) and (self._active is None or self._active.key != tenant.key):
             self._residents[tenant.key] = tenant
 
+    def adopt(self, tenant: Tenant) -> bool:
+        """Make ``tenant`` the active, ready tenant without starting it (it is already running, e.g. a vLLM
+        found by a restarted proxy). Only while nothing is active or waiting; returns whether it was taken."""
+        if not self.schedules(tenant) or self._active is not None or self._waiters or self._phase != IDLE:
+            return False
+        self._residents.pop(tenant.key, None)
+        self._active, self._phase = tenant, READY
+        self._generation += 1
+        return True
+
     def lost(self, key: str) -> None:
         """Tenant ``key`` died on its own (process exit): forget it; in-flight leases become stale and
         the next request for it starts it again."""

@@ -120,8 +120,7 @@ class Fake:
         n = max(1, int(body.get("fake_chunks", 3)))
         delay = float(body.get("fake_chunk_delay", 0))
         crash_after = body.get("fake_crash_after", self.args.fake_crash_after)
-        words = text.split(" ")
-        parts = [" ".join(words[i * len(words) // n:(i + 1) * len(words) // n]) for i in range(n)]
+        parts = [text[i * len(text) // n:(i + 1) * len(text) // n] for i in range(n)]
         created = int(time.time())
         cid = f"chatcmpl-fake{PID}{int(time.monotonic() * 1000)}"
         usage = {"prompt_tokens": 5, "completion_tokens": n, "total_tokens": 5 + n}
@@ -148,7 +147,7 @@ class Fake:
                 self._crash()
             if delay:
                 await asyncio.sleep(delay)
-            await send(chunk({"content": (" " if i else "") + part}))
+            await send(chunk({"content": part}))
         await send(chunk({}, "stop"))
         if (body.get("stream_options") or {}).get("include_usage"):
             await send({"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.served,

@@ -1,0 +1,136 @@
+"""Conformance fill-in (SPEC §6.10): whatever the backend sent, what leaves the proxy validates against the
+OpenAI schemas — required fields are filled in, the first delta carries the role, a stream ends with a
+finish reason."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+from imageworks_proxy.pipeline import ChatContext, Stage
+
+_FINISH = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
+
+
+def _finish(value: Any) -> str:
+    if value in _FINISH:
+        return value
+    if value in ("eos", "end_turn", "stop_sequence"):
+        return "stop"
+    if value in ("max_tokens", "max_length"):
+        return "length"
+    return "stop"
+
+
+def fix_usage(usage: Any) -> dict[str, Any] | None:
+    if not isinstance(usage, dict):
+        return None
+    p = usage.get("prompt_tokens") if isinstance(usage.get("prompt_tokens"), int) else 0
+    c = usage.get("completion_tokens") if isinstance(usage.get("completion_tokens"), int) else 0
+    usage["prompt_tokens"], usage["completion_tokens"] = p, c
+    if not isinstance(usage.get("total_tokens"), int):
+        usage["total_tokens"] = p + c
+    return usage
+
+
+class _Ids:
+    __slots__ = ("id", "created", "role_sent", "finish_sent", "usage_sent")
+
+    def __init__(self) -> None:
+        self.id = "chatcmpl-" + secrets.token_hex(12)
+        self.created = int(time.time())
+        self.role_sent = False
+        self.finish_sent = False
+        self.usage_sent = False
+
+
+class Conformance(Stage):
+    name = "conformance"
+    order = 1000
+
+    def _ids(self, ctx: ChatContext) -> _Ids:
+        ids = ctx.state.get(self.name)
+        if ids is None:
+            ids = ctx.state[self.name] = _Ids()
+        return ids
+
+    def _top(self, ctx: ChatContext, obj: dict[str, Any], kind: str) -> None:
+        ids = self._ids(ctx)
+        if not isinstance(obj.get("id"), str) or not obj["id"]:
+            obj["id"] = ids.id
+        else:
+            ids.id = obj["id"]
+        obj["object"] = kind
+        if not isinstance(obj.get("created"), int):
+            obj["created"] = ids.created
+        # Clients see the id they asked for, not the upstream's internal name.
+        obj["model"] = ctx.model or obj.get("model") or ""
+
+    def response(self, ctx: ChatContext, completion: dict[str, Any]) -> dict[str, Any]:
+        self._top(ctx, completion, "chat.completion")
+        choices = completion.get("choices")
+        if not isinstance(choices, list):
+            choices = completion["choices"] = []
+        for i, choice in enumerate(choices):
+            if not isinstance(choice, dict):
+                choices[i] = choice = {}
+            choice.setdefault("index", i)
+            message = choice.get("message")
+            if not isinstance(message, dict):
+                message = choice["message"] = {}
+            message["role"] = "assistant"
+            message.setdefault("content", None)
+            message.setdefault("refusal", None)
+            if message.get("reasoning") and not message.get("reasoning_content"):
+                message["reasoning_content"] = message["reasoning"]
+            choice["finish_reason"] = _finish(choice.get("finish_reason"))
+            choice.setdefault("logprobs", None)
+        if "usage" in completion:
+            usage = fix_usage(completion["usage"])
+            if usage is None:
+                del completion["usage"]
+            ctx.usage = usage
+        return completion
+
+    def chunk(self, ctx: ChatContext, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        ids = self._ids(ctx)
+        self._top(ctx, chunk, "chat.completion.chunk")
+        choices = chunk.get("choices")
+        if not isinstance(choices, list):
+            choices = chunk["choices"] = []
+        for i, choice in enumerate(choices):
+            if not isinstance(choice, dict):
+                choices[i] = choice = {}
+            choice.setdefault("index", i)
+            delta = choice.get("delta")
+            if not isinstance(delta, dict):
+                delta = choice["delta"] = {}
+            if not ids.role_sent:
+                delta["role"] = "assistant"
+            elif delta.get("role"):
+                del delta["role"]  # a repeated role would be concatenated by accumulating clients
+            if delta.get("reasoning") and not delta.get("reasoning_content"):
+                delta["reasoning_content"] = delta["reasoning"]
+            fr = choice.get("finish_reason")
+            if fr is not None:
+                choice["finish_reason"] = _finish(fr)
+                ids.finish_sent = True
+            else:
+                choice["finish_reason"] = None
+        if choices:
+            ids.role_sent = True
+        usage = chunk.get("usage")
+        if usage is not None:
+            chunk["usage"] = fix_usage(usage)
+            if chunk["usage"] is not None:
+                ctx.usage = chunk["usage"]
+                ids.usage_sent = True
+        return [chunk]
+
+    def stream_end(self, ctx: ChatContext) -> list[dict[str, Any]]:
+        ids = self._ids(ctx)
+        if ids.finish_sent:
+            return []
+        chunk = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        return self.chunk(ctx, chunk)

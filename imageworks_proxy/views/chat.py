@@ -1,0 +1,128 @@
+"""``POST /v1/chat/completions``: the pipeline around the adapter call, JSON or SSE out (SPEC §6-§7)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from imageworks_proxy import keys
+from imageworks_proxy.adapters.base import ChatCall
+from imageworks_proxy.errors import ProxyError, invalid_request
+from imageworks_proxy.http_util import json_response
+from imageworks_proxy.middlewares import request_id
+from imageworks_proxy.pipeline import ChatContext
+from imageworks_proxy.sse import SSEWriter
+
+log = logging.getLogger("imageworks_proxy.chat")
+
+
+async def _no_wait() -> None:
+    return None
+
+
+def _parse(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        raise invalid_request("The request body is empty; send a JSON chat completion request.")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise invalid_request(f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise invalid_request("The request body must be a JSON object.")
+    return body
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    rid = request_id(request)
+    pipeline = keys.pipeline(app)
+    ctx = ChatContext(request_id=rid, body={}, app=app)
+    request[keys.CHAT_CONTEXT] = ctx
+    writer: SSEWriter | None = None
+    try:
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            limit = keys.config(app).max_body_bytes
+            raise ProxyError(413, "payload_too_large",
+                             f"The request body is over {limit} bytes (CHAT_PROXY_MAX_BODY_BYTES).") from None
+        ctx.body = _parse(raw)
+        await pipeline.run_request(ctx)
+        entry = ctx.entry
+        assert entry is not None  # the resolve stage sets it or raises
+        adapter = keys.models(app).adapter_for(entry)
+        ctx.adapter_name = adapter.name
+        ctx.body["model"] = entry.upstream_model
+        if ctx.stream:
+            writer = SSEWriter(request, rid)
+        call = ChatCall(rid, entry, ctx.model, ctx.body, ctx.stream,
+                        waiting=writer.commit_and_keep_alive if writer else _no_wait)
+        try:
+            result = await adapter.chat(call)
+        finally:
+            ctx.queue_ms = call.queue_ms
+        if writer is None:
+            completion = pipeline.run_response(ctx, result)  # type: ignore[arg-type]
+            resp = json_response(completion, headers={"X-Request-Id": rid})
+            ctx.first_byte = time.perf_counter()
+            return resp
+        await _stream(ctx, writer, result)  # type: ignore[arg-type]
+        return writer.response  # type: ignore[return-value]
+    except ProxyError as exc:
+        ctx.status, ctx.error_code = exc.status, exc.code
+        if writer is not None and writer.committed:
+            await _send_error(writer, exc)
+            return writer.response  # type: ignore[return-value]
+        raise
+    except asyncio.CancelledError:
+        ctx.status, ctx.error_code = 499, "client_disconnected"
+        raise
+    except Exception:
+        ctx.status, ctx.error_code = 500, "internal_error"
+        if writer is not None and writer.committed:
+            log.exception("unhandled error while streaming (request %s)", rid)
+            await _send_error(writer, ProxyError(500, "internal_error", f"Internal error; see the proxy log for request {rid}."))
+            return writer.response  # type: ignore[return-value]
+        raise
+    finally:
+        if writer is not None:
+            await writer.close()
+        pipeline.run_finish(ctx)
+
+
+async def _send_error(writer: SSEWriter, exc: ProxyError) -> None:
+    try:
+        await writer.send_error(exc)
+        await writer.response.write_eof()  # type: ignore[union-attr]
+    except (ConnectionError, RuntimeError):
+        pass  # the client is gone
+
+
+async def _stream(ctx: ChatContext, writer: SSEWriter, chunks: AsyncIterator[dict[str, Any]]) -> None:
+    pipeline = keys.pipeline(ctx.app)
+    try:
+        await writer.commit()
+        writer.arm_keepalive()
+        async for chunk in chunks:
+            for out in pipeline.run_chunk(ctx, chunk):
+                await writer.send(out)
+                if ctx.first_byte is None:
+                    ctx.first_byte = writer.first_data_at
+        for out in pipeline.run_stream_end(ctx):
+            await writer.send(out)
+        await writer.finish()
+    except (ConnectionError, RuntimeError) as exc:
+        # The client went away: stop reading upstream at once (the finally closes the iterator).
+        if isinstance(exc, RuntimeError) and "closing transport" not in str(exc) and "not prepared" not in str(exc):
+            raise
+        ctx.status, ctx.error_code = 499, "client_disconnected"
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()

@@ -1,0 +1,180 @@
+"""A fake OpenAI/vLLM upstream (aiohttp) for tests. The requested ``model`` picks the behaviour:
+
+echo, tools, tools_object_args, legacy, json_tool, reasoning, minimal, huge, slow_headers, slow_first_chunk,
+hang, drop, error400_flat, error404, error500, midstream_error, slow_stream, not_json.
+Every request is recorded in ``app[REQUESTS]`` (body and headers); cancelled streams in ``app[CANCELLED]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+
+REQUESTS: web.AppKey[list[dict[str, Any]]] = web.AppKey("requests", list)
+CANCELLED: web.AppKey[list[str]] = web.AppKey("cancelled", list)
+DELAY = 1.0  # seconds, for the slow modes
+
+
+def _last_user_text(body: dict[str, Any]) -> str:
+    for msg in reversed(body.get("messages", [])):
+        if msg.get("role") == "user":
+            c = msg.get("content")
+            if isinstance(c, str):
+                return c
+            return " ".join(p.get("text", "") for p in c if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+def _chunk(model: str, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+    obj = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1767225600, "model": model,
+           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def _completion(model: str, message: dict[str, Any], finish: str = "stop") -> dict[str, Any]:
+    return {"id": "chatcmpl-fake", "object": "chat.completion", "created": 1767225600, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "refusal": None, **message},
+                         "logprobs": None, "finish_reason": finish}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
+
+
+async def _sse(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    return resp
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    body = await request.json()
+    request.app[REQUESTS].append({"body": body, "headers": dict(request.headers)})
+    mode = body.get("model", "echo")
+    stream = bool(body.get("stream"))
+    usage = (body.get("stream_options") or {}).get("include_usage")
+
+    if mode == "slow_headers":
+        await asyncio.sleep(DELAY)
+    if mode == "error400_flat":
+        return web.json_response({"object": "error", "message": "max_tokens is too large", "type": "BadRequestError",
+                                  "param": None, "code": 400}, status=400)
+    if mode == "error404":
+        return web.json_response({"error": {"message": "The model `x` does not exist.", "type": "NotFoundError",
+                                            "param": None, "code": 404}}, status=404)
+    if mode == "error500":
+        return web.json_response({"error": {"message": "CUDA out of memory", "type": "InternalServerError"}}, status=500)
+    if mode == "not_json":
+        return web.Response(text="<html>oops</html>", content_type="text/html")
+
+    text = "echo: " + _last_user_text(body)
+    if not stream:
+        if mode in ("tools", "tools_object_args"):
+            args: Any = {"city": "Paris"} if mode == "tools_object_args" else '{"city": "Paris"}'
+            return web.json_response(_completion(mode, {"content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": args}}]}, "tool_calls"))
+        if mode == "legacy":
+            return web.json_response(_completion(mode, {"content": None, "function_call": {
+                "name": "get_weather", "arguments": '{"city": "Paris"}'}}, "function_call"))
+        if mode == "json_tool":
+            return web.json_response(_completion(mode, {"content": '{"name": "get_weather", "arguments": {"city": "Paris"}}'}))
+        if mode == "reasoning":
+            return web.json_response(_completion(mode, {"content": "42", "reasoning": "think hard"}))
+        if mode == "minimal":
+            return web.json_response({"choices": [{"message": {"content": text}}]})
+        return web.json_response(_completion(mode, {"content": text}))
+
+    resp = await _sse(request)
+    try:
+        if mode == "slow_first_chunk":
+            await asyncio.sleep(DELAY)
+        if mode in ("tools", "tools_object_args"):
+            await resp.write(_chunk(mode, {"role": "assistant", "content": None, "tool_calls": [
+                {"index": 0, "id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]}))
+            for frag in ('{"city"', ': "Par', 'is"}'):
+                await resp.write(_chunk(mode, {"tool_calls": [{"index": 0, "function": {"arguments": frag}}]}))
+            await resp.write(_chunk(mode, {"tool_calls": [
+                {"index": 1, "id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]}))
+            await resp.write(_chunk(mode, {}, "tool_calls"))
+        elif mode == "legacy":
+            await resp.write(_chunk(mode, {"role": "assistant", "function_call": {"name": "get_weather", "arguments": ""}}))
+            await resp.write(_chunk(mode, {"function_call": {"arguments": '{"city": "Paris"}'}}))
+            await resp.write(_chunk(mode, {}, "function_call"))
+        elif mode == "json_tool":
+            await resp.write(_chunk(mode, {"role": "assistant", "content": ""}))
+            for frag in ('{"name": "get_weather", ', '"arguments": {"city": "Paris"}}'):
+                await resp.write(_chunk(mode, {"content": frag}))
+            await resp.write(_chunk(mode, {}, "stop"))
+        elif mode == "reasoning":
+            await resp.write(_chunk(mode, {"role": "assistant", "reasoning": "think"}))
+            await resp.write(_chunk(mode, {"content": "42"}))
+            await resp.write(_chunk(mode, {}, "stop"))
+        elif mode == "huge":
+            await resp.write(_chunk(mode, {"role": "assistant", "content": "x" * 200_000}))
+            await resp.write(_chunk(mode, {}, "stop"))
+        elif mode == "midstream_error":
+            await resp.write(_chunk(mode, {"role": "assistant", "content": "partial"}))
+            await resp.write(b'data: {"error": {"message": "engine died", "type": "InternalServerError", "code": 500}}\n\n')
+            return resp
+        elif mode == "hang":
+            await resp.write(_chunk(mode, {"role": "assistant", "content": "partial"}))
+            await asyncio.sleep(3600)
+        elif mode == "drop":
+            await resp.write(_chunk(mode, {"role": "assistant", "content": "partial"}))
+            request.transport.close()
+            return resp
+        elif mode == "slow_stream":
+            await resp.write(_chunk(mode, {"role": "assistant", "content": ""}))
+            for i in range(600):
+                await resp.write(_chunk(mode, {"content": f"w{i} "}))
+                await asyncio.sleep(0.05)
+            await resp.write(_chunk(mode, {}, "stop"))
+        else:
+            await resp.write(_chunk(mode, {"role": "assistant", "content": ""}))
+            for word in text.split(" "):
+                await resp.write(_chunk(mode, {"content": word + " "}))
+            await resp.write(_chunk(mode, {}, "stop"))
+        if usage:
+            await resp.write(b"data: " + json.dumps({"id": "chatcmpl-fake", "object": "chat.completion.chunk",
+                                                     "created": 1767225600, "model": mode, "choices": [],
+                                                     "usage": {"prompt_tokens": 5, "completion_tokens": 3,
+                                                               "total_tokens": 8}}).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+    except asyncio.CancelledError:
+        request.app[CANCELLED].append(mode)
+        raise
+    return resp
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({})
+
+
+async def models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": []})
+
+
+def make_fake_openai() -> web.Application:
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[REQUESTS] = []
+    app[CANCELLED] = []
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    return app
+
+
+MODES = ("echo", "tools", "tools_object_args", "legacy", "json_tool", "reasoning", "minimal", "huge", "slow_headers",
+         "slow_first_chunk", "hang", "drop", "error400_flat", "error404", "error500", "midstream_error", "slow_stream",
+         "not_json")
+
+
+def registry_for(base_url: str, backend: str = "openai", vision: bool = False) -> list[dict[str, Any]]:
+    """One registry entry per mode, named ``m-<mode>``, served id ``<mode>``."""
+    return [{"name": f"m-{mode}", "backend": backend, "backend_config": {"base_url": base_url},
+             "served_model_id": mode, "capabilities": ["vision", "tools"] if vision else ["tools"]} for mode in MODES]
+
+
+def now() -> float:
+    return time.monotonic()
