@@ -15,6 +15,8 @@ Test controls (flags, usually put in a registry entry's ``extra_args``):
   --fake-engine-child      spawn an "engine core" child in the same process group that ignores SIGTERM
                            and holds the lock (like vLLM's EngineCore holding GPU memory)
   --fake-events PATH       append JSON lines {"event", "pid", "model", "t"} (start/ready/stop/crash/overlap)
+  --fake-reply MODE        pid (default: "served by <name> pid <pid>"), echo ("echo: <last user text>"),
+                           tools (calls get_weather({"city": "Paris"})), missing (404 model not found)
   --fake-lock PATH         take an exclusive flock on PATH for the process group's lifetime; if another
                            fake holds it, record an "overlap" event (two "GPU users" at once)
 Request body controls: ``fake_chunks`` (content chunks, default 3), ``fake_chunk_delay`` (seconds between
@@ -54,11 +56,22 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--fake-engine-child", action="store_true")
     p.add_argument("--fake-events", default=os.environ.get("FAKE_VLLM_EVENTS"))
     p.add_argument("--fake-lock", default=os.environ.get("FAKE_VLLM_LOCK"))
+    p.add_argument("--fake-reply", choices=["pid", "echo", "tools", "missing"], default="pid")
     args, unknown = p.parse_known_args(argv)
     bad = [a for a in unknown if a.startswith("-") and not a.startswith("--")]
     if bad:
         p.error(f"unrecognized arguments: {' '.join(bad)}")
     return args, unknown
+
+
+def last_user_text(body: dict) -> str:
+    for msg in reversed(body.get("messages", [])):
+        if msg.get("role") == "user":
+            content = msg.get("content")
+            if isinstance(content, str):
+                return content
+            return " ".join(p.get("text", "") for p in content or [] if isinstance(p, dict) and p.get("type") == "text")
+    return ""
 
 
 class Fake:
@@ -113,10 +126,17 @@ class Fake:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         model = body.get("model")
-        if model != self.served:
+        if model != self.served or self.args.fake_reply == "missing":
             return web.json_response({"error": {"message": f"The model `{model}` does not exist.",
                                                 "type": "NotFoundError", "param": None, "code": 404}}, status=404)
         text = f"served by {self.served} pid {PID}"
+        if self.args.fake_reply == "echo":
+            text = "echo: " + last_user_text(body)
+        tool_call = None
+        if self.args.fake_reply == "tools":
+            # real vLLM says "chatcmpl-tool-<uuid>"; the conformance suite expects the OpenAI "call_" style
+            tool_call = {"id": f"call_{PID}", "type": "function",
+                         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
         n = max(1, int(body.get("fake_chunks", 3)))
         delay = float(body.get("fake_chunk_delay", 0))
         crash_after = body.get("fake_crash_after", self.args.fake_crash_after)
@@ -126,6 +146,11 @@ class Fake:
         usage = {"prompt_tokens": 5, "completion_tokens": n, "total_tokens": 5 + n}
         if not body.get("stream"):
             await asyncio.sleep(float(body.get("fake_delay", 0)))
+            if tool_call is not None:
+                return web.json_response({
+                    "id": cid, "object": "chat.completion", "created": created, "model": self.served,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [tool_call]},
+                                 "finish_reason": "tool_calls", "logprobs": None}], "usage": usage})
             return web.json_response({
                 "id": cid, "object": "chat.completion", "created": created, "model": self.served,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -142,13 +167,21 @@ class Fake:
             await resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
 
         await send(chunk({"role": "assistant", "content": ""}))
+        if tool_call is not None:  # like vLLM's parsers: name first, then argument fragments
+            fn = tool_call["function"]
+            await send(chunk({"tool_calls": [{"index": 0, "id": tool_call["id"], "type": "function",
+                                              "function": {"name": fn["name"], "arguments": ""}}]}))
+            args = fn["arguments"]
+            for piece in (args[: len(args) // 2], args[len(args) // 2:]):
+                await send(chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}))
+            parts = []
         for i, part in enumerate(parts):
             if crash_after is not None and i >= int(crash_after):
                 self._crash()
             if delay:
                 await asyncio.sleep(delay)
             await send(chunk({"content": part}))
-        await send(chunk({}, "stop"))
+        await send(chunk({}, "tool_calls" if tool_call is not None else "stop"))
         if (body.get("stream_options") or {}).get("include_usage"):
             await send({"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.served,
                         "choices": [], "usage": usage})
