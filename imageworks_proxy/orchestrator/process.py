@@ -19,8 +19,10 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-import aiohttp
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger("imageworks_proxy.orchestrator")
 
@@ -280,6 +282,8 @@ async def wait_ready(
 
     ``exited()`` returns ``False`` while the process runs, else its exit code (or ``None`` if unknown).
     """
+    import aiohttp  # here, so this module loads without it (tests/device/check_vram_release.py)
+
     delay = POLL_S
     while True:
         code = exited()
@@ -329,6 +333,7 @@ async def stop_group(
     is gone, ``host:port`` can be bound and, when ``gpu_pids`` (NVML) is given, none of the group's pids
     holds GPU memory. Returns what happened (for logs and tests): ``signal`` (the last one sent, or None
     when the group was already gone), ``exited``, ``port_free``, ``gpu_released``, ``seconds``.
+    Depends only on the standard library (the device check loads this module on its own).
     """
     t0 = time.monotonic()
     release_timeout = term_timeout if release_timeout is None else release_timeout
