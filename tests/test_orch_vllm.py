@@ -247,3 +247,15 @@ async def test_random_interleaved_requests_all_succeed_with_one_vllm_and_few_swi
     assert len(started(tmp_path)) <= runs
     assert overlaps(tmp_path) == []
     assert orchestrator(client.app).scheduler.stats()["inflight"] == 0
+
+
+async def test_editing_the_running_models_registry_entry_restarts_it_with_the_new_flags(orch, tmp_path, registry_file):
+    entry = vllm_entry("alpha", tmp_path)
+    client = await orch([entry])
+    text, _, _ = await chat(client.app, "alpha")
+    entry["backend_config"]["extra_args"].append("--enforce-eager")
+    registry_file([entry])  # the proxy polls the file
+    await until(lambda: orchestrator(client.app).public_state()["state"] == "stopped")
+    text2, _, _ = await chat(client.app, "alpha")
+    assert pid_of(text2) != pid_of(text)
+    assert "--enforce-eager" in started(tmp_path)[-1]["argv"] and "--enforce-eager" not in started(tmp_path)[0]["argv"]

@@ -10,6 +10,7 @@ the lease is given back when the response, stream included, is over.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -27,7 +28,7 @@ from imageworks_proxy.hookspecs import hookimpl
 from imageworks_proxy.orchestrator.command import build_command
 from imageworks_proxy.orchestrator.scheduler import GpuScheduler
 from imageworks_proxy.orchestrator.supervisor import Instance, VllmSupervisor
-from imageworks_proxy.registry import Entry
+from imageworks_proxy.registry import Entry, Registry
 from imageworks_proxy.template_stage import check_template
 from imageworks_proxy.tenancy import Lease, Tenant, tenancy
 
@@ -63,6 +64,7 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
     def __init__(self, app: web.Application, config: Config) -> None:
         super().__init__(app, config)
         self.supervisor = VllmSupervisor(config, lambda: keys.http(app), keys.gpu(app), self._on_exit)
+        self._restarts: set[asyncio.Task[None]] = set()
 
     # -- routing and listing -------------------------------------------------------------------
     def accepts(self, entry: Entry) -> bool:
@@ -101,10 +103,39 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
             if not (inst.ready and sched.adopt(tenant)):
                 sched.add_resident(tenant)
         self.supervisor.start_monitor()
+        keys.models(self.app).store.on_change.append(self._registry_changed)
 
     async def close(self) -> None:
+        with contextlib.suppress(ValueError):
+            keys.models(self.app).store.on_change.remove(self._registry_changed)
+        for task in self._restarts:
+            task.cancel()
+        await asyncio.gather(*self._restarts, return_exceptions=True)
         await self.supervisor.close(keep=self.config.vllm_keep_on_exit)
         await super().close()
+
+    def _registry_changed(self, registry: Registry) -> None:
+        """The registry was edited: if the running model's command changed, restart it (after its in-flight
+        requests finish) so the edit applies without restarting the proxy."""
+        inst = self.supervisor.instance
+        sched = self.scheduler
+        if inst is None or not inst.ready or sched is None:
+            return
+        entry = registry.by_name.get(inst.logical_name)
+        if entry is None:
+            return  # removed from the registry: keep serving what runs until another model is needed
+        try:
+            flags = build_command(self.config, entry).flags
+        except ProxyError:
+            return
+        if flags == inst.flags:
+            return
+        key = TENANT_PREFIX + inst.logical_name
+        log.info("vLLM: the registry entry of running model %r changed; restarting it once in-flight requests finish",
+                 inst.logical_name)
+        task = asyncio.get_running_loop().create_task(sched.vacate(lambda t: t.key == key), name=f"restart-{key}")
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
 
     # -- tenants -------------------------------------------------------------------------------
     def tenant(self, entry: Entry) -> Tenant:
@@ -263,7 +294,7 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
         }
         if sched is not None:
             out["queue_depth"] = sched.queue_depth
-            out["inflight"] = sched._inflight if sched.active is not None and is_vllm_tenant(sched.active) else 0
+            out["inflight"] = sched.inflight if sched.active is not None and is_vllm_tenant(sched.active) else 0
         return out
 
     def stats(self) -> dict[str, Any]:

@@ -204,6 +204,11 @@ class GpuScheduler:
         return self._phase
 
     @property
+    def inflight(self) -> int:
+        """Leases held on the active tenant."""
+        return self._inflight
+
+    @property
     def queue_depth(self) -> int:
         return sum(1 for w in self._waiters if not w.future.done())
 
