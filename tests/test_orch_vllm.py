@@ -197,18 +197,26 @@ async def test_a_stale_state_file_naming_an_unrelated_process_leaves_it_alone(or
         await process.stop_group(victim, term_timeout=2)
 
 
-async def test_gpu_exclusive_unloads_ollama_before_starting_vllm(orch, tmp_path, make_config, registry_file,
-                                                                 make_app, aiohttp_client):
-    registry_file([vllm_entry("alpha", tmp_path)])
+async def _exclusive_app(tmp_path, make_config, registry_file, make_app, aiohttp_client, entries, unloads):
+    registry_file(entries)
     cfg = make_config(**orch_settings(free_port(), GPU_EXCLUSIVE="1"))
     app = make_app(cfg)
-    unloads: list[int] = []
 
     async def unload_all() -> None:
         unloads.append(len(started(tmp_path)))
 
     keys.models(app).adapters["ollama"].unload_all = unload_all  # what the Ollama adapter exposes
-    client = await aiohttp_client(app)
+    return await aiohttp_client(app), unload_all
+
+
+OLLAMA = {"name": "llama", "backend": "ollama", "backend_config": {"model_path": "ollama:/llama3"}}
+
+
+async def test_gpu_exclusive_unloads_ollama_before_starting_vllm(tmp_path, make_config, registry_file, make_app,
+                                                                 aiohttp_client):
+    unloads: list[int] = []
+    client, unload_all = await _exclusive_app(tmp_path, make_config, registry_file, make_app, aiohttp_client,
+                                              [vllm_entry("alpha", tmp_path), OLLAMA], unloads)
     await chat(client.app, "alpha")
     assert unloads == [0]  # before the vLLM process was launched
     # an Ollama request while vLLM is active is a switch: drain, stop vLLM, then forward
@@ -223,8 +231,17 @@ async def test_gpu_exclusive_unloads_ollama_before_starting_vllm(orch, tmp_path,
     lease = await tenancy(client.app).acquire(Tenant("ollama", "Ollama", stop=unload_all), Call())
     assert orchestrator(client.app).public_state()["state"] == "stopped"
     lease.release()
-    text, _, _ = await chat(client.app, "alpha")
-    assert unloads == [0, 1] and len(started(tmp_path)) == 2
+    await chat(client.app, "alpha")
+    assert unloads == [0, 1] and len(started(tmp_path)) == 2 and overlaps(tmp_path) == []
+
+
+async def test_without_ollama_models_the_proxy_never_talks_to_ollama(tmp_path, make_config, registry_file, make_app,
+                                                                     aiohttp_client):
+    unloads: list[int] = []
+    client, _ = await _exclusive_app(tmp_path, make_config, registry_file, make_app, aiohttp_client,
+                                     [vllm_entry("alpha", tmp_path)], unloads)
+    await chat(client.app, "alpha")
+    assert unloads == [] and len(started(tmp_path)) == 1
 
 
 @pytest.mark.parametrize("seed", [7, 2024])

@@ -89,13 +89,11 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
 
     async def start(self) -> None:
         await super().start()
+        if not self.config.vllm_single_port:
+            return  # nothing is routed here; leave any recorded vLLM alone
         sched = self.scheduler
         if sched is not None and self.config.gpu_exclusive:
-            # Ollama may hold GPU memory from before this proxy started: unload it before the first vLLM start.
-            ollama = keys.models(self.app).adapters.get("ollama")
-            unload = getattr(ollama, "unload_all", None)
-            if callable(unload):
-                sched.add_resident(Tenant("ollama", "Ollama", stop=unload))
+            self._add_ollama_resident(sched)
         inst = await self.supervisor.adopt()
         if inst is not None and sched is not None:
             tenant = self._tenant_for_name(inst.logical_name)
@@ -104,6 +102,21 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
                 sched.add_resident(tenant)
         self.supervisor.start_monitor()
         keys.models(self.app).store.on_change.append(self._registry_changed)
+
+    def _add_ollama_resident(self, sched: GpuScheduler) -> None:
+        """Ollama may hold GPU memory from before this proxy started: have it unload before the first vLLM
+        start (only when the registry routes models to Ollama; otherwise the proxy never talks to it)."""
+        models = keys.models(self.app)
+        ollama = models.adapters.get("ollama")
+        unload = getattr(ollama, "unload_all", None)
+        if ollama is None or not callable(unload):
+            return
+
+        async def stop() -> None:
+            if models.entries_for(ollama):
+                await unload()
+
+        sched.add_resident(Tenant("ollama", "Ollama", stop=stop))
 
     async def close(self) -> None:
         with contextlib.suppress(ValueError):

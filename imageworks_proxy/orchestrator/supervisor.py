@@ -164,7 +164,7 @@ class VllmSupervisor:
         inst = self.instance
         if inst is None:
             return
-        if keep and inst.ready and process.pid_alive(inst.pid):
+        if keep and inst.ready and not inst.stopping and process.pid_alive(inst.pid):
             log.info("vLLM: leaving %r (pid %d) running for the next proxy (CHAT_PROXY_VLLM_KEEP_ON_EXIT=1)",
                      inst.logical_name, inst.pid)
             self.instance = None
