@@ -20,7 +20,14 @@ from imageworks_proxy.middlewares import auth_middleware, error_middleware
 from imageworks_proxy.models import ModelService
 from imageworks_proxy.orchestrator.scheduler import GpuScheduler
 from imageworks_proxy.pipeline import Pipeline, Stage
-from imageworks_proxy.plugins import PluginError, PluginManager, collect, make_plugin_manager, unique_by_name
+from imageworks_proxy.plugins import (
+    PluginError,
+    PluginManager,
+    call_each,
+    collect,
+    make_plugin_manager,
+    unique_by_name,
+)
 from imageworks_proxy.registry import RegistryStore
 from imageworks_proxy.views import admin, chat, info
 
@@ -134,5 +141,5 @@ def create_app(
     admin.add_routes(app)
     app.cleanup_ctx.append(_resources)
     app.cleanup_ctx.append(autostart_ctx)
-    pm.hook.startup(app=app)
+    call_each(pm, "startup", app=app)
     return app

@@ -296,7 +296,9 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for s in SETTINGS:
-        if s.env in env:
+        # An empty variable counts as unset (compose files often pass `- CHAT_PROXY_X=`); an empty
+        # CHAT_PROXY_HOST must never turn into "listen on every interface".
+        if env.get(s.env, "").strip():
             raw, source = env[s.env], "env"
         elif s.attr in file_values:
             raw, source = _file_value_to_text(file_values[s.attr]), "file"
@@ -306,7 +308,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         try:
             values[s.attr] = s.parse(raw)
         except ValueError as exc:
-            where = s.env if source == "env" else f"{s.attr} in {file_path}"
+            where = s.env if source == "env" else f'{s.env} ("{s.attr}" in {file_path})'
             raise ConfigError(f"{where}={raw!r}: {exc}") from None
         sources[s.attr] = source
 
@@ -330,8 +332,11 @@ def describe_config(config: Config) -> list[tuple[str, str, str]]:
             shown = f"<{len(value)} key(s)>" if value else ""
         elif isinstance(value, bool):
             shown = "1" if value else "0"
-        elif value is None:
-            shown = ""
+        elif value is None or (isinstance(value, (dict, tuple, list)) and not value):
+            shown = ""  # unset
+        elif isinstance(value, float):
+            # 120, not 120.0: the same spelling as the README and the seed
+            shown = str(int(value)) if value.is_integer() else repr(value)
         elif isinstance(value, (dict, tuple, list)):
             shown = orjson.dumps(value).decode()
         else:

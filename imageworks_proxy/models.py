@@ -26,7 +26,10 @@ class ModelService:
         self.adapters: dict[str, Adapter] = {}
         self.catalogue: Catalogue = build_catalogue(())
         self._routes: dict[str, Adapter | None] = {}
-        self._fs_cache: dict[str, tuple[float, bool, bool | None]] = {}
+        self._by_adapter: dict[Adapter, list[Entry]] = {}
+        # name -> (default installed rule, has chat template), refreshed in one batch off the event loop
+        self._fs_cache: dict[str, tuple[bool, bool | None]] = {}
+        self._fs_checked_at = float("-inf")
         store.on_change.append(self._rebuild)
 
     # -- routing -------------------------------------------------------------------------------
@@ -37,7 +40,13 @@ class ModelService:
     def _rebuild(self, registry: Registry) -> None:
         self.catalogue = build_catalogue(registry.entries)
         self._routes = {e.name: self._route(e) for e in registry.entries}
-        self._fs_cache.clear()
+        self._by_adapter = {}
+        for e in registry.entries:
+            routed = self._routes[e.name]
+            if routed is not None:
+                self._by_adapter.setdefault(routed, []).append(e)
+        self._fs_cache = {}
+        self._fs_checked_at = float("-inf")
 
     def _route(self, entry: Entry) -> Adapter | None:
         wanted = entry.backend_config.adapter
@@ -70,25 +79,41 @@ class ModelService:
         return self.catalogue.resolve(requested)
 
     def entries_for(self, adapter: Adapter) -> list[Entry]:
-        return [e for e in self.store.registry.entries if self._routes.get(e.name) is adapter]
+        return list(self._by_adapter.get(adapter, ()))
 
     # -- listing -------------------------------------------------------------------------------
+    @staticmethod
+    def _fs_scan(entries: list[Entry]) -> dict[str, tuple[bool, bool | None]]:
+        return {
+            e.name: (default_installed(e), find_chat_template(e) is not None if e.backend == "vllm" else None)
+            for e in entries
+        }
+
     def _fs_facts(self, entry: Entry) -> tuple[bool, bool | None]:
-        """(default installed rule, has chat template) from the filesystem, cached for a moment."""
-        now = time.monotonic()
-        cached = self._fs_cache.get(entry.name)
-        if cached and now - cached[0] < _INSTALLED_TTL_S:
-            return cached[1], cached[2]
-        installed = default_installed(entry)
-        template = find_chat_template(entry) is not None if entry.backend == "vllm" else None
-        self._fs_cache[entry.name] = (now, installed, template)
-        return installed, template
+        """(default installed rule, has chat template) from the filesystem, as of the last scan."""
+        facts = self._fs_cache.get(entry.name)
+        if facts is None:
+            facts = self._fs_cache[entry.name] = self._fs_scan([entry])[entry.name]
+        return facts
+
+    async def _refresh_fs_facts(self) -> None:
+        """Re-check download paths and chat templates every couple of seconds, in a worker thread: with
+        hundreds of entries that is hundreds of stats and file reads the event loop should not wait on."""
+        if time.monotonic() - self._fs_checked_at < _INSTALLED_TTL_S:
+            return
+        catalogue = self.catalogue
+        entries = [item.entry for item in catalogue.listed if not item.entry.deprecated]
+        facts = await asyncio.to_thread(self._fs_scan, entries)
+        if catalogue is self.catalogue:  # not replaced by a registry reload meanwhile
+            self._fs_cache, self._fs_checked_at = facts, time.monotonic()
 
     async def listing(self) -> dict[str, Any]:
         cfg = self.config
-        used = {a for a in self._routes.values() if a is not None}
-        if used:
-            await asyncio.gather(*(a.prepare_listing(self.entries_for(a)) for a in used), return_exceptions=True)
+        if self._by_adapter:
+            await asyncio.gather(
+                *(a.prepare_listing(entries) for a, entries in self._by_adapter.items()), return_exceptions=True
+            )
+        await self._refresh_fs_facts()
         created = int(self.store.registry.loaded_at) or int(time.time())
         data = []
         for item in self.catalogue.listed:

@@ -10,10 +10,12 @@ import attrs
 from imageworks_proxy.errors import model_not_found
 from imageworks_proxy.registry import Entry
 
-_FORMAT_WORDS = frozenset(
-    "gguf safetensors awq gptq fp8 fp16 bf16 f16 f32 fp32 int4 int8 nf4 mxfp4 exl2".split()
+_FORMAT_WORDS = "gguf safetensors awq gptq fp8 fp16 bf16 f16 f32 fp32 int4 int8 nf4 mxfp4 exl2"
+# Format words and quant tokens (q4_k_m, iq2_xxs, q8_0, w4a16), dropped *before* "_" becomes "-" so a
+# q4_k_m never leaves "k-m" behind; bounded by anything that is not a letter or digit (".gguf" too).
+_DROP = re.compile(
+    r"(?<![a-z0-9])(?:" + "|".join(_FORMAT_WORDS.split()) + r"|i?q\d+(?:_[a-z0-9]{1,3})*|w\d+a\d+)(?![a-z0-9])"
 )
-_QUANT_TOKEN = re.compile(r"^(?:i?q\d+(?:_[a-z0-9]+)*|w\d+a\d+)$")
 _SIZE_TOKEN = re.compile(r"^\d+(?:\.\d+)?[bm]$")
 _NORMALISE = re.compile(r"[^a-z0-9]")
 
@@ -38,10 +40,11 @@ def _family_source(entry: Entry) -> str:
 
 
 def _clean_family(text: str) -> str:
-    text = text.lower()
+    text = _DROP.sub("", text.lower())
     text = re.sub(r"[_/@:\s]+", "-", text)
-    kept = [t for t in text.split("-") if t and t not in _FORMAT_WORDS and not _QUANT_TOKEN.match(t)]
-    return re.sub(r"-{2,}", "-", "-".join(kept)).strip("-")
+    # Separators left around a dropped word ("v0.2..gguf" -> "v0.2-"); a single "." (qwen2.5) stays.
+    text = re.sub(r"[-.]*-[-.]*|\.{2,}", "-", text)
+    return text.strip("-.")
 
 
 def simplified_name(entry: Entry) -> str:
@@ -93,6 +96,7 @@ class Catalogue:
     ids: dict[str, Entry]
     by_name: dict[str, Entry]
     normalised: dict[str, tuple[Entry, ...]]
+    id_by_name: dict[str, str] = attrs.field(factory=dict)
 
     def resolve(self, requested: str) -> Entry:
         """Exact logical name, exact id, then a normalised match; ambiguity and misses are 404s."""
@@ -108,28 +112,41 @@ class Catalogue:
         raise model_not_found(f"Model {requested!r} is not served by this proxy. GET /v1/models lists the models.")
 
     def id_of(self, entry: Entry) -> str:
-        for item in self.listed:
-            if item.entry.name == entry.name:
-                return item.id
-        return entry.name
+        """The id ``entry`` is listed under (its logical name when it is not listed)."""
+        return self.id_by_name.get(entry.name, entry.name)
+
+
+def _tag_key(tag: str) -> str:
+    return tag if ":" in tag else f"{tag}:latest"  # Ollama's "llama3" is "llama3:latest"
 
 
 def build_catalogue(entries: Iterable[Entry]) -> Catalogue:
+    """Public ids for ``entries`` (SPEC §4) and the tables that resolve a request's ``model``.
+
+    Ids are handed out in logical-name order, visible entries before deprecated ones (so a hidden
+    twin never takes the clean name). An id that is taken, or that is another entry's logical name
+    (which resolves first), falls back to the entry's own logical name; so every entry but a
+    duplicate Ollama tag is listed, and every listed id resolves to the entry it is listed for.
+    """
     ordered = sorted(entries, key=lambda e: e.name)
+    names = {e.name for e in ordered}
     ids: dict[str, Entry] = {}
     listed: list[Listed] = []
     seen_tags: set[str] = set()
-    for entry in ordered:
+    duplicates: set[str] = set()
+    for entry in sorted(ordered, key=lambda e: e.deprecated):  # stable: name order within each group
         if entry.backend == "ollama" and entry.ollama_tag:
-            if entry.ollama_tag in seen_tags:
-                continue  # two entries for the same Ollama tag are listed once
-            seen_tags.add(entry.ollama_tag)
+            tag = _tag_key(entry.ollama_tag)
+            if tag in seen_tags:
+                duplicates.add(entry.name)  # two entries for the same Ollama tag are listed once
+                continue
+            seen_tags.add(tag)
         wanted = simplified_name(entry)
-        public = wanted if wanted not in ids else entry.name
-        if public in ids:  # even the logical name is taken by someone's display name
-            continue
+        taken = wanted in ids or (wanted in names and wanted != entry.name)
+        public = entry.name if taken else wanted
         ids[public] = entry
         listed.append(Listed(public, entry))
+    listed.sort(key=lambda item: item.entry.name)
     by_name = {e.name: e for e in ordered}
     norm: dict[str, dict[str, Entry]] = {}
 
@@ -142,10 +159,12 @@ def build_catalogue(entries: Iterable[Entry]) -> Catalogue:
     for entry in ordered:
         add(entry.name, entry)
         add(entry.display_name, entry)
-        add(entry.served_model_id, entry)
+        if entry.name not in duplicates:  # the tag resolves to the entry that is listed for it
+            add(entry.served_model_id, entry)
     return Catalogue(
         listed=tuple(listed),
         ids=ids,
         by_name=by_name,
         normalised={k: tuple(v.values()) for k, v in norm.items()},
+        id_by_name={item.entry.name: item.id for item in listed},
     )

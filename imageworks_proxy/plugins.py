@@ -73,9 +73,15 @@ def make_plugin_manager(
         pm.infos[modname] = PluginInfo(modname, "imageworks-proxy", own_version, True)
     if load_entrypoints:
         for ep in md.entry_points(group=hookspecs.PROJECT):
-            if pm.has_plugin(ep.name) or pm.is_blocked(ep.name):
-                continue
             dist = getattr(ep, "dist", None)
+            if pm.has_plugin(ep.name) or pm.is_blocked(ep.name):
+                first = pm.infos.get(ep.name)
+                theirs = dist.name if dist else None
+                if first is not None and first.distribution != theirs:
+                    # Two distributions chose one entry-point name: say so rather than drop one silently.
+                    _fail(pm, f"{ep.name} ({theirs or '?'})", PluginError(
+                        f"entry point name {ep.name!r} is already used by {first.distribution or '?'}; skipped"))
+                continue
             try:
                 plugin = ep.load()
             except Exception as exc:  # any error in third-party code
@@ -110,10 +116,23 @@ def _register(pm: PluginManager, name: str, plugin: Any, dist: str | None, versi
     pm.infos[name] = PluginInfo(name, dist, version, builtin)
 
 
-def _fail(pm: PluginManager, name: str, exc: BaseException) -> None:
+def _fail(pm: PluginManager, name: str, exc: BaseException, when: str = "failed to load and is disabled") -> None:
     msg = f"{type(exc).__name__}: {exc}"
     pm.failures.append(PluginFailure(name, msg))
-    log.error("plugin %r failed to load and is disabled: %s", name, msg)
+    log.error("plugin %r %s: %s", name, when, msg)
+
+
+def call_each(pm: PluginManager, hook_name: str, **kwargs: Any) -> None:
+    """Call every implementation of a (non-registration) hook, in pluggy's order.
+
+    An implementation that raises is recorded in ``failures`` under its plugin's name and logged; the
+    others still run, so one broken plugin never stops the app from starting.
+    """
+    for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
+        try:
+            impl.function(*(kwargs[arg] for arg in impl.argnames))
+        except Exception as exc:
+            _fail(pm, pm.get_name(impl.plugin) or repr(impl.plugin), exc, f"failed in hook {hook_name}")
 
 
 def collect(pm: PluginManager, hook_name: str) -> list[tuple[str, type]]:
@@ -126,7 +145,7 @@ def collect(pm: PluginManager, hook_name: str) -> list[tuple[str, type]]:
         try:
             impl.function(register=registered.append)
         except Exception as exc:
-            _fail(pm, plugin_name, exc)
+            _fail(pm, plugin_name, exc, f"failed in hook {hook_name}")
             continue
         out.extend((plugin_name, cls) for cls in registered)
     return out

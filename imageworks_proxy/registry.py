@@ -277,14 +277,18 @@ def load_registry(location: str | os.PathLike[str]) -> Registry:
     return Registry(entries=entries, source=str(path), loaded_at=time.time())
 
 
-def _signature(files: list[Path]) -> tuple[tuple[str, int, int], ...]:
+Signature = tuple[tuple[str, int, int, int], ...]
+
+
+def _signature(files: list[Path]) -> Signature:
+    # The inode catches a same-size file renamed into place within one mtime tick (atomic saves).
     sig = []
     for f in files:
         try:
             st = f.stat()
-            sig.append((str(f), st.st_mtime_ns, st.st_size))
+            sig.append((str(f), st.st_ino, st.st_mtime_ns, st.st_size))
         except OSError:
-            sig.append((str(f), -1, -1))
+            sig.append((str(f), -1, -1, -1))
     return tuple(sig)
 
 
@@ -301,9 +305,9 @@ class RegistryStore:
         self.registry: Registry = Registry((), location, 0.0)
         self.error: str | None = None
         self.on_change: list[Any] = []
-        self._signature: tuple[tuple[str, int, int], ...] = ()
+        self._signature: Signature = ()
 
-    def _load_sync(self) -> tuple[Registry, tuple[tuple[str, int, int], ...]]:
+    def _load_sync(self) -> tuple[Registry, Signature]:
         sig = _signature(registry_files(self.location))
         return load_registry(self.location), sig
 

@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from tests.chat_helpers import sse_events, user
+from tests.fakes.fake_ollama import FakeOllama, Reply, echo_responder
 from tests.fakes.fake_openai import make_fake_openai
 from tests.openai_schemas import validate_chunk, validate_completion, validate_error
 
@@ -46,6 +47,22 @@ async def vllm_external(aiohttp_server) -> Backend:
     return await _openai_like(aiohttp_server, "vllm", "vllm-external")
 
 
+def _ollama_responder(body: dict[str, Any]) -> Reply:
+    if body["model"].startswith("tools") and body["messages"][-1]["role"] != "tool":
+        return Reply(content="", tool_calls=[{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}])
+    return echo_responder(body)
+
+
+async def ollama(aiohttp_server) -> Backend:
+    fake = FakeOllama({"echo:latest": ("completion",), "tools:latest": ("completion", "tools")},
+                      responder=_ollama_responder)
+    server = await aiohttp_server(fake.app())
+    base = str(server.make_url("")).rstrip("/")
+    entries = [{"name": f"c-{mode}", "backend": "ollama", "backend_config": {"base_url": base},
+                "served_model_id": f"{mode}:latest", "capabilities": ["tools"]} for mode in ("echo", "tools", "missing")]
+    return Backend(entries, "c-echo", "c-tools", "c-missing", "ollama")
+
+
 async def vllm_orchestrated(aiohttp_server) -> Backend:
     from tests.fakes.orch import free_port, orch_settings
 
@@ -58,6 +75,7 @@ async def vllm_orchestrated(aiohttp_server) -> Backend:
 BACKENDS: dict[str, Callable[[Any], Awaitable[Backend]]] = {
     "openai-passthrough": openai_passthrough,
     "vllm-external": vllm_external,
+    "ollama": ollama,
     "vllm-orchestrated": vllm_orchestrated,
 }
 

@@ -378,3 +378,20 @@ def test_random_interleavings_never_overlap_always_succeed_and_switch_little(pla
             assert result == "ok", (key, result)
     # batching: never more starts than changes of model in the order the requests arrived
     assert len(w.starts) <= arrival_runs
+
+
+async def test_a_tenant_with_nothing_to_start_or_evict_is_granted_without_waiting(sched):
+    w = World()
+    ollama = Tenant("ollama", "Ollama", stop=w.tenant("ollama").stop)
+    call = Call()
+    lease = await sched.acquire(ollama, call)
+    assert not call.waited and sched.active.key == "ollama"  # nothing to wait for: no early SSE commit
+    lease.release()
+    # switching away needs Ollama unloaded, so the vLLM request does wait
+    call_a = Call()
+    (await sched.acquire(w.tenant("vllm:a"), call_a)).release()
+    assert call_a.waited and w.stops == ["ollama"]
+    # and back: vLLM must be stopped first, so Ollama's request waits this time
+    call_o = Call()
+    (await sched.acquire(ollama, call_o)).release()
+    assert call_o.waited and w.stops == ["ollama", "vllm:a"]

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -180,11 +181,16 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
             sched.lost(TENANT_PREFIX + inst.logical_name)
 
     async def acquire(self, entry: Entry, call: Any, *, force: bool = False) -> Lease:
+        """A lease on ``entry``'s vLLM (started or switched to first); the wait is added to ``call.queue_ms``."""
         tenant = self.tenant(entry)
         sched = self.scheduler
-        if sched is not None:
-            return await sched.acquire(tenant, call, force=force)
-        return await tenancy(self.app).acquire(tenant, call)
+        started = time.perf_counter()
+        try:
+            if sched is not None:
+                return await sched.acquire(tenant, call, force=force)
+            return await tenancy(self.app).acquire(tenant, call)
+        finally:
+            call.queue_ms += (time.perf_counter() - started) * 1000
 
     # -- chat ----------------------------------------------------------------------------------
     def _upstream(self) -> str:

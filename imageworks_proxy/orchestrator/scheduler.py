@@ -135,7 +135,7 @@ class GpuScheduler:
         """Wait until ``tenant`` is the active GPU tenant and return a lease on it.
 
         ``call.waiting()`` is awaited before any wait (streams get their SSE headers and keep-alives);
-        the wait is added to ``call.queue_ms``. ``force`` ignores a start-failure backoff (explicit
+        the caller adds the wait to ``call.queue_ms`` (the adapters measure their whole wait). ``force`` ignores a start-failure backoff (explicit
         activation). Raises ``ProxyError``: 429 ``queue_full``, 503 ``model_start_failed``, 504
         ``model_start_timeout``, 503 ``backend_unavailable`` when the proxy is shutting down.
         """
@@ -143,6 +143,8 @@ class GpuScheduler:
             return _NoLease()
         self._check_open()
         if self._fast_path(tenant):
+            return self._grant(tenant)
+        if self._instant_switch(tenant):
             return self._grant(tenant)
         if not force:
             self._check_backoff(tenant)
@@ -265,6 +267,29 @@ class GpuScheduler:
             and not self._waiters
         )
 
+    def _instant_switch(self, tenant: Tenant) -> bool:
+        """Switch to ``tenant`` on the spot when there is nothing to wait for: no queue, nothing in flight,
+        nothing to stop and nothing to start (e.g. the first Ollama request). No ``waiting()``, no commit."""
+        if self._waiters or self._inflight or self._phase not in (IDLE, READY) or tenant.start is not None:
+            return False
+        active = self._active
+        if active is not None and active.key != tenant.key and active.stop is not None:
+            return False
+        if any(t.stop is not None for k, t in self._residents.items() if k != tenant.key):
+            return False
+        if self._backoff_error(tenant) is not None:
+            return False
+        record = {"from": active.key if active else None, "to": tenant.key, "ok": True,
+                  "drain_s": 0.0, "stop_s": 0.0, "start_s": 0.0, "total_s": 0.0}
+        self._residents.pop(tenant.key, None)
+        self._active, self._phase = tenant, READY
+        self._generation += 1
+        if record["from"] != tenant.key:
+            self._stats["swaps"] += 1
+            self._recent.append(record)
+            self._emit({"event": "swap", **record})
+        return True
+
     def _grant(self, tenant: Tenant) -> _Lease:
         self._inflight += 1
         self._stats["admitted"] += 1
@@ -315,9 +340,6 @@ class GpuScheduler:
         except BaseException:  # cancelled (client gone), or the start failed
             self._abandon(waiter)
             raise
-        finally:
-            if call is not None:
-                call.queue_ms += (self._clock() - waiter.enqueued) * 1000.0
         return result
 
     def _abandon(self, waiter: _Waiter) -> None:

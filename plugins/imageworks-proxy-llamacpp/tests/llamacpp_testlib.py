@@ -1,0 +1,52 @@
+"""Helpers shared by the plugin's tests (not collected: the name does not start with ``test_``)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from imageworks_proxy import keys
+
+FAKE_SERVER = Path(__file__).with_name("fake_llama_server.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gguf_entry(name: str, path: Path, **extra: Any) -> dict[str, Any]:
+    """A registry entry served by this plugin."""
+    entry: dict[str, Any] = {
+        "name": name,
+        "backend": "gguf",
+        "backend_config": {"model_path": str(path), "extra_args": extra.pop("extra_args", [])},
+        "served_model_id": extra.pop("served_model_id", name),
+        "family": name,
+    }
+    entry.update(extra)
+    return entry
+
+
+def adapter_of(client) -> Any:
+    return keys.models(client.server.app).adapters["llamacpp"]
+
+
+def pid_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def read_pid(pid_dir: Path, alias: str) -> int:
+    return int((pid_dir / f"{alias}.pid").read_text())
