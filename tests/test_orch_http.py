@@ -135,3 +135,33 @@ async def test_more_waiting_requests_than_the_queue_allows_get_429(orch, tmp_pat
     assert body["error"]["code"] == "queue_full" and resp.headers["Retry-After"]
     assert (await long).status == 200
     assert (await queued).status == 200
+
+
+async def test_ollama_and_vllm_take_turns_on_the_gpu(tmp_path, aiohttp_server, registry_file, make_config, proxy_client):
+    from tests.fakes.fake_ollama import FakeOllama
+
+    fake = FakeOllama({"llama3:latest": ("completion",)})
+    fake.loaded["llama3:latest"] = float("inf")  # Ollama holds the GPU from before the proxy started
+    server = await aiohttp_server(fake.app())
+    ollama = {"name": "llama", "backend": "ollama", "served_model_id": "llama3:latest",
+              "backend_config": {"base_url": str(server.make_url("")).rstrip("/")}}
+    registry_file([vllm_entry("alpha", tmp_path), ollama])
+    client = await proxy_client(make_config(**orch_settings(free_port(), GPU_EXCLUSIVE="1", OLLAMA_STOP_TIMEOUT_S="1")))
+
+    resp = await client.post("/v1/chat/completions", json={"model": "alpha", "messages": user("hi")})
+    assert resp.status == 200, await resp.text()
+    assert fake.unloads == ["llama3:latest"] and fake.loaded == {}  # unloaded before vLLM started
+    assert len(started(tmp_path)) == 1
+
+    resp = await client.post("/v1/chat/completions", json={"model": "llama", "messages": user("hi")})
+    assert resp.status == 200, await resp.text()
+    assert orchestrator(client.app).public_state()["state"] == "stopped"  # vLLM stopped for Ollama
+
+    # Ollama that will not let go: vLLM is not started into an occupied GPU
+    fake.unload_delay_s = None
+    resp = await client.post("/v1/chat/completions", json={"model": "alpha", "messages": user("hi")})
+    assert resp.status == 503
+    body = await resp.json()
+    validate_error(body)
+    assert body["error"]["code"] == "model_start_failed" and "llama3:latest" in body["error"]["message"]
+    assert len(started(tmp_path)) == 1

@@ -395,3 +395,22 @@ async def test_a_tenant_with_nothing_to_start_or_evict_is_granted_without_waitin
     call_o = Call()
     (await sched.acquire(ollama, call_o)).release()
     assert call_o.waited and w.stops == ["ollama", "vllm:a"]
+
+
+async def test_a_tenant_that_cannot_be_stopped_fails_the_switch_instead_of_starting_into_a_busy_gpu(sched):
+    w = World()
+    attempts = []
+
+    async def stuck() -> None:
+        attempts.append(1)
+        raise ProxyError(503, "model_start_failed", "Ollama still has llama3 loaded")
+
+    ollama = Tenant("ollama", "Ollama", stop=stuck)
+    (await sched.acquire(ollama, Call())).release()
+    calls = [asyncio.create_task(sched.acquire(w.tenant("vllm:a"), Call())) for _ in range(2)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(r, ProxyError) and "still has llama3 loaded" in r.message for r in results)
+    assert w.starts == []  # vLLM was never started into the occupied GPU
+    with pytest.raises(ProxyError):  # the next request tries the stop again
+        await sched.acquire(w.tenant("vllm:a"), Call())
+    assert len(attempts) == 2

@@ -427,14 +427,20 @@ class GpuScheduler:
         self._kick.set()
 
     async def _stop_tenant(self, tenant: Tenant) -> float:
+        """Run ``tenant.stop``; raises ``ProxyError`` when it could not free the GPU."""
         t0 = self._clock()
         if tenant.stop is not None:
             try:
                 await tenant.stop()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("stopping GPU tenant %s failed; continuing", tenant.key)
+            except ProxyError:
+                raise
+            except Exception as exc:
+                log.exception("stopping GPU tenant %s failed", tenant.key)
+                raise ProxyError(503, "model_start_failed",
+                                 f"{tenant.label} could not be stopped to free the GPU: {type(exc).__name__}: {exc}",
+                                 headers={"Retry-After": "10"}) from None
         self._stats["stops"] += 1
         return self._clock() - t0
 
@@ -459,7 +465,25 @@ class GpuScheduler:
             if self._active is tenant:
                 self._active = None
                 self._generation += 1
-            stop_s += await self._stop_tenant(tenant)
+            try:
+                stop_s += await self._stop_tenant(tenant)
+            except ProxyError as error:
+                # It may still hold the GPU: never start the next tenant into it. Its waiters get the reason;
+                # the tenant stays resident so the next switch tries to stop it again.
+                self._residents[tenant.key] = tenant
+                self._active, self._phase = None, IDLE
+                self._stats["swap_failures"] += 1
+                record.update(ok=False, error=error.code, drain_s=round(drain_s, 3), stop_s=round(stop_s, 3),
+                              start_s=0.0, total_s=round(self._clock() - began, 3))
+                self._recent.append(record)
+                self._emit({"event": "swap", **record})
+                log.warning("GPU: could not stop %s before switching to %s: %s", tenant.key, record["to"], error.message)
+                if target is None:
+                    if not head.future.done():
+                        head.future.set_exception(error)
+                else:
+                    self._fail(target.key, error)
+                return
         if target is None:
             if self._active is not None and not predicate(self._active):
                 self._phase = READY
