@@ -118,7 +118,9 @@ class Autostarter:
             return False
         task = self._starts.get(entry.name)
         if task is None or task.done():
-            task = asyncio.get_running_loop().create_task(self._start(entry, command), name=f"autostart-{entry.name}")
+            task = asyncio.get_running_loop().create_task(
+                self._start(entry, command), name=f"autostart-{entry.name}"
+            )
             self._starts[entry.name] = task
         if call is not None:
             await call.waiting()
@@ -136,12 +138,16 @@ class Autostarter:
         path = os.path.join(self.log_dir, safe_name(entry.name) + ".log")
         if started is None or not started.poll():
             argv = _argv(command)
-            header = f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} imageworks-proxy autostart: {shlex.join(argv)}\n"
+            now = time.strftime("%Y-%m-%d %H:%M:%S")
+            header = f"\n===== {now} imageworks-proxy autostart: {shlex.join(argv)}\n"
             try:
                 pid = await asyncio.to_thread(process.spawn, argv, path, None, header)
             except OSError as exc:
-                raise ProxyError(503, "model_start_failed",
-                                 f"Autostart command for {entry.name!r} cannot run: {exc.strerror or exc}") from None
+                raise ProxyError(
+                    503,
+                    "model_start_failed",
+                    f"Autostart command for {entry.name!r} cannot run: {exc.strerror or exc}",
+                ) from None
             started = _Started(pid, path)
             self._procs[entry.name] = started
             log.info("autostart: started %r for %r (pid %d); log %s", shlex.join(argv), entry.name, pid, path)
@@ -154,20 +160,25 @@ class Autostarter:
                 log.info("autostart: %r ready after %.1fs", entry.name, time.monotonic() - t0)
                 return True
             if not started.poll() and started.returncode not in (None, 0):
-                # A launcher that exits 0 (e.g. "systemctl start x", "docker start x") is fine; a failure is not.
+                # A launcher that exits 0 ("systemctl start x", "docker start x") is fine; a failure is not.
                 line = process.explaining_line(process.log_tail(path)) or f"exit code {started.returncode}"
                 raise ProxyError(
-                    503, "model_start_failed",
+                    503,
+                    "model_start_failed",
                     f"Autostart command for {entry.name!r} failed (exit code {started.returncode}): {line}",
-                    hint=f"Full log: {path}", headers={"Retry-After": "10"})
+                    hint=f"Full log: {path}",
+                    headers={"Retry-After": "10"},
+                )
             if time.monotonic() >= deadline:
                 tail = process.log_tail(path, 5)
                 raise ProxyError(
-                    504, "model_start_timeout",
+                    504,
+                    "model_start_timeout",
                     f"Backend for {entry.name!r} was not ready within {cfg.autostart_grace_period_s:g}s "
                     "(CHAT_PROXY_AUTOSTART_GRACE_PERIOD_S) after running its autostart command."
                     + (" Last log lines: " + " | ".join(tail) if tail else " The command printed nothing."),
-                    hint=f"Full log: {path}")
+                    hint=f"Full log: {path}",
+                )
             await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 1.5, 1.0)
 
@@ -190,10 +201,15 @@ class Autostarter:
         for name in cfg.autostart_map:
             entry = by_name.get(name)
             if entry is None:
-                log.warning("autostart: CHAT_PROXY_AUTOSTART_MAP names %r, which is not in the registry", name)
+                log.warning(
+                    "autostart: CHAT_PROXY_AUTOSTART_MAP names %r, which is not in the registry", name
+                )
             elif self.command_for(entry) is None:
-                log.info("autostart: ignoring the command for %r: orchestrated vLLM models are started by the "
-                         "orchestrator", name)
+                log.info(
+                    "autostart: ignoring the command for %r: orchestrated vLLM models are started by the "
+                    "orchestrator",
+                    name,
+                )
 
     async def close(self) -> None:
         for task in self._starts.values():

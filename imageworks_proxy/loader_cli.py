@@ -33,7 +33,8 @@ OK, FAILED, USAGE = 0, 1, 2
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="imageworks-loader",
-        description="Inspect models and control the active vLLM model of imageworks-proxy. Talks to the running "
+        description="Inspect models and control the active vLLM model of imageworks-proxy. "
+        "Talks to the running "
         "proxy's admin API when it is reachable, else works directly on CHAT_PROXY_VLLM_STATE_PATH.",
     )
     p.add_argument("--url", help="the proxy's base URL (default: http://CHAT_PROXY_HOST:CHAT_PROXY_PORT)")
@@ -64,8 +65,12 @@ def cmd_list(config: Config) -> int:
         return FAILED
     catalogue = build_catalogue(registry.entries)
     rows = [
-        {"id": item.id, "logical_name": item.entry.name, "backend": item.entry.backend,
-         "installed": default_installed(item.entry)}
+        {
+            "id": item.id,
+            "logical_name": item.entry.name,
+            "backend": item.entry.backend,
+            "installed": default_installed(item.entry),
+        }
         for item in catalogue.listed
     ]
     _print(rows)
@@ -113,7 +118,9 @@ def _call(config: Config, base: str, method: str, path: str, body: Any = None, t
             err = orjson.loads(exc.read()).get("error") or {}
         except (orjson.JSONDecodeError, AttributeError):
             err = {}
-        raise ProxyError(exc.code, str(err.get("code") or "http_error"), str(err.get("message") or exc.reason)) from None
+        raise ProxyError(
+            exc.code, str(err.get("code") or "http_error"), str(err.get("message") or exc.reason)
+        ) from None
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
         raise Unreachable(str(getattr(exc, "reason", exc))) from None
 
@@ -121,9 +128,15 @@ def _call(config: Config, base: str, method: str, path: str, body: Any = None, t
 def _current_from_api(state: dict[str, Any]) -> dict[str, Any] | None:
     if not state.get("active"):
         return None
-    return {"logical_name": state["active"], "state": state.get("state"),
-            "served_model_id": state.get("served_model_id"), "pid": state.get("pid"), "port": state.get("port"),
-            "started_at": state.get("started_at"), "source": "proxy"}
+    return {
+        "logical_name": state["active"],
+        "state": state.get("state"),
+        "served_model_id": state.get("served_model_id"),
+        "pid": state.get("pid"),
+        "port": state.get("port"),
+        "started_at": state.get("started_at"),
+        "source": "proxy",
+    }
 
 
 def via_api(config: Config, base: str, args: argparse.Namespace) -> int:
@@ -136,15 +149,21 @@ def via_api(config: Config, base: str, args: argparse.Namespace) -> int:
         _print(None)
     else:
         print(f"activating {args.name!r} through the proxy at {base} ...", file=sys.stderr)
-        state = _call(config, base, "POST", "/v1/admin/vllm/activate", {"model": args.name}, timeout=long_wait)["vllm"]
+        state = _call(
+            config, base, "POST", "/v1/admin/vllm/activate", {"model": args.name}, timeout=long_wait
+        )["vllm"]
         _print(_current_from_api(state))
     return OK
 
 
 # -- direct (no proxy running) -------------------------------------------------------------------
 def _orchestrated(config: Config, entry: Entry) -> bool:
-    return entry.backend == "vllm" and config.vllm_single_port and not entry.backend_config.base_url \
+    return (
+        entry.backend == "vllm"
+        and config.vllm_single_port
+        and not entry.backend_config.base_url
         and not entry.backend_config.adapter
+    )
 
 
 async def _unload_ollama(config: Config, session: aiohttp.ClientSession) -> None:
@@ -153,9 +172,14 @@ async def _unload_ollama(config: Config, session: aiohttp.ClientSession) -> None
     timeout = aiohttp.ClientTimeout(total=3)
     try:
         async with session.get(f"{base}/api/ps", timeout=timeout) as resp:
-            loaded = [m.get("name") or m.get("model") for m in (await resp.json(content_type=None)).get("models", [])]
+            loaded = [
+                m.get("name") or m.get("model")
+                for m in (await resp.json(content_type=None)).get("models", [])
+            ]
         for name in filter(None, loaded):
-            async with session.post(f"{base}/api/generate", json={"model": name, "keep_alive": 0}, timeout=timeout) as r:
+            async with session.post(
+                f"{base}/api/generate", json={"model": name, "keep_alive": 0}, timeout=timeout
+            ) as r:
                 await r.read()
         deadline = time.monotonic() + config.ollama_stop_timeout_s
         while loaded and time.monotonic() < deadline:
@@ -174,7 +198,10 @@ async def direct(config: Config, args: argparse.Namespace) -> int:
     if args.command == "activate-model" and not args.stop:
         entry = _resolve(config, args.name)
         if not _orchestrated(config, entry):
-            _err(f"{entry.name!r} is not an orchestrated vLLM model (backend {entry.backend!r}); nothing to activate")
+            _err(
+                f"{entry.name!r} is not an orchestrated vLLM model (backend {entry.backend!r}); "
+                "nothing to activate"
+            )
             return FAILED
         if config.require_template:
             check_template(entry)
@@ -190,9 +217,17 @@ async def direct(config: Config, args: argparse.Namespace) -> int:
                 if inst is None:
                     _print(None)
                 else:
-                    _print({"logical_name": inst.logical_name, "state": "loaded" if inst.ready else "loading",
-                            "served_model_id": inst.served_model_id, "pid": inst.pid, "port": inst.port,
-                            "started_at": inst.started_at, "source": "state-file"})
+                    _print(
+                        {
+                            "logical_name": inst.logical_name,
+                            "state": "loaded" if inst.ready else "loading",
+                            "served_model_id": inst.served_model_id,
+                            "pid": inst.pid,
+                            "port": inst.port,
+                            "started_at": inst.started_at,
+                            "source": "state-file",
+                        }
+                    )
                 await sup.close(keep=True)
                 return OK
             if args.stop:
@@ -204,11 +239,22 @@ async def direct(config: Config, args: argparse.Namespace) -> int:
             assert entry is not None
             if config.gpu_exclusive:
                 await _unload_ollama(config, session)
-            print(f"activating {entry.name!r} (no proxy reachable; starting it directly) ...", file=sys.stderr)
+            print(
+                f"activating {entry.name!r} (no proxy reachable; starting it directly) ...", file=sys.stderr
+            )
             inst = await sup.ensure(entry)
-            _print({"logical_name": inst.logical_name, "state": "loaded", "served_model_id": inst.served_model_id,
-                    "pid": inst.pid, "port": inst.port, "started_at": inst.started_at, "log_path": inst.log_path,
-                    "source": "state-file"})
+            _print(
+                {
+                    "logical_name": inst.logical_name,
+                    "state": "loaded",
+                    "served_model_id": inst.served_model_id,
+                    "pid": inst.pid,
+                    "port": inst.port,
+                    "started_at": inst.started_at,
+                    "log_path": inst.log_path,
+                    "source": "state-file",
+                }
+            )
             await sup.close(keep=True)
             return OK
         finally:

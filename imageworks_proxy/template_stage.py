@@ -32,13 +32,14 @@ def template_source(entry: Entry) -> str | None:
 def template_error(entry: Entry) -> ProxyError:
     where = entry.chat_template_path or "(none)"
     return ProxyError(
-        409, "template_required",
+        409,
+        "template_required",
         f"Model {entry.name!r} has no chat template, so vLLM cannot serve chat requests for it. Looked at "
         f"chat_template.path ({where}) and, in the model directory, chat_template.jinja, chat_template.json "
         "and the chat_template of tokenizer_config.json.",
         param="model",
         hint="Set chat_template.path in the registry entry (or pass --chat-template in extra_args), or set "
-             "CHAT_PROXY_REQUIRE_TEMPLATE=0 to let vLLM decide.",
+        "CHAT_PROXY_REQUIRE_TEMPLATE=0 to let vLLM decide.",
     )
 
 

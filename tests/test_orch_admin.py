@@ -24,8 +24,13 @@ def orch(tmp_path, make_config, registry_file, proxy_client):
 
 
 async def test_activate_state_and_stop(orch, tmp_path):
-    client = await orch([vllm_entry("alpha", tmp_path), vllm_entry("beta", tmp_path),
-                         {"name": "llama", "backend": "ollama", "backend_config": {"model_path": "ollama:/llama3"}}])
+    client = await orch(
+        [
+            vllm_entry("alpha", tmp_path),
+            vllm_entry("beta", tmp_path),
+            {"name": "llama", "backend": "ollama", "backend_config": {"model_path": "ollama:/llama3"}},
+        ]
+    )
     state = await (await client.get("/v1/admin/vllm")).json()
     assert state["vllm"]["active"] is None and state["vllm"]["state"] == "stopped"
     assert state["stats"]["swaps"] == 0
@@ -52,9 +57,11 @@ async def test_activate_state_and_stop(orch, tmp_path):
     state = await (await client.get("/v1/admin/vllm")).json()
     assert state["stats"]["swaps"] == 2 and state["stats"]["vllm_launches"] == 2
 
-    for payload, status, code in [({"model": "llama"}, 400, "invalid_request"),
-                                  ({"model": "nope"}, 404, "model_not_found"),
-                                  ({}, 400, "invalid_request")]:
+    for payload, status, code in [
+        ({"model": "llama"}, 400, "invalid_request"),
+        ({"model": "nope"}, 404, "model_not_found"),
+        ({}, 400, "invalid_request"),
+    ]:
         resp = await client.post("/v1/admin/vllm/activate", json=payload)
         assert resp.status == status
         body = await resp.json()
@@ -63,7 +70,9 @@ async def test_activate_state_and_stop(orch, tmp_path):
 
 
 async def test_activation_retries_a_model_that_failed_moments_ago(orch, tmp_path):
-    client = await orch([vllm_entry("broken", tmp_path, "--fake-fail", "ValueError: bad quantization config")])
+    client = await orch(
+        [vllm_entry("broken", tmp_path, "--fake-fail", "ValueError: bad quantization config")]
+    )
     for _ in range(2):  # an explicit activation ignores the failure backoff
         resp = await client.post("/v1/admin/vllm/activate", json={"model": "broken"})
         assert resp.status == 503
@@ -77,7 +86,9 @@ def _request(app, peer, headers=None):
     return make_mocked_request("GET", "/v1/admin/vllm", app=app, transport=transport, headers=headers or {})
 
 
-async def test_admin_answers_loopback_clients_only_unless_api_keys_are_set(make_config, make_app, registry_file, tmp_path):
+async def test_admin_answers_loopback_clients_only_unless_api_keys_are_set(
+    make_config, make_app, registry_file, tmp_path
+):
     registry_file([])
     app = make_app(make_config(**orch_settings(free_port())))
     with pytest.raises(ProxyError) as exc:

@@ -12,18 +12,36 @@ from imageworks_proxy.registry import parse_entry
 def entry(**bc):
     extra = bc.pop("extra_args", [])
     fields = bc.pop("fields", {})
-    return parse_entry({"name": "qwen", "backend": "vllm", "served_model_id": "qwen-7b",
-                        "backend_config": {"model_path": "/w/qwen", "extra_args": extra, **bc}, **fields})
+    return parse_entry(
+        {
+            "name": "qwen",
+            "backend": "vllm",
+            "served_model_id": "qwen-7b",
+            "backend_config": {"model_path": "/w/qwen", "extra_args": extra, **bc},
+            **fields,
+        }
+    )
 
 
 def test_seed_flags_follow_the_launcher_and_extra_args_come_last_verbatim(make_config):
     cfg = make_config(VLLM_COMMAND="vllm-bin serve-ish", VLLM_PORT="24123", VLLM_GPU_MEMORY_UTILIZATION="0.6")
     cmd = build_command(cfg, entry(extra_args=["--enforce-eager", "--limit-mm-per-prompt", '{"image": 4}']))
     assert cmd.argv == (
-        "vllm-bin", "serve-ish",
-        "--model", "/w/qwen", "--host", "127.0.0.1", "--port", "24123", "--served-model-name", "qwen-7b",
-        "--gpu-memory-utilization", "0.6",
-        "--enforce-eager", "--limit-mm-per-prompt", '{"image": 4}',
+        "vllm-bin",
+        "serve-ish",
+        "--model",
+        "/w/qwen",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "24123",
+        "--served-model-name",
+        "qwen-7b",
+        "--gpu-memory-utilization",
+        "0.6",
+        "--enforce-eager",
+        "--limit-mm-per-prompt",
+        '{"image": 4}',
     )
     assert cmd.flags == cmd.argv[2:]
     assert (cmd.port, cmd.served_model_id, cmd.gpu_memory_utilization) == (24123, "qwen-7b", 0.6)
@@ -38,13 +56,12 @@ def test_max_model_len_and_chat_template_are_added_when_configured(make_config, 
     assert flag_value(cmd.argv, "--chat-template") == str(template)
 
 
-@pytest.mark.parametrize("override", [
-    ["--gpu-memory-utilization", "0.9"],
-    ["--gpu-memory-utilization=0.9"],
-])
+@pytest.mark.parametrize("override", [["--gpu-memory-utilization", "0.9"], ["--gpu-memory-utilization=0.9"]])
 def test_a_flag_present_in_extra_args_is_not_added_again(make_config, override):
     cfg = make_config(VLLM_GPU_MEMORY_UTILIZATION="0.5", VLLM_MAX_MODEL_LEN="4096")
-    cmd = build_command(cfg, entry(extra_args=[*override, "--max-model-len", "2048", "--served-model-name", "alias"]))
+    cmd = build_command(
+        cfg, entry(extra_args=[*override, "--max-model-len", "2048", "--served-model-name", "alias"])
+    )
     joined = " ".join(cmd.argv)
     assert joined.count("--gpu-memory-utilization") == 1
     assert joined.count("--max-model-len") == 1 and flag_value(cmd.argv, "--max-model-len") == "2048"

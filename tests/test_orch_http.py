@@ -31,9 +31,13 @@ async def until(predicate, timeout=30.0):
         await asyncio.sleep(0.02)
 
 
-async def test_a_stream_for_a_cold_model_gets_headers_and_a_keep_alive_at_once_then_the_answer(orch, tmp_path):
+async def test_a_stream_for_a_cold_model_gets_headers_and_a_keep_alive_at_once_then_the_answer(
+    orch, tmp_path
+):
     client = await orch([vllm_entry("alpha", tmp_path, "--fake-start-delay", "0.5")])
-    resp = await client.post("/v1/chat/completions", json={"model": "alpha", "messages": user("hi"), "stream": True})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "alpha", "messages": user("hi"), "stream": True}
+    )
     assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
     assert await resp.content.readuntil(b"\n\n") == b": keep-alive\n\n"  # before vLLM is even healthy
     events = sse_events(await resp.read())
@@ -60,7 +64,16 @@ async def test_the_openai_sdk_streams_through_a_cold_start_and_a_switch(orch, tm
 
 
 async def test_a_failed_start_is_a_json_503_carrying_vllms_log_line(orch, tmp_path):
-    client = await orch([vllm_entry("broken", tmp_path, "--fake-fail", "ValueError: The model's max seq len (32768) is larger than KV cache (1024)")])
+    client = await orch(
+        [
+            vllm_entry(
+                "broken",
+                tmp_path,
+                "--fake-fail",
+                "ValueError: The model's max seq len (32768) is larger than KV cache (1024)",
+            )
+        ]
+    )
     resp = await client.post("/v1/chat/completions", json={"model": "broken", "messages": user("hi")})
     assert resp.status == 503 and resp.headers["Content-Type"].startswith("application/json")
     body = await resp.json()
@@ -71,8 +84,12 @@ async def test_a_failed_start_is_a_json_503_carrying_vllms_log_line(orch, tmp_pa
 
 
 async def test_a_failed_start_after_the_stream_was_committed_is_an_in_band_error(orch, tmp_path):
-    client = await orch([vllm_entry("broken", tmp_path, "--fake-fail", "RuntimeError: No CUDA GPUs are available")])
-    resp = await client.post("/v1/chat/completions", json={"model": "broken", "messages": user("hi"), "stream": True})
+    client = await orch(
+        [vllm_entry("broken", tmp_path, "--fake-fail", "RuntimeError: No CUDA GPUs are available")]
+    )
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "broken", "messages": user("hi"), "stream": True}
+    )
     assert resp.status == 200
     events = sse_events(await resp.read())
     assert events[-1] == "[DONE]"
@@ -91,7 +108,9 @@ async def test_a_model_without_chat_template_is_refused_before_anything_starts(o
     templated = vllm_entry("templated", tmp_path, chat_template={"path": str(template)})
     templated["backend_config"]["model_path"] = str(model_dir)
     client = await orch([bare, templated], REQUIRE_TEMPLATE="1")
-    resp = await client.post("/v1/chat/completions", json={"model": "base", "messages": user("hi"), "stream": True})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "base", "messages": user("hi"), "stream": True}
+    )
     assert resp.status == 409 and resp.headers["Content-Type"].startswith("application/json")
     body = await resp.json()
     validate_error(body)
@@ -107,28 +126,56 @@ async def test_a_model_without_chat_template_is_refused_before_anything_starts(o
 async def test_a_client_that_disconnects_while_queued_leaves_the_queue(orch, tmp_path):
     client = await orch([vllm_entry("alpha", tmp_path), vllm_entry("beta", tmp_path)])
     app = client.app
-    long = asyncio.create_task(client.post("/v1/chat/completions", json={
-        "model": "alpha", "messages": user("hi"), "stream": True, "fake_chunks": 10, "fake_chunk_delay": 0.1}))
+    long = asyncio.create_task(
+        client.post(
+            "/v1/chat/completions",
+            json={
+                "model": "alpha",
+                "messages": user("hi"),
+                "stream": True,
+                "fake_chunks": 10,
+                "fake_chunk_delay": 0.1,
+            },
+        )
+    )
     await until(lambda: orchestrator(app).scheduler.stats()["inflight"] == 1)
-    waiting = await client.post("/v1/chat/completions", json={"model": "beta", "messages": user("hi"), "stream": True})
+    waiting = await client.post(
+        "/v1/chat/completions", json={"model": "beta", "messages": user("hi"), "stream": True}
+    )
     assert await waiting.content.readuntil(b"\n\n") == b": keep-alive\n\n"
     assert orchestrator(app).scheduler.queue_depth == 1
     waiting.close()  # the user closed the tab
     await until(lambda: orchestrator(app).scheduler.queue_depth == 0)
     resp = await long
     assert sse_events(await resp.read())[-1] == "[DONE]"
-    assert [e["model"] for e in started(tmp_path)] == ["served-alpha"]  # no switch for a request nobody waits for
+    assert [e["model"] for e in started(tmp_path)] == [
+        "served-alpha"
+    ]  # no switch for a request nobody waits for
 
 
 async def test_more_waiting_requests_than_the_queue_allows_get_429(orch, tmp_path):
     client = await orch([vllm_entry("alpha", tmp_path), vllm_entry("beta", tmp_path)], VLLM_MAX_QUEUE="1")
     app = client.app
-    long = asyncio.create_task(client.post("/v1/chat/completions", json={
-        "model": "alpha", "messages": user("hi"), "stream": True, "fake_chunks": 5, "fake_chunk_delay": 0.1}))
+    long = asyncio.create_task(
+        client.post(
+            "/v1/chat/completions",
+            json={
+                "model": "alpha",
+                "messages": user("hi"),
+                "stream": True,
+                "fake_chunks": 5,
+                "fake_chunk_delay": 0.1,
+            },
+        )
+    )
     await until(lambda: orchestrator(app).scheduler.stats()["inflight"] == 1)
-    queued = asyncio.create_task(client.post("/v1/chat/completions", json={"model": "beta", "messages": user("hi")}))
+    queued = asyncio.create_task(
+        client.post("/v1/chat/completions", json={"model": "beta", "messages": user("hi")})
+    )
     await until(lambda: orchestrator(app).scheduler.queue_depth == 1)
-    resp = await client.post("/v1/chat/completions", json={"model": "beta", "messages": user("hi"), "stream": True})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "beta", "messages": user("hi"), "stream": True}
+    )
     assert resp.status == 429 and resp.headers["Content-Type"].startswith("application/json")
     body = await resp.json()
     validate_error(body)
@@ -137,16 +184,24 @@ async def test_more_waiting_requests_than_the_queue_allows_get_429(orch, tmp_pat
     assert (await queued).status == 200
 
 
-async def test_ollama_and_vllm_take_turns_on_the_gpu(tmp_path, aiohttp_server, registry_file, make_config, proxy_client):
+async def test_ollama_and_vllm_take_turns_on_the_gpu(
+    tmp_path, aiohttp_server, registry_file, make_config, proxy_client
+):
     from tests.fakes.fake_ollama import FakeOllama
 
     fake = FakeOllama({"llama3:latest": ("completion",)})
     fake.loaded["llama3:latest"] = float("inf")  # Ollama holds the GPU from before the proxy started
     server = await aiohttp_server(fake.app())
-    ollama = {"name": "llama", "backend": "ollama", "served_model_id": "llama3:latest",
-              "backend_config": {"base_url": str(server.make_url("")).rstrip("/")}}
+    ollama = {
+        "name": "llama",
+        "backend": "ollama",
+        "served_model_id": "llama3:latest",
+        "backend_config": {"base_url": str(server.make_url("")).rstrip("/")},
+    }
     registry_file([vllm_entry("alpha", tmp_path), ollama])
-    client = await proxy_client(make_config(**orch_settings(free_port(), GPU_EXCLUSIVE="1", OLLAMA_STOP_TIMEOUT_S="1")))
+    client = await proxy_client(
+        make_config(**orch_settings(free_port(), GPU_EXCLUSIVE="1", OLLAMA_STOP_TIMEOUT_S="1"))
+    )
 
     resp = await client.post("/v1/chat/completions", json={"model": "alpha", "messages": user("hi")})
     assert resp.status == 200, await resp.text()

@@ -19,8 +19,13 @@ from tests.fakes.orch import free_port, orch_settings, started, vllm_entry
 @pytest.fixture
 def setup(tmp_path, make_config, registry_file):
     """Registry + settings shared by the loader (environment) and in-test proxies (Config)."""
-    registry_file([vllm_entry("alpha", tmp_path), vllm_entry("beta", tmp_path),
-                   {"name": "llama", "backend": "ollama", "backend_config": {"model_path": "ollama:/llama3"}}])
+    registry_file(
+        [
+            vllm_entry("alpha", tmp_path),
+            vllm_entry("beta", tmp_path),
+            {"name": "llama", "backend": "ollama", "backend_config": {"model_path": "ollama:/llama3"}},
+        ]
+    )
     settings = orch_settings(free_port(), PORT=str(free_port()))  # nothing listens on the proxy port
     config = make_config(**settings)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_PROXY_")}
@@ -32,13 +37,21 @@ def setup(tmp_path, make_config, registry_file):
 
 async def loader(env, *args):
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "import sys; from imageworks_proxy.loader_cli import main; sys.exit(main())", *args,
-        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-c",
+        "import sys; from imageworks_proxy.loader_cli import main; sys.exit(main())",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await proc.communicate()
     return proc.returncode, json.loads(out) if out.strip() else None, err.decode()
 
 
-async def test_without_a_proxy_the_loader_starts_a_model_that_a_proxy_then_adopts(setup, tmp_path, make_app, aiohttp_client):
+async def test_without_a_proxy_the_loader_starts_a_model_that_a_proxy_then_adopts(
+    setup, tmp_path, make_app, aiohttp_client
+):
     config, env = setup
     code, out, err = await loader(env, "activate-model", "alpha")
     assert code == 0, err
@@ -52,7 +65,9 @@ async def test_without_a_proxy_the_loader_starts_a_model_that_a_proxy_then_adopt
         client = await aiohttp_client(make_app(config))
         state = orchestrator(client.app).public_state()
         assert state["active"] == "alpha" and state["pid"] == pid and state["adopted"]
-        resp = await client.post("/v1/chat/completions", json={"model": "alpha", "messages": [{"role": "user", "content": "x"}]})
+        resp = await client.post(
+            "/v1/chat/completions", json={"model": "alpha", "messages": [{"role": "user", "content": "x"}]}
+        )
         assert (await resp.json())["choices"][0]["message"]["content"].endswith(f"pid {pid}")
         assert len(started(tmp_path)) == 1  # adopted, not duplicated
         await client.close()  # this proxy does not keep it
@@ -78,13 +93,26 @@ async def test_without_a_proxy_the_loader_switches_and_stops(setup, tmp_path):
 
 async def test_the_loader_never_kills_a_pid_whose_command_line_does_not_match(setup, tmp_path):
     config, env = setup
-    victim = process.spawn([sys.executable, "-c", "import time; time.sleep(60)"], str(tmp_path / "victim.log"))
+    victim = process.spawn(
+        [sys.executable, "-c", "import time; time.sleep(60)"], str(tmp_path / "victim.log")
+    )
     try:
         os.makedirs(os.path.dirname(config.vllm_state_path), exist_ok=True)
         with open(config.vllm_state_path, "w") as fh:
-            json.dump({"logical_name": "alpha", "served_model_id": "served-alpha", "host": "127.0.0.1", "port": 1,
-                       "pid": victim, "pgid": victim, "started_at": 0, "command": ["vllm", "--model", "/m"],
-                       "prefix_len": 1}, fh)
+            json.dump(
+                {
+                    "logical_name": "alpha",
+                    "served_model_id": "served-alpha",
+                    "host": "127.0.0.1",
+                    "port": 1,
+                    "pid": victim,
+                    "pgid": victim,
+                    "started_at": 0,
+                    "command": ["vllm", "--model", "/m"],
+                    "prefix_len": 1,
+                },
+                fh,
+            )
         code, out, err = await loader(env, "activate-model", "--stop")
         assert code == 0 and out is None
         assert process.pid_alive(victim)
@@ -95,7 +123,9 @@ async def test_the_loader_never_kills_a_pid_whose_command_line_does_not_match(se
 
 async def test_a_failed_direct_start_exits_1_with_vllms_reason(setup, tmp_path, make_config, registry_file):
     config, env = setup
-    registry_file([vllm_entry("broken", tmp_path, "--fake-fail", "ValueError: Unknown quantization method: foo")])
+    registry_file(
+        [vllm_entry("broken", tmp_path, "--fake-fail", "ValueError: Unknown quantization method: foo")]
+    )
     code, out, err = await loader(env, "activate-model", "broken")
     assert code == 1 and out is None
     assert "Unknown quantization method: foo" in err
@@ -129,6 +159,10 @@ async def test_usage_errors_exit_2_and_list_shows_the_registry(setup):
     assert (await loader(env, "bogus"))[0] == 2
     code, rows, _ = await loader(env, "list")
     assert code == 0
-    assert {r["logical_name"]: r["backend"] for r in rows} == {"alpha": "vllm", "beta": "vllm", "llama": "ollama"}
+    assert {r["logical_name"]: r["backend"] for r in rows} == {
+        "alpha": "vllm",
+        "beta": "vllm",
+        "llama": "ollama",
+    }
     bad_env = {**env, "CHAT_PROXY_VLLM_PORT": "not-a-port"}
     assert (await loader(bad_env, "current-model"))[0] == 2

@@ -23,9 +23,14 @@ def test_the_explaining_line_is_the_root_cause_not_the_pointer_to_it():
         "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.",
         "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}",
     ]
-    assert process.explaining_line(lines) == "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB."
-    assert process.explaining_line(["starting", "api_server.py: error: unrecognized arguments: --bogus"]) == \
-        "api_server.py: error: unrecognized arguments: --bogus"
+    assert (
+        process.explaining_line(lines)
+        == "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB."
+    )
+    assert (
+        process.explaining_line(["starting", "api_server.py: error: unrecognized arguments: --bogus"])
+        == "api_server.py: error: unrecognized arguments: --bogus"
+    )
     assert process.explaining_line(["just some output"]) == "just some output"
     assert process.explaining_line([]) is None
 
@@ -38,16 +43,32 @@ def test_log_tail_reads_the_last_lines(tmp_path):
 
 
 def _spawn_fake(tmp_path, port, *extra):
-    argv = [sys.executable, str(FAKE_VLLM), "--model", "m", "--host", "127.0.0.1", "--port", str(port),
-            "--fake-start-delay", "0.1", *extra]
+    argv = [
+        sys.executable,
+        str(FAKE_VLLM),
+        "--model",
+        "m",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--fake-start-delay",
+        "0.1",
+        *extra,
+    ]
     return process.spawn(argv, str(tmp_path / "fake.log"), header="== test\n")
 
 
 async def _ready(pid, port, tmp_path, timeout=30.0):
     async with aiohttp.ClientSession() as s:
         await process.wait_ready(
-            s, f"http://127.0.0.1:{port}/health", deadline=time.monotonic() + timeout, try_timeout=1,
-            exited=lambda: False if process.pid_alive(pid) else None, log_path=str(tmp_path / "fake.log"))
+            s,
+            f"http://127.0.0.1:{port}/health",
+            deadline=time.monotonic() + timeout,
+            try_timeout=1,
+            exited=lambda: False if process.pid_alive(pid) else None,
+            log_path=str(tmp_path / "fake.log"),
+        )
 
 
 async def test_spawned_server_gets_its_own_process_group_and_a_log_file(tmp_path):
@@ -101,8 +122,9 @@ async def test_stop_gives_up_waiting_for_vram_after_the_timeout(tmp_path):
     port = free_port()
     pid = _spawn_fake(tmp_path, port)
     await _ready(pid, port, tmp_path)
-    result = await process.stop_group(pid, term_timeout=5, host="127.0.0.1", port=port,
-                                      gpu_pids=lambda: {pid}, release_timeout=0.2)
+    result = await process.stop_group(
+        pid, term_timeout=5, host="127.0.0.1", port=port, gpu_pids=lambda: {pid}, release_timeout=0.2
+    )
     assert result["exited"] and result["gpu_released"] is False
 
 
@@ -120,9 +142,14 @@ async def test_readiness_times_out_when_nothing_becomes_healthy(tmp_path):
     try:
         with pytest.raises(process.StartTimeout):
             async with aiohttp.ClientSession() as s:
-                await process.wait_ready(s, f"http://127.0.0.1:{free_port()}/health",
-                                         deadline=time.monotonic() + 0.3, try_timeout=0.1,
-                                         exited=lambda: False, log_path=None)
+                await process.wait_ready(
+                    s,
+                    f"http://127.0.0.1:{free_port()}/health",
+                    deadline=time.monotonic() + 0.3,
+                    try_timeout=0.1,
+                    exited=lambda: False,
+                    log_path=None,
+                )
     finally:
         await process.stop_group(pid, term_timeout=2)
 

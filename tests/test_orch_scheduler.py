@@ -38,8 +38,15 @@ class World:
         self.violations: list[str] = []
         self.gates: dict[str, asyncio.Event] = {}
 
-    def tenant(self, key: str, *, delay: float = 0.0, fail: str | None = None, revision: str | None = None,
-               gate: bool = False) -> Tenant:
+    def tenant(
+        self,
+        key: str,
+        *,
+        delay: float = 0.0,
+        fail: str | None = None,
+        revision: str | None = None,
+        gate: bool = False,
+    ) -> Tenant:
         async def start() -> None:
             if self.alive:
                 self.violations.append(f"start {key} while {sorted(self.alive)} alive")
@@ -314,7 +321,10 @@ async def test_stats_and_listeners_report_swaps(sched):
     (await sched.acquire(w.tenant("vllm:b"), Call())).release()
     stats = sched.stats()
     assert stats["swaps"] == 2 and stats["queue_depth"] == 0 and stats["active"] == "vllm:b"
-    assert [(e["from"], e["to"], e["ok"]) for e in events] == [(None, "vllm:a", True), ("vllm:a", "vllm:b", True)]
+    assert [(e["from"], e["to"], e["ok"]) for e in events] == [
+        (None, "vllm:a", True),
+        ("vllm:a", "vllm:b", True),
+    ]
     assert all(e["total_s"] >= 0 for e in stats["recent_swaps"])
 
 
@@ -365,9 +375,15 @@ async def _scenario(plan: list[tuple[str, int, int, bool]], seed: int) -> tuple[
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     plan=st.lists(
-        st.tuples(st.sampled_from(["vllm:a", "vllm:b", "vllm:c", "ollama"]), st.integers(0, 6), st.integers(0, 6),
-                  st.sampled_from([False, False, False, True])),
-        min_size=1, max_size=25),
+        st.tuples(
+            st.sampled_from(["vllm:a", "vllm:b", "vllm:c", "ollama"]),
+            st.integers(0, 6),
+            st.integers(0, 6),
+            st.sampled_from([False, False, False, True]),
+        ),
+        min_size=1,
+        max_size=25,
+    ),
     seed=st.integers(0, 2**16),
 )
 def test_random_interleavings_never_overlap_always_succeed_and_switch_little(plan, seed):

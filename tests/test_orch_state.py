@@ -10,7 +10,9 @@ from imageworks_proxy.orchestrator.state import StateFile, VllmState
 
 
 def state_for(pid: int, command: list[str], prefix_len: int = 1) -> VllmState:
-    return VllmState("alpha", "served-alpha", "127.0.0.1", 24001, pid, pid, 1.0, tuple(command), prefix_len, None)
+    return VllmState(
+        "alpha", "served-alpha", "127.0.0.1", 24001, pid, pid, 1.0, tuple(command), prefix_len, None
+    )
 
 
 def test_write_then_read_round_trips_and_leaves_no_temp_files(tmp_path):

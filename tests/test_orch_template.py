@@ -14,7 +14,12 @@ def vllm(tmp_path, **fields):
     d = tmp_path / "w"
     d.mkdir(exist_ok=True)
     bc = fields.pop("backend_config", {})
-    return parse_entry({"name": "m", "backend": "vllm", "backend_config": {"model_path": str(d), **bc}, **fields}), d
+    return (
+        parse_entry(
+            {"name": "m", "backend": "vllm", "backend_config": {"model_path": str(d), **bc}, **fields}
+        ),
+        d,
+    )
 
 
 @pytest.mark.parametrize("setup", ["jinja", "json", "tokenizer", "explicit", "extra_args"])
@@ -66,7 +71,8 @@ async def _run(make_config, make_app, registry_file, tmp_path, entry_obj, **cfg)
 
 
 async def test_the_stage_refuses_only_orchestrated_vllm_entries_and_honours_the_switch(
-        make_config, make_app, registry_file, tmp_path):
+    make_config, make_app, registry_file, tmp_path
+):
     bare = {"name": "m", "backend": "vllm", "backend_config": {"model_path": str(tmp_path)}}
     with pytest.raises(ProxyError) as exc:
         await _run(make_config, make_app, registry_file, tmp_path, bare)

@@ -55,7 +55,9 @@ async def test_a_cold_model_is_started_on_first_request_and_reported_loading_the
     assert health["vllm"]["active"] is None and health["vllm"]["state"] == "stopped"
 
     task = asyncio.create_task(chat(client.app, "alpha", stream=True))
-    await until(lambda: orchestrator(client.app).model_status(keys.models(client.app).resolve("alpha")) == "loading")
+    await until(
+        lambda: orchestrator(client.app).model_status(keys.models(client.app).resolve("alpha")) == "loading"
+    )
     assert await models_status(client) == {"alpha": "loading"}
     health = await (await client.get("/v1/health")).json()  # answers during the start
     assert health["vllm"]["active"] == "alpha" and health["vllm"]["state"] == "loading"
@@ -101,11 +103,19 @@ async def test_switching_never_kills_a_running_answer_and_never_runs_two_vllms(o
     assert stats["swaps"] == 3 and stats["swap_failures"] == 0 and stats["vllm_launches"] == 3
 
 
-async def test_a_start_failure_reaches_every_waiter_with_vllms_reason_and_is_not_retried_at_once(orch, tmp_path):
-    bad = vllm_entry("broken", tmp_path, "--fake-fail", "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB")
+async def test_a_start_failure_reaches_every_waiter_with_vllms_reason_and_is_not_retried_at_once(
+    orch, tmp_path
+):
+    bad = vllm_entry(
+        "broken",
+        tmp_path,
+        "--fake-fail",
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB",
+    )
     client = await orch([bad])
-    results = await asyncio.gather(*(chat(client.app, "broken", stream=s) for s in (True, False, True)),
-                                   return_exceptions=True)
+    results = await asyncio.gather(
+        *(chat(client.app, "broken", stream=s) for s in (True, False, True)), return_exceptions=True
+    )
     for r in results:
         assert isinstance(r, ProxyError) and r.status == 503 and r.code == "model_start_failed"
         assert "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB" in r.message
@@ -120,7 +130,9 @@ async def test_a_start_failure_reaches_every_waiter_with_vllms_reason_and_is_not
     assert not os.path.exists(keys.config(client.app).vllm_state_path)
 
 
-async def test_a_crash_mid_stream_ends_that_stream_with_an_error_and_the_next_request_restarts(orch, tmp_path):
+async def test_a_crash_mid_stream_ends_that_stream_with_an_error_and_the_next_request_restarts(
+    orch, tmp_path
+):
     client = await orch([vllm_entry("alpha", tmp_path)])
     text, _, _ = await chat(client.app, "alpha")
     first_pid = pid_of(text)
@@ -179,14 +191,27 @@ async def test_a_restarted_proxy_adopts_the_running_vllm_instead_of_starting_ano
 async def test_a_stale_state_file_naming_an_unrelated_process_leaves_it_alone(orch, tmp_path, make_config):
     import sys
 
-    victim = process.spawn([sys.executable, "-c", "import time; time.sleep(60)"], str(tmp_path / "victim.log"))
+    victim = process.spawn(
+        [sys.executable, "-c", "import time; time.sleep(60)"], str(tmp_path / "victim.log")
+    )
     try:
         state_path = tmp_path / "state" / "active_vllm.json"
         state_path.parent.mkdir(parents=True, exist_ok=True)
-        state_path.write_text(json.dumps({
-            "logical_name": "alpha", "served_model_id": "served-alpha", "host": "127.0.0.1", "port": 1,
-            "pid": victim, "pgid": victim, "started_at": 0, "command": ["vllm", "--model", "/models/alpha"],
-            "prefix_len": 1}))
+        state_path.write_text(
+            json.dumps(
+                {
+                    "logical_name": "alpha",
+                    "served_model_id": "served-alpha",
+                    "host": "127.0.0.1",
+                    "port": 1,
+                    "pid": victim,
+                    "pgid": victim,
+                    "started_at": 0,
+                    "command": ["vllm", "--model", "/models/alpha"],
+                    "prefix_len": 1,
+                }
+            )
+        )
         client = await orch([vllm_entry("alpha", tmp_path)])
         assert await models_status(client) == {"alpha": "stopped"}
         text, _, _ = await chat(client.app, "alpha")
@@ -212,11 +237,19 @@ async def _exclusive_app(tmp_path, make_config, registry_file, make_app, aiohttp
 OLLAMA = {"name": "llama", "backend": "ollama", "backend_config": {"model_path": "ollama:/llama3"}}
 
 
-async def test_gpu_exclusive_unloads_ollama_before_starting_vllm(tmp_path, make_config, registry_file, make_app,
-                                                                 aiohttp_client):
+async def test_gpu_exclusive_unloads_ollama_before_starting_vllm(
+    tmp_path, make_config, registry_file, make_app, aiohttp_client
+):
     unloads: list[int] = []
-    client, unload_all = await _exclusive_app(tmp_path, make_config, registry_file, make_app, aiohttp_client,
-                                              [vllm_entry("alpha", tmp_path), OLLAMA], unloads)
+    client, unload_all = await _exclusive_app(
+        tmp_path,
+        make_config,
+        registry_file,
+        make_app,
+        aiohttp_client,
+        [vllm_entry("alpha", tmp_path), OLLAMA],
+        unloads,
+    )
     await chat(client.app, "alpha")
     assert unloads == [0]  # before the vLLM process was launched
     # an Ollama request while vLLM is active is a switch: drain, stop vLLM, then forward
@@ -235,11 +268,19 @@ async def test_gpu_exclusive_unloads_ollama_before_starting_vllm(tmp_path, make_
     assert unloads == [0, 1] and len(started(tmp_path)) == 2 and overlaps(tmp_path) == []
 
 
-async def test_without_ollama_models_the_proxy_never_talks_to_ollama(tmp_path, make_config, registry_file, make_app,
-                                                                     aiohttp_client):
+async def test_without_ollama_models_the_proxy_never_talks_to_ollama(
+    tmp_path, make_config, registry_file, make_app, aiohttp_client
+):
     unloads: list[int] = []
-    client, _ = await _exclusive_app(tmp_path, make_config, registry_file, make_app, aiohttp_client,
-                                     [vllm_entry("alpha", tmp_path)], unloads)
+    client, _ = await _exclusive_app(
+        tmp_path,
+        make_config,
+        registry_file,
+        make_app,
+        aiohttp_client,
+        [vllm_entry("alpha", tmp_path)],
+        unloads,
+    )
     await chat(client.app, "alpha")
     assert unloads == [] and len(started(tmp_path)) == 1
 
@@ -253,8 +294,9 @@ async def test_random_interleaved_requests_all_succeed_with_one_vllm_and_few_swi
     async def user(model: str, stream: bool, delay: float):
         await asyncio.sleep(delay)
         arrivals.append(model)
-        return model, await chat(client.app, model, stream=stream, fake_chunks=3,
-                                 fake_chunk_delay=rng.choice([0, 0.02]))
+        return model, await chat(
+            client.app, model, stream=stream, fake_chunks=3, fake_chunk_delay=rng.choice([0, 0.02])
+        )
 
     plan = [(rng.choice(["alpha", "beta"]), rng.random() < 0.5, rng.uniform(0, 1.5)) for _ in range(12)]
     results = await asyncio.gather(*(user(*p) for p in plan))
@@ -266,7 +308,9 @@ async def test_random_interleaved_requests_all_succeed_with_one_vllm_and_few_swi
     assert orchestrator(client.app).scheduler.stats()["inflight"] == 0
 
 
-async def test_editing_the_running_models_registry_entry_restarts_it_with_the_new_flags(orch, tmp_path, registry_file):
+async def test_editing_the_running_models_registry_entry_restarts_it_with_the_new_flags(
+    orch, tmp_path, registry_file
+):
     entry = vllm_entry("alpha", tmp_path)
     client = await orch([entry])
     text, _, _ = await chat(client.app, "alpha")
@@ -275,4 +319,7 @@ async def test_editing_the_running_models_registry_entry_restarts_it_with_the_ne
     await until(lambda: orchestrator(client.app).public_state()["state"] == "stopped")
     text2, _, _ = await chat(client.app, "alpha")
     assert pid_of(text2) != pid_of(text)
-    assert "--enforce-eager" in started(tmp_path)[-1]["argv"] and "--enforce-eager" not in started(tmp_path)[0]["argv"]
+    assert (
+        "--enforce-eager" in started(tmp_path)[-1]["argv"]
+        and "--enforce-eager" not in started(tmp_path)[0]["argv"]
+    )

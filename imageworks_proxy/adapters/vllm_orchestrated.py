@@ -145,9 +145,14 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
         if flags == inst.flags:
             return
         key = TENANT_PREFIX + inst.logical_name
-        log.info("vLLM: the registry entry of running model %r changed; restarting it once in-flight requests finish",
-                 inst.logical_name)
-        task = asyncio.get_running_loop().create_task(sched.vacate(lambda t: t.key == key), name=f"restart-{key}")
+        log.info(
+            "vLLM: the registry entry of running model %r changed; restarting it once in-flight "
+            "requests finish",
+            inst.logical_name,
+        )
+        task = asyncio.get_running_loop().create_task(
+            sched.vacate(lambda t: t.key == key), name=f"restart-{key}"
+        )
         self._restarts.add(task)
         task.add_done_callback(self._restarts.discard)
 
@@ -160,8 +165,13 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
         async def start() -> None:
             await self.supervisor.ensure(entry)
 
-        return Tenant(TENANT_PREFIX + entry.name, f"vLLM model {entry.name!r}", start=start,
-                      stop=self._stop, revision=revision)
+        return Tenant(
+            TENANT_PREFIX + entry.name,
+            f"vLLM model {entry.name!r}",
+            start=start,
+            stop=self._stop,
+            revision=revision,
+        )
 
     def _tenant_for_name(self, name: str) -> Tenant:
         entry = keys.models(self.app).store.registry.by_name.get(name)
@@ -181,7 +191,8 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
             sched.lost(TENANT_PREFIX + inst.logical_name)
 
     async def acquire(self, entry: Entry, call: Any, *, force: bool = False) -> Lease:
-        """A lease on ``entry``'s vLLM (started or switched to first); the wait is added to ``call.queue_ms``."""
+        """A lease on ``entry``'s vLLM (started or switched to first); the wait is added to
+        ``call.queue_ms``."""
         tenant = self.tenant(entry)
         sched = self.scheduler
         started = time.perf_counter()
@@ -202,7 +213,8 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
         return f"http://{url_host(self.config.vllm_host)}:{self.config.vllm_port}/v1"
 
     async def on_unreachable(self, call: ChatCall) -> bool:
-        """Orchestrated entries never autostart (SPEC §11); a refused connection is handled in :meth:`chat`."""
+        """Orchestrated entries never autostart (SPEC §11); a refused connection is handled in
+        :meth:`chat`."""
         return False
 
     def where(self, call: ChatCall) -> str:
@@ -234,8 +246,11 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
                 lease.release()
                 if not retried and exc.status in (502, 503) and await self._died():
                     # vLLM died between requests: the next request restarts it, and that is this one
-                    log.warning("vLLM for %r died before answering; starting it again for request %s",
-                                call.entry.name, call.request_id)
+                    log.warning(
+                        "vLLM for %r died before answering; starting it again for request %s",
+                        call.entry.name,
+                        call.request_id,
+                    )
                     retried = True
                     continue
                 raise
@@ -296,8 +311,12 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
                 state = "stopping"
             elif not inst.ready:
                 state = "loading"
-            elif sched is not None and sched.phase == "draining" and sched.active is not None \
-                    and sched.active.key == TENANT_PREFIX + inst.logical_name:
+            elif (
+                sched is not None
+                and sched.phase == "draining"
+                and sched.active is not None
+                and sched.active.key == TENANT_PREFIX + inst.logical_name
+            ):
                 state = "draining"
             else:
                 state = "loaded"
@@ -313,7 +332,9 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
         }
         if sched is not None:
             out["queue_depth"] = sched.queue_depth
-            out["inflight"] = sched.inflight if sched.active is not None and is_vllm_tenant(sched.active) else 0
+            out["inflight"] = (
+                sched.inflight if sched.active is not None and is_vllm_tenant(sched.active) else 0
+            )
         return out
 
     def stats(self) -> dict[str, Any]:

@@ -44,7 +44,7 @@ def flag_value(args: Sequence[str], flag: str) -> str | None:
         if arg == flag and i + 1 < len(args):
             value = args[i + 1]
         elif arg.startswith(flag + "="):
-            value = arg[len(flag) + 1:]
+            value = arg.partition("=")[2]
     return value
 
 
@@ -55,7 +55,9 @@ def has_flag(args: Sequence[str], flag: str) -> bool:
 def launcher(config: Config) -> list[str]:
     words = shlex.split(config.vllm_command)
     if not words:
-        raise ProxyError(503, "model_start_failed", "CHAT_PROXY_VLLM_COMMAND is empty; nothing to launch vLLM with")
+        raise ProxyError(
+            503, "model_start_failed", "CHAT_PROXY_VLLM_COMMAND is empty; nothing to launch vLLM with"
+        )
     return words
 
 
@@ -104,8 +106,11 @@ def build_command(config: Config, entry: Entry) -> VllmCommand:
     try:
         port = int(port_text)
     except ValueError:
-        raise ProxyError(503, "model_start_failed", f"Model {entry.name!r}: extra_args give --port {port_text!r}, "
-                         "which is not a port number") from None
+        raise ProxyError(
+            503,
+            "model_start_failed",
+            f"Model {entry.name!r}: extra_args give --port {port_text!r}, " "which is not a port number",
+        ) from None
     util_text = flag_value(all_flags, "--gpu-memory-utilization")
     try:
         util = float(util_text) if util_text else config.vllm_gpu_memory_utilization

@@ -33,11 +33,15 @@ _ERRORISH = re.compile(
     r"no such file|not found|cannot|could not|unrecognized arguments|invalid)",
     re.IGNORECASE,
 )
-_POINTERS = re.compile(r"see (the )?root cause above|see above|traceback \(most recent call last\)", re.IGNORECASE)
+_POINTERS = re.compile(
+    r"see (the )?root cause above|see above|traceback \(most recent call last\)", re.IGNORECASE
+)
 
 
 # -- spawning ------------------------------------------------------------------------------------
-def spawn(argv: Sequence[str], log_path: str, env: dict[str, str] | None = None, header: str | None = None) -> int:
+def spawn(
+    argv: Sequence[str], log_path: str, env: dict[str, str] | None = None, header: str | None = None
+) -> int:
     """Start ``argv`` in a new session (own process group, no controlling terminal), stdin from
     /dev/null, stdout and stderr appended to ``log_path``. Returns the pid (which is also the pgid).
 
@@ -55,8 +59,9 @@ def spawn(argv: Sequence[str], log_path: str, env: dict[str, str] | None = None,
             (os.POSIX_SPAWN_DUP2, fd, 1),
             (os.POSIX_SPAWN_DUP2, fd, 2),
         ]
-        return os.posix_spawnp(argv[0], list(argv), dict(os.environ if env is None else env),
-                               file_actions=actions, setsid=True)
+        return os.posix_spawnp(
+            argv[0], list(argv), dict(os.environ if env is None else env), file_actions=actions, setsid=True
+        )
     finally:
         os.close(fd)
 
@@ -168,7 +173,9 @@ def _ps_cmdline(pid: int) -> list[str] | None:  # pragma: no cover - non-Linux f
     import subprocess
 
     try:
-        out = subprocess.run(["ps", "-ww", "-o", "args=", "-p", str(pid)], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["ps", "-ww", "-o", "args=", "-p", str(pid)], capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.split() or None
@@ -183,7 +190,7 @@ def cmdline_matches(pid: int, flags: Sequence[str]) -> bool:
     if not actual or not flags:
         return False
     flags = list(flags)
-    if len(actual) >= len(flags) and actual[-len(flags):] == flags:
+    if len(actual) >= len(flags) and actual[len(actual) - len(flags):] == flags:
         return True
     # ps fallback splits on spaces: compare the joined text.
     return " ".join(actual).endswith(" ".join(flags))
@@ -361,9 +368,18 @@ async def stop_group(
                 break
             if time.monotonic() >= deadline:
                 released = False
-                log.warning("GPU memory still held by pid(s) %s %.1fs after stopping group %d",
-                            sorted(held), time.monotonic() - t0, pgid)
+                log.warning(
+                    "GPU memory still held by pid(s) %s %.1fs after stopping group %d",
+                    sorted(held),
+                    time.monotonic() - t0,
+                    pgid,
+                )
                 break
             await asyncio.sleep(POLL_S)
-    return {"signal": sent, "exited": exited, "port_free": free, "gpu_released": released,
-            "seconds": round(time.monotonic() - t0, 3)}
+    return {
+        "signal": sent,
+        "exited": exited,
+        "port_free": free,
+        "gpu_released": released,
+        "seconds": round(time.monotonic() - t0, 3),
+    }

@@ -88,7 +88,8 @@ class _NoLease:
 
 
 class GpuScheduler:
-    """The GPU tenancy implementation installed as ``app[keys.TENANCY]`` (see :mod:`imageworks_proxy.tenancy`).
+    """The GPU tenancy implementation installed as ``app[keys.TENANCY]``
+    (see :mod:`imageworks_proxy.tenancy`).
 
     ``exclusive`` is ``CHAT_PROXY_GPU_EXCLUSIVE``: when false only ``vllm:`` tenants are scheduled (they
     share one port) and other tenants pass straight through.
@@ -121,8 +122,15 @@ class GpuScheduler:
         #: Called with a dict for every switch, start failure and stop (observability hooks in here).
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self._stats: dict[str, Any] = {
-            "swaps": 0, "swap_failures": 0, "starts": 0, "stops": 0, "admitted": 0, "queued": 0,
-            "rejected_queue_full": 0, "cancelled_waits": 0, "lost": 0,
+            "swaps": 0,
+            "swap_failures": 0,
+            "starts": 0,
+            "stops": 0,
+            "admitted": 0,
+            "queued": 0,
+            "rejected_queue_full": 0,
+            "cancelled_waits": 0,
+            "lost": 0,
         }
         self._recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
 
@@ -135,9 +143,10 @@ class GpuScheduler:
         """Wait until ``tenant`` is the active GPU tenant and return a lease on it.
 
         ``call.waiting()`` is awaited before any wait (streams get their SSE headers and keep-alives);
-        the caller adds the wait to ``call.queue_ms`` (the adapters measure their whole wait). ``force`` ignores a start-failure backoff (explicit
-        activation). Raises ``ProxyError``: 429 ``queue_full``, 503 ``model_start_failed``, 504
-        ``model_start_timeout``, 503 ``backend_unavailable`` when the proxy is shutting down.
+        the caller adds the wait to ``call.queue_ms`` (the adapters measure their whole wait). ``force``
+        ignores a start-failure backoff (explicit activation). Raises ``ProxyError``: 429 ``queue_full``,
+        503 ``model_start_failed``, 504 ``model_start_timeout``, 503 ``backend_unavailable`` when the
+        proxy is shutting down.
         """
         if not self.schedules(tenant):
             return _NoLease()
@@ -151,7 +160,8 @@ class GpuScheduler:
         if len(self._waiters) >= self.max_queue:
             self._stats["rejected_queue_full"] += 1
             raise ProxyError(
-                429, "queue_full",
+                429,
+                "queue_full",
                 f"{len(self._waiters)} requests are already waiting for a model switch "
                 f"(CHAT_PROXY_VLLM_MAX_QUEUE={self.max_queue}); try again shortly.",
                 headers={"Retry-After": "5"},
@@ -248,7 +258,9 @@ class GpuScheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._driver
             self._driver = None
-        err = ProxyError(503, "backend_unavailable", "The proxy is shutting down.", headers={"Retry-After": "5"})
+        err = ProxyError(
+            503, "backend_unavailable", "The proxy is shutting down.", headers={"Retry-After": "5"}
+        )
         for w in self._waiters:
             if not w.future.done():
                 w.future.set_exception(err)
@@ -257,13 +269,17 @@ class GpuScheduler:
     # -- internals -----------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
-            raise ProxyError(503, "backend_unavailable", "The proxy is shutting down.", headers={"Retry-After": "5"})
+            raise ProxyError(
+                503, "backend_unavailable", "The proxy is shutting down.", headers={"Retry-After": "5"}
+            )
         if self._driver is None:
             self._driver = asyncio.get_running_loop().create_task(self._run(), name="gpu-scheduler")
 
     def _fast_path(self, tenant: Tenant) -> bool:
         return (
-            self._active is not None and self._active.key == tenant.key and self._phase == READY
+            self._active is not None
+            and self._active.key == tenant.key
+            and self._phase == READY
             and not self._waiters
         )
 
@@ -279,8 +295,15 @@ class GpuScheduler:
             return False
         if self._backoff_error(tenant) is not None:
             return False
-        record = {"from": active.key if active else None, "to": tenant.key, "ok": True,
-                  "drain_s": 0.0, "stop_s": 0.0, "start_s": 0.0, "total_s": 0.0}
+        record = {
+            "from": active.key if active else None,
+            "to": tenant.key,
+            "ok": True,
+            "drain_s": 0.0,
+            "stop_s": 0.0,
+            "start_s": 0.0,
+            "total_s": 0.0,
+        }
         self._residents.pop(tenant.key, None)
         self._active, self._phase = tenant, READY
         self._generation += 1
@@ -317,9 +340,11 @@ class GpuScheduler:
             return None
         e = f.error
         return ProxyError(
-            e.status, e.code,
+            e.status,
+            e.code,
             f"{e.message} (not retried for another {left:.0f}s after {f.count} failed start(s))",
-            hint=e.hint, headers={**e.headers, "Retry-After": str(max(1, round(left)))},
+            hint=e.hint,
+            headers={**e.headers, "Retry-After": str(max(1, round(left)))},
         )
 
     def _check_backoff(self, tenant: Tenant) -> None:
@@ -411,7 +436,12 @@ class GpuScheduler:
             await self._switch(head)  # nothing in flight needs to drain for this vacate
             self._kick.set()
             return
-        if head.tenant is not None and active is not None and active.key == head.key and self._phase in (READY, DRAINING):
+        if (
+            head.tenant is not None
+            and active is not None
+            and active.key == head.key
+            and self._phase in (READY, DRAINING)
+        ):
             self._phase = READY
             self._admit(active.key)
             self._kick.set()
@@ -420,8 +450,12 @@ class GpuScheduler:
             if self._phase == READY:
                 self._phase = DRAINING
                 self._switch_started = self._clock()
-                log.info("GPU: draining %d in-flight request(s) on %s before switching to %s",
-                         self._inflight, active.key if active else None, head.key or "nothing")
+                log.info(
+                    "GPU: draining %d in-flight request(s) on %s before switching to %s",
+                    self._inflight,
+                    active.key if active else None,
+                    head.key or "nothing",
+                )
             return  # a release kicks us again
         await self._switch(head)
         self._kick.set()
@@ -438,9 +472,12 @@ class GpuScheduler:
                 raise
             except Exception as exc:
                 log.exception("stopping GPU tenant %s failed", tenant.key)
-                raise ProxyError(503, "model_start_failed",
-                                 f"{tenant.label} could not be stopped to free the GPU: {type(exc).__name__}: {exc}",
-                                 headers={"Retry-After": "10"}) from None
+                raise ProxyError(
+                    503,
+                    "model_start_failed",
+                    f"{tenant.label} could not be stopped to free the GPU: {type(exc).__name__}: {exc}",
+                    headers={"Retry-After": "10"},
+                ) from None
         self._stats["stops"] += 1
         return self._clock() - t0
 
@@ -454,8 +491,11 @@ class GpuScheduler:
         # 1. evict: the active tenant and every resident that is not the target
         self._phase = STOPPING
         evict = [old] if old is not None and (target is None or old.key != target.key) else []
-        evict += [t for k, t in list(self._residents.items())
-                  if (target is None or k != target.key) and (old is None or k != old.key)]
+        evict += [
+            t
+            for k, t in list(self._residents.items())
+            if (target is None or k != target.key) and (old is None or k != old.key)
+        ]
         if target is None:
             predicate = head.vacate or _all
             evict = [t for t in evict if predicate(t)]
@@ -473,11 +513,22 @@ class GpuScheduler:
                 self._residents[tenant.key] = tenant
                 self._active, self._phase = None, IDLE
                 self._stats["swap_failures"] += 1
-                record.update(ok=False, error=error.code, drain_s=round(drain_s, 3), stop_s=round(stop_s, 3),
-                              start_s=0.0, total_s=round(self._clock() - began, 3))
+                record.update(
+                    ok=False,
+                    error=error.code,
+                    drain_s=round(drain_s, 3),
+                    stop_s=round(stop_s, 3),
+                    start_s=0.0,
+                    total_s=round(self._clock() - began, 3),
+                )
                 self._recent.append(record)
                 self._emit({"event": "swap", **record})
-                log.warning("GPU: could not stop %s before switching to %s: %s", tenant.key, record["to"], error.message)
+                log.warning(
+                    "GPU: could not stop %s before switching to %s: %s",
+                    tenant.key,
+                    record["to"],
+                    error.message,
+                )
                 if target is None:
                     if not head.future.done():
                         head.future.set_exception(error)
@@ -512,8 +563,15 @@ class GpuScheduler:
             self._active, self._phase = None, IDLE
             raise
         except Exception as exc:
-            error = exc if isinstance(exc, ProxyError) else ProxyError(
-                503, "model_start_failed", f"{target.label} could not be started: {type(exc).__name__}: {exc}")
+            error = (
+                exc
+                if isinstance(exc, ProxyError)
+                else ProxyError(
+                    503,
+                    "model_start_failed",
+                    f"{target.label} could not be started: {type(exc).__name__}: {exc}",
+                )
+            )
             if not isinstance(exc, ProxyError):
                 log.exception("starting GPU tenant %s failed", target.key)
             prev = self._failures.get(target.key)
@@ -522,11 +580,19 @@ class GpuScheduler:
             self._active, self._phase = None, IDLE
             self._generation += 1
             self._stats["swap_failures"] += 1
-            record.update(ok=False, error=error.code, drain_s=round(drain_s, 3), stop_s=round(stop_s, 3),
-                          start_s=round(self._clock() - t0, 3), total_s=round(self._clock() - began, 3))
+            record.update(
+                ok=False,
+                error=error.code,
+                drain_s=round(drain_s, 3),
+                stop_s=round(stop_s, 3),
+                start_s=round(self._clock() - t0, 3),
+                total_s=round(self._clock() - began, 3),
+            )
             self._recent.append(record)
             self._emit({"event": "swap", **record})
-            log.warning("GPU: starting %s failed after %.1fs: %s", target.key, self._clock() - t0, error.message)
+            log.warning(
+                "GPU: starting %s failed after %.1fs: %s", target.key, self._clock() - t0, error.message
+            )
             self._fail(target.key, error)
             return
         self._failures.pop(target.key, None)
@@ -535,10 +601,23 @@ class GpuScheduler:
         self._stats["starts"] += 1
         self._stats["swaps"] += 1
         start_s = self._clock() - t0
-        record.update(ok=True, drain_s=round(drain_s, 3), stop_s=round(stop_s, 3), start_s=round(start_s, 3),
-                      total_s=round(self._clock() - began, 3))
+        record.update(
+            ok=True,
+            drain_s=round(drain_s, 3),
+            stop_s=round(stop_s, 3),
+            start_s=round(start_s, 3),
+            total_s=round(self._clock() - began, 3),
+        )
         self._recent.append(record)
         self._emit({"event": "swap", **record})
-        log.info("GPU: switched %s -> %s in %.2fs (drain %.2fs, stop %.2fs, start %.2fs); admitting %d request(s)",
-                 record["from"], target.key, record["total_s"], drain_s, stop_s, start_s, self.waiting_for(target.key))
+        log.info(
+            "GPU: switched %s -> %s in %.2fs (drain %.2fs, stop %.2fs, start %.2fs); admitting %d request(s)",
+            record["from"],
+            target.key,
+            record["total_s"],
+            drain_s,
+            stop_s,
+            start_s,
+            self.waiting_for(target.key),
+        )
         self._admit(target.key)

@@ -144,7 +144,9 @@ class StateFile:
         if not process.pid_alive(state.pid):
             if process.group_alive(state.pgid) and state.pgid == state.pid:
                 # The API server died but engine processes of its group linger: still ours to stop.
-                log.warning("vLLM %r (pid %d) is gone but its process group still runs", state.logical_name, state.pid)
+                log.warning(
+                    "vLLM %r (pid %d) is gone but its process group still runs", state.logical_name, state.pid
+                )
                 return state
             log.info("vLLM state file %s names pid %d, which is gone; clearing it", self.path, state.pid)
             self.clear()
@@ -152,7 +154,10 @@ class StateFile:
         if not process.cmdline_matches(state.pid, state.flags):
             log.warning(
                 "vLLM state file %s names pid %d, which now runs something else; clearing the file and "
-                "leaving that process alone", self.path, state.pid)
+                "leaving that process alone",
+                self.path,
+                state.pid,
+            )
             self.clear()
             return None
         return state

@@ -74,8 +74,18 @@ class Instance:
         return self.root_url + "/v1"
 
     def to_state(self) -> VllmState:
-        return VllmState(self.logical_name, self.served_model_id, self.host, self.port, self.pid, self.pgid,
-                         self.started_at, self.command, self.prefix_len, self.log_path)
+        return VllmState(
+            self.logical_name,
+            self.served_model_id,
+            self.host,
+            self.port,
+            self.pid,
+            self.pgid,
+            self.started_at,
+            self.command,
+            self.prefix_len,
+            self.log_path,
+        )
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -134,9 +144,19 @@ class VllmSupervisor:
             state = await asyncio.to_thread(self.state_file.load_live)
             if state is None:
                 return None
-            inst = Instance(state.logical_name, state.served_model_id, state.host, state.port, state.pid,
-                            state.pgid, state.command, state.prefix_len, state.started_at, state.log_path,
-                            adopted=True)
+            inst = Instance(
+                state.logical_name,
+                state.served_model_id,
+                state.host,
+                state.port,
+                state.pid,
+                state.pgid,
+                state.command,
+                state.prefix_len,
+                state.started_at,
+                state.log_path,
+                adopted=True,
+            )
             if not process.pid_alive(state.pid):
                 # Only leftovers of its process group remain (e.g. an orphaned engine core holding VRAM).
                 self.instance = inst
@@ -146,8 +166,14 @@ class VllmSupervisor:
             inst.ready = await self._healthy(inst)
             if inst.ready:
                 inst.ready_at = time.monotonic()
-            log.info("vLLM: adopted running model %r (pid %d, port %d, %s) from %s", inst.logical_name, inst.pid,
-                     inst.port, "healthy" if inst.ready else "not healthy yet", self.state_file.path)
+            log.info(
+                "vLLM: adopted running model %r (pid %d, port %d, %s) from %s",
+                inst.logical_name,
+                inst.pid,
+                inst.port,
+                "healthy" if inst.ready else "not healthy yet",
+                self.state_file.path,
+            )
             return inst
 
     def start_monitor(self) -> None:
@@ -165,8 +191,11 @@ class VllmSupervisor:
         if inst is None:
             return
         if keep and inst.ready and not inst.stopping and process.pid_alive(inst.pid):
-            log.info("vLLM: leaving %r (pid %d) running for the next proxy (CHAT_PROXY_VLLM_KEEP_ON_EXIT=1)",
-                     inst.logical_name, inst.pid)
+            log.info(
+                "vLLM: leaving %r (pid %d) running for the next proxy (CHAT_PROXY_VLLM_KEEP_ON_EXIT=1)",
+                inst.logical_name,
+                inst.pid,
+            )
             self.instance = None
             return
         await self.stop("proxy shutting down")
@@ -200,7 +229,11 @@ class VllmSupervisor:
                     await self._wait_ready(inst, self._deadline_for(inst))
                 return inst
             if inst is not None:
-                reason = "registry entry changed" if inst.logical_name == entry.name else f"switching to {entry.name!r}"
+                reason = (
+                    "registry entry changed"
+                    if inst.logical_name == entry.name
+                    else f"switching to {entry.name!r}"
+                )
                 await self._stop_locked(reason)
             return await self._launch(entry, cmd)
 
@@ -222,7 +255,9 @@ class VllmSupervisor:
     # -- internals -----------------------------------------------------------------------------
     def _deadline_for(self, inst: Instance) -> float:
         elapsed = max(0.0, time.time() - inst.started_at)
-        remaining = max(self.config.vllm_start_timeout_s - elapsed, min(5.0, self.config.vllm_start_timeout_s))
+        remaining = max(
+            self.config.vllm_start_timeout_s - elapsed, min(5.0, self.config.vllm_start_timeout_s)
+        )
         return time.monotonic() + remaining
 
     async def _healthy(self, inst: Instance) -> bool:
@@ -246,20 +281,30 @@ class VllmSupervisor:
         if dev["memory_free_bytes"] < wanted:
             gib = 1 << 30
             log.warning(
-                "vLLM: GPU %d (%s) has %.1f GiB free, but %r will claim %.1f GiB (--gpu-memory-utilization %.2f "
-                "of %.1f GiB); the start may fail. Lower CHAT_PROXY_VLLM_GPU_MEMORY_UTILIZATION or free the GPU.",
-                dev["index"], dev["name"], dev["memory_free_bytes"] / gib, entry.name, wanted / gib,
-                cmd.gpu_memory_utilization, dev["memory_total_bytes"] / gib)
+                "vLLM: GPU %d (%s) has %.1f GiB free, but %r will claim %.1f GiB "
+                "(--gpu-memory-utilization %.2f of %.1f GiB); the start may fail. "
+                "Lower CHAT_PROXY_VLLM_GPU_MEMORY_UTILIZATION or free the GPU.",
+                dev["index"],
+                dev["name"],
+                dev["memory_free_bytes"] / gib,
+                entry.name,
+                wanted / gib,
+                cmd.gpu_memory_utilization,
+                dev["memory_total_bytes"] / gib,
+            )
 
     async def _launch(self, entry: Entry, cmd: VllmCommand) -> Instance:
         cfg = self.config
         bind_host = cmd.host or "0.0.0.0"
         if not await process.wait_port_free(bind_host, cmd.port, min(5.0, cfg.vllm_stop_timeout_s)):
             raise ProxyError(
-                503, "model_start_failed",
-                f"Cannot start model {entry.name!r}: port {cmd.port} on {cmd.host} is in use by another process "
+                503,
+                "model_start_failed",
+                f"Cannot start model {entry.name!r}: port {cmd.port} on {cmd.host} is in use by another "
+                "process "
                 "(not one this proxy started). Stop it or change CHAT_PROXY_VLLM_PORT.",
-                headers={"Retry-After": "10"})
+                headers={"Retry-After": "10"},
+            )
         self._warn_gpu_memory(entry, cmd)
         path = log_path_for(cfg, entry.name)
         header = f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} imageworks-proxy: {shlex.join(cmd.argv)}\n"
@@ -270,10 +315,23 @@ class VllmSupervisor:
             try:
                 pid = await asyncio.to_thread(process.spawn, cmd.argv, path, None, header)
             except OSError as exc:
-                raise self._failed(entry.name, f"cannot run {cmd.argv[0]!r}: {exc.strerror or exc}", path) from None
+                raise self._failed(
+                    entry.name, f"cannot run {cmd.argv[0]!r}: {exc.strerror or exc}", path
+                ) from None
             self.launches += 1
-            inst = Instance(entry.name, cmd.served_model_id, cmd.host, cmd.port, pid, pid, cmd.argv,
-                            cmd.prefix_len, time.time(), path, adopted=False)
+            inst = Instance(
+                entry.name,
+                cmd.served_model_id,
+                cmd.host,
+                cmd.port,
+                pid,
+                pid,
+                cmd.argv,
+                cmd.prefix_len,
+                time.time(),
+                path,
+                adopted=False,
+            )
             self.instance = inst
             log.info("vLLM: starting %r (pid %d) on port %d; log %s", entry.name, pid, cmd.port, path)
             await asyncio.to_thread(self.state_file.write, inst.to_state())
@@ -292,7 +350,8 @@ class VllmSupervisor:
         exit_text = f" (exit code {code})" if code is not None else ""
         self.last_error = f"{name}: {why}"
         return ProxyError(
-            503, "model_start_failed",
+            503,
+            "model_start_failed",
             f"vLLM could not start model {name!r}{exit_text}: {why}",
             hint=f"Full log: {path}" if path else None,
             headers={"Retry-After": str(max(1, round(self.config.vllm_failure_backoff_s)))},
@@ -303,19 +362,29 @@ class VllmSupervisor:
             return False if inst.poll() else inst.returncode
 
         try:
-            await process.wait_ready(self._session(), inst.root_url + "/health", deadline=deadline,
-                                     try_timeout=self.config.vllm_health_timeout_s, exited=exited,
-                                     log_path=inst.log_path)
+            await process.wait_ready(
+                self._session(),
+                inst.root_url + "/health",
+                deadline=deadline,
+                try_timeout=self.config.vllm_health_timeout_s,
+                exited=exited,
+                log_path=inst.log_path,
+            )
         except process.StartFailed as exc:
             why = exc.line or "the process exited before it became healthy"
-            log.warning("vLLM: %r exited during start-up (code %s): %s", inst.logical_name, exc.returncode, why)
+            log.warning(
+                "vLLM: %r exited during start-up (code %s): %s", inst.logical_name, exc.returncode, why
+            )
             raise self._failed(inst.logical_name, why, inst.log_path, exc.returncode) from None
         except process.StartTimeout:
             tail = process.log_tail(inst.log_path, 5) if inst.log_path else []
             self.last_error = f"{inst.logical_name}: not healthy within {self.config.vllm_start_timeout_s:g}s"
-            log.warning("vLLM: %r not healthy within %gs", inst.logical_name, self.config.vllm_start_timeout_s)
+            log.warning(
+                "vLLM: %r not healthy within %gs", inst.logical_name, self.config.vllm_start_timeout_s
+            )
             raise ProxyError(
-                504, "model_start_timeout",
+                504,
+                "model_start_timeout",
                 f"vLLM did not become healthy within {self.config.vllm_start_timeout_s:g}s "
                 f"(CHAT_PROXY_VLLM_START_TIMEOUT_S) for model {inst.logical_name!r}."
                 + (" Last log lines: " + " | ".join(tail) if tail else ""),
@@ -342,9 +411,18 @@ class VllmSupervisor:
             self.instance = None
         await asyncio.to_thread(self._clear_state_if_ours, inst)
         level = logging.INFO if result["exited"] and result["port_free"] is not False else logging.WARNING
-        log.log(level, "vLLM: stopped %r (pid %d, %s) in %.2fs: signal %s, exited %s, port free %s, GPU released %s",
-                inst.logical_name, inst.pid, reason, result["seconds"], result["signal"], result["exited"],
-                result["port_free"], "n/a (no NVML)" if result["gpu_released"] is None else result["gpu_released"])
+        log.log(
+            level,
+            "vLLM: stopped %r (pid %d, %s) in %.2fs: signal %s, exited %s, port free %s, GPU released %s",
+            inst.logical_name,
+            inst.pid,
+            reason,
+            result["seconds"],
+            result["signal"],
+            result["exited"],
+            result["port_free"],
+            "n/a (no NVML)" if result["gpu_released"] is None else result["gpu_released"],
+        )
 
     def _clear_state_if_ours(self, inst: Instance) -> None:
         try:
@@ -361,8 +439,13 @@ class VllmSupervisor:
             inst.poll()
             code = inst.returncode
             line = process.explaining_line(process.log_tail(inst.log_path)) if inst.log_path else None
-            log.warning("vLLM: %r (pid %d) exited unexpectedly (code %s): %s; the next request restarts it",
-                        inst.logical_name, inst.pid, code, line)
+            log.warning(
+                "vLLM: %r (pid %d) exited unexpectedly (code %s): %s; the next request restarts it",
+                inst.logical_name,
+                inst.pid,
+                code,
+                line,
+            )
             self.last_error = f"{inst.logical_name} exited unexpectedly: {line}"
             await self._stop_locked("exited unexpectedly")  # also takes down leftover engine processes
         if self.on_exit is not None:

@@ -30,15 +30,18 @@ def _is_loopback(remote: str | None) -> bool:
 def _guard(request: web.Request) -> VllmOrchestratedAdapter:
     if not keys.config(request.app).api_keys and not _is_loopback(request.remote):
         raise ProxyError(
-            403, "forbidden",
+            403,
+            "forbidden",
             "The admin API answers loopback clients only. Call it on the proxy's machine, or set "
             "CHAT_PROXY_API_KEYS to allow it (with a key) from elsewhere.",
         )
     adapter = orchestrator(request.app)
     if adapter is None or not adapter.config.vllm_single_port:
         raise ProxyError(
-            409, "orchestration_disabled",
-            "vLLM single-port orchestration is off (CHAT_PROXY_VLLM_SINGLE_PORT=0 or the adapter is not loaded).",
+            409,
+            "orchestration_disabled",
+            "vLLM single-port orchestration is off "
+            "(CHAT_PROXY_VLLM_SINGLE_PORT=0 or the adapter is not loaded).",
         )
     return adapter
 
@@ -62,7 +65,9 @@ async def vllm_activate(request: web.Request) -> web.Response:
     if models.adapter_for(entry) is not adapter:
         raise invalid_request(
             f"Model {entry.name!r} is not an orchestrated vLLM model (backend {entry.backend!r}); only those "
-            "can be activated.", param="model")
+            "can be activated.",
+            param="model",
+        )
     return json_response({"vllm": await adapter.activate(entry)})
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Device check for the vLLM orchestrator's stop logic (run by hand on a GPU machine; not collected by pytest).
+"""Device check for the vLLM orchestrator's stop logic (run by hand on a GPU machine; pytest skips it).
 
 Runs the orchestrator's own ``stop_group`` (imageworks_proxy/orchestrator/process.py: SIGTERM to the process
 group, SIGKILL after the timeout, then wait for the port and for NVML to stop listing the group's pids)
@@ -99,8 +99,12 @@ def wait_held(gpu, base: int, timeout: float = 120.0) -> float:
 
 
 def reallocate_ok() -> bool:
-    code = HOLDER.replace('print("ready", flush=True)\nwhile True:\n    time.sleep(1)', 'print("ready", flush=True)')
-    out = subprocess.run([sys.executable, "-c", code, str(GIB), "graceful"], capture_output=True, text=True, timeout=300)
+    code = HOLDER.replace(
+        'print("ready", flush=True)\nwhile True:\n    time.sleep(1)', 'print("ready", flush=True)'
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(GIB), "graceful"], capture_output=True, text=True, timeout=300
+    )
     return out.returncode == 0 and "ready" in out.stdout
 
 
@@ -115,9 +119,15 @@ def trial(gpu, scenario: str, log_dir: Path) -> dict:
     held = used(gpu) - base
     listed = sorted(gpu.pids_holding_memory())
     members = sorted(process.group_pids(pid))
-    report = {"scenario": scenario, "leader_pid": pid, "alloc_s": round(alloc_s, 2), "held_mib": mib(held),
-              "nvml_listed_pids": listed, "group_pids": members,
-              "holder_listed_by_nvml": bool(set(listed) & set(members))}
+    report = {
+        "scenario": scenario,
+        "leader_pid": pid,
+        "alloc_s": round(alloc_s, 2),
+        "held_mib": mib(held),
+        "nvml_listed_pids": listed,
+        "group_pids": members,
+        "holder_listed_by_nvml": bool(set(listed) & set(members)),
+    }
     if scenario == "orphan":
         os.kill(pid, signal.SIGKILL)  # the leader only
         t0 = time.monotonic()
@@ -133,8 +143,16 @@ def trial(gpu, scenario: str, log_dir: Path) -> dict:
         }
     port = free_port()
     t0 = time.monotonic()
-    result = asyncio.run(process.stop_group(pid, term_timeout=TERM_TIMEOUT_S, host="127.0.0.1", port=port,
-                                            gpu_pids=gpu.pids_holding_memory, release_timeout=30.0))
+    result = asyncio.run(
+        process.stop_group(
+            pid,
+            term_timeout=TERM_TIMEOUT_S,
+            host="127.0.0.1",
+            port=port,
+            gpu_pids=gpu.pids_holding_memory,
+            release_timeout=30.0,
+        )
+    )
     report["stop_group"] = result
     report["stop_group_wall_s"] = round(time.monotonic() - t0, 3)
     report["used_over_baseline_mib_when_stop_returned"] = mib(used(gpu) - base)
@@ -172,8 +190,10 @@ def main() -> int:
                 report["trials"].append(trial(gpu, scenario, log_dir))
             except Exception as exc:  # report and go on with the next scenario
                 report["trials"].append({"scenario": scenario, "error": f"{type(exc).__name__}: {exc}"})
-        ok = all(t.get("stop_group", {}).get("gpu_released") and t.get("reallocate_same_amount_ok")
-                 for t in report["trials"])
+        ok = all(
+            t.get("stop_group", {}).get("gpu_released") and t.get("reallocate_same_amount_ok")
+            for t in report["trials"]
+        )
         report["verdict"] = "PASS" if ok else "FAIL"
     finally:
         gpu.close()

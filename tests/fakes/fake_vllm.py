@@ -48,7 +48,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--chat-template")
-    p.add_argument("--fake-start-delay", type=float, default=float(os.environ.get("FAKE_VLLM_START_DELAY", 0.2)))
+    p.add_argument(
+        "--fake-start-delay", type=float, default=float(os.environ.get("FAKE_VLLM_START_DELAY", 0.2))
+    )
     p.add_argument("--fake-fail", default=os.environ.get("FAKE_VLLM_FAIL"))
     p.add_argument("--fake-crash-after", type=int)
     p.add_argument("--fake-stop-delay", type=float, default=0.0)
@@ -70,7 +72,9 @@ def last_user_text(body: dict) -> str:
             content = msg.get("content")
             if isinstance(content, str):
                 return content
-            return " ".join(p.get("text", "") for p in content or [] if isinstance(p, dict) and p.get("type") == "text")
+            return " ".join(
+                p.get("text", "") for p in content or [] if isinstance(p, dict) and p.get("type") == "text"
+            )
     return ""
 
 
@@ -102,7 +106,9 @@ class Fake:
         self.lock_fd = fd
 
     def spawn_engine_child(self) -> None:
-        code = "import signal,time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: time.sleep(1)\n"
+        code = (
+            "import signal,time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: time.sleep(1)\n"
+        )
         fds = (self.lock_fd,) if self.lock_fd is not None else ()
         import subprocess
 
@@ -114,9 +120,22 @@ class Fake:
         return web.Response(status=200)
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{
-            "id": self.served, "object": "model", "created": int(time.time()), "owned_by": "vllm",
-            "root": self.args.model, "parent": None, "max_model_len": self.args.max_model_len or 4096}]})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.served,
+                        "object": "model",
+                        "created": int(time.time()),
+                        "owned_by": "vllm",
+                        "root": self.args.model,
+                        "parent": None,
+                        "max_model_len": self.args.max_model_len or 4096,
+                    }
+                ],
+            }
+        )
 
     def _crash(self) -> None:
         print("fatal: fake vLLM crashed mid-stream", file=sys.stderr, flush=True)
@@ -127,41 +146,84 @@ class Fake:
         body = await request.json()
         model = body.get("model")
         if model != self.served or self.args.fake_reply == "missing":
-            return web.json_response({"error": {"message": f"The model `{model}` does not exist.",
-                                                "type": "NotFoundError", "param": None, "code": 404}}, status=404)
+            return web.json_response(
+                {
+                    "error": {
+                        "message": f"The model `{model}` does not exist.",
+                        "type": "NotFoundError",
+                        "param": None,
+                        "code": 404,
+                    }
+                },
+                status=404,
+            )
         text = f"served by {self.served} pid {PID}"
         if self.args.fake_reply == "echo":
             text = "echo: " + last_user_text(body)
         tool_call = None
         if self.args.fake_reply == "tools":
             # real vLLM says "chatcmpl-tool-<uuid>"; the conformance suite expects the OpenAI "call_" style
-            tool_call = {"id": f"call_{PID}", "type": "function",
-                         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+            tool_call = {
+                "id": f"call_{PID}",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
         n = max(1, int(body.get("fake_chunks", 3)))
         delay = float(body.get("fake_chunk_delay", 0))
         crash_after = body.get("fake_crash_after", self.args.fake_crash_after)
-        parts = [text[i * len(text) // n:(i + 1) * len(text) // n] for i in range(n)]
+        cuts = [i * len(text) // n for i in range(n + 1)]
+        parts = [text[a:b] for a, b in zip(cuts, cuts[1:])]
         created = int(time.time())
         cid = f"chatcmpl-fake{PID}{int(time.monotonic() * 1000)}"
         usage = {"prompt_tokens": 5, "completion_tokens": n, "total_tokens": 5 + n}
         if not body.get("stream"):
             await asyncio.sleep(float(body.get("fake_delay", 0)))
             if tool_call is not None:
-                return web.json_response({
-                    "id": cid, "object": "chat.completion", "created": created, "model": self.served,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [tool_call]},
-                                 "finish_reason": "tool_calls", "logprobs": None}], "usage": usage})
-            return web.json_response({
-                "id": cid, "object": "chat.completion", "created": created, "model": self.served,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": "stop", "logprobs": None}],
-                "usage": usage})
+                return web.json_response(
+                    {
+                        "id": cid,
+                        "object": "chat.completion",
+                        "created": created,
+                        "model": self.served,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": None, "tool_calls": [tool_call]},
+                                "finish_reason": "tool_calls",
+                                "logprobs": None,
+                            }
+                        ],
+                        "usage": usage,
+                    }
+                )
+            return web.json_response(
+                {
+                    "id": cid,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": self.served,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": text},
+                            "finish_reason": "stop",
+                            "logprobs": None,
+                        }
+                    ],
+                    "usage": usage,
+                }
+            )
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
 
         def chunk(delta, finish=None):
-            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.served,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+            return {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.served,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+            }
 
         async def send(obj):
             await resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
@@ -169,10 +231,23 @@ class Fake:
         await send(chunk({"role": "assistant", "content": ""}))
         if tool_call is not None:  # like vLLM's parsers: name first, then argument fragments
             fn = tool_call["function"]
-            await send(chunk({"tool_calls": [{"index": 0, "id": tool_call["id"], "type": "function",
-                                              "function": {"name": fn["name"], "arguments": ""}}]}))
+            await send(
+                chunk(
+                    {
+                        "tool_calls": [
+                            {
+                                "index": 0,
+                                "id": tool_call["id"],
+                                "type": "function",
+                                "function": {"name": fn["name"], "arguments": ""},
+                            }
+                        ]
+                    }
+                )
+            )
             args = fn["arguments"]
-            for piece in (args[: len(args) // 2], args[len(args) // 2:]):
+            half = len(args) // 2
+            for piece in (args[:half], args[half:]):
                 await send(chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}))
             parts = []
         for i, part in enumerate(parts):
@@ -183,8 +258,16 @@ class Fake:
             await send(chunk({"content": part}))
         await send(chunk({}, "tool_calls" if tool_call is not None else "stop"))
         if (body.get("stream_options") or {}).get("include_usage"):
-            await send({"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.served,
-                        "choices": [], "usage": usage})
+            await send(
+                {
+                    "id": cid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": self.served,
+                    "choices": [],
+                    "usage": usage,
+                }
+            )
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
@@ -192,9 +275,12 @@ class Fake:
     # -- main --------------------------------------------------------------------------------------
     async def run(self) -> int:
         a = self.args
-        print(f"INFO fake vLLM {PID}: model={a.model} served={self.served} port={a.port} "
-              f"gpu_memory_utilization={a.gpu_memory_utilization} max_model_len={a.max_model_len} "
-              f"chat_template={a.chat_template} extra={self.extra}", flush=True)
+        print(
+            f"INFO fake vLLM {PID}: model={a.model} served={self.served} port={a.port} "
+            f"gpu_memory_utilization={a.gpu_memory_utilization} max_model_len={a.max_model_len} "
+            f"chat_template={a.chat_template} extra={self.extra}",
+            flush=True,
+        )
         self.event("start", argv=sys.argv[1:])
         self.take_lock()
         if a.fake_engine_child:
@@ -212,7 +298,11 @@ class Fake:
             print("Traceback (most recent call last):", file=sys.stderr)
             print('  File "vllm/worker/model_runner.py", line 1, in load_model', file=sys.stderr)
             print(a.fake_fail, file=sys.stderr)
-            print("RuntimeError: Engine core initialization failed. See root cause above.", file=sys.stderr, flush=True)
+            print(
+                "RuntimeError: Engine core initialization failed. See root cause above.",
+                file=sys.stderr,
+                flush=True,
+            )
             self.event("failed")
             return 1
         app = web.Application()
@@ -225,8 +315,12 @@ class Fake:
         try:
             await site.start()
         except OSError as exc:
-            print(f"OSError: [Errno {exc.errno}] error while attempting to bind on address "
-                  f"({a.host!r}, {a.port}): {exc.strerror}", file=sys.stderr, flush=True)
+            print(
+                f"OSError: [Errno {exc.errno}] error while attempting to bind on address "
+                f"({a.host!r}, {a.port}): {exc.strerror}",
+                file=sys.stderr,
+                flush=True,
+            )
             return 1
         print(f"INFO Starting vLLM API server on http://{a.host}:{a.port}", flush=True)
         print("INFO:     Application startup complete.", flush=True)

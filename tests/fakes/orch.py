@@ -41,8 +41,12 @@ def orch_settings(port: int, **overrides: Any) -> dict[str, str]:
 def vllm_entry(name: str, tmp: Path, *extra: str, **fields: Any) -> dict[str, Any]:
     """An orchestrated vLLM entry whose fake records events and takes the shared "GPU" lock."""
     args = ["--fake-events", str(tmp / "events.jsonl"), "--fake-lock", str(tmp / "gpu.lock"), *extra]
-    entry = {"name": name, "backend": "vllm", "served_model_id": f"served-{name}",
-             "backend_config": {"model_path": f"/models/{name}", "extra_args": args}}
+    entry = {
+        "name": name,
+        "backend": "vllm",
+        "served_model_id": f"served-{name}",
+        "backend_config": {"model_path": f"/models/{name}", "extra_args": args},
+    }
     entry.update(fields)
     return entry
 
@@ -76,9 +80,20 @@ async def chat(app, model: str, *, stream: bool = False, **extra: Any) -> tuple[
     async def waiting() -> None:
         waited.append(True)
 
-    body = {"model": entry.upstream_model, "messages": [{"role": "user", "content": "hi"}], "stream": stream, **extra}
-    call = ChatCall(request_id="req_test", entry=entry, model=entry.upstream_model, body=body, stream=stream,
-                    waiting=waiting)
+    body = {
+        "model": entry.upstream_model,
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": stream,
+        **extra,
+    }
+    call = ChatCall(
+        request_id="req_test",
+        entry=entry,
+        model=entry.upstream_model,
+        body=body,
+        stream=stream,
+        waiting=waiting,
+    )
     result = await adapter.chat(call)
     if not stream:
         return result["choices"][0]["message"]["content"], call, waited
