@@ -511,7 +511,7 @@ class GpuScheduler:
                 # It may still hold the GPU: never start the next tenant into it. Its waiters get the reason;
                 # the tenant stays resident so the next switch tries to stop it again.
                 self._residents[tenant.key] = tenant
-                self._active, self._phase = None, IDLE
+                self._phase = READY if self._active is not None else IDLE  # a vacate may keep the active one
                 self._stats["swap_failures"] += 1
                 record.update(
                     ok=False,
