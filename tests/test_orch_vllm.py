@@ -85,7 +85,7 @@ async def test_a_cold_model_is_started_on_first_request_and_reported_loading_the
 async def test_switching_never_kills_a_running_answer_and_never_runs_two_vllms(orch, tmp_path):
     client = await orch([vllm_entry("alpha", tmp_path), vllm_entry("beta", tmp_path)])
     app = client.app
-    long_a = asyncio.create_task(chat(app, "alpha", stream=True, fake_chunks=6, fake_chunk_delay=0.1))
+    long_a = asyncio.create_task(chat(app, "alpha", stream=True, fake_chunks=10, fake_chunk_delay=0.1))
     await until(lambda: orchestrator(app).public_state()["state"] == "loaded")
     await until(lambda: orchestrator(app).scheduler.stats()["inflight"] == 1)
     b = asyncio.create_task(chat(app, "beta"))

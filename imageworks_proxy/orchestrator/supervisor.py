@@ -407,9 +407,10 @@ class VllmSupervisor:
             gpu_pids=gpu.pids_holding_memory if gpu is not None else None,
         )
         inst.poll()
+        # the file first: whoever sees "stopped" must not find a stale record
+        await asyncio.to_thread(self._clear_state_if_ours, inst)
         if self.instance is inst:
             self.instance = None
-        await asyncio.to_thread(self._clear_state_if_ours, inst)
         level = logging.INFO if result["exited"] and result["port_free"] is not False else logging.WARNING
         log.log(
             level,
