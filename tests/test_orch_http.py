@@ -133,7 +133,7 @@ async def test_a_client_that_disconnects_while_queued_leaves_the_queue(orch, tmp
                 "model": "alpha",
                 "messages": user("hi"),
                 "stream": True,
-                "fake_chunks": 10,
+                "fake_chunks": 20,
                 "fake_chunk_delay": 0.1,
             },
         )
@@ -163,7 +163,7 @@ async def test_more_waiting_requests_than_the_queue_allows_get_429(orch, tmp_pat
                 "model": "alpha",
                 "messages": user("hi"),
                 "stream": True,
-                "fake_chunks": 5,
+                "fake_chunks": 10,
                 "fake_chunk_delay": 0.1,
             },
         )

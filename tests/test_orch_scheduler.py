@@ -372,7 +372,7 @@ async def _scenario(plan: list[tuple[str, int, int, bool]], seed: int) -> tuple[
     return w, results, runs(arrivals)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     plan=st.lists(
         st.tuples(
