@@ -16,7 +16,7 @@ from imageworks_proxy.adapters.base import Adapter
 from imageworks_proxy.autostart import autostart_ctx
 from imageworks_proxy.config import Config, load_config
 from imageworks_proxy.gpu import Gpu
-from imageworks_proxy.middlewares import auth_middleware, error_middleware
+from imageworks_proxy.middlewares import access_log_middleware, auth_middleware, error_middleware
 from imageworks_proxy.models import ModelService
 from imageworks_proxy.orchestrator.scheduler import GpuScheduler
 from imageworks_proxy.pipeline import Pipeline, Stage
@@ -30,6 +30,7 @@ from imageworks_proxy.plugins import (
 )
 from imageworks_proxy.registry import RegistryStore
 from imageworks_proxy.views import admin, chat, info
+from imageworks_proxy.views import metrics as metrics_views
 
 log = logging.getLogger("imageworks_proxy")
 
@@ -84,7 +85,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-        # Fail waiting requests and cancel an in-progress model start before the adapters stop their processes.
+        # Fail waiting requests and cancel a model start in progress before the adapters stop their processes.
         close_tenancy = getattr(tenancy, "close", None)
         if close_tenancy is not None:
             try:
@@ -117,7 +118,7 @@ def create_app(
     config = config if config is not None else load_config()
     pm = plugin_manager if plugin_manager is not None else make_plugin_manager(load_entrypoints=load_entrypoints)
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware],
+        middlewares=[access_log_middleware, error_middleware, auth_middleware],
         client_max_size=config.max_body_bytes,
     )
     app[keys.CONFIG] = config
@@ -125,12 +126,15 @@ def create_app(
     app[keys.STARTED_AT] = time.monotonic()
     app[keys.GPU] = Gpu()
     app[keys.TENANCY] = GpuScheduler(
-        max_queue=config.vllm_max_queue, exclusive=config.gpu_exclusive, backoff_s=config.vllm_failure_backoff_s
+        max_queue=config.vllm_max_queue,
+        exclusive=config.gpu_exclusive,
+        backoff_s=config.vllm_failure_backoff_s,
     )
     store = RegistryStore(config.registry, config.registry_poll_s)
     models = ModelService(config, store)
     app[keys.MODELS] = models
     models.set_adapters(_build_adapters(app, config, pm))
+    metrics_views.install(app, config)  # request log + metrics, before the stages that feed them
     app[keys.PIPELINE] = _build_pipeline(app, config, pm)
     store.load_initial()
 

@@ -35,14 +35,17 @@ def fix_usage(usage: Any) -> dict[str, Any] | None:
 
 
 class _Ids:
-    __slots__ = ("id", "created", "role_sent", "finish_sent", "usage_sent")
+    __slots__ = ("id", "created", "role_sent", "choices", "finished", "held_usage")
 
     def __init__(self) -> None:
         self.id = "chatcmpl-" + secrets.token_hex(12)
         self.created = int(time.time())
         self.role_sent = False
-        self.finish_sent = False
-        self.usage_sent = False
+        #: choice indexes seen, and those that already got their finish_reason
+        self.choices: set[int] = set()
+        self.finished: set[int] = set()
+        #: a usage-only chunk that arrived before every choice finished; sent last
+        self.held_usage: dict[str, Any] | None = None
 
 
 class Conformance(Stage):
@@ -99,10 +102,13 @@ class Conformance(Stage):
         choices = chunk.get("choices")
         if not isinstance(choices, list):
             choices = chunk["choices"] = []
+        repeated = False
         for i, choice in enumerate(choices):
             if not isinstance(choice, dict):
                 choices[i] = choice = {}
-            choice.setdefault("index", i)
+            index = choice.setdefault("index", i)
+            if index not in ids.choices:
+                ids.choices.add(index)
             delta = choice.get("delta")
             if not isinstance(delta, dict):
                 delta = choice["delta"] = {}
@@ -113,11 +119,14 @@ class Conformance(Stage):
             if delta.get("reasoning") and not delta.get("reasoning_content"):
                 delta["reasoning_content"] = delta["reasoning"]
             fr = choice.get("finish_reason")
-            if fr is not None:
-                choice["finish_reason"] = _finish(fr)
-                ids.finish_sent = True
-            else:
+            if fr is None:
                 choice["finish_reason"] = None
+            elif index in ids.finished:
+                choice["finish_reason"] = None  # exactly one finish_reason per choice
+                repeated = True
+            else:
+                choice["finish_reason"] = _finish(fr)
+                ids.finished.add(index)
         if choices:
             ids.role_sent = True
         usage = chunk.get("usage")
@@ -125,12 +134,24 @@ class Conformance(Stage):
             chunk["usage"] = fix_usage(usage)
             if chunk["usage"] is not None:
                 ctx.usage = chunk["usage"]
-                ids.usage_sent = True
+        if repeated:
+            # drop what only repeated a finish; keep anything else the chunk carries (text, usage)
+            chunk["choices"] = choices = [c for c in choices if c["delta"] or c["finish_reason"] or c.get("logprobs")]
+            if not choices and not chunk.get("usage"):
+                return []
+        if not choices and chunk.get("usage") and not (ids.choices and ids.choices <= ids.finished):
+            ids.held_usage = chunk  # the usage chunk comes last: after the finish still to be sent
+            return []
         return [chunk]
 
     def stream_end(self, ctx: ChatContext) -> list[dict[str, Any]]:
         ids = self._ids(ctx)
-        if ids.finish_sent:
-            return []
-        chunk = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-        return self.chunk(ctx, chunk)
+        out: list[dict[str, Any]] = []
+        missing = sorted(ids.choices - ids.finished) if ids.choices else [0]
+        if missing:
+            chunk = {"choices": [{"index": i, "delta": {}, "finish_reason": "stop"} for i in missing]}
+            out = self.chunk(ctx, chunk)
+        if ids.held_usage is not None:
+            out.append(ids.held_usage)
+            ids.held_usage = None
+        return out

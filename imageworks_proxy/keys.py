@@ -9,9 +9,12 @@ from aiohttp import ClientSession, web
 if TYPE_CHECKING:
     from imageworks_proxy.config import Config
     from imageworks_proxy.gpu import Gpu
+    from imageworks_proxy.metrics import RollingMetrics
     from imageworks_proxy.models import ModelService
     from imageworks_proxy.pipeline import Pipeline
     from imageworks_proxy.plugins import PluginManager
+    from imageworks_proxy.prometheus import PromMetrics
+    from imageworks_proxy.requestlog import RequestLog
     from imageworks_proxy.tenancy import Tenancy
 
 CONFIG: web.AppKey[Config] = web.AppKey("config")
@@ -22,6 +25,10 @@ HTTP: web.AppKey[ClientSession] = web.AppKey("http")
 GPU: web.AppKey[Gpu] = web.AppKey("gpu")
 STARTED_AT: web.AppKey[float] = web.AppKey("started_at")
 TENANCY: web.AppKey[Tenancy] = web.AppKey("tenancy")
+METRICS: web.AppKey[RollingMetrics] = web.AppKey("metrics")
+REQUEST_LOG: web.AppKey[RequestLog] = web.AppKey("request_log")
+#: Present only when CHAT_PROXY_ENABLE_METRICS=1.
+PROMETHEUS: web.AppKey[PromMetrics] = web.AppKey("prometheus")
 
 
 # Per-request storage: typed RequestKeys on aiohttp versions that have them (3.14+), plain strings before.
@@ -55,3 +62,11 @@ def http(app: web.Application) -> ClientSession:
 
 def gpu(app: web.Application) -> Gpu:
     return app[GPU]
+
+
+def metrics(app: web.Application) -> RollingMetrics:
+    return app[METRICS]
+
+
+def request_log(app: web.Application) -> RequestLog:
+    return app[REQUEST_LOG]

@@ -1,11 +1,14 @@
-"""aiohttp middlewares for HTTP concerns only: request ids, the error envelope and API keys (SPEC §9, §12)."""
+"""aiohttp middlewares for HTTP concerns only: the access log, request ids, the error envelope and API keys
+(SPEC §9, §10, §12)."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -15,11 +18,15 @@ from imageworks_proxy.keys import REQUEST_ID
 from imageworks_proxy.errors import ProxyError
 
 log = logging.getLogger("imageworks_proxy.http")
+access_log = logging.getLogger("imageworks_proxy.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 #: Route names that never need an API key.
 PUBLIC_ROUTES = frozenset({"health"})
+#: Routes polled by health checks and scrapers: their access lines are DEBUG, not INFO.
+QUIET_ROUTES = frozenset({"health", "metrics", "prometheus"})
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f\"\\]")
 
 
 def new_request_id() -> str:
@@ -95,3 +102,50 @@ def _any_key_matches(token: bytes, api_keys: tuple[str, ...]) -> bool:
     for key in api_keys:
         found |= hmac.compare_digest(token, key.encode())
     return found
+
+
+def _clean(text: str, limit: int) -> str:
+    """Client-supplied text for a log line: no control characters (no forged lines), bounded length."""
+    return _UNSAFE.sub("?", text[:limit])
+
+
+@web.middleware
+async def access_log_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One line per request: method, path, model, status, ms and request id (never bodies or headers).
+
+    Outermost middleware, so it sees the final status of error responses too. Also counts chat requests
+    in flight for the metrics.
+    """
+    started = time.perf_counter()
+    rid = request_id(request)
+    route = request.match_info.route
+    route_name = getattr(route, "name", None)
+    metrics = request.app.get(keys.METRICS) if route_name == "chat" else None
+    if metrics is not None:
+        metrics.in_flight += 1
+    status = 500
+    try:
+        resp = await handler(request)
+        status = resp.status
+        return resp
+    except web.HTTPException as exc:  # redirects and the like; errors were turned into responses already
+        status = exc.status
+        raise
+    except asyncio.CancelledError:
+        status = 499  # the client went away
+        raise
+    finally:
+        if metrics is not None:
+            metrics.in_flight -= 1
+        level = logging.DEBUG if route_name in QUIET_ROUTES else logging.INFO
+        if access_log.isEnabledFor(level):
+            ctx = request.get(keys.CHAT_CONTEXT)
+            model = getattr(ctx, "model", None)
+            error = getattr(ctx, "error_code", None)
+            access_log.log(
+                level, "%s %s%s status=%d%s %.1fms rid=%s",
+                request.method, _clean(request.path, 200),
+                f' model="{_clean(model, 120)}"' if model else "",
+                status, f" error={error}" if error else "",
+                (time.perf_counter() - started) * 1000, rid,
+            )

@@ -46,6 +46,9 @@ class ValidateRequest(Stage):
         opts = body.get("stream_options")
         if opts is not None and not isinstance(opts, dict):
             raise invalid_request("'stream_options' must be an object.", "stream_options")
+        if not stream and "stream_options" in body:
+            # vLLM and OpenAI answer 400 to stream_options without stream; it means nothing here anyway.
+            del body["stream_options"]
         ctx.model = model
         ctx.stream = bool(stream)
 

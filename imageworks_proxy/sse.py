@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import copy
 import time
 from typing import Any
 
@@ -21,45 +19,53 @@ _PIECE_CHARS = 8 * 1024  # worst case JSON escaping is 6 bytes/char: 48 KiB < MA
 _SPLIT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
 
 
+def _piece(chunk: dict[str, Any], choice: dict[str, Any], delta: dict[str, Any], last: bool) -> dict[str, Any]:
+    """One piece of a split chunk: finish_reason and usage stay on the last piece."""
+    out = {k: v for k, v in chunk.items() if k != "choices" and (last or k != "usage")}
+    out["choices"] = [{**choice, "delta": delta, "finish_reason": choice.get("finish_reason") if last else None}]
+    return out
+
+
+def _cut(text: str) -> list[str]:
+    return [text[i:i + _PIECE_CHARS] for i in range(0, len(text), _PIECE_CHARS)]
+
+
 def _split_delta(chunk: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """Split an oversized single-choice chunk into several whose string fields are cut in pieces."""
+    """Split an oversized single-choice chunk: long text fields into pieces, several tool calls into one
+    chunk each, long tool-call arguments into fragments (the way clients concatenate them)."""
     choices = chunk.get("choices")
-    if not isinstance(choices, list) or len(choices) != 1:
+    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
         return None
     choice = choices[0]
     delta = choice.get("delta") or {}
     for field in _SPLIT_FIELDS:
         text = delta.get(field)
         if isinstance(text, str) and len(text) > _PIECE_CHARS:
-            pieces = [text[i:i + _PIECE_CHARS] for i in range(0, len(text), _PIECE_CHARS)]
-            out = []
-            for n, piece in enumerate(pieces):
-                c = {k: v for k, v in chunk.items() if k != "choices"}
-                d = dict(delta) if n == 0 else {}
-                d[field] = piece
-                if n > 0:
-                    c.pop("usage", None)
-                last = n == len(pieces) - 1
-                c["choices"] = [{**choice, "delta": d, "finish_reason": choice.get("finish_reason") if last else None}]
-                out.append(c)
-            return out
+            pieces = _cut(text)
+            last = len(pieces) - 1
+            return [_piece(chunk, choice, {**delta, field: p} if n == 0 else {field: p}, n == last)
+                    for n, p in enumerate(pieces)]
     calls = delta.get("tool_calls")
-    if isinstance(calls, list) and len(calls) == 1:
-        fn = calls[0].get("function") or {}
-        args = fn.get("arguments")
-        if isinstance(args, str) and len(args) > _PIECE_CHARS:
-            out = []
-            pieces = [args[i:i + _PIECE_CHARS] for i in range(0, len(args), _PIECE_CHARS)]
-            for n, piece in enumerate(pieces):
-                call = copy.deepcopy(calls[0]) if n == 0 else {"index": calls[0].get("index", 0)}
-                call.setdefault("function", {})["arguments"] = piece
-                d = {**delta, "tool_calls": [call]} if n == 0 else {"tool_calls": [call]}
-                last = n == len(pieces) - 1
-                c = {k: v for k, v in chunk.items() if k != "choices"}
-                c["choices"] = [{**choice, "delta": d, "finish_reason": choice.get("finish_reason") if last else None}]
-                out.append(c)
-            return out
-    return None
+    if not isinstance(calls, list) or not calls:
+        return None
+    if len(calls) > 1:  # parallel calls sent whole in one delta: one chunk per call, then split each
+        last = len(calls) - 1
+        return [_piece(chunk, choice, {**delta, "tool_calls": [c]} if n == 0 else {"tool_calls": [c]}, n == last)
+                for n, c in enumerate(calls)]
+    call = calls[0]
+    fn = call.get("function") if isinstance(call, dict) else None
+    args = fn.get("arguments") if isinstance(fn, dict) else None
+    if not isinstance(args, str) or len(args) <= _PIECE_CHARS:
+        return None
+    pieces = _cut(args)
+    last = len(pieces) - 1
+    out = [_piece(chunk, choice, {**delta, "tool_calls": [{**call, "function": {**fn, "arguments": pieces[0]}}]},
+                  last == 0)]
+    index = call.get("index", 0)
+    for n in range(1, len(pieces)):
+        out.append(_piece(chunk, choice, {"tool_calls": [{"index": index, "function": {"arguments": pieces[n]}}]},
+                          n == last))
+    return out
 
 
 def encode_event(chunk: dict[str, Any]) -> bytes:
@@ -73,8 +79,19 @@ def encode_event(chunk: dict[str, Any]) -> bytes:
     return b"".join(encode_event(p) for p in pieces)
 
 
+class ClientGone(Exception):
+    """The client closed the connection: nothing more can be sent to it."""
+
+
 class SSEWriter:
-    """Owns the client's streaming response: commit once, keep alive until data flows, then events."""
+    """Owns the client's streaming response: commit once, keep alive until data flows, then events.
+
+    A failed write raises :class:`ClientGone` (never ``ConnectionError``, so the caller can tell a client
+    that left from an adapter whose upstream connection broke). A keep-alive that finds the client gone
+    cancels the task that committed the stream, so a wait for a model start or a slow first token ends at
+    once even where aiohttp does not cancel handlers itself (``handler_cancellation=False``, its default
+    for embedding apps).
+    """
 
     def __init__(self, request: web.Request, request_id: str, keepalive_s: float = 5.0) -> None:
         self.request = request
@@ -85,6 +102,7 @@ class SSEWriter:
         self.first_data_at: float | None = None
         self._keepalive: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._owner: asyncio.Task[Any] | None = None
 
     @property
     def committed(self) -> bool:
@@ -103,15 +121,25 @@ class SSEWriter:
                 "X-Request-Id": self.request_id,
             },
         )
-        await resp.prepare(self.request)
-        self.response = resp
+        self.response = resp  # set first: the handler returns it even when the client is already gone
+        self._owner = asyncio.current_task()
+        try:
+            await resp.prepare(self.request)
+        except ConnectionError:
+            raise ClientGone() from None
 
     async def commit_and_keep_alive(self) -> None:
         """Commit now, send a keep-alive comment at once, and keep sending them until data flows."""
         await self.commit()
         if not self.data_started:
-            await self.response.write(KEEPALIVE)  # type: ignore[union-attr]
+            await self._write(KEEPALIVE)
             self.arm_keepalive()
+
+    async def _write(self, data: bytes) -> None:
+        try:
+            await self.response.write(data)  # type: ignore[union-attr]
+        except ConnectionError:
+            raise ClientGone() from None
 
     def arm_keepalive(self) -> None:
         """Send ``: keep-alive`` every ``keepalive_s`` until the first data event (a timer, not a task)."""
@@ -125,9 +153,17 @@ class SSEWriter:
         self._keepalive = asyncio.get_running_loop().create_task(self._write_keepalive())
 
     async def _write_keepalive(self) -> None:
-        with contextlib.suppress(ConnectionError, RuntimeError):
+        try:
             await self.response.write(KEEPALIVE)  # type: ignore[union-attr]
-            self.arm_keepalive()
+        except ConnectionError:
+            # The client left while the request waits (model start, prefill): stop waiting for it.
+            owner, self._owner = self._owner, None
+            if owner is not None and not owner.done():
+                owner.cancel()
+            return
+        except RuntimeError:
+            return  # the stream already ended
+        self.arm_keepalive()
 
     async def _stop_keepalive(self) -> None:
         if self._timer is not None:
@@ -136,26 +172,32 @@ class SSEWriter:
         task, self._keepalive = self._keepalive, None
         if task is not None and not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait((task,))  # unlike awaiting it, lets a cancellation of our own task through
 
     async def send(self, chunk: dict[str, Any]) -> None:
         if not self.data_started:
             self.data_started = True
             self.first_data_at = time.perf_counter()
             await self._stop_keepalive()
-        await self.response.write(encode_event(chunk))  # type: ignore[union-attr]
+        try:
+            await self.response.write(encode_event(chunk))  # type: ignore[union-attr]
+        except ConnectionError:
+            raise ClientGone() from None
 
     async def send_error(self, error: ProxyError) -> None:
         """In-band error event, then [DONE]."""
         await self._stop_keepalive()
         await self.commit()
-        await self.response.write(b"data: " + orjson.dumps(error.payload(self.request_id)) + b"\n\n" + DONE)  # type: ignore[union-attr]
+        await self._write(b"data: " + orjson.dumps(error.payload(self.request_id)) + b"\n\n" + DONE)
 
     async def finish(self) -> None:
         await self._stop_keepalive()
-        await self.response.write(DONE)  # type: ignore[union-attr]
-        await self.response.write_eof()  # type: ignore[union-attr]
+        try:
+            await self.response.write(DONE)  # type: ignore[union-attr]
+            await self.response.write_eof()  # type: ignore[union-attr]
+        except ConnectionError:
+            raise ClientGone() from None
 
     async def close(self) -> None:
+        self._owner = None
         await self._stop_keepalive()

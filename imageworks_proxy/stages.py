@@ -5,6 +5,7 @@ from __future__ import annotations
 from imageworks_proxy.conformance import Conformance
 from imageworks_proxy.hookspecs import hookimpl
 from imageworks_proxy.image_stage import ImageLimits
+from imageworks_proxy.observe_stage import ObserveStage
 from imageworks_proxy.request_stages import DefaultSystemPrompt, GenerationDefaults, ResolveModel, ValidateRequest
 from imageworks_proxy.template_stage import TemplateStage
 from imageworks_proxy.toolcalls import ToolCallSynthesis
@@ -22,3 +23,4 @@ def register_stages(register):
     register(GenerationDefaults)  # 700
     register(ToolCallSynthesis)  # 900
     register(Conformance)  # 1000
+    register(ObserveStage)  # 1100

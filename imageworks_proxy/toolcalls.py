@@ -26,6 +26,9 @@ def json_arguments(value: Any) -> str:
 
 
 def tool_names(body: dict[str, Any]) -> frozenset[str]:
+    """Names of the tools a reply may call; none when the request said ``tool_choice: "none"``."""
+    if body.get("tool_choice") == "none":
+        return frozenset()
     names = set()
     for tool in body.get("tools") or ():
         if isinstance(tool, dict):
@@ -99,18 +102,56 @@ def normalise_message(message: dict[str, Any], names: frozenset[str]) -> bool:
     return bool(fixed)
 
 
+#: What the start of a reply says about it being a JSON tool call (see :func:`call_prefix`).
+NOT_A_CALL, UNDECIDED, LOOKS_LIKE_A_CALL = 0, 1, 2
+
+
+def call_prefix(text: str) -> int:
+    """Can a reply starting with ``text`` still be a JSON tool call that :func:`calls_from_content` takes?
+
+    ``NOT_A_CALL`` once the start rules it out (a ```python fence, ``{x}``, ``[1]``), ``LOOKS_LIKE_A_CALL``
+    once it opens a JSON object with a key, ``UNDECIDED`` while too little has arrived to tell.
+    """
+    t = text.lstrip()
+    if t.startswith("`"):
+        if not t.startswith("```"):
+            return UNDECIDED if "```".startswith(t) else NOT_A_CALL
+        t = t[3:]
+        if t[:4].lower() == "json":
+            t = t[4:]
+        elif len(t) < 4 and "json".startswith(t.lower()):
+            return UNDECIDED  # the fence's language tag is still arriving
+        t = t.lstrip()
+    if t.startswith("["):
+        t = t[1:].lstrip()
+    if not t:
+        return UNDECIDED
+    if t[0] != "{":
+        return NOT_A_CALL
+    t = t[1:].lstrip()
+    if not t:
+        return UNDECIDED
+    return LOOKS_LIKE_A_CALL if t[0] == '"' else NOT_A_CALL
+
+
 class _StreamState:
-    __slots__ = ("index_by_key", "announced", "next_index", "saw_calls", "buffering", "buffer", "decided", "template")
+    __slots__ = ("index_by_id", "index_at_pos", "announced", "named", "next_index", "saw_calls", "buffering",
+                 "buffer", "decided", "looks_like_call", "template", "finish_seen")
 
     def __init__(self) -> None:
-        self.index_by_key: dict[Any, int] = {}
+        self.index_by_id: dict[str, int] = {}
+        #: for calls sent without index: the index last used at each position of a delta's list
+        self.index_at_pos: dict[int, int] = {}
         self.announced: set[int] = set()
+        self.named: set[int] = set()
         self.next_index = 0
         self.saw_calls = False
         self.buffering = False
         self.buffer: list[str] = []
         self.decided = False
+        self.looks_like_call = False
         self.template: dict[str, Any] | None = None
+        self.finish_seen = False
 
 
 class ToolCallSynthesis(Stage):
@@ -155,9 +196,10 @@ class ToolCallSynthesis(Stage):
             if "function_call" in delta or "tool_calls" in delta:
                 self._fix_call_delta(st, delta)
             content = delta.get("content")
-            if isinstance(content, str) and content and not st.decided and self._names(ctx):
+            if content and not st.decided and isinstance(content, str) and self._names(ctx):
                 out = self._maybe_buffer(ctx, st, chunk, choice, delta, content)
             if choice.get("finish_reason") is not None:
+                st.finish_seen = True
                 if st.buffering:
                     out = self._flush_buffer(ctx, st, chunk) + out
                 if st.saw_calls and choice["finish_reason"] in ("stop", "function_call"):
@@ -176,28 +218,41 @@ class ToolCallSynthesis(Stage):
         for pos, call in enumerate(calls):
             if not isinstance(call, dict):
                 continue
-            key = call.get("index")
-            if not isinstance(key, int):
-                key = ("id", call["id"]) if call.get("id") else ("pos", pos)
-            index = st.index_by_key.get(key)
-            if index is None:
-                index = st.index_by_key[key] = key if isinstance(key, int) else st.next_index
-                st.next_index = max(st.next_index, index + 1)
+            index = call.get("index")
+            cid = call.get("id")
+            if not isinstance(index, int):
+                if cid:
+                    index = st.index_by_id.get(cid)
+                    if index is None:
+                        index = st.index_by_id[cid] = st.next_index
+                else:  # a fragment with neither index nor id continues the call it follows
+                    index = st.index_at_pos.get(pos, st.next_index)
+                st.index_at_pos[pos] = index
+            if index >= st.next_index:
+                st.next_index = index + 1
             fn = call.get("function") if isinstance(call.get("function"), dict) else {}
+            name = fn.get("name")
+            args = fn.get("arguments")
             out: dict[str, Any] = {"index": index}
             if index not in st.announced:
                 st.announced.add(index)
-                out["id"] = call.get("id") or new_call_id()
+                if name:
+                    st.named.add(index)
+                out["id"] = cid or new_call_id()
                 out["type"] = "function"
-                out["function"] = {"name": fn.get("name") or "", "arguments": json_arguments(fn.get("arguments", ""))}
+                out["function"] = {"name": name or "", "arguments": "" if args is None else json_arguments(args)}
+            elif name and index not in st.named:
+                # the name came after the id: clients concatenate it onto the "" sent first
+                st.named.add(index)
+                out["function"] = {"name": name, "arguments": "" if args is None else json_arguments(args)}
             else:
-                args = fn.get("arguments")
-                out["function"] = {"arguments": json_arguments(args) if args is not None else ""}
+                out["function"] = {"arguments": "" if args is None else json_arguments(args)}
             fixed.append(out)
         st.saw_calls = st.saw_calls or bool(fixed)
         delta["tool_calls"] = fixed
 
     def _maybe_buffer(self, ctx, st, chunk, choice, delta, content) -> list[dict[str, Any]]:
+        """Hold back content that may be a JSON tool call; give it back as soon as it cannot be one."""
         if not st.buffering:
             head = content.lstrip()
             if not head:
@@ -208,11 +263,19 @@ class ToolCallSynthesis(Stage):
             st.buffering = True
             st.template = {k: v for k, v in chunk.items() if k not in ("choices", "usage")}
         st.buffer.append(content)
+        if not st.looks_like_call:
+            verdict = call_prefix("".join(st.buffer))
+            if verdict == NOT_A_CALL:
+                # ordinary text after all: it goes out now, in this chunk, and streams on from here
+                delta["content"] = "".join(st.buffer) if len(st.buffer) > 1 else content
+                st.buffer.clear()
+                st.buffering, st.decided = False, True
+                return [chunk]
+            st.looks_like_call = verdict == LOOKS_LIKE_A_CALL
         del delta["content"]
-        if len(delta) == 0 or (len(delta) == 1 and "role" in delta):
-            # keep a role-only delta so the client still sees the assistant start
-            return [chunk] if "role" in delta else []
-        return [chunk]
+        if delta or choice.get("finish_reason") is not None or chunk.get("usage"):
+            return [chunk]  # what else it carries (role, finish, usage) still goes out
+        return []
 
     def _flush_buffer(self, ctx: ChatContext, st: _StreamState, chunk: dict[str, Any]) -> list[dict[str, Any]]:
         st.buffering, st.decided = False, True
@@ -228,6 +291,9 @@ class ToolCallSynthesis(Stage):
 
     def stream_end(self, ctx: ChatContext) -> list[dict[str, Any]]:
         st = ctx.state.get(self.name)
-        if st is not None and st.buffering:
-            return self._flush_buffer(ctx, st, {})
-        return []
+        if st is None:
+            return []
+        out = self._flush_buffer(ctx, st, {}) if st.buffering else []
+        if st.saw_calls and not st.finish_seen:  # the upstream never said why it stopped
+            out.append({**(st.template or {}), "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+        return out

@@ -15,8 +15,9 @@ def truncate_history(
     """Return (kept messages, number dropped).
 
     A turn is a user message and everything up to the next user message, so a tool call is never split
-    from its result. The current turn starts at the last user message. When the current user message has
-    no image, the most recent image part(s) of the dropped turns are carried into it.
+    from its result. The current turn starts at the last user message. When no kept message has an image
+    any more, the most recent image part(s) of the dropped turns are carried into the current user message,
+    so a follow-up question about the picture still works.
     """
     user_idx = [i for i, m in enumerate(messages) if m.get("role") == "user"]
     if not user_idx:
@@ -37,7 +38,7 @@ def truncate_history(
     if not dropped:
         return messages, 0
     current_msg = messages[current]
-    if not any(True for _ in image_parts([current_msg])):
+    if not any(True for _ in image_parts(kept)):  # no image left at all (the current message has none either)
         carried: list[dict[str, Any]] = []
         for msg in reversed(dropped):
             found = [p for _, _, p in image_parts([msg])]

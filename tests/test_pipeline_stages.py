@@ -7,7 +7,14 @@ import pytest
 from imageworks_proxy.pipeline import ChatContext
 from imageworks_proxy.request_stages import DefaultSystemPrompt, GenerationDefaults
 from imageworks_proxy.registry import parse_entry
-from imageworks_proxy.toolcalls import ToolCallSynthesis, calls_from_content
+from imageworks_proxy.toolcalls import (
+    LOOKS_LIKE_A_CALL,
+    NOT_A_CALL,
+    UNDECIDED,
+    ToolCallSynthesis,
+    call_prefix,
+    calls_from_content,
+)
 from imageworks_proxy.truncation import truncate_history
 from imageworks_proxy.upstream import apply_loopback_alias, entry_base_url
 
@@ -49,6 +56,13 @@ def test_truncation_can_drop_system_messages_and_uses_newest_dropped_image():
     assert kept[0]["role"] == "user" and kept[0]["content"][0] == img(2)
 
 
+def test_truncation_carries_no_older_image_when_a_kept_turn_still_shows_one():
+    msgs = turn("a", image=1) + turn("b", image=2) + [{"role": "user", "content": "and now?"}]
+    kept, dropped = truncate_history(msgs, keep_system=True, keep_last_n_turns=1)
+    assert dropped == 2
+    assert kept == msgs[2:]  # image 2 is still in the history; image 1 is not pushed into the question
+
+
 def _ctx(body, entry=None):
     return ChatContext(request_id="r", body=body, app=None, entry=entry, model="m")  # type: ignore[arg-type]
 
@@ -82,6 +96,16 @@ def test_content_heuristic_needs_an_offered_tool_name():
     assert calls_from_content("The answer is {x}", frozenset({"f"})) is None
 
 
+@pytest.mark.parametrize("start, verdict", [
+    ("```python\n", NOT_A_CALL), ("`x` is", NOT_A_CALL), ("{x} is", NOT_A_CALL), ("[1] Smith", NOT_A_CALL),
+    ("{}", NOT_A_CALL), ("``", UNDECIDED), ("```", UNDECIDED), ("```js", UNDECIDED), ("```json\n", UNDECIDED),
+    ("  {", UNDECIDED), ("[ ", UNDECIDED), ('{"name"', LOOKS_LIKE_A_CALL), ('```JSON\n[ {"fun', LOOKS_LIKE_A_CALL),
+    ('```\n{"name": "f"}', LOOKS_LIKE_A_CALL),
+])
+def test_a_streamed_reply_is_held_back_only_while_its_start_can_be_a_json_call(start, verdict):
+    assert call_prefix(start) == verdict
+
+
 def test_streamed_tool_calls_get_index_and_id_once(make_config):
     stage = ToolCallSynthesis(None, make_config())  # type: ignore[arg-type]
     ctx = _ctx({"messages": []})
@@ -113,3 +137,44 @@ def test_entry_base_url_forms():
     assert entry_base_url(e({"host": "h", "port": 2}), **kw) == "http://h:2/v1"
     assert entry_base_url(e({"host": "http://h:3"}), **kw) == "http://h:3/v1"
     assert entry_base_url(e({}), **kw) is None
+
+
+def test_a_streamed_call_announced_with_null_arguments_starts_them_empty(make_config):
+    stage = ToolCallSynthesis(None, make_config())  # type: ignore[arg-type]
+    ctx = _ctx({"messages": []})
+    first = {"choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "id": "x", "type": "function", "function": {"name": "f", "arguments": None}}]}}]}
+    rest = {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"a": 1}'}}]}}]}
+    out = [c for chunk in (first, rest) for c in stage.chunk(ctx, chunk)]
+    args = "".join(c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"] for c in out)
+    assert args == '{"a": 1}'
+
+
+def test_an_oversized_chunk_is_split_with_finish_and_usage_on_its_last_piece():
+    import orjson
+
+    from imageworks_proxy.sse import MAX_LINE, encode_event
+
+    usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "usage": usage,
+             "choices": [{"index": 0, "delta": {"content": "\n" * 40_000}, "finish_reason": "stop"}]}
+    lines = [line for line in encode_event(chunk).split(b"\n\n") if line]
+    assert len(lines) > 1 and all(len(line) <= MAX_LINE for line in lines)
+    events = [orjson.loads(line[6:]) for line in lines]
+    assert "".join(e["choices"][0]["delta"]["content"] for e in events) == "\n" * 40_000
+    assert [e["choices"][0]["finish_reason"] for e in events] == [None] * (len(events) - 1) + ["stop"]
+    assert [e.get("usage") for e in events] == [None] * (len(events) - 1) + [usage]
+
+
+def test_json_content_stays_text_when_the_request_forbade_tool_calls(make_config):
+    stage = ToolCallSynthesis(None, make_config())  # type: ignore[arg-type]
+    tools = [{"type": "function", "function": {"name": "get_weather"}}]
+    content = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+
+    def reply(**body):
+        completion = {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
+        return stage.response(_ctx({"messages": [], "tools": tools, **body}), completion)["choices"][0]
+
+    assert reply()["finish_reason"] == "tool_calls"
+    forbidden = reply(tool_choice="none")
+    assert forbidden["message"]["content"] == content and "tool_calls" not in forbidden["message"]

@@ -75,7 +75,8 @@ class OpenAIPassthroughAdapter(Adapter):
             data = io.BytesIO(data)
         timeout = aiohttp.ClientTimeout(
             total=None,
-            sock_connect=min(10.0, cfg.backend_timeout_ms / 1000),
+            # at most half a short backend budget, so a host that never accepts shows as unreachable
+            sock_connect=min(10.0, cfg.backend_timeout_ms / 2000),
             sock_read=cfg.stream_idle_timeout_ms / 1000 if call.stream else None,
         )
         where = self.where(call)
@@ -88,7 +89,8 @@ class OpenAIPassthroughAdapter(Adapter):
                     try:
                         if resp.status >= 400:
                             raise upstream_error(resp.status, await resp.read(), where)
-                        if not call.stream:
+                        sse = call.stream and "text/event-stream" in resp.headers.get("Content-Type", "")
+                        if not sse:  # a completion, or a JSON answer to a streaming request
                             raw = await resp.read()
                     except BaseException:
                         resp.close()
@@ -99,26 +101,44 @@ class OpenAIPassthroughAdapter(Adapter):
                     continue
                 raise ProxyError(503, "backend_unavailable", f"{where} is unreachable at {base_url}: {exc.os_error or exc}",
                                  headers={"Retry-After": "5"}) from None
+            except aiohttp.ConnectionTimeoutError:
+                # Nothing accepted the connection: as unreachable as a refused one (aiohttp's timeout
+                # errors are TimeoutErrors too, so they are told apart before the generic case below).
+                raise ProxyError(503, "backend_unavailable",
+                                 f"{where} did not accept a connection at {base_url} within {timeout.sock_connect:g} s.",
+                                 headers={"Retry-After": "5"}) from None
+            except aiohttp.ServerTimeoutError:
+                # sock_read, set for streams only: the idle timeout bounds upstream silence from the start
+                raise ProxyError(504, "backend_timeout",
+                                 f"{where} sent nothing for {cfg.stream_idle_timeout_ms} ms "
+                                 "(CHAT_PROXY_STREAM_IDLE_TIMEOUT_MS).") from None
             except TimeoutError:
                 raise ProxyError(504, "backend_timeout",
                                  f"{where} did not answer within {cfg.backend_timeout_ms} ms "
                                  "(CHAT_PROXY_BACKEND_TIMEOUT_MS).") from None
-            except aiohttp.ServerTimeoutError:
-                raise ProxyError(504, "backend_timeout", f"{where} stopped sending data.") from None
             except aiohttp.ClientError as exc:
                 raise ProxyError(502, "backend_error", f"{where} failed: {type(exc).__name__}: {exc}") from None
-        if not call.stream:
-            resp.release()
-            try:
-                completion = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                raise ProxyError(502, "backend_error", f"{where} sent a reply that is not JSON.") from None
-            if not isinstance(completion, dict):
-                raise ProxyError(502, "backend_error", f"{where} sent a reply that is not a completion object.")
-            return self.adjust_completion(completion)
-        if "text/event-stream" not in resp.headers.get("Content-Type", ""):
-            return self._json_as_stream(resp, where)
-        return self._events(resp, where)
+        if sse:
+            return self._events(resp, where)
+        resp.release()
+        completion = self._completion(raw, where)
+        return self._replay(completion) if call.stream else completion
+
+    def _completion(self, raw: bytes, where: str) -> dict[str, Any]:
+        try:
+            completion = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise ProxyError(502, "backend_error", f"{where} sent a reply that is not JSON.") from None
+        if not isinstance(completion, dict):
+            raise ProxyError(502, "backend_error", f"{where} sent a reply that is not a completion object.")
+        if "choices" not in completion and (completion.get("error") or completion.get("object") == "error"):
+            # an error answered with HTTP 200 (some servers and gateways do): still an error for the client
+            code = completion.get("code")
+            if isinstance(completion.get("error"), dict):
+                code = completion["error"].get("code")
+            status = code if isinstance(code, int) and 400 <= code < 600 else 502
+            raise upstream_error(status, raw, where)
+        return self.adjust_completion(completion)
 
     def adjust_completion(self, completion: dict[str, Any]) -> dict[str, Any]:
         """Per-backend fix-ups of a non-streamed completion (vLLM overrides)."""
@@ -161,15 +181,8 @@ class OpenAIPassthroughAdapter(Adapter):
         finally:
             resp.close()
 
-    async def _json_as_stream(self, resp: aiohttp.ClientResponse, where: str) -> AsyncIterator[dict[str, Any]]:
+    async def _replay(self, completion: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """An upstream that answered a streaming request with plain JSON: replay it as chunks."""
-        try:
-            completion = orjson.loads(await resp.read())
-        except (orjson.JSONDecodeError, aiohttp.ClientError):
-            raise ProxyError(502, "backend_error", f"{where} sent a reply that is not JSON.") from None
-        finally:
-            resp.close()
-        completion = self.adjust_completion(completion)
         base = {k: completion.get(k) for k in ("id", "created", "model") if completion.get(k) is not None}
         for i, choice in enumerate(completion.get("choices") or ()):
             msg = dict(choice.get("message") or {})

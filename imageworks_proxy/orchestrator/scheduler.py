@@ -295,22 +295,10 @@ class GpuScheduler:
             return False
         if self._backoff_error(tenant) is not None:
             return False
-        record = {
-            "from": active.key if active else None,
-            "to": tenant.key,
-            "ok": True,
-            "drain_s": 0.0,
-            "stop_s": 0.0,
-            "start_s": 0.0,
-            "total_s": 0.0,
-        }
+        # nothing was stopped or started: not a swap for the metrics
         self._residents.pop(tenant.key, None)
         self._active, self._phase = tenant, READY
         self._generation += 1
-        if record["from"] != tenant.key:
-            self._stats["swaps"] += 1
-            self._recent.append(record)
-            self._emit({"event": "swap", **record})
         return True
 
     def _grant(self, tenant: Tenant) -> _Lease:

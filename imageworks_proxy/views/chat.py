@@ -17,7 +17,7 @@ from imageworks_proxy.errors import ProxyError, invalid_request
 from imageworks_proxy.http_util import json_response
 from imageworks_proxy.middlewares import request_id
 from imageworks_proxy.pipeline import ChatContext
-from imageworks_proxy.sse import SSEWriter
+from imageworks_proxy.sse import ClientGone, SSEWriter
 
 log = logging.getLogger("imageworks_proxy.chat")
 
@@ -52,6 +52,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             limit = keys.config(app).max_body_bytes
             raise ProxyError(413, "payload_too_large",
                              f"The request body is over {limit} bytes (CHAT_PROXY_MAX_BODY_BYTES).") from None
+        except ConnectionError:
+            raise ClientGone() from None  # left while sending the body
         ctx.body = _parse(raw)
         await pipeline.run_request(ctx)
         entry = ctx.entry
@@ -80,6 +82,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             await _send_error(writer, exc)
             return writer.response  # type: ignore[return-value]
         raise
+    except ClientGone:  # left while sending its body, or while the adapter waited (keep-alive, commit)
+        ctx.status, ctx.error_code = 499, "client_disconnected"
+        if writer is not None and writer.response is not None:
+            return writer.response
+        return web.Response(status=499)  # nobody will read it; aiohttp needs a response
     except asyncio.CancelledError:
         ctx.status, ctx.error_code = 499, "client_disconnected"
         raise
@@ -93,21 +100,43 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     finally:
         if writer is not None:
             await writer.close()
-        pipeline.run_finish(ctx)
+        try:
+            pipeline.run_finish(ctx)
+        except Exception:
+            # A broken log or metrics stage must not turn an answer the client already has into an error.
+            log.exception("a pipeline finish hook failed (request %s)", rid)
 
 
 async def _send_error(writer: SSEWriter, exc: ProxyError) -> None:
     try:
         await writer.send_error(exc)
         await writer.response.write_eof()  # type: ignore[union-attr]
-    except (ConnectionError, RuntimeError):
+    except (ClientGone, ConnectionError, RuntimeError):
         pass  # the client is gone
+
+
+async def _abandon(chunks: AsyncIterator[dict[str, Any]]) -> None:
+    """Run an adapter stream's cleanup although nothing was read from it.
+
+    ``aclose()`` on an async generator that never started skips its ``finally`` (where adapters close the
+    upstream response and release GPU leases), so step into it once and cancel it there.
+    """
+    step = asyncio.ensure_future(anext(chunks))
+    await asyncio.sleep(0)
+    step.cancel()
+    await asyncio.wait((step,))
+    if not step.cancelled():
+        step.exception()  # retrieved: a chunk or an error nobody will see
 
 
 async def _stream(ctx: ChatContext, writer: SSEWriter, chunks: AsyncIterator[dict[str, Any]]) -> None:
     pipeline = keys.pipeline(ctx.app)
     try:
-        await writer.commit()
+        try:
+            await writer.commit()
+        except ClientGone:
+            await _abandon(chunks)
+            raise
         writer.arm_keepalive()
         async for chunk in chunks:
             for out in pipeline.run_chunk(ctx, chunk):
@@ -117,10 +146,9 @@ async def _stream(ctx: ChatContext, writer: SSEWriter, chunks: AsyncIterator[dic
         for out in pipeline.run_stream_end(ctx):
             await writer.send(out)
         await writer.finish()
-    except (ConnectionError, RuntimeError) as exc:
-        # The client went away: stop reading upstream at once (the finally closes the iterator).
-        if isinstance(exc, RuntimeError) and "closing transport" not in str(exc) and "not prepared" not in str(exc):
-            raise
+    except ClientGone:
+        # Only a failed write to the client means it left; an adapter's own ConnectionError is an error
+        # the client must see in-band. Stop reading upstream at once (the finally closes the iterator).
         ctx.status, ctx.error_code = 499, "client_disconnected"
     finally:
         aclose = getattr(chunks, "aclose", None)

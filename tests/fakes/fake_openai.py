@@ -1,8 +1,11 @@
 """A fake OpenAI/vLLM upstream (aiohttp) for tests. The requested ``model`` picks the behaviour:
 
 echo, tools, tools_object_args, legacy, json_tool, reasoning, minimal, huge, slow_headers, slow_first_chunk,
-hang, drop, error400_flat, error404, error500, midstream_error, slow_stream, not_json.
+hang, drop, error400_flat, error404, error500, error200, midstream_error, slow_stream, not_json, json_for_stream.
 Every request is recorded in ``app[REQUESTS]`` (body and headers); cancelled streams in ``app[CANCELLED]``.
+A test can also script a stream exactly: ``app[SCRIPTS][name] = [chunk dict or raw bytes, ...]`` streams those
+events (then ``[DONE]``) for ``model == name``; chunk dicts get id/object/created/model filled in.
+Like vLLM, the fake answers 400 when ``stream_options`` comes with a non-streamed request.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from aiohttp import web
 
 REQUESTS: web.AppKey[list[dict[str, Any]]] = web.AppKey("requests", list)
 CANCELLED: web.AppKey[list[str]] = web.AppKey("cancelled", list)
+SCRIPTS: web.AppKey[dict[str, list[Any]]] = web.AppKey("scripts", dict)
 DELAY = 1.0  # seconds, for the slow modes
 
 
@@ -55,8 +59,14 @@ async def chat(request: web.Request) -> web.StreamResponse:
     stream = bool(body.get("stream"))
     usage = (body.get("stream_options") or {}).get("include_usage")
 
+    if body.get("stream_options") and not stream:
+        return web.json_response({"error": {"message": "Stream options can only be defined when `stream=True`.",
+                                            "type": "BadRequestError", "param": "stream_options", "code": 400}},
+                                 status=400)
     if mode == "slow_headers":
         await asyncio.sleep(DELAY)
+    if mode in request.app[SCRIPTS]:
+        return await _scripted(request, mode, request.app[SCRIPTS][mode])
     if mode == "error400_flat":
         return web.json_response({"object": "error", "message": "max_tokens is too large", "type": "BadRequestError",
                                   "param": None, "code": 400}, status=400)
@@ -65,6 +75,11 @@ async def chat(request: web.Request) -> web.StreamResponse:
                                             "param": None, "code": 404}}, status=404)
     if mode == "error500":
         return web.json_response({"error": {"message": "CUDA out of memory", "type": "InternalServerError"}}, status=500)
+    if mode == "error200":  # an error body with HTTP 200, whatever was asked
+        return web.json_response({"object": "error", "message": "prompt is too long", "type": "BadRequestError",
+                                  "param": None, "code": 400})
+    if mode == "json_for_stream":  # ignores stream: true and answers with a completion
+        return web.json_response(_completion(mode, {"content": "whole answer"}))
     if mode == "not_json":
         return web.Response(text="<html>oops</html>", content_type="text/html")
 
@@ -147,6 +162,29 @@ async def chat(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def _scripted(request: web.Request, mode: str, events: list[Any]) -> web.StreamResponse:
+    resp = await _sse(request)
+    try:
+        for event in events:
+            if isinstance(event, bytes):
+                await resp.write(event)
+            else:
+                obj = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1767225600, "model": mode,
+                       **event}
+                await resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+    except asyncio.CancelledError:
+        request.app[CANCELLED].append(mode)
+        raise
+    return resp
+
+
+def scripted_entry(base_url: str, name: str, vision: bool = False) -> dict[str, Any]:
+    """A registry entry ``m-<name>`` whose served id selects the script ``name``."""
+    return {"name": f"m-{name}", "backend": "openai", "backend_config": {"base_url": base_url},
+            "served_model_id": name, "capabilities": ["vision", "tools"] if vision else ["tools"]}
+
+
 async def health(request: web.Request) -> web.Response:
     return web.json_response({})
 
@@ -159,6 +197,7 @@ def make_fake_openai() -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[REQUESTS] = []
     app[CANCELLED] = []
+    app[SCRIPTS] = {}
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
@@ -166,8 +205,8 @@ def make_fake_openai() -> web.Application:
 
 
 MODES = ("echo", "tools", "tools_object_args", "legacy", "json_tool", "reasoning", "minimal", "huge", "slow_headers",
-         "slow_first_chunk", "hang", "drop", "error400_flat", "error404", "error500", "midstream_error", "slow_stream",
-         "not_json")
+         "slow_first_chunk", "hang", "drop", "error400_flat", "error404", "error500", "error200", "midstream_error",
+         "slow_stream", "not_json", "json_for_stream")
 
 
 def registry_for(base_url: str, backend: str = "openai", vision: bool = False) -> list[dict[str, Any]]:

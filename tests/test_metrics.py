@@ -1,0 +1,162 @@
+"""Rolling-window metrics: percentiles, grouping, expiry, tokens/s, orchestrator figures (SPEC §10)."""
+
+from __future__ import annotations
+
+import random
+
+import attrs
+import pytest
+
+from imageworks_proxy.metrics import RollingMetrics, Sample, orchestrator_stats, swap_summary
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def sample(ms: float = 100.0, *, model: str | None = "m", backend: str | None = "b", status: int = 200,
+           code: str | None = None, ttft: float | None = None, queue: float = 0.0,
+           prompt: int | None = None, completion: int | None = None) -> Sample:
+    return Sample(model, backend, status, code, ms, ttft, queue, prompt, completion)
+
+
+def test_percentiles_are_nearest_rank_over_the_window():
+    clock = Clock()
+    m = RollingMetrics(300, clock=clock)
+    values = list(range(1, 101))
+    random.Random(7).shuffle(values)
+    for v in values:
+        m.record(sample(float(v), ttft=float(v) / 10))
+        clock.now += 0.5  # spread over 50 s: many slots
+    snap = m.snapshot()
+    assert snap["overall"]["latency_ms"] == {"p50": 50.0, "p95": 95.0, "p99": 99.0}
+    assert snap["overall"]["ttft_ms"] == {"p50": 5.0, "p95": 9.5, "p99": 9.9}
+    assert snap["overall"]["requests"] == 100
+
+
+def test_percentiles_of_small_and_empty_sets():
+    clock = Clock()
+    m = RollingMetrics(60, clock=clock)
+    assert m.snapshot()["overall"]["latency_ms"] is None
+    m.record(sample(42.0))
+    assert m.snapshot()["overall"]["latency_ms"] == {"p50": 42.0, "p95": 42.0, "p99": 42.0}
+    m.record(sample(10.0))
+    assert m.snapshot()["overall"]["latency_ms"] == {"p50": 10.0, "p95": 42.0, "p99": 42.0}
+
+
+def test_groups_by_model_and_backend_and_counts_errors_by_code():
+    m = RollingMetrics(300, clock=Clock())
+    m.record(sample(10, model="llama", backend="ollama"))
+    m.record(sample(20, model="llama", backend="ollama"))
+    m.record(sample(30, model="qwen", backend="vllm-orchestrated"))
+    m.record(sample(5, model="qwen", backend="vllm-orchestrated", status=504, code="backend_timeout"))
+    m.record(sample(1, model=None, backend=None, status=404, code="model_not_found"))
+    m.record(sample(7, model="llama", backend="ollama", status=200, code="stream_idle_timeout"))  # in-band
+    snap = m.snapshot()
+    overall = snap["overall"]
+    assert overall["requests"] == 6 and overall["errors"] == 3
+    assert overall["errors_by_code"] == {"backend_timeout": 1, "model_not_found": 1, "stream_idle_timeout": 1}
+    # latency percentiles cover successful requests only
+    assert overall["latency_ms"] == {"p50": 20.0, "p95": 30.0, "p99": 30.0}
+    assert set(snap["by_model"]) == {"llama", "qwen"}  # the unresolved request is only counted overall
+    assert snap["by_model"]["llama"]["requests"] == 3 and snap["by_model"]["llama"]["errors"] == 1
+    assert snap["by_model"]["qwen"]["errors_by_code"] == {"backend_timeout": 1}
+    assert snap["by_backend"]["ollama"]["latency_ms"] == {"p50": 10.0, "p95": 20.0, "p99": 20.0}
+    assert snap["by_backend"]["vllm-orchestrated"]["requests"] == 2
+
+
+def test_old_requests_leave_the_window():
+    clock = Clock()
+    m = RollingMetrics(60, clock=clock)
+    m.record(sample(1000))
+    clock.now += 30
+    m.record(sample(10))
+    assert m.snapshot()["overall"]["requests"] == 2
+    clock.now += 31  # the first request is now 61 s old
+    snap = m.snapshot()
+    assert snap["overall"]["requests"] == 1
+    assert snap["overall"]["latency_ms"] == {"p50": 10.0, "p95": 10.0, "p99": 10.0}
+    clock.now += 60
+    snap = m.snapshot()
+    assert snap["overall"]["requests"] == 0 and snap["by_model"] == {}
+    assert snap["total_requests"] == 2
+
+
+def test_tokens_per_second_uses_backend_time_without_the_switch_wait():
+    m = RollingMetrics(300, clock=Clock())
+    m.record(sample(2000, queue=1000, prompt=50, completion=100))  # 100 tokens in 1 s of backend time
+    m.record(sample(1000, prompt=10, completion=100))  # 100 tokens in 1 s
+    m.record(sample(500, status=502, code="backend_error", completion=999))  # failed: not a speed sample
+    overall = m.snapshot()["overall"]
+    assert overall["tokens_per_s"] == 100.0
+    assert overall["prompt_tokens"] == 60
+    assert overall["completion_tokens"] == 1199
+
+
+def test_a_busy_window_keeps_bounded_samples_and_approximate_percentiles():
+    clock = Clock()
+    m = RollingMetrics(60, max_samples=50, clock=clock, seed=1)
+    for i in range(20_000):
+        m.record(sample(float(i % 1000)))
+        if i % 1000 == 999:
+            clock.now += 1
+    assert all(len(slot.latency) <= 50 for slot in m._slots)
+    lat = m.snapshot()["overall"]["latency_ms"]
+    assert lat["p50"] == pytest.approx(500, abs=100)
+    assert lat["p95"] == pytest.approx(950, abs=60)
+
+
+def test_in_flight_is_reported():
+    m = RollingMetrics(60, clock=Clock())
+    m.in_flight = 3
+    assert m.snapshot()["in_flight"] == 3
+
+
+@attrs.define
+class AttrsStats:
+    swaps: int
+    swap_failures: int
+    swap_durations_s: list[float]
+    queue_depth: int
+
+
+class MethodStats:
+    def stats(self):
+        return {"swaps": {"count": 4, "failures": 1, "durations_ms": [1000, 3000, 2000]}, "queued": [1, 2]}
+
+
+class BrokenStats:
+    def stats(self):
+        raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize(("adapter", "expected"), [
+    (None, (None, None, (), None)),
+    (object(), (None, None, (), None)),
+    (type("A", (), {"stats": {"swaps": 2, "swap_failures": 0, "recent_swaps": [{"duration_s": 12.5}, {"duration_ms": 500}],
+                              "queue_depth": 5}})(), (2, 0, (12.5, 0.5), 5)),
+    (type("A", (), {"stats": AttrsStats(3, 1, [4.0, 5.0, 6.0], 0)})(), (3, 1, (4.0, 5.0, 6.0), 0)),
+    (MethodStats(), (4, 1, (1.0, 3.0, 2.0), 2)),
+    # the shape of the built-in orchestrator's stats(): cumulative "queued" must not be read as the depth
+    (type("A", (), {"stats": lambda self: {
+        "swaps": 2, "swap_failures": 1, "queued": 40, "queue_depth": 3, "swap_seconds_total": 12.5,
+        "recent_swaps": [{"from": None, "to": "vllm:a", "ok": True, "total_s": 10.0},
+                         {"from": "vllm:a", "to": "vllm:b", "ok": False, "error": "model_start_failed", "total_s": 4.0},
+                         {"from": "vllm:a", "to": "ollama", "ok": True, "total_s": 2.5}]}})(), (2, 1, (10.0, 2.5), 3)),
+    (BrokenStats(), (None, None, (), None)),
+    (type("A", (), {"stats": {"swaps": "many", "queue_depth": "x"}})(), (None, None, (), None)),
+])
+def test_orchestrator_stats_are_read_defensively(adapter, expected):
+    s = orchestrator_stats(adapter)
+    assert (s.swaps, s.failures, s.durations_s, s.queue_depth) == expected
+
+
+def test_swap_summary():
+    s = orchestrator_stats(MethodStats())
+    assert swap_summary(s) == {"count": 4, "failures": 1,
+                               "duration_s": {"p50": 2.0, "p95": 3.0, "p99": 3.0, "last": 2.0, "samples": 3}}
+    assert swap_summary(orchestrator_stats(None)) == {"count": None, "failures": None, "duration_s": None}

@@ -1,0 +1,72 @@
+"""The server command's human log and request log, seen from a real process (SPEC §10)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+
+import aiohttp
+
+from tests.chat_helpers import user
+from tests.fakes.fake_openai import make_fake_openai, registry_for
+
+SECRET_PROMPT = "TANGERINE-SUBMARINE-7"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_the_server_logs_one_line_per_request_and_writes_the_request_log(aiohttp_server, tmp_path):
+    upstream = await aiohttp_server(make_fake_openai())
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps(registry_for(str(upstream.make_url("/v1")))))
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("CHAT_PROXY_")},
+        "CHAT_PROXY_PORT": str(port),
+        "CHAT_PROXY_REGISTRY": str(registry),
+        "CHAT_PROXY_LOG_PATH": str(tmp_path / "logs" / "chat.jsonl"),
+        "CHAT_PROXY_VLLM_STATE_PATH": str(tmp_path / "state.json"),
+        "CHAT_PROXY_API_KEYS": "sk-cli-secret",
+        "CHAT_PROXY_ENABLE_METRICS": "1",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "imageworks_proxy", env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(200):
+                try:
+                    async with http.get(base + "/v1/health") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+            headers = {"Authorization": "Bearer sk-cli-secret", "X-Request-Id": "cli-trace-1"}
+            async with http.post(base + "/v1/chat/completions", headers=headers,
+                                 json={"model": "m-echo", "messages": user(SECRET_PROMPT), "stream": True}) as r:
+                assert r.status == 200 and r.headers["X-Request-Id"] == "cli-trace-1"
+                await r.read()
+            async with http.get(base + "/metrics", headers={"Authorization": "Bearer sk-cli-secret"}) as r:
+                assert r.status == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    text = stderr.decode()
+    access = [line for line in text.splitlines() if "imageworks_proxy.access" in line]
+    assert any('POST /v1/chat/completions model="m-echo" status=200 ' in line and line.endswith("rid=cli-trace-1")
+               for line in access), text
+    assert not any("/v1/health" in line or "/metrics" in line for line in access)  # DEBUG, not INFO
+    assert "sk-cli-secret" not in text and SECRET_PROMPT not in text
+    [record] = [json.loads(line) for line in (tmp_path / "logs" / "chat.jsonl").read_text().splitlines()]
+    assert record["request_id"] == "cli-trace-1" and record["stream"] is True and record["status"] == 200
+    assert SECRET_PROMPT not in json.dumps(record)
