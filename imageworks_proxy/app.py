@@ -13,10 +13,12 @@ from aiohttp import web
 
 from imageworks_proxy import keys
 from imageworks_proxy.adapters.base import Adapter
+from imageworks_proxy.autostart import autostart_ctx
 from imageworks_proxy.config import Config, load_config
 from imageworks_proxy.gpu import Gpu
 from imageworks_proxy.middlewares import access_log_middleware, auth_middleware, error_middleware
 from imageworks_proxy.models import ModelService
+from imageworks_proxy.orchestrator.scheduler import GpuScheduler
 from imageworks_proxy.pipeline import Pipeline, Stage
 from imageworks_proxy.plugins import (
     PluginError,
@@ -27,8 +29,7 @@ from imageworks_proxy.plugins import (
     unique_by_name,
 )
 from imageworks_proxy.registry import RegistryStore
-from imageworks_proxy.tenancy import PassThroughTenancy
-from imageworks_proxy.views import chat, info
+from imageworks_proxy.views import admin, chat, info
 from imageworks_proxy.views import metrics as metrics_views
 
 log = logging.getLogger("imageworks_proxy")
@@ -69,7 +70,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     models = keys.models(app)
     started: list[Adapter] = []
     watcher: asyncio.Task[None] | None = None
+    tenancy = app[keys.TENANCY]
     try:
+        start_tenancy = getattr(tenancy, "start", None)
+        if start_tenancy is not None:
+            await start_tenancy()
         for adapter in models.adapters.values():
             await adapter.start()
             started.append(adapter)
@@ -80,6 +85,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+        # Fail waiting requests and cancel a model start in progress before the adapters stop their processes.
+        close_tenancy = getattr(tenancy, "close", None)
+        if close_tenancy is not None:
+            try:
+                await close_tenancy()
+            except Exception:
+                log.exception("GPU tenancy failed to close cleanly")
         for adapter in reversed(started):
             try:
                 await adapter.close()
@@ -113,7 +125,11 @@ def create_app(
     app[keys.PLUGINS] = pm
     app[keys.STARTED_AT] = time.monotonic()
     app[keys.GPU] = Gpu()
-    app[keys.TENANCY] = PassThroughTenancy()
+    app[keys.TENANCY] = GpuScheduler(
+        max_queue=config.vllm_max_queue,
+        exclusive=config.gpu_exclusive,
+        backoff_s=config.vllm_failure_backoff_s,
+    )
     store = RegistryStore(config.registry, config.registry_poll_s)
     models = ModelService(config, store)
     app[keys.MODELS] = models
@@ -126,6 +142,8 @@ def create_app(
     app.router.add_get("/v1/models", info.list_models, name="models")
     app.router.add_get("/v1/plugins", info.list_plugins, name="plugins")
     app.router.add_post("/v1/chat/completions", chat.chat_completions, name="chat")
+    admin.add_routes(app)
     app.cleanup_ctx.append(_resources)
+    app.cleanup_ctx.append(autostart_ctx)
     call_each(pm, "startup", app=app)
     return app

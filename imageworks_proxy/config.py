@@ -192,6 +192,10 @@ SETTINGS: tuple[Setting, ...] = (
     _s("VLLM_GPU_MEMORY_UTILIZATION", _fraction, 0.75, "Fraction of GPU memory vLLM should claim"),
     _s("VLLM_MAX_MODEL_LEN", _opt_pos_int, None, "Override max sequence length passed to vLLM"),
     _s("VLLM_MAX_QUEUE", _pos_int, 64, "Requests waiting for a model switch before 429"),
+    _s("VLLM_FAILURE_BACKOFF_S", _pos_float, 10.0, "After a failed vLLM start, seconds before the model is "
+       "started again (doubles per consecutive failure)"),
+    _s("VLLM_KEEP_ON_EXIT", _bool, False, "Leave the active vLLM running when the proxy stops (the next "
+       "proxy adopts it)"),
     _s("API_KEYS", _keys, (), "Comma-separated bearer keys; when set every route but /v1/health needs one"),
     _s("CONFIG_FILE", _opt_str, None, "Optional TOML file with settings (lower-case names, no prefix)"),
 )
@@ -246,6 +250,8 @@ class Config:
     vllm_gpu_memory_utilization: float = 0.75
     vllm_max_model_len: int | None = None
     vllm_max_queue: int = 64
+    vllm_failure_backoff_s: float = 10.0
+    vllm_keep_on_exit: bool = False
     api_keys: tuple[str, ...] = attrs.field(default=(), repr=False)
     config_file: str | None = None
     #: Which source set each setting: "env", "file" or "default".

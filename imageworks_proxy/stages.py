@@ -7,6 +7,7 @@ from imageworks_proxy.hookspecs import hookimpl
 from imageworks_proxy.image_stage import ImageLimits
 from imageworks_proxy.observe_stage import ObserveStage
 from imageworks_proxy.request_stages import DefaultSystemPrompt, GenerationDefaults, ResolveModel, ValidateRequest
+from imageworks_proxy.template_stage import TemplateStage
 from imageworks_proxy.toolcalls import ToolCallSynthesis
 from imageworks_proxy.truncation import VisionHistoryTruncation
 
@@ -18,6 +19,7 @@ def register_stages(register):
     register(DefaultSystemPrompt)  # 300
     register(ImageLimits)  # 400
     register(VisionHistoryTruncation)  # 500
+    register(TemplateStage)  # 600
     register(GenerationDefaults)  # 700
     register(ToolCallSynthesis)  # 900
     register(Conformance)  # 1000

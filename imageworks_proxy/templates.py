@@ -9,11 +9,27 @@ import orjson
 from imageworks_proxy.registry import Entry
 
 
+def hub_snapshot_dir(repo_id: str) -> str | None:
+    """The newest local snapshot of a Hugging Face hub id (``org/name``) in the HF cache, if any."""
+    if repo_id.count("/") != 1 or repo_id.startswith(("/", ".", "~")):
+        return None
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub")
+    snapshots = os.path.join(cache, "models--" + repo_id.replace("/", "--"), "snapshots")
+    try:
+        candidates = [os.path.join(snapshots, d) for d in os.listdir(snapshots)]
+    except OSError:
+        return None
+    candidates = [d for d in candidates if os.path.isdir(d)]
+    return max(candidates, key=os.path.getmtime) if candidates else None
+
+
 def model_dir(entry: Entry) -> str | None:
     for path in (entry.download_path, entry.backend_config.model_path):
         if path and os.path.isdir(os.path.expanduser(path)):
             return os.path.expanduser(path)
-    return None
+    path = entry.backend_config.model_path or entry.download_path
+    return hub_snapshot_dir(path) if path else None
 
 
 def find_chat_template(entry: Entry) -> str | None:

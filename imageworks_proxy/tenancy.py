@@ -26,12 +26,15 @@ class Tenant:
     ``key`` identifies it (``"vllm:<logical name>"``, ``"ollama"``, ``"<plugin>:<logical name>"``).
     ``start`` runs when it becomes the active tenant (after the previous one was evicted) and raises
     ``ProxyError`` on failure; ``stop`` evicts it (stop the process, unload the models). Either may be None.
+    ``revision`` identifies what ``start`` would launch (e.g. a hash of the command line): after a failed
+    start the tenant is not started again for a backoff period unless its revision changed.
     """
 
     key: str
     label: str
     start: Callable[[], Awaitable[None]] | None = attrs.field(default=None, eq=False)
     stop: Callable[[], Awaitable[None]] | None = attrs.field(default=None, eq=False)
+    revision: str | None = attrs.field(default=None, eq=False)
 
 
 class Lease(Protocol):

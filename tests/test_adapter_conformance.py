@@ -27,6 +27,8 @@ class Backend:
     tools: str
     missing: str
     adapter: str
+    #: make_config overrides the backend needs (e.g. the orchestrator's launcher)
+    settings: dict[str, str] = attrs.field(factory=dict)
 
 
 async def _openai_like(aiohttp_server, backend: str, adapter: str) -> Backend:
@@ -61,10 +63,20 @@ async def ollama(aiohttp_server) -> Backend:
     return Backend(entries, "c-echo", "c-tools", "c-missing", "ollama")
 
 
+async def vllm_orchestrated(aiohttp_server) -> Backend:
+    from tests.fakes.orch import free_port, orch_settings
+
+    entries = [{"name": f"c-{mode}", "backend": "vllm", "served_model_id": reply, "capabilities": ["tools"],
+                "backend_config": {"model_path": f"fake/{mode}", "extra_args": ["--fake-reply", reply]}}
+               for mode, reply in (("echo", "echo"), ("tools", "tools"), ("error404", "missing"))]
+    return Backend(entries, "c-echo", "c-tools", "c-error404", "vllm-orchestrated", orch_settings(free_port()))
+
+
 BACKENDS: dict[str, Callable[[Any], Awaitable[Backend]]] = {
     "openai-passthrough": openai_passthrough,
     "vllm-external": vllm_external,
     "ollama": ollama,
+    "vllm-orchestrated": vllm_orchestrated,
 }
 
 
@@ -72,7 +84,7 @@ BACKENDS: dict[str, Callable[[Any], Awaitable[Backend]]] = {
 async def backend(request, aiohttp_server, registry_file, make_config, proxy_client):
     spec = await BACKENDS[request.param](aiohttp_server)
     registry_file(spec.entries)
-    client = await proxy_client(make_config())
+    client = await proxy_client(make_config(**spec.settings))
     sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="x", max_retries=0)
     yield spec, client, sdk
     await sdk.close()

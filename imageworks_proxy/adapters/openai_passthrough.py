@@ -59,7 +59,9 @@ class OpenAIPassthroughAdapter(Adapter):
 
     async def on_unreachable(self, call: ChatCall) -> bool:
         """The upstream refused the connection: return True after starting it (autostart) to retry once."""
-        return False
+        from imageworks_proxy.autostart import ensure_started
+
+        return await ensure_started(self.app, call.entry, call)
 
     def where(self, call: ChatCall) -> str:
         return f"Backend for {call.entry.name!r}"
