@@ -59,7 +59,6 @@ def _build_pipeline(app: web.Application, config: Config, pm: PluginManager) -> 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     """Every resource with a lifetime: the pooled client session, NVML, adapters, the registry watcher."""
-    config = keys.config(app)
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30)
     # No session-wide timeout: each call sets its own (backend timeout, stream idle timeout).
     app[keys.HTTP] = aiohttp.ClientSession(

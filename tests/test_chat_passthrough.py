@@ -12,7 +12,7 @@ import pytest
 
 from tests.chat_helpers import sse_events, user
 from tests.fakes.fake_openai import REQUESTS, make_fake_openai, registry_for
-from tests.openai_schemas import validate_chunk, validate_completion, validate_error
+from tests.openai_schemas import validate_chunk, validate_completion
 
 
 @pytest.fixture

@@ -170,3 +170,17 @@ def test_an_invalid_map_is_a_startup_error_naming_the_variable():
         {"CHAT_PROXY_AUTOSTART_MAP": '{"a": "serve a", "b": ["serve", "b"], "c": {"command": ["c"]}}'}
     )
     assert cfg.autostart_map == {"a": "serve a", "b": ("serve", "b"), "c": ("c",)}
+
+
+async def test_an_unreachable_ollama_is_autostarted_and_the_request_retried(proxy, tmp_path):
+    port = free_port()
+    fake = str(FAKE_VLLM.parent / "fake_ollama.py")
+    entry = {"name": "llama", "backend": "ollama", "served_model_id": "llama3.2:latest",
+             "backend_config": {"host": "127.0.0.1", "port": port}}
+    client = await proxy([entry], {"llama": [sys.executable, fake, str(port)]}, GPU_EXCLUSIVE="0")
+    resp = await client.post("/v1/chat/completions", json={"model": "llama", "messages": user("hi")})
+    assert resp.status == 200, await resp.text()
+    body = await resp.json()
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    again = await client.post("/v1/chat/completions", json={"model": "llama", "messages": user("hi")})
+    assert again.status == 200

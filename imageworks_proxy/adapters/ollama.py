@@ -15,6 +15,7 @@ import orjson
 
 from imageworks_proxy.adapters.base import Adapter, ChatCall, ChunkStream, Completion, default_installed
 from imageworks_proxy.errors import ProxyError, backend_unavailable
+from imageworks_proxy.autostart import ensure_started
 from imageworks_proxy.hookspecs import hookimpl
 from imageworks_proxy.images import fetch_images_base64
 from imageworks_proxy.ollama_translate import (
@@ -147,6 +148,17 @@ class OllamaAdapter(Adapter):
             keep_alive=self._keep_alive,
             fetched=fetched,
         )
+        for attempt in (0, 1):
+            try:
+                return await self._send(call, base, tag, payload)
+            except ProxyError as exc:
+                # Connection refused: an autostart command for this entry may bring Ollama up; retry once.
+                if attempt == 0 and exc.code == "backend_unavailable" and await ensure_started(self.app, entry, call):
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    async def _send(self, call: ChatCall, base: str, tag: str, payload: dict[str, Any]) -> Completion | ChunkStream:
         lease = await self._acquire(call)
         if not call.stream:
             try:

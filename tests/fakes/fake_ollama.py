@@ -324,3 +324,9 @@ def ollama_entry(
     }
     entry.update(fields)
     return entry
+
+
+if __name__ == "__main__":  # a real process for autostart tests: python fake_ollama.py PORT
+    import sys
+
+    web.run_app(FakeOllama().app(), host="127.0.0.1", port=int(sys.argv[1]), print=None)
