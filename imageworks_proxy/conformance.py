@@ -150,6 +150,8 @@ class Conformance(Stage):
             chunk["choices"] = choices = [c for c in choices if c["delta"] or c["finish_reason"] or c.get("logprobs")]
             if not choices and not chunk.get("usage"):
                 return []
+        if not choices and chunk.get("usage") and not ctx.client_wants_usage:
+            return []  # asked upstream for the request log's token counts, not by the client
         if not choices and chunk.get("usage") and not (ids.choices and ids.choices <= ids.finished):
             ids.held_usage = chunk  # the usage chunk comes last: after the finish still to be sent
             return []

@@ -38,6 +38,9 @@ class ChatContext:
     images: int = 0
     truncated_messages: int = 0
     usage: dict[str, Any] | None = None
+    #: The client asked for a usage chunk (``stream_options.include_usage``); adapters may ask the upstream
+    #: for usage anyway (for real token counts in the request log) and the proxy drops it unless this is set.
+    client_wants_usage: bool = False
     #: Per-stage scratch space, keyed by stage name (e.g. streamed tool-call assembly).
     state: dict[str, Any] = attrs.field(factory=dict)
     #: Reply text and tool calls, collected only when the request log keeps prompts.

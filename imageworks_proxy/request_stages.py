@@ -46,6 +46,7 @@ class ValidateRequest(Stage):
         opts = body.get("stream_options")
         if opts is not None and not isinstance(opts, dict):
             raise invalid_request("'stream_options' must be an object.", "stream_options")
+        ctx.client_wants_usage = bool(stream) and isinstance(opts, dict) and bool(opts.get("include_usage"))
         if not stream and "stream_options" in body:
             # vLLM and OpenAI answer 400 to stream_options without stream; it means nothing here anyway.
             del body["stream_options"]

@@ -21,9 +21,9 @@ SECRET_PROMPT = "PURPLE-ELEPHANT-PROMPT-42"
 
 @pytest.fixture
 async def env(aiohttp_server, aiohttp_client, registry_file, make_config, make_app):
-    async def start(server_kwargs=None, **overrides):
+    async def start(server_kwargs=None, backend="openai", **overrides):
         server = await aiohttp_server(make_fake_openai())
-        registry_file(registry_for(str(server.make_url("/v1")), vision=overrides.pop("vision", False)))
+        registry_file(registry_for(str(server.make_url("/v1")), backend=backend, vision=overrides.pop("vision", False)))
         return await aiohttp_client(make_app(make_config(**overrides)), server_kwargs=server_kwargs or {})
 
     return start
@@ -128,6 +128,16 @@ async def test_a_stream_without_usage_gets_estimated_and_flagged_token_counts(en
     # "echo: alpha beta gamma delta " is 29 characters: about 8 tokens; "echo: alpha beta" 16: 4 tokens
     assert streamed["completion_tokens"] == 8 and plain["completion_tokens"] == 4
     assert streamed["prompt_tokens"] >= 5 and plain["prompt_tokens"] >= 5
+
+
+async def test_a_vllm_stream_logs_real_token_counts_without_sending_usage_the_client_did_not_ask_for(env):
+    client = await env(backend="vllm")  # vllm entries with a base_url: vllm-external
+    resp = await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": user("a b"), "stream": True})
+    events = sse_events(await resp.read())
+    assert events[-1] == "[DONE]"
+    assert all(e["choices"] and "usage" not in e for e in events[:-1])  # no usage chunk reached the client
+    [rec] = await settle(client)
+    assert (rec["prompt_tokens"], rec["completion_tokens"], rec["tokens_estimated"]) == (5, 3, False)
 
 
 async def test_an_error_inside_a_stream_is_recorded_with_its_code(env):

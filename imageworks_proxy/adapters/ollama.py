@@ -223,9 +223,9 @@ class OllamaAdapter(Adapter):
     ) -> ChunkStream:
         # No total timeout: the backend timeout covers the wait for the first line, the idle timeout each later read.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_s)
-        options = call.body.get("stream_options")
-        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        translator = ChunkTranslator(model=call.model, include_usage=include_usage)
+        # Always translate Ollama's eval counts into a usage chunk: the request log gets real token counts,
+        # and the conformance stage passes the chunk on only when the client asked for include_usage.
+        translator = ChunkTranslator(model=call.model, include_usage=True)
         resp: aiohttp.ClientResponse | None = None
         try:
             with self._upstream_errors(base):

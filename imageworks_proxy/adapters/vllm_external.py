@@ -27,6 +27,15 @@ class VllmExternalAdapter(OpenAIPassthroughAdapter):
         url = entry_base_url(entry, default_port=8000, default_url="http://127.0.0.1:8000/v1", path="/v1")
         return apply_loopback_alias(url or "http://127.0.0.1:8000/v1", self.config.loopback_alias)
 
+    async def forward(self, call, base_url, headers=None):
+        """vLLM reports token usage in streams only when asked: always ask, so the request log and metrics
+        get real counts; the usage chunk reaches the client only when it asked for it too."""
+        if call.stream:
+            opts = call.body.get("stream_options")
+            if not (isinstance(opts, dict) and opts.get("include_usage")):
+                call.body["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+        return await super().forward(call, base_url, headers)
+
     def adjust_completion(self, completion: dict[str, Any]) -> dict[str, Any]:
         for choice in completion.get("choices") or ():
             msg = choice.get("message") if isinstance(choice, dict) else None
