@@ -1,4 +1,4 @@
-"""Load runs: ``wrk`` with ``wrk_bench.lua`` when installed, else ``loadgen.py``; both in their own process."""
+"""Load runs: ``wrk`` with ``wrk_bench.lua`` when installed, else ``loadgen.py``; each its own process."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 WRK_SCRIPT = HERE / "wrk_bench.lua"
 LOADGEN = HERE / "loadgen.py"
-INSTALL_HINT = "wrk is not installed; using the slower Python load generator. For real numbers: apt-get install wrk"
+INSTALL_HINT = (
+    "wrk is not installed; using the slower Python load generator. For real numbers: apt-get install wrk"
+)
 
 
 @dataclass
@@ -35,7 +37,9 @@ class LoadResult:
 
     @classmethod
     def from_summary(cls, s: dict) -> LoadResult:
-        errors = sum(int(s.get(k, 0)) for k in ("err_connect", "err_read", "err_write", "err_status", "err_timeout"))
+        errors = sum(
+            int(s.get(k, 0)) for k in ("err_connect", "err_read", "err_write", "err_status", "err_timeout")
+        )
         ttfb = s.get("ttfb_p50_us")
         return cls(
             requests=int(s["requests"]),
@@ -65,7 +69,7 @@ def _affinity(cpus: set[int] | None):
 def _parse(output: str, what: str) -> LoadResult:
     for line in output.splitlines():
         if line.startswith("BENCH_RESULT "):
-            return LoadResult.from_summary(json.loads(line[len("BENCH_RESULT "):]))
+            return LoadResult.from_summary(json.loads(line.split(" ", 1)[1]))
     raise RuntimeError(f"{what} printed no result:\n{output[-2000:]}")
 
 
@@ -80,43 +84,95 @@ class Driver:
     def name(self) -> str:
         return wrk_version(self.wrk) if self.wrk else "bench/loadgen.py (Python, asyncio)"
 
-    def run(self, url: str, *, concurrency: int, seconds: float, method: str = "POST", body: bytes = b"") -> LoadResult:
+    def run(
+        self, url: str, *, concurrency: int, seconds: float, method: str = "POST", body: bytes = b""
+    ) -> LoadResult:
         if self.wrk:
             return self._wrk(url, concurrency, seconds, method, body)
         return self.loadgen(url, concurrency=concurrency, seconds=seconds, method=method, body=body)
 
     def _wrk(self, url: str, concurrency: int, seconds: float, method: str, body: bytes) -> LoadResult:
         env = dict(os.environ, BENCH_METHOD=method, BENCH_BODY=body.decode())
-        argv = [self.wrk, "-t1", f"-c{concurrency}", f"-d{max(1, math.ceil(seconds))}s", "--timeout", "10s",
-                "-s", str(WRK_SCRIPT), url]
-        out = subprocess.run(argv, capture_output=True, text=True, env=env, preexec_fn=_affinity(self.cpus),
-                             timeout=seconds + 60, check=False)
+        argv = [
+            self.wrk,
+            "-t1",
+            f"-c{concurrency}",
+            f"-d{max(1, math.ceil(seconds))}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(WRK_SCRIPT),
+            url,
+        ]
+        out = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            env=env,
+            preexec_fn=_affinity(self.cpus),
+            timeout=seconds + 60,
+            check=False,
+        )
         return _parse(out.stdout + out.stderr, "wrk")
 
-    def loadgen(self, url: str, *, concurrency: int, seconds: float = 0.0, requests: int = 0,
-                method: str = "POST", body: bytes = b"") -> LoadResult:
+    def loadgen(
+        self,
+        url: str,
+        *,
+        concurrency: int,
+        seconds: float = 0.0,
+        requests: int = 0,
+        method: str = "POST",
+        body: bytes = b"",
+    ) -> LoadResult:
         argv = [sys.executable, str(LOADGEN), url, "--concurrency", str(concurrency), "--method", method]
         argv += ["--duration", str(seconds)] if seconds else ["--requests", str(requests)]
         if body:
             argv += ["--body", body.decode()]
-        out = subprocess.run(argv, capture_output=True, text=True, preexec_fn=_affinity(self.cpus),
-                             timeout=(seconds or 60) + 60, check=False)
+        out = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            preexec_fn=_affinity(self.cpus),
+            timeout=(seconds or 60) + 60,
+            check=False,
+        )
         return _parse(out.stdout + out.stderr, "loadgen")
 
-    def start_background(self, url: str, *, concurrency: int, seconds: float, body: bytes,
-                         log: Path) -> subprocess.Popen[bytes]:
-        """A long load (the soak) that runs while the caller samples memory; wait() on it, then read ``log``."""
+    def start_background(
+        self, url: str, *, concurrency: int, seconds: float, body: bytes, log: Path
+    ) -> subprocess.Popen[bytes]:
+        """A long load (the soak) run while the caller samples memory; wait() on it, then read ``log``."""
         if self.wrk:
             env = dict(os.environ, BENCH_METHOD="POST", BENCH_BODY=body.decode())
-            argv = [self.wrk, "-t1", f"-c{concurrency}", f"-d{max(1, math.ceil(seconds))}s", "--timeout", "10s",
-                    "-s", str(WRK_SCRIPT), url]
+            argv = [
+                self.wrk,
+                "-t1",
+                f"-c{concurrency}",
+                f"-d{max(1, math.ceil(seconds))}s",
+                "--timeout",
+                "10s",
+                "-s",
+                str(WRK_SCRIPT),
+                url,
+            ]
         else:
             env = None
-            argv = [sys.executable, str(LOADGEN), url, "--concurrency", str(concurrency),
-                    "--duration", str(seconds), "--body", body.decode()]
+            argv = [
+                sys.executable,
+                str(LOADGEN),
+                url,
+                "--concurrency",
+                str(concurrency),
+                "--duration",
+                str(seconds),
+                "--body",
+                body.decode(),
+            ]
         with open(log, "wb") as fh:
-            return subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                    preexec_fn=_affinity(self.cpus))
+            return subprocess.Popen(
+                argv, stdout=fh, stderr=subprocess.STDOUT, env=env, preexec_fn=_affinity(self.cpus)
+            )
 
 
 def read_background(log: Path) -> LoadResult:

@@ -73,7 +73,9 @@ async def _read_answer(reader: asyncio.StreamReader, started: float) -> tuple[in
     return status, ttfb, size, keep
 
 
-async def _worker(host: str, port: int, request: bytes, stats: Stats, stop_at: float, budget: list[int]) -> None:
+async def _worker(
+    host: str, port: int, request: bytes, stats: Stats, stop_at: float, budget: list[int]
+) -> None:
     reader = writer = None
     while time.perf_counter() < stop_at and budget[0] != 0:
         budget[0] -= 1
@@ -117,7 +119,9 @@ async def run(args: argparse.Namespace) -> dict:
     began = time.perf_counter()
     stop_at = began + (args.duration if args.duration else 1e9)
     budget = [args.requests if args.requests else -1]
-    await asyncio.gather(*(_worker(host, port, request, stats, stop_at, budget) for _ in range(args.concurrency)))
+    await asyncio.gather(
+        *(_worker(host, port, request, stats, stop_at, budget) for _ in range(args.concurrency))
+    )
     elapsed = time.perf_counter() - began
     lat = sorted(stats.latency)
     ttfb = sorted(stats.ttfb)

@@ -90,8 +90,16 @@ def http_post(url: str, body: bytes, timeout: float = 10.0) -> tuple[int, bytes]
 class Service:
     """One server process with its log file."""
 
-    def __init__(self, name: str, argv: list[str], *, log_dir: Path, env: dict[str, str] | None = None,
-                 cwd: Path | None = None, cpus: set[int] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        cpus: set[int] | None = None,
+    ) -> None:
         self.name = name
         self.argv = argv
         self.env = env
@@ -108,8 +116,13 @@ class Service:
     def start(self) -> None:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=self.env, cwd=self.cwd, preexec_fn=_affinity(self.cpus),
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=self.cwd,
+                preexec_fn=_affinity(self.cpus),
             )
 
     def log_tail(self, lines: int = 20) -> str:

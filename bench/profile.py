@@ -71,23 +71,57 @@ def main() -> int:
     registry = registry_gen.write(work, 500, stub_base, MODEL)
     base = f"http://127.0.0.1:{proxy_port}"
     with Services() as services:
-        services.start(Service("upstream", [sys.executable, str(HERE / "upstream_stub.py"), str(stub_port), "16"],
-                               log_dir=work, cpus=cpus["stub"]), stub_base + "/health")
-        proxy = services.start(Service("proxy", [sys.executable, "-m", "imageworks_proxy"], log_dir=work, cwd=work,
-                                       env=proxy_env(proxy_port, registry, work, stub_base), cpus=cpus["server"]),
-                               base + "/v1/health", timeout=60)
+        services.start(
+            Service(
+                "upstream",
+                [sys.executable, str(HERE / "upstream_stub.py"), str(stub_port), "16"],
+                log_dir=work,
+                cpus=cpus["stub"],
+            ),
+            stub_base + "/health",
+        )
+        proxy = services.start(
+            Service(
+                "proxy",
+                [sys.executable, "-m", "imageworks_proxy"],
+                log_dir=work,
+                cwd=work,
+                env=proxy_env(proxy_port, registry, work, stub_base),
+                cpus=cpus["server"],
+            ),
+            base + "/v1/health",
+            timeout=60,
+        )
         url = base + ("/v1/models" if args.mode == "models" else "/v1/chat/completions")
         method, body = ("GET", b"") if args.mode == "models" else ("POST", chat_body(args.mode == "stream"))
         driver.loadgen(url, concurrency=8, requests=300, method=method, body=body)
         collapsed = work / "profile.collapsed"
-        spy = subprocess.Popen([pyspy, "record", "-p", str(proxy.pid), "-r", str(args.rate), "-d", str(args.seconds + 1),
-                                "--format", "raw", "-o", str(collapsed), "--nonblocking"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        spy = subprocess.Popen(
+            [
+                pyspy,
+                "record",
+                "-p",
+                str(proxy.pid),
+                "-r",
+                str(args.rate),
+                "-d",
+                str(args.seconds + 1),
+                "--format",
+                "raw",
+                "-o",
+                str(collapsed),
+                "--nonblocking",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(0.5)
         result = driver.run(url, concurrency=args.concurrency, seconds=args.seconds, method=method, body=body)
         spy.wait(timeout=60)
-    text = (f"{args.mode} c={args.concurrency}: {result.rps:.0f} req/s, p50 {result.p50_ms:.2f} ms "
-            f"(under py-spy)\n\n" + summarise(collapsed, args.top))
+    text = (
+        f"{args.mode} c={args.concurrency}: {result.rps:.0f} req/s, p50 {result.p50_ms:.2f} ms "
+        f"(under py-spy)\n\n" + summarise(collapsed, args.top)
+    )
     args.output.write_text(text)
     print(text)
     print(f"\ncollapsed stacks: {collapsed}")

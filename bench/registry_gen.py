@@ -15,14 +15,16 @@ _FAMILIES = ("llama", "qwen2.5", "mistral", "gemma2", "phi3", "deepseek-r1")
 
 
 def entries(n: int, stub_base: str, bench_model: str, files: Path) -> list[dict]:
-    out: list[dict] = [{
-        "name": bench_model,
-        "backend": "openai",
-        "backend_config": {"base_url": stub_base},
-        "served_model_id": "stub",
-        "family": bench_model,
-        "capabilities": ["tools"],
-    }]
+    out: list[dict] = [
+        {
+            "name": bench_model,
+            "backend": "openai",
+            "backend_config": {"base_url": stub_base},
+            "served_model_id": "stub",
+            "family": bench_model,
+            "capabilities": ["tools"],
+        }
+    ]
     host, port = stub_base.split("//", 1)[1].split("/", 1)[0].split(":")
     for i in range(1, n):
         family = f"{_FAMILIES[i % len(_FAMILIES)]}-{i}"
@@ -30,25 +32,45 @@ def entries(n: int, stub_base: str, bench_model: str, files: Path) -> list[dict]
         entry: dict = {"name": f"bench-model-{i}", "quantization": _QUANTS[i % len(_QUANTS)]}
         kind = i % 5
         if kind == 0:  # Ollama, tag listed by the stub's /api/tags
-            entry.update(backend="ollama", served_model_id=f"bench{i}",
-                         backend_config={"model_path": f"ollama:/bench{i}"},
-                         metadata={"ollama_family": family, "ollama_parameter_size": size.upper()})
+            entry.update(
+                backend="ollama",
+                served_model_id=f"bench{i}",
+                backend_config={"model_path": f"ollama:/bench{i}"},
+                metadata={"ollama_family": family, "ollama_parameter_size": size.upper()},
+            )
         elif kind == 1:  # orchestrated vLLM with weights on disk (half of them present)
             path = files / f"model-{i}"
             if i % 2:
                 path.mkdir(parents=True, exist_ok=True)
-            entry.update(backend="vllm", family=f"{family}-{size}", download_path=str(path),
-                         backend_config={"model_path": str(path), "extra_args": ["--max-num-seqs", "8"]},
-                         served_model_id=f"{family}-{size}", generation_defaults={"temperature": 0.7})
+            entry.update(
+                backend="vllm",
+                family=f"{family}-{size}",
+                download_path=str(path),
+                backend_config={"model_path": str(path), "extra_args": ["--max-num-seqs", "8"]},
+                served_model_id=f"{family}-{size}",
+                generation_defaults={"temperature": 0.7},
+            )
         elif kind == 2:  # external vLLM
-            entry.update(backend="vllm", family=f"{family}-{size}", served_model_id=f"org/{family}",
-                         backend_config={"base_url": f"http://{host}:{port}/v1"})
+            entry.update(
+                backend="vllm",
+                family=f"{family}-{size}",
+                served_model_id=f"org/{family}",
+                backend_config={"base_url": f"http://{host}:{port}/v1"},
+            )
         elif kind == 3:  # another OpenAI-compatible server
-            entry.update(backend="lmdeploy", family=f"{family}-{size}", served_model_id=family,
-                         backend_config={"host": host, "port": int(port)})
+            entry.update(
+                backend="lmdeploy",
+                family=f"{family}-{size}",
+                served_model_id=family,
+                backend_config={"host": host, "port": int(port)},
+            )
         else:
-            entry.update(backend="openai", display_name=f"Bench Model {i}",
-                         backend_config={"base_url": f"http://{host}:{port}/v1"}, served_model_id=family)
+            entry.update(
+                backend="openai",
+                display_name=f"Bench Model {i}",
+                backend_config={"base_url": f"http://{host}:{port}/v1"},
+                served_model_id=family,
+            )
         entry["capabilities"] = ["vision", "tools"] if i % 3 == 0 else ["tools"]
         if i % 50 == 0:
             entry["deprecated"] = True

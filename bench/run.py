@@ -30,7 +30,7 @@ import drivers  # noqa: E402
 import machine  # noqa: E402
 import registry_gen  # noqa: E402
 import report  # noqa: E402
-from procs import Service, Services, cpu_plan, cpu_seconds, free_port, http_get, http_post, rss_mb  # noqa: E402
+from procs import Service, Services, cpu_plan, cpu_seconds, free_port, http_get, http_post, rss_mb  # noqa: E402,E501
 
 TARGETS = ("upstream", "reference", "proxy")
 MODES = ("non-stream", "stream")
@@ -53,17 +53,31 @@ def chat_body(stream: bool) -> bytes:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Benchmark imageworks-chat-proxy against a reference passthrough.")
+    p = argparse.ArgumentParser(
+        description="Benchmark imageworks-chat-proxy against a reference passthrough."
+    )
     p.add_argument("--quick", action="store_true", help="very short runs (smoke test); numbers are rough")
-    p.add_argument("--soak", action="store_true", help="also run a soak and report the proxy's memory over it")
+    p.add_argument(
+        "--soak", action="store_true", help="also run a soak and report the proxy's memory over it"
+    )
     p.add_argument("--soak-minutes", type=float, default=10.0, help="soak length (default 10)")
     p.add_argument("--seconds", type=float, help="length of each load run (default 3; --quick 1)")
-    p.add_argument("--rounds", type=int, help="rounds over all scenarios; medians are reported (default 5; --quick 1)")
+    p.add_argument(
+        "--rounds", type=int, help="rounds over all scenarios; medians are reported (default 5; --quick 1)"
+    )
     p.add_argument("--entries", type=int, default=500, help="registry size for /v1/models (default 500)")
-    p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
-                   help="load generator: wrk when installed (auto), or the Python fallback")
+    p.add_argument(
+        "--loadgen",
+        choices=("auto", "wrk", "python"),
+        default="auto",
+        help="load generator: wrk when installed (auto), or the Python fallback",
+    )
     p.add_argument("--no-pin", action="store_true", help="do not pin the server under test to its own CPU")
-    p.add_argument("--output", type=Path, help="Markdown report (default bench/RESULTS.md; --quick bench/out/RESULTS.quick.md)")
+    p.add_argument(
+        "--output",
+        type=Path,
+        help="Markdown report (default bench/RESULTS.md; --quick bench/out/RESULTS.quick.md)",
+    )
     p.add_argument("--json", type=Path, help="also write the raw figures as JSON here")
     args = p.parse_args(argv)
     args.seconds = args.seconds or (1.0 if args.quick else 3.0)
@@ -75,16 +89,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def proxy_env(port: int, registry: Path, work: Path, stub_base: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_PROXY_")}
-    env.update({
-        "CHAT_PROXY_HOST": "127.0.0.1",
-        "CHAT_PROXY_PORT": str(port),
-        "CHAT_PROXY_REGISTRY": str(registry),
-        "CHAT_PROXY_LOG_PATH": str(work / "chat_proxy.jsonl"),  # the request log, on as users run it
-        "CHAT_PROXY_ENABLE_METRICS": "1",
-        "CHAT_PROXY_OLLAMA_BASE_URL": stub_base.removesuffix("/v1"),
-        "CHAT_PROXY_VLLM_STATE_PATH": str(work / "active_vllm.json"),
-        "CHAT_PROXY_VLLM_LOG_DIR": str(work / "vllm"),
-    })
+    env.update(
+        {
+            "CHAT_PROXY_HOST": "127.0.0.1",
+            "CHAT_PROXY_PORT": str(port),
+            "CHAT_PROXY_REGISTRY": str(registry),
+            "CHAT_PROXY_LOG_PATH": str(work / "chat_proxy.jsonl"),  # the request log, on as users run it
+            "CHAT_PROXY_ENABLE_METRICS": "1",
+            "CHAT_PROXY_OLLAMA_BASE_URL": stub_base.removesuffix("/v1"),
+            "CHAT_PROXY_VLLM_STATE_PATH": str(work / "active_vllm.json"),
+            "CHAT_PROXY_VLLM_LOG_DIR": str(work / "vllm"),
+        }
+    )
     return env
 
 
@@ -112,7 +128,9 @@ def median_result(results: list[drivers.LoadResult]) -> dict:
     return out
 
 
-def run_chat(args, driver: drivers.Driver, urls: dict[str, str], pids: dict[str, int], skip: set[str]) -> list[dict]:
+def run_chat(
+    args, driver: drivers.Driver, urls: dict[str, str], pids: dict[str, int], skip: set[str]
+) -> list[dict]:
     """Every scenario for every target, interleaved, ``rounds`` times; medians per (scenario, target)."""
     raw: dict[tuple[str, int, str], list[drivers.LoadResult]] = {}
     warm = 20 if args.quick else 300
@@ -128,16 +146,19 @@ def run_chat(args, driver: drivers.Driver, urls: dict[str, str], pids: dict[str,
                     if target in skip:
                         continue
                     cpu0 = cpu_seconds(pids[target])
-                    r = driver.run(urls[target], concurrency=conc, seconds=args.seconds,
-                                   body=chat_body(mode == "stream"))
+                    r = driver.run(
+                        urls[target], concurrency=conc, seconds=args.seconds, body=chat_body(mode == "stream")
+                    )
                     cpu1 = cpu_seconds(pids[target])
                     if cpu0 is not None and cpu1 is not None and r.requests:
                         r.cpu_us = (cpu1 - cpu0) / r.requests * 1e6
                     raw.setdefault((mode, conc, target), []).append(r)
-                    print(f"  round {rnd + 1}/{args.rounds} {mode:<10} c={conc:<2} {target:<9} "
-                          f"{r.rps:8.0f} req/s  p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms  "
-                          f"cpu {r.cpu_us or 0:5.0f} us/req"
-                          + (f"  errors {r.errors}" if r.errors else ""), flush=True)
+                    print(
+                        f"  round {rnd + 1}/{args.rounds} {mode:<10} c={conc:<2} {target:<9} "
+                        f"{r.rps:8.0f} req/s  p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms  "
+                        f"cpu {r.cpu_us or 0:5.0f} us/req" + (f"  errors {r.errors}" if r.errors else ""),
+                        flush=True,
+                    )
     return [{"mode": m, "concurrency": c, "target": t, **median_result(rs)} for (m, c, t), rs in raw.items()]
 
 
@@ -157,16 +178,27 @@ def run_models(args, driver: drivers.Driver, base: str) -> dict:
     status, body, first = http_get(url, timeout=30)
     listed = len(json.loads(body)["data"]) if status == 200 else 0
     r = driver.run(url, concurrency=1, seconds=args.seconds, method="GET")
-    return {"status": status, "listed": listed, "first_ms": first * 1e3, "p50_ms": r.p50_ms,
-            "p99_ms": r.p99_ms, "rps": r.rps, "errors": r.errors}
+    return {
+        "status": status,
+        "listed": listed,
+        "first_ms": first * 1e3,
+        "p50_ms": r.p50_ms,
+        "p99_ms": r.p99_ms,
+        "rps": r.rps,
+        "errors": r.errors,
+    }
 
 
 def run_soak(args, driver: drivers.Driver, url: str, pid: int, work: Path) -> dict:
     seconds = args.soak_minutes * 60
     print(f"soak: {args.soak_minutes:g} min of mixed load on the proxy, sampling its RSS", flush=True)
     loads = [
-        driver.start_background(url, concurrency=8, seconds=seconds, body=chat_body(False), log=work / "soak-plain.log"),
-        driver.start_background(url, concurrency=8, seconds=seconds, body=chat_body(True), log=work / "soak-stream.log"),
+        driver.start_background(
+            url, concurrency=8, seconds=seconds, body=chat_body(False), log=work / "soak-plain.log"
+        ),
+        driver.start_background(
+            url, concurrency=8, seconds=seconds, body=chat_body(True), log=work / "soak-stream.log"
+        ),
     ]
     samples: list[tuple[float, float]] = []
     began = time.monotonic()
@@ -209,18 +241,42 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
     urls = {t: f"http://127.0.0.1:{ports[t]}/v1/chat/completions" for t in TARGETS}
     results: dict = {"meta": machine.describe(driver.name, args, cpus), "skipped": {}}
-    print(f"benchmark: {driver.name}; {args.rounds} round(s) of {args.seconds:g} s per figure; work dir {work}",
-          flush=True)
+    print(
+        f"benchmark: {driver.name}; {args.rounds} round(s) of {args.seconds:g} s per figure; work dir {work}",
+        flush=True,
+    )
     with Services() as services:
-        stub = services.start(Service("upstream", [py, str(HERE / "upstream_stub.py"), str(ports["upstream"]), "16"],
-                               log_dir=work, cpus=cpus["stub"]), stub_base + "/health")
-        ref = services.start(Service("reference", [py, str(HERE / "ref_passthrough.py"), str(ports["reference"]),
-                                                   stub_base], log_dir=work, cpus=cpus["server"]),
-                             f"http://127.0.0.1:{ports['reference']}/")
+        stub = services.start(
+            Service(
+                "upstream",
+                [py, str(HERE / "upstream_stub.py"), str(ports["upstream"]), "16"],
+                log_dir=work,
+                cpus=cpus["stub"],
+            ),
+            stub_base + "/health",
+        )
+        ref = services.start(
+            Service(
+                "reference",
+                [py, str(HERE / "ref_passthrough.py"), str(ports["reference"]), stub_base],
+                log_dir=work,
+                cpus=cpus["server"],
+            ),
+            f"http://127.0.0.1:{ports['reference']}/",
+        )
         proxy_base = f"http://127.0.0.1:{ports['proxy']}"
-        proxy = services.start(Service("proxy", [py, "-m", "imageworks_proxy"], log_dir=work, cwd=work,
-                                       env=proxy_env(ports["proxy"], registry, work, stub_base),
-                                       cpus=cpus["server"]), proxy_base + "/v1/health", timeout=60)
+        proxy = services.start(
+            Service(
+                "proxy",
+                [py, "-m", "imageworks_proxy"],
+                log_dir=work,
+                cwd=work,
+                env=proxy_env(ports["proxy"], registry, work, stub_base),
+                cpus=cpus["server"],
+            ),
+            proxy_base + "/v1/health",
+            timeout=60,
+        )
         time.sleep(1.0)
         results["rss"] = {"proxy_idle_mb": rss_mb(proxy.pid), "reference_idle_mb": rss_mb(ref.pid)}
         skip: set[str] = set()
@@ -230,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
             results["skipped"]["proxy"] = why
             skip.add("proxy")
         results["models"] = run_models(args, driver, proxy_base)
-        print(f"/v1/models: {results['models']['listed']} listed, p50 {results['models']['p50_ms']:.2f} ms", flush=True)
+        print(
+            f"/v1/models: {results['models']['listed']} listed, p50 {results['models']['p50_ms']:.2f} ms",
+            flush=True,
+        )
         pids = {"upstream": stub.pid, "reference": ref.pid, "proxy": proxy.pid}
         results["chat"] = run_chat(args, driver, urls, pids, skip)
         results["ttfb"] = run_ttfb(args, driver, urls, skip)

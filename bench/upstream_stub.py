@@ -45,35 +45,58 @@ def _plain(status: str, body: bytes, ctype: str = "application/json") -> bytes:
 
 
 def build_answers(chunks: int) -> dict[str, bytes]:
-    completion = _json({
-        "id": "chatcmpl-stub",
-        "object": "chat.completion",
-        "created": CREATED,
-        "model": "stub",
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": "Hello from the stub upstream.", "refusal": None},
-            "logprobs": None,
-            "finish_reason": "stop",
-        }],
-        "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19},
-    })
+    completion = _json(
+        {
+            "id": "chatcmpl-stub",
+            "object": "chat.completion",
+            "created": CREATED,
+            "model": "stub",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {
+                        "role": "assistant",
+                        "content": "Hello from the stub upstream.",
+                        "refusal": None,
+                    },
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19},
+        }
+    )
     events = [_chunk_event({"role": "assistant", "content": ""})]
     events += [_chunk_event({"content": f"tok{i} "}) for i in range(chunks)]
     events += [_chunk_event({}, "stop"), b"data: [DONE]\n\n"]
     # Each event is its own HTTP chunk, so the client sees them arrive as separate writes.
-    stream = [b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-              b"Transfer-Encoding: chunked\r\n\r\n"]
+    stream = [
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    ]
     stream += [b"%x\r\n%s\r\n" % (len(e), e) for e in events]
     stream.append(b"0\r\n\r\n")
     return {
         "completion": _plain("200 OK", completion),
-        "models": _plain("200 OK", _json({"object": "list", "data": [
-            {"id": "stub", "object": "model", "created": 0, "owned_by": "stub"}]})),
+        "models": _plain(
+            "200 OK",
+            _json(
+                {
+                    "object": "list",
+                    "data": [{"id": "stub", "object": "model", "created": 0, "owned_by": "stub"}],
+                }
+            ),
+        ),
         "health": _plain("200 OK", b"{}"),
-        "tags": _plain("200 OK", _json({"models": [{"name": f"bench{i}:latest", "model": f"bench{i}:latest"}
-                                                     for i in range(1000)]})),
-        "missing": _plain("404 Not Found", b'{"error":{"message":"not found","type":"invalid_request_error"}}'),
+        "tags": _plain(
+            "200 OK",
+            _json(
+                {"models": [{"name": f"bench{i}:latest", "model": f"bench{i}:latest"} for i in range(1000)]}
+            ),
+        ),
+        "missing": _plain(
+            "404 Not Found", b'{"error":{"message":"not found","type":"invalid_request_error"}}'
+        ),
         "stream": stream,  # type: ignore[dict-item]
     }
 
@@ -105,8 +128,9 @@ class StubProtocol(asyncio.Protocol):
                 length = int(value)
         if len(self.buf) < end + 4 + length:
             return False
-        body = bytes(self.buf[end + 4:end + 4 + length])
-        del self.buf[:end + 4 + length]
+        start = end + 4
+        body = bytes(self.buf[start:start + length])
+        del self.buf[:start + length]
         method, path = (lines[0].split(" ") + ["", ""])[:2]
         self._answer(method, path.split("?", 1)[0], body)
         return True

@@ -118,7 +118,8 @@ def create_app(
     pm = plugin_manager if plugin_manager is not None else make_plugin_manager(load_entrypoints=load_entrypoints)
     app = web.Application(
         # Without API keys the auth middleware would only pass every request on: leave the layer out.
-        middlewares=[access_log_middleware, error_middleware] + ([auth_middleware] if config.api_keys else []),
+        middlewares=[access_log_middleware, error_middleware]
+        + ([auth_middleware] if config.api_keys else []),
         client_max_size=config.max_body_bytes,
     )
     app[keys.CONFIG] = config

@@ -17,9 +17,25 @@ RUN = REPO / "bench" / "run.py"
 def _run_quick(tmp_path: Path, *extra: str) -> tuple[dict, str]:
     out_md, out_json = tmp_path / "RESULTS.md", tmp_path / "results.json"
     proc = subprocess.run(
-        [sys.executable, str(RUN), "--quick", "--seconds", "0.5", "--entries", "60",
-         "--output", str(out_md), "--json", str(out_json), *extra],
-        capture_output=True, text=True, timeout=240, check=False, cwd=REPO,
+        [
+            sys.executable,
+            str(RUN),
+            "--quick",
+            "--seconds",
+            "0.5",
+            "--entries",
+            "60",
+            "--output",
+            str(out_md),
+            "--json",
+            str(out_json),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out_json.read_text()), out_md.read_text()
@@ -40,7 +56,9 @@ def _check(results: dict, report: str) -> None:
     assert models["status"] == 200 and models["listed"] > 0 and models["p50_ms"] > 0
     assert results["rss"]["proxy_idle_mb"] > 0
     # the proxy ran as users run it: every chat request went into the request log, metrics are on
-    assert results["request_log_lines"] >= sum(r["requests"] for r in results["chat"] if r["target"] == "proxy")
+    assert results["request_log_lines"] >= sum(
+        r["requests"] for r in results["chat"] if r["target"] == "proxy"
+    )
     assert results["metrics_status"] == 200
     assert "## Targets (SPEC §14)" in report
     assert "| non-stream | 32 | proxy |" in report

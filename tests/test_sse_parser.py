@@ -55,14 +55,20 @@ def test_a_line_longer_than_the_cap_is_refused():
 
 
 _line = st.one_of(
-    st.builds(lambda s: b"data: " + s, st.binary(max_size=20).filter(lambda b: b"\n" not in b and b"\r" not in b)),
+    st.builds(
+        lambda s: b"data: " + s, st.binary(max_size=20).filter(lambda b: b"\n" not in b and b"\r" not in b)
+    ),
     st.sampled_from([b"", b": ping", b"event: x", b"id: 3", b"data:", b"retry: 10", b" "]),
 )
 
 
 @settings(max_examples=300, deadline=None)
-@given(lines=st.lists(_line, max_size=30), crlf=st.booleans(), tail=st.booleans(),
-       cuts=st.lists(st.integers(min_value=0, max_value=800), max_size=12))
+@given(
+    lines=st.lists(_line, max_size=30),
+    crlf=st.booleans(),
+    tail=st.booleans(),
+    cuts=st.lists(st.integers(min_value=0, max_value=800), max_size=12),
+)
 def test_any_split_gives_what_a_line_reader_gives(lines, crlf, tail, cuts):
     sep = b"\r\n" if crlf else b"\n"
     raw = sep.join(lines) + (sep if tail else b"")

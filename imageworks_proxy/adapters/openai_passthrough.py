@@ -161,7 +161,9 @@ class OpenAIPassthroughAdapter(Adapter):
                     try:
                         obj = orjson.loads(payload)
                     except orjson.JSONDecodeError:
-                        raise ProxyError(502, "backend_error", f"{where} sent a stream event that is not JSON.") from None
+                        raise ProxyError(
+                            502, "backend_error", f"{where} sent a stream event that is not JSON."
+                        ) from None
                     if not isinstance(obj, dict):
                         continue
                     if "error" in obj and obj["error"]:
