@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from imageworks_proxy.errors import ProxyError
+from imageworks_proxy.orchestrator.backoff import StartBackoff
+from imageworks_proxy.orchestrator.swaplog import SwapLog
 from imageworks_proxy.tenancy import Lease, Tenant
 
 if TYPE_CHECKING:
@@ -37,7 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("imageworks_proxy.orchestrator")
 
 IDLE, STARTING, READY, DRAINING, STOPPING = "idle", "starting", "ready", "draining", "stopping"
-_MAX_BACKOFF_FACTOR = 32
 
 
 @attrs.define(eq=False)
@@ -51,14 +52,6 @@ class _Waiter:
     @property
     def key(self) -> str | None:
         return self.tenant.key if self.tenant is not None else None
-
-
-@attrs.define
-class _Failure:
-    at: float
-    count: int
-    error: ProxyError
-    revision: str | None
 
 
 class _Lease:
@@ -105,7 +98,7 @@ class GpuScheduler:
     ) -> None:
         self.max_queue = max_queue
         self.exclusive = exclusive
-        self.backoff_s = backoff_s
+        self.backoff = StartBackoff(backoff_s, clock)
         self._clock = clock
         self._active: Tenant | None = None
         self._phase = IDLE
@@ -114,25 +107,14 @@ class GpuScheduler:
         self._waiters: collections.deque[_Waiter] = collections.deque()
         #: Tenants that may hold GPU memory although they are not active (adopted vLLM, Ollama at start-up).
         self._residents: dict[str, Tenant] = {}
-        self._failures: dict[str, _Failure] = {}
         self._kick = asyncio.Event()
         self._driver: asyncio.Task[None] | None = None
         self._closed = False
         self._switch_started: float | None = None
+        self.swaplog = SwapLog()
         #: Called with a dict for every switch, start failure and stop (observability hooks in here).
-        self.listeners: list[Callable[[dict[str, Any]], None]] = []
-        self._stats: dict[str, Any] = {
-            "swaps": 0,
-            "swap_failures": 0,
-            "starts": 0,
-            "stops": 0,
-            "admitted": 0,
-            "queued": 0,
-            "rejected_queue_full": 0,
-            "cancelled_waits": 0,
-            "lost": 0,
-        }
-        self._recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
+        self.listeners = self.swaplog.listeners
+        self._stats = self.swaplog.counters
 
     # -- public API ----------------------------------------------------------------------------
     def schedules(self, tenant: Tenant) -> bool:
@@ -205,7 +187,7 @@ class GpuScheduler:
             self._kick.set()
 
     def forget_failure(self, key: str) -> None:
-        self._failures.pop(key, None)
+        self.backoff.clear(key)
 
     @property
     def active(self) -> Tenant | None:
@@ -228,22 +210,18 @@ class GpuScheduler:
         return sum(1 for w in self._waiters if w.key == key and not w.future.done())
 
     def failure(self, key: str) -> ProxyError | None:
-        f = self._failures.get(key)
-        return f.error if f is not None else None
+        return self.backoff.last_error(key)
 
     def stats(self) -> dict[str, Any]:
         """Counters and recent swaps for metrics: ``swaps`` (successful switches), ``swap_failures``,
         ``starts``/``stops``, ``queue_depth``, ``inflight``, ``active``, ``phase`` and ``recent_swaps``
         (last 50: from, to, ok, drain_s, stop_s, start_s, total_s)."""
-        durations = [s["total_s"] for s in self._recent if s.get("ok")]
         return {
-            **self._stats,
+            **self.swaplog.snapshot(),
             "queue_depth": self.queue_depth,
             "inflight": self._inflight,
             "active": self._active.key if self._active is not None else None,
             "phase": self._phase,
-            "swap_seconds_total": round(sum(durations), 3),
-            "recent_swaps": list(self._recent),
         }
 
     async def start(self) -> None:
@@ -293,7 +271,7 @@ class GpuScheduler:
             return False
         if any(t.stop is not None for k, t in self._residents.items() if k != tenant.key):
             return False
-        if self._backoff_error(tenant) is not None:
+        if self.backoff.error_for(tenant) is not None:
             return False
         # nothing was stopped or started: not a swap for the metrics
         self._residents.pop(tenant.key, None)
@@ -315,30 +293,10 @@ class GpuScheduler:
             if self._waiters:
                 self._kick.set()
 
-    def _backoff_error(self, tenant: Tenant) -> ProxyError | None:
-        f = self._failures.get(tenant.key)
-        if f is None:
-            return None
-        if f.revision != tenant.revision:
-            self._failures.pop(tenant.key, None)
-            return None
-        wait = self.backoff_s * min(2 ** (f.count - 1), _MAX_BACKOFF_FACTOR)
-        left = f.at + wait - self._clock()
-        if left <= 0:
-            return None
-        e = f.error
-        return ProxyError(
-            e.status,
-            e.code,
-            f"{e.message} (not retried for another {left:.0f}s after {f.count} failed start(s))",
-            hint=e.hint,
-            headers={**e.headers, "Retry-After": str(max(1, round(left)))},
-        )
-
     def _check_backoff(self, tenant: Tenant) -> None:
         if self._active is not None and self._active.key == tenant.key and self._phase == STARTING:
             return  # a (forced) start is under way: join it
-        err = self._backoff_error(tenant)
+        err = self.backoff.error_for(tenant)
         if err is not None:
             raise err
 
@@ -393,13 +351,6 @@ class GpuScheduler:
             elif not w.future.done():
                 keep.append(w)
         self._waiters = keep
-
-    def _emit(self, event: dict[str, Any]) -> None:
-        for listener in self.listeners:
-            try:
-                listener(event)
-            except Exception:
-                log.exception("scheduler listener failed")
 
     async def _run(self) -> None:
         while True:
@@ -509,8 +460,7 @@ class GpuScheduler:
                     start_s=0.0,
                     total_s=round(self._clock() - began, 3),
                 )
-                self._recent.append(record)
-                self._emit({"event": "swap", **record})
+                self.swaplog.swap(record)
                 log.warning(
                     "GPU: could not stop %s before switching to %s: %s",
                     tenant.key,
@@ -531,12 +481,12 @@ class GpuScheduler:
             if not head.future.done():
                 head.future.set_result(None)
             self._waiters.popleft() if self._waiters and self._waiters[0] is head else None
-            self._emit({"event": "vacate", **record, "stop_s": round(stop_s, 3)})
+            self.swaplog.emit({"event": "vacate", **record, "stop_s": round(stop_s, 3)})
             return
         self._active, self._phase = None, IDLE
         # 2. a tenant that failed a moment ago is not started again (unless forced)
         if not head.force:
-            err = self._backoff_error(target)
+            err = self.backoff.error_for(target)
             if err is not None:
                 self._fail(target.key, err)
                 return
@@ -562,9 +512,7 @@ class GpuScheduler:
             )
             if not isinstance(exc, ProxyError):
                 log.exception("starting GPU tenant %s failed", target.key)
-            prev = self._failures.get(target.key)
-            count = prev.count + 1 if prev is not None and prev.revision == target.revision else 1
-            self._failures[target.key] = _Failure(self._clock(), count, error, target.revision)
+            self.backoff.record(target, error)
             self._active, self._phase = None, IDLE
             self._generation += 1
             self._stats["swap_failures"] += 1
@@ -576,14 +524,13 @@ class GpuScheduler:
                 start_s=round(self._clock() - t0, 3),
                 total_s=round(self._clock() - began, 3),
             )
-            self._recent.append(record)
-            self._emit({"event": "swap", **record})
+            self.swaplog.swap(record)
             log.warning(
                 "GPU: starting %s failed after %.1fs: %s", target.key, self._clock() - t0, error.message
             )
             self._fail(target.key, error)
             return
-        self._failures.pop(target.key, None)
+        self.backoff.clear(target.key)
         self._phase = READY
         self._generation += 1
         self._stats["starts"] += 1
@@ -596,8 +543,7 @@ class GpuScheduler:
             start_s=round(start_s, 3),
             total_s=round(self._clock() - began, 3),
         )
-        self._recent.append(record)
-        self._emit({"event": "swap", **record})
+        self.swaplog.swap(record)
         log.info(
             "GPU: switched %s -> %s in %.2fs (drain %.2fs, stop %.2fs, start %.2fs); admitting %d request(s)",
             record["from"],
