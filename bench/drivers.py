@@ -91,19 +91,17 @@ class Driver:
             return self._wrk(url, concurrency, seconds, method, body)
         return self.loadgen(url, concurrency=concurrency, seconds=seconds, method=method, body=body)
 
-    def _wrk(self, url: str, concurrency: int, seconds: float, method: str, body: bytes) -> LoadResult:
+    def _wrk_command(
+        self, url: str, concurrency: int, seconds: float, method: str, body: bytes
+    ) -> tuple[list[str], dict[str, str]]:
+        """wrk's argv and environment (``bench/wrk_bench.lua`` reads the method and body from it)."""
         env = dict(os.environ, BENCH_METHOD=method, BENCH_BODY=body.decode())
-        argv = [
-            self.wrk,
-            "-t1",
-            f"-c{concurrency}",
-            f"-d{max(1, math.ceil(seconds))}s",
-            "--timeout",
-            "10s",
-            "-s",
-            str(WRK_SCRIPT),
-            url,
-        ]
+        argv = [self.wrk, "-t1", f"-c{concurrency}", f"-d{max(1, math.ceil(seconds))}s", "--timeout", "10s",
+                "-s", str(WRK_SCRIPT), url]
+        return argv, env
+
+    def _wrk(self, url: str, concurrency: int, seconds: float, method: str, body: bytes) -> LoadResult:
+        argv, env = self._wrk_command(url, concurrency, seconds, method, body)
         out = subprocess.run(
             argv,
             capture_output=True,
@@ -144,18 +142,7 @@ class Driver:
     ) -> subprocess.Popen[bytes]:
         """A long load (the soak) run while the caller samples memory; wait() on it, then read ``log``."""
         if self.wrk:
-            env = dict(os.environ, BENCH_METHOD="POST", BENCH_BODY=body.decode())
-            argv = [
-                self.wrk,
-                "-t1",
-                f"-c{concurrency}",
-                f"-d{max(1, math.ceil(seconds))}s",
-                "--timeout",
-                "10s",
-                "-s",
-                str(WRK_SCRIPT),
-                url,
-            ]
+            argv, env = self._wrk_command(url, concurrency, seconds, "POST", body)
         else:
             env = None
             argv = [

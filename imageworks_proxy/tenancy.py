@@ -52,7 +52,9 @@ class Tenancy(Protocol):
         ...
 
 
-class _NoLease:
+class NoLease:
+    """The lease of a tenant that needs no exclusivity: releasing it does nothing."""
+
     def release(self) -> None:
         pass
 
@@ -61,7 +63,7 @@ class PassThroughTenancy:
     """No exclusivity: every tenant may use the GPU at once; ``start``/``stop`` are never called."""
 
     async def acquire(self, tenant: Tenant, call: ChatCall) -> Lease:
-        return _NoLease()
+        return NoLease()
 
 
 def tenancy(app: web.Application) -> Tenancy:

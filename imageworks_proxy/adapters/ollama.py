@@ -30,7 +30,7 @@ from imageworks_proxy.ollama_translate import (
     to_ollama_request,
 )
 from imageworks_proxy.registry import Entry
-from imageworks_proxy.tenancy import Lease, Tenant, tenancy
+from imageworks_proxy.tenancy import Lease, NoLease, Tenant, tenancy
 from imageworks_proxy.upstream import apply_loopback_alias, entry_base_url
 
 log = logging.getLogger("imageworks_proxy.ollama")
@@ -191,7 +191,7 @@ class OllamaAdapter(Adapter):
 
     async def _acquire(self, call: ChatCall) -> Lease:
         if not self.config.gpu_exclusive:
-            return _NoLease()
+            return NoLease()
         started = time.perf_counter()
         lease = await tenancy(self.app).acquire(self.tenant, call)
         # Time spent waiting for the GPU (e.g. vLLM being stopped) is queue time in the request log.
@@ -355,10 +355,6 @@ class OllamaAdapter(Adapter):
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("unloading %s from Ollama at %s failed: %s", name, base, _describe(exc))
 
-
-class _NoLease:
-    def release(self) -> None:
-        pass
 
 
 def _describe(exc: BaseException) -> str:

@@ -31,7 +31,7 @@ import attrs
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.orchestrator.backoff import StartBackoff
 from imageworks_proxy.orchestrator.swaplog import SwapLog
-from imageworks_proxy.tenancy import Lease, Tenant
+from imageworks_proxy.tenancy import Lease, NoLease, Tenant
 
 if TYPE_CHECKING:
     from imageworks_proxy.adapters.base import ChatCall
@@ -74,10 +74,6 @@ class _Lease:
 def _all(tenant: Tenant) -> bool:
     return True
 
-
-class _NoLease:
-    def release(self) -> None:
-        pass
 
 
 class GpuScheduler:
@@ -131,7 +127,7 @@ class GpuScheduler:
         proxy is shutting down.
         """
         if not self.schedules(tenant):
-            return _NoLease()
+            return NoLease()
         self._check_open()
         if self._fast_path(tenant):
             return self._grant(tenant)
