@@ -13,9 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import tomllib
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,6 +26,7 @@ DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "docker-compose.openwebui.yml"
 DOCKERFILES = {"cuda": DOCKER / "Dockerfile.chat-proxy", "slim": DOCKER / "Dockerfile"}
 KNOWN_SETTINGS = {s.env for s in SETTINGS}
+from tests.process_helpers import wait_for_json
 
 
 def instructions(dockerfile: Path) -> list[tuple[str, str]]:
@@ -234,16 +233,7 @@ def test_container_command_serves_health_on_all_interfaces_and_passes_the_image_
     proc = subprocess.Popen(["imageworks-chat-proxy"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=5) as resp:
-                    health = json.load(resp)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the proxy did not start listening"
-                time.sleep(0.1)
+        health = wait_for_json(proc, f"http://127.0.0.1:{port}/v1/health")
         assert health["status"] == "ok"
         assert health["registry"]["models"] == 4 and health["registry"]["error"] is None
         for kind in sorted(DOCKERFILES):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -10,13 +9,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 from imageworks_proxy.registry import load_registry
 
 ROOT = Path(__file__).resolve().parents[1]
+from tests.process_helpers import wait_for_json
 
 
 def _quick_start_commands() -> list[str]:
@@ -72,16 +70,7 @@ def test_run_command_serves_the_example_models_with_clean_names(tmp_path):
     proc = subprocess.Popen([str(Path(sys.executable).parent / "imageworks-chat-proxy")], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as resp:
-                    body = json.load(resp)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the proxy did not start listening"
-                time.sleep(0.1)
+        body = wait_for_json(proc, f"http://127.0.0.1:{port}/v1/models")
         ids = {m["id"] for m in body["data"]}
         # The Ollama entry is listed only when a local Ollama has the tag pulled.
         assert {"qwen2.5-vl-7b-instruct (AWQ)", "gpt-oss-20b (MXFP4)", "internvl2-8b"} <= ids
