@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 from imageworks_proxy.registry import load_registry
+from tests.process_helpers import wait_for_json
 
 ROOT = Path(__file__).resolve().parents[1]
-from tests.process_helpers import wait_for_json
 
 
 def _quick_start_commands() -> list[str]:
