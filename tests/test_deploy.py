@@ -20,13 +20,13 @@ import pytest
 import yaml
 
 from imageworks_proxy.config import SETTINGS
+from tests.process_helpers import wait_for_json
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "docker-compose.openwebui.yml"
 DOCKERFILES = {"cuda": DOCKER / "Dockerfile.chat-proxy", "slim": DOCKER / "Dockerfile"}
 KNOWN_SETTINGS = {s.env for s in SETTINGS}
-from tests.process_helpers import wait_for_json
 
 
 def instructions(dockerfile: Path) -> list[tuple[str, str]]:
