@@ -1,3 +1,3 @@
-from imageworks_proxy.cli import main
+from imageworks_proxy.cli.server import main
 
 raise SystemExit(main())

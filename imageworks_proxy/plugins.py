@@ -23,10 +23,10 @@ BUILTIN_ADAPTERS: dict[str, str] = {
     "openai-passthrough": "imageworks_proxy.adapters.openai_passthrough",
     "vllm-external": "imageworks_proxy.adapters.vllm_external",
     "vllm-orchestrated": "imageworks_proxy.adapters.vllm_orchestrated",
-    "ollama": "imageworks_proxy.adapters.ollama",
+    "ollama": "imageworks_proxy.adapters.ollama.adapter",
 }
 #: Core plugins registered directly (the shared pipeline stages).
-CORE_PLUGINS: tuple[str, ...] = ("imageworks_proxy.stages",)
+CORE_PLUGINS: tuple[str, ...] = ("imageworks_proxy.pipeline.builtin",)
 
 
 class PluginError(RuntimeError):

@@ -149,7 +149,7 @@ async def test_sdk_raises_on_in_band_stream_error(env):
 
 
 async def test_keep_alive_comments_flow_while_waiting_for_the_first_chunk(env, monkeypatch):
-    from imageworks_proxy import sse
+    from imageworks_proxy.http import sse
     monkeypatch.setattr(sse.SSEWriter.__init__, "__defaults__", (0.2,))
     client, _ = await env()
     resp = await client.post("/v1/chat/completions", json={"model": "m-slow_first_chunk", "stream": True,
@@ -246,7 +246,7 @@ async def test_upstream_key_from_api_key_env(aiohttp_server, registry_file, make
 
 
 def test_exposure_warning_only_beyond_loopback_without_keys():
-    from imageworks_proxy.cli import exposure_warning
+    from imageworks_proxy.cli.server import exposure_warning
 
     assert exposure_warning("127.0.0.1", ()) is None
     assert exposure_warning("::1", ()) is None

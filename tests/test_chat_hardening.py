@@ -14,10 +14,10 @@ import openai
 import pytest
 from aiohttp import web
 
-from imageworks_proxy import sse
+from imageworks_proxy.http import sse
 from imageworks_proxy.adapters.base import Adapter
 from imageworks_proxy.hookspecs import hookimpl
-from imageworks_proxy.pipeline import Stage
+from imageworks_proxy.pipeline.stage import Stage
 from tests.chat_helpers import sse_events, user
 from tests.fakes import fake_openai
 from tests.fakes.fake_openai import REQUESTS, SCRIPTS, make_fake_openai, registry_for, scripted_entry

@@ -7,7 +7,7 @@ import random
 import attrs
 import pytest
 
-from imageworks_proxy.metrics import RollingMetrics, Sample, orchestrator_stats, swap_summary
+from imageworks_proxy.observability.metrics import RollingMetrics, Sample, orchestrator_stats, swap_summary
 
 
 class Clock:

@@ -7,8 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imageworks_proxy.errors import ProxyError
-from imageworks_proxy.naming import build_catalogue, normalise, quant_label, simplified_name
-from imageworks_proxy.registry import parse_entry
+from imageworks_proxy.catalogue.naming import build_catalogue, normalise, quant_label, simplified_name
+from imageworks_proxy.catalogue.registry import parse_entry
 
 
 def entry(**fields):

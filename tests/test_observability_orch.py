@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from imageworks_proxy import keys
 from tests.chat_helpers import user
 
-pytest.importorskip("imageworks_proxy.orchestrator.scheduler", reason="the vLLM orchestrator is not merged yet")
+pytest.importorskip("imageworks_proxy.gpu.scheduler", reason="the vLLM orchestrator is not merged yet")
 orch_fakes = pytest.importorskip("tests.fakes.orch", reason="the vLLM orchestrator is not merged yet")
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from imageworks_proxy import keys
 from imageworks_proxy.errors import ProxyError
-from imageworks_proxy.tenancy import Tenant
+from imageworks_proxy.gpu.tenancy import Tenant
 from tests.chat_helpers import sse_events, user
 from tests.fakes.fake_ollama import FakeOllama, Reply, ollama_entry
 

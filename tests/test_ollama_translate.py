@@ -1,4 +1,4 @@
-"""OpenAI <-> Ollama native translation, without HTTP (imageworks_proxy/ollama_translate.py)."""
+"""OpenAI <-> Ollama native translation, without HTTP (imageworks_proxy/adapters/ollama/translate.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from imageworks_proxy.errors import ProxyError
-from imageworks_proxy.ollama_translate import (
+from imageworks_proxy.adapters.ollama.translate import (
     ChunkTranslator,
     NdjsonSplitter,
     completion_from_ollama,

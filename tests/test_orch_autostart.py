@@ -11,9 +11,9 @@ import sys
 import pytest
 
 from imageworks_proxy import keys
-from imageworks_proxy.autostart import AUTOSTART, ensure_started
+from imageworks_proxy.upstream.autostart import AUTOSTART, ensure_started
 from imageworks_proxy.config import ConfigError, load_config
-from imageworks_proxy.orchestrator import process
+from imageworks_proxy.upstream import process
 from tests.chat_helpers import sse_events, user
 from tests.fakes.orch import FAKE_VLLM, free_port, orch_settings, started
 from tests.openai_schemas import validate_error
@@ -154,7 +154,7 @@ async def test_orchestrated_vllm_entries_and_a_disabled_switch_ignore_the_map(
     for enabled, name in (("1", "v"), ("0", "ext")):
         cfg = make_config(AUTOSTART_ENABLED=enabled, AUTOSTART_MAP=json.dumps({"v": "false", "ext": "false"}))
         app = make_app(cfg)
-        from imageworks_proxy.autostart import Autostarter
+        from imageworks_proxy.upstream.autostart import Autostarter
 
         app[AUTOSTART] = Autostarter(app, cfg)
         assert await ensure_started(app, keys.models(app).resolve(name), Call()) is False

@@ -12,7 +12,7 @@ import pytest
 
 from imageworks_proxy import keys
 from imageworks_proxy.adapters.vllm_orchestrated import orchestrator
-from imageworks_proxy.orchestrator import process
+from imageworks_proxy.upstream import process
 from tests.fakes.orch import free_port, orch_settings, started, vllm_entry
 
 
@@ -39,7 +39,7 @@ async def loader(env, *args):
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        "import sys; from imageworks_proxy.loader_cli import main; sys.exit(main())",
+        "import sys; from imageworks_proxy.cli.loader import main; sys.exit(main())",
         *args,
         env=env,
         stdout=asyncio.subprocess.PIPE,

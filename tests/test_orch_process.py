@@ -11,7 +11,7 @@ import time
 import aiohttp
 import pytest
 
-from imageworks_proxy.orchestrator import process
+from imageworks_proxy.upstream import process
 from tests.fakes.orch import FAKE_VLLM, free_port
 
 

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imageworks_proxy.errors import ProxyError
-from imageworks_proxy.orchestrator.scheduler import GpuScheduler
-from imageworks_proxy.tenancy import Tenant
+from imageworks_proxy.gpu.scheduler import GpuScheduler
+from imageworks_proxy.gpu.tenancy import Tenant
 
 
 class Call:

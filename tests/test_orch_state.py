@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
-from imageworks_proxy.orchestrator import process
-from imageworks_proxy.orchestrator.state import StateFile, VllmState
+from imageworks_proxy.upstream import process
+from imageworks_proxy.vllm.state import StateFile, VllmState
 
 
 def state_for(pid: int, command: list[str], prefix_len: int = 1) -> VllmState:

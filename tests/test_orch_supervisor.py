@@ -8,15 +8,15 @@ import logging
 
 import aiohttp
 
-from imageworks_proxy.orchestrator.supervisor import VllmSupervisor
-from imageworks_proxy.registry import parse_entry
+from imageworks_proxy.vllm.supervisor import VllmSupervisor
+from imageworks_proxy.catalogue.registry import parse_entry
 from tests.fakes.orch import free_port, orch_settings, vllm_entry
 
 GIB = 1 << 30
 
 
 class FakeGpu:
-    """What imageworks_proxy.gpu.Gpu answers on an 80 GiB card with 10 GiB free."""
+    """What imageworks_proxy.gpu.nvml.Gpu answers on an 80 GiB card with 10 GiB free."""
 
     available = True
 

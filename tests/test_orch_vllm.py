@@ -14,7 +14,7 @@ import pytest
 from imageworks_proxy import keys
 from imageworks_proxy.adapters.vllm_orchestrated import orchestrator
 from imageworks_proxy.errors import ProxyError
-from imageworks_proxy.orchestrator import process
+from imageworks_proxy.upstream import process
 from tests.fakes.orch import chat, events, free_port, orch_settings, overlaps, started, vllm_entry
 
 
@@ -253,7 +253,7 @@ async def test_gpu_exclusive_unloads_ollama_before_starting_vllm(
     await chat(client.app, "alpha")
     assert unloads == [0]  # before the vLLM process was launched
     # an Ollama request while vLLM is active is a switch: drain, stop vLLM, then forward
-    from imageworks_proxy.tenancy import Tenant, tenancy
+    from imageworks_proxy.gpu.tenancy import Tenant, tenancy
 
     class Call:
         queue_ms = 0.0

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from imageworks_proxy.pipeline import ChatContext
-from imageworks_proxy.request_stages import DefaultSystemPrompt, GenerationDefaults
-from imageworks_proxy.registry import parse_entry
-from imageworks_proxy.toolcalls import (
+from imageworks_proxy.pipeline.stage import ChatContext
+from imageworks_proxy.pipeline.request import DefaultSystemPrompt, GenerationDefaults
+from imageworks_proxy.catalogue.registry import parse_entry
+from imageworks_proxy.pipeline.toolcalls import (
     LOOKS_LIKE_A_CALL,
     NOT_A_CALL,
     UNDECIDED,
@@ -15,8 +15,8 @@ from imageworks_proxy.toolcalls import (
     call_prefix,
     calls_from_content,
 )
-from imageworks_proxy.truncation import truncate_history
-from imageworks_proxy.upstream import apply_loopback_alias, entry_base_url
+from imageworks_proxy.pipeline.truncation import truncate_history
+from imageworks_proxy.upstream.urls import apply_loopback_alias, entry_base_url
 
 
 def img(n: int) -> dict:
@@ -153,7 +153,7 @@ def test_a_streamed_call_announced_with_null_arguments_starts_them_empty(make_co
 def test_an_oversized_chunk_is_split_with_finish_and_usage_on_its_last_piece():
     import orjson
 
-    from imageworks_proxy.sse import MAX_LINE, encode_event
+    from imageworks_proxy.http.sse import MAX_LINE, encode_event
 
     usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
     chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "usage": usage,

@@ -19,7 +19,7 @@ from aiohttp import web
 from imageworks_proxy import create_app, hookspecs
 from imageworks_proxy.adapters.base import Adapter
 from imageworks_proxy.hookspecs import hookimpl
-from imageworks_proxy.pipeline import Stage
+from imageworks_proxy.pipeline.stage import Stage
 from imageworks_proxy.plugins import BUILTIN_ADAPTERS, PluginError, make_plugin_manager
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,7 +154,7 @@ async def test_broken_entry_point_is_reported_by_name_and_the_app_still_serves(
 
 def test_two_distributions_with_one_entry_point_name_is_reported(monkeypatch):
     dist = md.distribution("pluggy")  # any other installed distribution
-    ep = md.EntryPoint("ollama", "imageworks_proxy.adapters.ollama", "imageworks_proxy")
+    ep = md.EntryPoint("ollama", "imageworks_proxy.adapters.ollama.adapter", "imageworks_proxy")
     ep = ep._for(dist) if hasattr(ep, "_for") else ep
     _patch_entry_points(monkeypatch, ep)
     pm = make_plugin_manager()

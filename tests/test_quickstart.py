@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from imageworks_proxy.registry import load_registry
+from imageworks_proxy.catalogue.registry import load_registry
 from tests.process_helpers import wait_for_json
 
 ROOT = Path(__file__).resolve().parents[1]

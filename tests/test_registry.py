@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from imageworks_proxy.registry import RegistryError, deep_merge, load_registry
+from imageworks_proxy.catalogue.registry import RegistryError, deep_merge, load_registry
 
 
 def _write(path: Path, data) -> Path:

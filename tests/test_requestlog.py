@@ -7,7 +7,7 @@ import itertools
 import json
 from pathlib import Path
 
-from imageworks_proxy.requestlog import RequestLog, redact_messages
+from imageworks_proxy.observability.requestlog import RequestLog, redact_messages
 
 
 def read_lines(path: Path) -> list[dict]:

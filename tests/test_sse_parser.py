@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imageworks_proxy.sse_parser import MAX_PENDING, EventTooLong, SSEParser
+from imageworks_proxy.upstream.sse import MAX_PENDING, EventTooLong, SSEParser
 
 
 def line_by_line(raw: bytes) -> list[bytes]:

@@ -10,7 +10,7 @@ import attrs
 
 from imageworks_proxy import keys
 from imageworks_proxy.errors import ProxyError
-from imageworks_proxy.registry import Entry
+from imageworks_proxy.catalogue.registry import Entry
 
 if TYPE_CHECKING:
     import aiohttp

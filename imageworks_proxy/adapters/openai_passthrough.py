@@ -15,10 +15,10 @@ import orjson
 from imageworks_proxy.adapters.base import Adapter, ChatCall, ChunkStream, Completion
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.hookspecs import hookimpl
-from imageworks_proxy.registry import Entry
-from imageworks_proxy.sse_parser import EventTooLong, SSEParser
-from imageworks_proxy.upstream import apply_loopback_alias, entry_base_url
-from imageworks_proxy.upstream_errors import in_band_error, upstream_error
+from imageworks_proxy.catalogue.registry import Entry
+from imageworks_proxy.upstream.sse import EventTooLong, SSEParser
+from imageworks_proxy.upstream.urls import apply_loopback_alias, entry_base_url
+from imageworks_proxy.upstream.errors import in_band_error, upstream_error
 
 log = logging.getLogger("imageworks_proxy.passthrough")
 
@@ -59,7 +59,7 @@ class OpenAIPassthroughAdapter(Adapter):
 
     async def on_unreachable(self, call: ChatCall) -> bool:
         """The upstream refused the connection: return True after starting it (autostart) to retry once."""
-        from imageworks_proxy.autostart import ensure_started
+        from imageworks_proxy.upstream.autostart import ensure_started
 
         return await ensure_started(self.app, call.entry, call)
 

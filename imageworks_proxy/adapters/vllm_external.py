@@ -7,8 +7,8 @@ from typing import Any
 
 from imageworks_proxy.adapters.openai_passthrough import OpenAIPassthroughAdapter
 from imageworks_proxy.hookspecs import hookimpl
-from imageworks_proxy.registry import Entry
-from imageworks_proxy.upstream import apply_loopback_alias, entry_base_url
+from imageworks_proxy.catalogue.registry import Entry
+from imageworks_proxy.upstream.urls import apply_loopback_alias, entry_base_url
 
 
 class VllmExternalAdapter(OpenAIPassthroughAdapter):

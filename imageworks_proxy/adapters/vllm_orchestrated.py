@@ -2,7 +2,7 @@
 
 Each chat request takes a lease on the GPU tenant ``vllm:<logical name>`` from the app's scheduler
 (``app[keys.TENANCY]``); the scheduler drains, stops and starts models, and this adapter's
-:class:`~imageworks_proxy.orchestrator.supervisor.VllmSupervisor` does the process work. With the lease
+:class:`~imageworks_proxy.vllm.supervisor.VllmSupervisor` does the process work. With the lease
 held, the request is forwarded exactly like ``vllm-external`` to ``http://<VLLM_HOST>:<VLLM_PORT>/v1``;
 the lease is given back when the response, stream included, is over.
 """
@@ -26,12 +26,12 @@ from imageworks_proxy.adapters.vllm_external import VllmExternalAdapter
 from imageworks_proxy.config import Config
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.hookspecs import hookimpl
-from imageworks_proxy.orchestrator.command import build_command
-from imageworks_proxy.orchestrator.scheduler import GpuScheduler
-from imageworks_proxy.orchestrator.supervisor import Instance, VllmSupervisor
-from imageworks_proxy.registry import Entry, Registry
-from imageworks_proxy.template_stage import check_template
-from imageworks_proxy.tenancy import Lease, Tenant, tenancy
+from imageworks_proxy.vllm.command import build_command
+from imageworks_proxy.gpu.scheduler import GpuScheduler
+from imageworks_proxy.vllm.supervisor import Instance, VllmSupervisor
+from imageworks_proxy.catalogue.registry import Entry, Registry
+from imageworks_proxy.pipeline.template import check_template
+from imageworks_proxy.gpu.tenancy import Lease, Tenant, tenancy
 
 log = logging.getLogger("imageworks_proxy.orchestrator")
 
@@ -208,7 +208,7 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
         inst = self.supervisor.instance
         if inst is not None:
             return inst.base_url
-        from imageworks_proxy.orchestrator.process import url_host
+        from imageworks_proxy.upstream.process import url_host
 
         return f"http://{url_host(self.config.vllm_host)}:{self.config.vllm_port}/v1"
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Device check for the vLLM orchestrator's stop logic (run by hand on a GPU machine; pytest skips it).
 
-Runs the orchestrator's own ``stop_group`` (imageworks_proxy/orchestrator/process.py: SIGTERM to the process
+Runs the orchestrator's own ``stop_group`` (imageworks_proxy/upstream/process.py: SIGTERM to the process
 group, SIGKILL after the timeout, then wait for the port and for NVML to stop listing the group's pids)
 against processes that really hold GPU memory (PyTorch), and prints one JSON report with NVML readings
 and timings. Scenarios:
@@ -45,8 +45,8 @@ def _load(name: str, rel: str):
     return module
 
 
-process = _load("iw_process", "imageworks_proxy/orchestrator/process.py")
-gpu_mod = _load("iw_gpu", "imageworks_proxy/gpu.py")
+process = _load("iw_process", "imageworks_proxy/upstream/process.py")
+gpu_mod = _load("iw_gpu", "imageworks_proxy/gpu/nvml.py")
 
 HOLDER = r"""
 import signal, sys, time, torch

@@ -24,7 +24,7 @@ import attrs
 
 from imageworks_proxy.config import Config
 from imageworks_proxy.errors import ProxyError
-from imageworks_proxy.registry import Entry
+from imageworks_proxy.catalogue.registry import Entry
 
 log = logging.getLogger("imageworks_proxy_llamacpp")
 

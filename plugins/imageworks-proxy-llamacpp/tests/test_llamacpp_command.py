@@ -8,7 +8,7 @@ import pytest
 
 from imageworks_proxy.config import load_config
 from imageworks_proxy.errors import ProxyError
-from imageworks_proxy.registry import parse_entry
+from imageworks_proxy.catalogue.registry import parse_entry
 from imageworks_proxy_llamacpp.server import LlamaCppSettings, build_argv, explaining_line
 
 

@@ -18,7 +18,7 @@ DIST = "imageworks-proxy-llamacpp"
 ROUTING = """
 import json
 from imageworks_proxy import create_app, keys
-from imageworks_proxy.views.info import plugin_listing
+from imageworks_proxy.http.views.info import plugin_listing
 app = create_app()
 models = keys.models(app)
 entry = models.store.registry.by_name["tiny"]

@@ -1,0 +1,448 @@
+"""Built-in adapter plugin: Ollama through its native ``/api/chat`` (SPEC §8)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import aiohttp
+import orjson
+
+from imageworks_proxy.adapters.base import Adapter, ChatCall, ChunkStream, Completion, default_installed
+from imageworks_proxy.errors import ProxyError, backend_unavailable
+from imageworks_proxy.upstream.autostart import ensure_started
+from imageworks_proxy.hookspecs import hookimpl
+from imageworks_proxy.adapters.ollama.images import fetch_images_base64
+from imageworks_proxy.adapters.ollama.translate import (
+    ChunkTranslator,
+    NdjsonSplitter,
+    completion_from_ollama,
+    decode_line,
+    error_from_body,
+    image_urls,
+    keep_alive_value,
+    parse_num_ctx,
+    to_ollama_request,
+)
+from imageworks_proxy.catalogue.registry import Entry
+from imageworks_proxy.gpu.tenancy import Lease, NoLease, Tenant, tenancy
+from imageworks_proxy.upstream.urls import apply_loopback_alias, entry_base_url
+
+log = logging.getLogger("imageworks_proxy.ollama")
+
+TAGS_TTL_S = 5.0
+TAGS_TIMEOUT_S = 1.5
+#: How long ``/v1/models`` waits for a first ``/api/tags`` answer before listing without it.
+FIRST_TAGS_WAIT_S = 0.3
+#: Connecting to Ollama never waits longer than this (a refused or black-holed host is "unavailable").
+CONNECT_TIMEOUT_S = 10.0
+PS_TIMEOUT_S = 2.0
+#: A stream whose first line takes longer than this (Ollama loading the model) is committed and kept alive.
+STREAM_COMMIT_AFTER_S = 2.0
+UNLOAD_POLL_S = 0.2
+_JSON = {"Content-Type": "application/json"}
+
+
+def _tag_key(tag: str) -> str:
+    return tag if ":" in tag else f"{tag}:latest"
+
+
+class OllamaAdapter(Adapter):
+    name = "ollama"
+    backends = ("ollama",)
+    description = "Ollama via its native /api/chat, translated to and from the OpenAI API"
+
+    def __init__(self, app, config) -> None:
+        super().__init__(app, config)
+        # base url -> (fetched_at, tags or None when unreachable)
+        self._tags: dict[str, tuple[float, frozenset[str] | None]] = {}
+        self._refreshing: dict[str, asyncio.Task[None]] = {}
+        self.tenant = Tenant("ollama", "Ollama", start=None, stop=self.unload_all)
+        self._backend_s = config.backend_timeout_ms / 1000
+        self._idle_s = config.stream_idle_timeout_ms / 1000
+        self._connect_s = min(CONNECT_TIMEOUT_S, self._backend_s)
+        self._keep_alive = keep_alive_value(config.ollama_keep_alive)
+        self.stream_commit_after_s = STREAM_COMMIT_AFTER_S
+
+    def base_url(self, entry: Entry) -> str:
+        url = entry_base_url(entry, default_port=11434, default_url=self.config.ollama_base_url)
+        return apply_loopback_alias(url or self.config.ollama_base_url, self.config.loopback_alias)
+
+    async def close(self) -> None:
+        for task in self._refreshing.values():
+            task.cancel()
+        await asyncio.gather(*self._refreshing.values(), return_exceptions=True)
+        self._refreshing.clear()
+
+    # -- catalogue -----------------------------------------------------------------------------
+    async def _fetch_tags(self, base: str) -> None:
+        tags: frozenset[str] | None
+        try:
+            timeout = aiohttp.ClientTimeout(total=TAGS_TIMEOUT_S)
+            async with self.http.get(f"{base}/api/tags", timeout=timeout) as resp:
+                resp.raise_for_status()
+                data = await resp.json(content_type=None)
+            tags = frozenset(
+                _tag_key(str(m.get("name") or m.get("model")))
+                for m in data.get("models", [])
+                if isinstance(m, dict) and (m.get("name") or m.get("model"))
+            )
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError) as exc:
+            log.debug("ollama /api/tags at %s unavailable: %s", base, exc)
+            tags = None
+        self._tags[base] = (time.monotonic(), tags)
+
+    def _refresh(self, base: str) -> asyncio.Task[None]:
+        task = self._refreshing.get(base)
+        if task is None or task.done():
+            task = asyncio.get_running_loop().create_task(self._fetch_tags(base))
+            self._refreshing[base] = task
+        return task
+
+    async def prepare_listing(self, entries: Sequence[Entry]) -> None:
+        now = time.monotonic()
+        first: list[asyncio.Task[None]] = []
+        for base in {self.base_url(e) for e in entries}:
+            cached = self._tags.get(base)
+            if cached is None or now - cached[0] > TAGS_TTL_S:
+                task = self._refresh(base)
+                if cached is None:
+                    first.append(task)
+        if first:
+            # Only the very first listing waits, briefly; later ones use the last answer while refreshing.
+            await asyncio.wait(first, timeout=FIRST_TAGS_WAIT_S)
+
+    def installed(self, entry: Entry) -> bool | None:
+        cached = self._tags.get(self.base_url(entry))
+        tags = cached[1] if cached else None
+        if tags is None:
+            # Ollama unreachable (or not asked yet): list entries whose files we can see.
+            return default_installed(entry) if entry.download_path else False
+        tag = entry.ollama_tag
+        return bool(tag) and _tag_key(tag) in tags
+
+    # -- chat ----------------------------------------------------------------------------------
+    async def chat(self, call: ChatCall) -> Completion | ChunkStream:
+        """Translate the OpenAI request to ``/api/chat``, send it and translate the answer back.
+
+        With ``CHAT_PROXY_GPU_EXCLUSIVE=1`` the request holds a GPU tenancy lease for the Ollama tenant
+        until the response (stream included) is over.
+        """
+        entry = call.entry
+        base = self.base_url(entry)
+        tag = str(call.body.get("model") or entry.ollama_tag or entry.name)
+        # Images are fetched and the request translated before taking the GPU, so bad input fails fast.
+        fetched = await fetch_images_base64(
+            self.http, image_urls(call.body), max_bytes=self.config.max_image_bytes, timeout_s=self._backend_s
+        )
+        payload = to_ollama_request(
+            call.body,
+            model=tag,
+            stream=call.stream,
+            num_ctx=parse_num_ctx(entry.backend_config.extra_args),
+            keep_alive=self._keep_alive,
+            fetched=fetched,
+        )
+        for attempt in (0, 1):
+            try:
+                return await self._send(call, base, tag, payload)
+            except ProxyError as exc:
+                # Connection refused: an autostart command for this entry may bring Ollama up; retry once.
+                if attempt == 0 and exc.code == "backend_unavailable" and await ensure_started(self.app, entry, call):
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    async def _send(self, call: ChatCall, base: str, tag: str, payload: dict[str, Any]) -> Completion | ChunkStream:
+        lease = await self._acquire(call)
+        if not call.stream:
+            try:
+                return await self._complete(call, base, tag, payload)
+            finally:
+                lease.release()
+        try:
+            return await self._open_stream_kept_alive(call, base, tag, payload, lease)
+        except BaseException:
+            lease.release()
+            raise
+
+    async def _open_stream_kept_alive(
+        self, call: ChatCall, base: str, tag: str, payload: dict[str, Any], lease: Lease
+    ) -> ChunkStream:
+        """Open the stream; if Ollama is slow to start it (loading the model), commit the SSE response and
+        send keep-alives meanwhile (SPEC §7). Fast failures stay JSON error responses."""
+        opening = asyncio.ensure_future(self._open_stream(call, base, tag, payload, lease))
+        try:
+            done, _ = await asyncio.wait({opening}, timeout=self.stream_commit_after_s)
+            if not done:
+                await call.waiting()
+        except BaseException:
+            opening.cancel()
+            (result,) = await asyncio.gather(opening, return_exceptions=True)
+            if isinstance(result, OllamaChunkStream):
+                await result.aclose()
+            raise
+        return await opening
+
+    async def _acquire(self, call: ChatCall) -> Lease:
+        if not self.config.gpu_exclusive:
+            return NoLease()
+        started = time.perf_counter()
+        lease = await tenancy(self.app).acquire(self.tenant, call)
+        # Time spent waiting for the GPU (e.g. vLLM being stopped) is queue time in the request log.
+        call.queue_ms += (time.perf_counter() - started) * 1000
+        return lease
+
+    async def _complete(self, call: ChatCall, base: str, tag: str, payload: dict[str, Any]) -> Completion:
+        timeout = aiohttp.ClientTimeout(total=self._backend_s, sock_connect=self._connect_s)
+        with self._upstream_errors(base):
+            async with self.http.post(
+                f"{base}/api/chat", data=orjson.dumps(payload), headers=_JSON, timeout=timeout
+            ) as resp:
+                status = resp.status
+                raw = await resp.read()
+        if status >= 400:
+            raise self._http_error(status, raw, call, tag, base)
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            data = None
+        if not isinstance(data, dict):
+            raise ProxyError(502, "backend_error", f"Ollama at {base} sent a reply that is not a JSON object")
+        if data.get("error"):
+            raise ProxyError(502, "backend_error", f"Ollama error: {error_from_body(raw)}")
+        return completion_from_ollama(data, model=call.model)
+
+    async def _open_stream(
+        self, call: ChatCall, base: str, tag: str, payload: dict[str, Any], lease: Lease
+    ) -> ChunkStream:
+        # No total timeout: the backend timeout covers the wait for the first line, the idle timeout each later read.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_s)
+        # Always translate Ollama's eval counts into a usage chunk: the request log gets real token counts,
+        # and the conformance stage passes the chunk on only when the client asked for include_usage.
+        translator = ChunkTranslator(model=call.model, include_usage=True)
+        resp: aiohttp.ClientResponse | None = None
+        try:
+            with self._upstream_errors(base):
+                async with asyncio.timeout(self._backend_s):
+                    resp = await self.http.post(
+                        f"{base}/api/chat", data=orjson.dumps(payload), headers=_JSON, timeout=timeout
+                    )
+                    if resp.status >= 400:
+                        raise self._http_error(resp.status, await resp.read(), call, tag, base)
+                    stream = OllamaChunkStream(resp, translator, base=base, idle_s=self._idle_s, lease=lease)
+                    # Ollama sends its headers with the first line, so waiting for that line costs nothing and
+                    # lets an immediate {"error": ...} line (e.g. a prompt the model cannot take) become a
+                    # proper JSON error response instead of an in-band one.
+                    await stream.prime()
+        except BaseException:
+            if resp is not None:
+                resp.close()
+            raise
+        return stream
+
+    @contextlib.contextmanager
+    def _upstream_errors(self, base: str) -> Iterator[None]:
+        """Map transport failures talking to Ollama to the §9 errors."""
+        try:
+            yield
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise self._unreachable(base, exc) from None
+        except TimeoutError:
+            raise ProxyError(
+                504,
+                "backend_timeout",
+                f"Ollama at {base} did not answer within {self.config.backend_timeout_ms} ms "
+                "(CHAT_PROXY_BACKEND_TIMEOUT_MS)",
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise self._unreachable(base, exc) from None
+        except aiohttp.ClientError as exc:
+            raise ProxyError(502, "backend_error", f"talking to Ollama at {base} failed: {_describe(exc)}") from None
+
+    def _unreachable(self, base: str, exc: BaseException) -> ProxyError:
+        return backend_unavailable(f"Ollama at {base} is unreachable ({_describe(exc)}); is `ollama serve` running?")
+
+    def _http_error(self, status: int, raw: bytes, call: ChatCall, tag: str, base: str) -> ProxyError:
+        message = error_from_body(raw)
+        if status == 404 and message is not None:
+            return ProxyError(
+                404,
+                "model_not_found",
+                f"Model {call.model!r} (Ollama tag {tag!r}) is not available in Ollama at {base}: {message}",
+                param="model",
+                hint=f"install it with: ollama pull {tag}",
+            )
+        if status >= 500 or message is None:
+            detail = message or f"HTTP {status}: {raw[:200].decode('utf-8', 'replace')}"
+            return ProxyError(502, "backend_error", f"Ollama at {base} failed: {detail}")
+        return ProxyError(status, "backend_rejected", f"Ollama rejected the request: {message}")
+
+    # -- GPU tenancy primitives ----------------------------------------------------------------
+    def _bases_in_use(self) -> list[str]:
+        from imageworks_proxy import keys
+
+        bases = {self.base_url(e) for e in keys.models(self.app).entries_for(self)}
+        return sorted(bases) or [apply_loopback_alias(self.config.ollama_base_url, self.config.loopback_alias)]
+
+    async def _ps(self, base: str) -> list[str] | None:
+        """Names of the models loaded in the Ollama at ``base``; ``None`` when it cannot be asked."""
+        try:
+            timeout = aiohttp.ClientTimeout(total=min(PS_TIMEOUT_S, self._backend_s))
+            async with self.http.get(f"{base}/api/ps", timeout=timeout) as resp:
+                resp.raise_for_status()
+                data = await resp.json(content_type=None)
+            models = data.get("models") or []
+            return [str(m.get("model") or m.get("name")) for m in models if m.get("model") or m.get("name")]
+        except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as exc:
+            log.debug("ollama /api/ps at %s unavailable: %s", base, exc)
+            return None
+
+    async def loaded_models(self) -> list[str]:
+        """Models Ollama holds in memory, over every Ollama base URL the registry uses (``/api/ps``).
+
+        An Ollama that cannot be reached holds nothing as far as the GPU is concerned.
+        """
+        results = await asyncio.gather(*(self._ps(b) for b in self._bases_in_use()))
+        return [name for names in results if names for name in names]
+
+    async def unload_all(self) -> None:
+        """Unload every loaded Ollama model (``keep_alive: 0``) and wait until ``/api/ps`` is empty.
+
+        Raises :class:`ProxyError` 503 ``model_start_failed`` when models are still loaded after
+        ``CHAT_PROXY_OLLAMA_STOP_TIMEOUT_S`` (the GPU is not free for the next tenant).
+        """
+        deadline = time.monotonic() + self.config.ollama_stop_timeout_s
+        await asyncio.gather(*(self._unload_base(b, deadline) for b in self._bases_in_use()))
+
+    async def _unload_base(self, base: str, deadline: float) -> None:
+        loaded = await self._ps(base)
+        if not loaded:
+            return
+        started = time.monotonic()
+        log.info("unloading Ollama models at %s: %s", base, ", ".join(loaded))
+        await asyncio.gather(*(self._unload(base, name, deadline) for name in loaded))
+        while True:
+            remaining = await self._ps(base)
+            if not remaining:
+                log.info("Ollama at %s unloaded its models in %.1f s", base, time.monotonic() - started)
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ProxyError(
+                    503,
+                    "model_start_failed",
+                    f"Ollama at {base} still has {', '.join(remaining)} loaded after "
+                    f"{self.config.ollama_stop_timeout_s:g} s (CHAT_PROXY_OLLAMA_STOP_TIMEOUT_S); the GPU is not free",
+                    headers={"Retry-After": "10"},
+                )
+            await asyncio.sleep(min(UNLOAD_POLL_S, left))
+
+    async def _unload(self, base: str, name: str, deadline: float) -> None:
+        # /api/generate with no prompt unloads any model, embedding-only ones included (/api/chat refuses those).
+        body = orjson.dumps({"model": name, "keep_alive": 0})
+        try:
+            timeout = aiohttp.ClientTimeout(total=max(deadline - time.monotonic(), 0.1))
+            async with self.http.post(f"{base}/api/generate", data=body, headers=_JSON, timeout=timeout) as resp:
+                await resp.read()
+                if resp.status >= 400:
+                    log.warning("Ollama at %s refused to unload %s: HTTP %s", base, name, resp.status)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("unloading %s from Ollama at %s failed: %s", name, base, _describe(exc))
+
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class OllamaChunkStream:
+    """The chunks of one streamed Ollama reply; owns the upstream response and the tenancy lease.
+
+    Closing it (the core always does) closes the upstream connection, which makes Ollama stop
+    generating, and releases the lease. Errors while iterating are :class:`ProxyError`: 504
+    ``stream_idle_timeout`` after ``CHAT_PROXY_STREAM_IDLE_TIMEOUT_MS`` without bytes, 502
+    ``backend_error`` for an ``{"error": ...}`` line, bad data or a stream cut short.
+    """
+
+    def __init__(
+        self, resp: aiohttp.ClientResponse, translator: ChunkTranslator, *, base: str, idle_s: float, lease: Lease
+    ) -> None:
+        self._resp = resp
+        self._translator = translator
+        self._base = base
+        self._idle_s = idle_s
+        self._lease = lease
+        self._splitter = NdjsonSplitter()
+        self._lines: collections.deque[bytes] = collections.deque()
+        self._pending: collections.deque[dict[str, Any]] = collections.deque()
+        self._eof = False
+        self._closed = False
+
+    @property
+    def usage(self) -> dict[str, int] | None:
+        return self._translator.usage
+
+    def __aiter__(self) -> OllamaChunkStream:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        while not self._pending:
+            if self._closed or self._translator.finished:
+                await self.aclose()
+                raise StopAsyncIteration
+            await self._advance(self._idle_s)
+        return self._pending.popleft()
+
+    async def prime(self) -> None:
+        """Read until the first line is translated (no idle limit: the caller bounds this wait)."""
+        while not self._pending and not self._translator.finished:
+            await self._advance(None)
+
+    async def _advance(self, idle_s: float | None) -> None:
+        # One line at a time, so an error line only counts for what came before it.
+        if self._lines:
+            self._pending.extend(self._translator.feed(decode_line(self._lines.popleft())))
+        elif self._eof:
+            raise ProxyError(502, "backend_error", f"Ollama at {self._base} ended the stream before it was done")
+        else:
+            await self._read(idle_s)
+
+    async def _read(self, idle_s: float | None) -> None:
+        try:
+            async with asyncio.timeout(idle_s):
+                data = await self._resp.content.readany()
+        except TimeoutError:
+            raise ProxyError(
+                504,
+                "stream_idle_timeout",
+                f"Ollama at {self._base} sent nothing for {idle_s * 1000:.0f} ms (CHAT_PROXY_STREAM_IDLE_TIMEOUT_MS)",
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise ProxyError(502, "backend_error", f"the stream from Ollama at {self._base} broke: {_describe(exc)}") from None
+        if data:
+            self._lines.extend(self._splitter.feed(data))
+        else:
+            self._lines.extend(self._splitter.close())
+            self._eof = True
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._translator.finished:
+            self._resp.release()  # keeps the connection for reuse when the body was read to the end
+        else:
+            self._resp.close()
+        self._lease.release()
+
+
+@hookimpl
+def register_backends(register):
+    register(OllamaAdapter)

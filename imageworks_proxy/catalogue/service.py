@@ -1,0 +1,164 @@
+"""The live model catalogue: registry snapshot, public ids, adapter routing and ``/v1/models`` (SPEC §4, §5)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from imageworks_proxy.adapters.base import Adapter, default_installed
+from imageworks_proxy.config import Config
+from imageworks_proxy.errors import ProxyError
+from imageworks_proxy.catalogue.naming import Catalogue, build_catalogue
+from imageworks_proxy.catalogue.registry import Entry, Registry, RegistryStore
+from imageworks_proxy.catalogue.templates import find_chat_template
+
+_INSTALLED_TTL_S = 2.0
+
+
+class ModelService:
+    """Everything about models that the routes need; rebuilt (cheaply) on each registry reload."""
+
+    def __init__(self, config: Config, store: RegistryStore) -> None:
+        self.config = config
+        self.store = store
+        self.adapters: dict[str, Adapter] = {}
+        self.catalogue: Catalogue = build_catalogue(())
+        self._routes: dict[str, Adapter | None] = {}
+        self._by_adapter: dict[Adapter, list[Entry]] = {}
+        # name -> (default installed rule, has chat template), refreshed in one batch off the event loop
+        self._fs_cache: dict[str, tuple[bool, bool | None]] = {}
+        self._fs_checked_at = float("-inf")
+        store.on_change.append(self._rebuild)
+
+    # -- routing -------------------------------------------------------------------------------
+    def set_adapters(self, adapters: dict[str, Adapter]) -> None:
+        self.adapters = adapters
+        self._rebuild(self.store.registry)
+
+    def _rebuild(self, registry: Registry) -> None:
+        self.catalogue = build_catalogue(registry.entries)
+        self._routes = {e.name: self._route(e) for e in registry.entries}
+        self._by_adapter = {}
+        for e in registry.entries:
+            routed = self._routes[e.name]
+            if routed is not None:
+                self._by_adapter.setdefault(routed, []).append(e)
+        self._fs_cache = {}
+        self._fs_checked_at = float("-inf")
+
+    def _route(self, entry: Entry) -> Adapter | None:
+        wanted = entry.backend_config.adapter
+        if wanted:
+            return self.adapters.get(wanted)
+        claimed = [a for a in self.adapters.values() if entry.backend in a.backends and a.accepts(entry)]
+        if claimed:
+            # A third-party adapter that claims a backend wins over the built-in one.
+            claimed.sort(key=lambda a: type(a).__module__.startswith("imageworks_proxy."))
+            return claimed[0]
+        for adapter in self.adapters.values():
+            if adapter.fallback:
+                return adapter
+        return None
+
+    def adapter_for(self, entry: Entry) -> Adapter:
+        adapter = self._routes.get(entry.name, None) if entry.name in self._routes else self._route(entry)
+        if adapter is None:
+            wanted = entry.backend_config.adapter or entry.backend
+            raise ProxyError(
+                503,
+                "backend_unavailable",
+                f"No installed adapter serves model {entry.name!r} (adapter/backend {wanted!r}). "
+                "GET /v1/plugins lists the installed adapters.",
+                headers={"Retry-After": "30"},
+            )
+        return adapter
+
+    def resolve(self, requested: str) -> Entry:
+        return self.catalogue.resolve(requested)
+
+    def entries_for(self, adapter: Adapter) -> list[Entry]:
+        return list(self._by_adapter.get(adapter, ()))
+
+    # -- listing -------------------------------------------------------------------------------
+    @staticmethod
+    def _fs_scan(entries: list[Entry]) -> dict[str, tuple[bool, bool | None]]:
+        return {
+            e.name: (default_installed(e), find_chat_template(e) is not None if e.backend == "vllm" else None)
+            for e in entries
+        }
+
+    def _fs_facts(self, entry: Entry) -> tuple[bool, bool | None]:
+        """(default installed rule, has chat template) from the filesystem, as of the last scan."""
+        facts = self._fs_cache.get(entry.name)
+        if facts is None:
+            facts = self._fs_cache[entry.name] = self._fs_scan([entry])[entry.name]
+        return facts
+
+    async def _refresh_fs_facts(self) -> None:
+        """Re-check download paths and chat templates every couple of seconds, in a worker thread: with
+        hundreds of entries that is hundreds of stats and file reads the event loop should not wait on."""
+        if time.monotonic() - self._fs_checked_at < _INSTALLED_TTL_S:
+            return
+        catalogue = self.catalogue
+        entries = [item.entry for item in catalogue.listed if not item.entry.deprecated]
+        facts = await asyncio.to_thread(self._fs_scan, entries)
+        if catalogue is self.catalogue:  # not replaced by a registry reload meanwhile
+            self._fs_cache, self._fs_checked_at = facts, time.monotonic()
+
+    async def listing(self) -> dict[str, Any]:
+        cfg = self.config
+        if self._by_adapter:
+            await asyncio.gather(
+                *(a.prepare_listing(entries) for a, entries in self._by_adapter.items()), return_exceptions=True
+            )
+        await self._refresh_fs_facts()
+        created = int(self.store.registry.loaded_at) or int(time.time())
+        data = []
+        for item in self.catalogue.listed:
+            entry = item.entry
+            if entry.deprecated or (entry.testing and not cfg.include_test_models):
+                continue
+            adapter = self._routes.get(entry.name)
+            fs_installed, has_template = self._fs_facts(entry)
+            if not cfg.include_non_installed:
+                installed = adapter.installed(entry) if adapter is not None else None
+                if not (fs_installed if installed is None else installed):
+                    continue
+            data.append(self._model_object(item.id, entry, adapter, created, has_template))
+        return {"object": "list", "data": data}
+
+    def _model_object(
+        self, public_id: str, entry: Entry, adapter: Adapter | None, created: int, has_template: bool | None
+    ) -> dict[str, Any]:
+        fmt = entry.download_format or ("gguf" if entry.backend == "ollama" else None)
+        modalities = ["text"] + (["image"] if entry.vision else []) + (["audio"] if "audio" in entry.capabilities else [])
+        ext: dict[str, Any] = {
+            "logical_id": entry.name,
+            "display_name": public_id,
+            "size_bytes": entry.download_size_bytes,
+            "capabilities": sorted(entry.capabilities),
+            "modalities": modalities,
+            "has_chat_template": has_template,
+            "status": adapter.model_status(entry) if adapter is not None else None,
+            "schema_version": self.config.schema_version,
+        }
+        label = public_id
+        if not self.config.suppress_decorations:
+            ext["backend"] = entry.backend
+            ext["adapter"] = adapter.name if adapter is not None else None
+            ext["format"] = fmt
+            ext["quantization"] = entry.quantization
+            label = " · ".join(x for x in (public_id, entry.backend, fmt) if x)
+        return {
+            "id": public_id,
+            "object": "model",
+            "created": created,
+            "owned_by": "imageworks",
+            "name": label,
+            "extensions": ext,
+        }
+
+    def known_backends(self) -> Iterable[str]:
+        return sorted({e.backend for e in self.store.registry.entries})

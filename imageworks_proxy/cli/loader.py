@@ -1,0 +1,303 @@
+"""``imageworks-loader``: list the registry's models and control the active vLLM model (SPEC §11).
+
+``activate-model NAME``, ``activate-model --stop`` and ``current-model`` go through the running proxy's
+admin API when it answers; otherwise they act directly on the state file and the process it names, with
+the same code the proxy uses (a pid whose command line does not match the file is never signalled). A
+model started here keeps running after the command exits; the proxy adopts it when it starts.
+Exit codes: 0 ok, 1 failure, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import aiohttp
+import orjson
+
+from imageworks_proxy.adapters.base import default_installed
+from imageworks_proxy.config import Config, ConfigError, load_config
+from imageworks_proxy.errors import ProxyError
+from imageworks_proxy.catalogue.naming import build_catalogue
+from imageworks_proxy.catalogue.registry import Entry, RegistryError, load_registry
+
+OK, FAILED, USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="imageworks-loader",
+        description="Inspect models and control the active vLLM model of imageworks-proxy. "
+        "Talks to the running "
+        "proxy's admin API when it is reachable, else works directly on CHAT_PROXY_VLLM_STATE_PATH.",
+    )
+    p.add_argument("--url", help="the proxy's base URL (default: http://CHAT_PROXY_HOST:CHAT_PROXY_PORT)")
+    p.add_argument("--direct", action="store_true", help="do not try the admin API; act on the state file")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the registry's models: id, logical name, backend, installed")
+    sub.add_parser("current-model", help="print the active vLLM model as JSON, or null")
+    act = sub.add_parser("activate-model", help="start NAME as the active vLLM model, or --stop it")
+    act.add_argument("name", nargs="?", help="logical name or listed id of an orchestrated vLLM model")
+    act.add_argument("--stop", action="store_true", help="stop the active vLLM model")
+    return p
+
+
+def _print(data: Any) -> None:
+    print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+
+
+def _err(msg: str) -> None:
+    print(f"imageworks-loader: {msg}", file=sys.stderr)
+
+
+# -- registry ------------------------------------------------------------------------------------
+def cmd_list(config: Config) -> int:
+    try:
+        registry = load_registry(config.registry)
+    except RegistryError as exc:
+        _err(str(exc))
+        return FAILED
+    catalogue = build_catalogue(registry.entries)
+    rows = [
+        {
+            "id": item.id,
+            "logical_name": item.entry.name,
+            "backend": item.entry.backend,
+            "installed": default_installed(item.entry),
+        }
+        for item in catalogue.listed
+    ]
+    _print(rows)
+    return OK
+
+
+def _resolve(config: Config, name: str) -> Entry:
+    registry = load_registry(config.registry)
+    return build_catalogue(registry.entries).resolve(name)
+
+
+# -- admin API -----------------------------------------------------------------------------------
+class Unreachable(Exception):
+    pass
+
+
+def _base_url(config: Config, url: str | None) -> str:
+    if url:
+        return url.rstrip("/")
+    host = config.host
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{config.port}"
+
+
+def _call(config: Config, base: str, method: str, path: str, body: Any = None, timeout: float = 5.0) -> Any:
+    """One admin API call; raises ``Unreachable`` when nothing listens, ``ProxyError`` for an error answer."""
+    headers = {"Accept": "application/json"}
+    if config.api_keys:
+        headers["Authorization"] = f"Bearer {config.api_keys[0]}"
+    data = None
+    if body is not None:
+        data = orjson.dumps(body)
+        headers["Content-Type"] = "application/json"
+    req = urllib.request.Request(base + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return orjson.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            err = orjson.loads(exc.read()).get("error") or {}
+        except (orjson.JSONDecodeError, AttributeError):
+            err = {}
+        raise ProxyError(
+            exc.code, str(err.get("code") or "http_error"), str(err.get("message") or exc.reason)
+        ) from None
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+        raise Unreachable(str(getattr(exc, "reason", exc))) from None
+
+
+def _current_from_api(state: dict[str, Any]) -> dict[str, Any] | None:
+    if not state.get("active"):
+        return None
+    return {
+        "logical_name": state["active"],
+        "state": state.get("state"),
+        "served_model_id": state.get("served_model_id"),
+        "pid": state.get("pid"),
+        "port": state.get("port"),
+        "started_at": state.get("started_at"),
+        "source": "proxy",
+    }
+
+
+def via_api(config: Config, base: str, args: argparse.Namespace) -> int:
+    long_wait = config.vllm_start_timeout_s + 2 * config.vllm_stop_timeout_s + 60
+    if args.command == "current-model":
+        _print(_current_from_api(_call(config, base, "GET", "/v1/admin/vllm")["vllm"]))
+    elif args.stop:
+        _call(config, base, "POST", "/v1/admin/vllm/stop", {}, timeout=long_wait)
+        print("stopped", file=sys.stderr)
+        _print(None)
+    else:
+        print(f"activating {args.name!r} through the proxy at {base} ...", file=sys.stderr)
+        state = _call(
+            config, base, "POST", "/v1/admin/vllm/activate", {"model": args.name}, timeout=long_wait
+        )["vllm"]
+        _print(_current_from_api(state))
+    return OK
+
+
+# -- direct (no proxy running) -------------------------------------------------------------------
+def _orchestrated(config: Config, entry: Entry) -> bool:
+    return (
+        entry.backend == "vllm"
+        and config.vllm_single_port
+        and not entry.backend_config.base_url
+        and not entry.backend_config.adapter
+    )
+
+
+async def _unload_ollama(config: Config, session: aiohttp.ClientSession) -> None:
+    """GPU exclusivity without the proxy: ask the default Ollama to unload its models (best effort)."""
+    base = config.ollama_base_url
+    timeout = aiohttp.ClientTimeout(total=3)
+    try:
+        async with session.get(f"{base}/api/ps", timeout=timeout) as resp:
+            loaded = [
+                m.get("name") or m.get("model")
+                for m in (await resp.json(content_type=None)).get("models", [])
+            ]
+        for name in filter(None, loaded):
+            async with session.post(
+                f"{base}/api/generate", json={"model": name, "keep_alive": 0}, timeout=timeout
+            ) as r:
+                await r.read()
+        deadline = time.monotonic() + config.ollama_stop_timeout_s
+        while loaded and time.monotonic() < deadline:
+            async with session.get(f"{base}/api/ps", timeout=timeout) as resp:
+                loaded = (await resp.json(content_type=None)).get("models", [])
+            await asyncio.sleep(0.2)
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError):
+        return
+
+
+async def direct(config: Config, args: argparse.Namespace) -> int:
+    from imageworks_proxy.vllm.supervisor import VllmSupervisor
+    from imageworks_proxy.pipeline.template import check_template
+
+    entry: Entry | None = None
+    if args.command == "activate-model" and not args.stop:
+        entry = _resolve(config, args.name)
+        if not _orchestrated(config, entry):
+            _err(
+                f"{entry.name!r} is not an orchestrated vLLM model (backend {entry.backend!r}); "
+                "nothing to activate"
+            )
+            return FAILED
+        if config.require_template:
+            check_template(entry)
+    async with aiohttp.ClientSession() as session:
+        from imageworks_proxy.gpu.nvml import Gpu
+
+        gpu = Gpu()
+        await asyncio.to_thread(gpu.open)
+        sup = VllmSupervisor(config, lambda: session, gpu)
+        try:
+            inst = await sup.adopt()
+            if args.command == "current-model":
+                if inst is None:
+                    _print(None)
+                else:
+                    _print(
+                        {
+                            "logical_name": inst.logical_name,
+                            "state": "loaded" if inst.ready else "loading",
+                            "served_model_id": inst.served_model_id,
+                            "pid": inst.pid,
+                            "port": inst.port,
+                            "started_at": inst.started_at,
+                            "source": "state-file",
+                        }
+                    )
+                await sup.close(keep=True)
+                return OK
+            if args.stop:
+                if inst is not None:
+                    print(f"stopping {inst.logical_name!r} (pid {inst.pid}) ...", file=sys.stderr)
+                await sup.stop("imageworks-loader activate-model --stop")
+                _print(None)
+                return OK
+            assert entry is not None
+            if config.gpu_exclusive:
+                await _unload_ollama(config, session)
+            print(
+                f"activating {entry.name!r} (no proxy reachable; starting it directly) ...", file=sys.stderr
+            )
+            inst = await sup.ensure(entry)
+            _print(
+                {
+                    "logical_name": inst.logical_name,
+                    "state": "loaded",
+                    "served_model_id": inst.served_model_id,
+                    "pid": inst.pid,
+                    "port": inst.port,
+                    "started_at": inst.started_at,
+                    "log_path": inst.log_path,
+                    "source": "state-file",
+                }
+            )
+            await sup.close(keep=True)
+            return OK
+        finally:
+            gpu.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    if args.command == "activate-model" and bool(args.name) == bool(args.stop):
+        parser.print_usage(sys.stderr)
+        _err("activate-model needs either a NAME or --stop")
+        return USAGE
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        _err(f"configuration error: {exc}")
+        return USAGE
+    if args.command == "list":
+        return cmd_list(config)
+    logging.basicConfig(level=logging.WARNING, format="imageworks-loader: %(message)s")
+    try:
+        if not args.direct:
+            base = _base_url(config, args.url)
+            try:
+                _call(config, base, "GET", "/v1/health", timeout=2.0)
+            except Unreachable:
+                if args.url:
+                    _err(f"no proxy answers at {base}")
+                    return FAILED
+            else:
+                return via_api(config, base, args)
+        return asyncio.run(direct(config, args))
+    except ProxyError as exc:
+        _err(f"{exc.message} ({exc.code})")
+        if exc.hint:
+            print(f"  {exc.hint}", file=sys.stderr)
+        return FAILED
+    except (RegistryError, Unreachable) as exc:
+        _err(str(exc))
+        return FAILED
+    except KeyboardInterrupt:
+        return FAILED

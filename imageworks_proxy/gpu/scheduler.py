@@ -1,0 +1,553 @@
+"""GPU tenancy scheduler: who may use the GPU, and when to switch (SPEC §11).
+
+Tenants are vLLM models (``vllm:<name>``, always exclusive among themselves: there is one port) and, with
+``CHAT_PROXY_GPU_EXCLUSIVE=1``, every other GPU user (``ollama``, plugin servers). The policy:
+
+- requests for the active tenant run concurrently (a lease each);
+- a request for another tenant waits, and from then on new requests for the active tenant queue too;
+- the in-flight requests finish (drain), the old tenant is stopped, the new one started, and every queued
+  request for it is admitted together;
+- tenants are served in the order of their first waiting request (batching, no starvation, no thrash);
+- requests for a tenant that is starting join that start; a cancelled wait leaves the queue;
+- more than ``CHAT_PROXY_VLLM_MAX_QUEUE`` waiting requests → 429 ``queue_full``;
+- a start failure reaches every waiter for that tenant; the tenant is then not restarted for a backoff
+  period (doubling per consecutive failure) unless its ``revision`` changed or the start is forced.
+
+One background task (the driver) makes every decision, so there is never a race between two switches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from imageworks_proxy.errors import ProxyError
+from imageworks_proxy.gpu.backoff import StartBackoff
+from imageworks_proxy.gpu.swaplog import SwapLog
+from imageworks_proxy.gpu.tenancy import Lease, NoLease, Tenant
+
+if TYPE_CHECKING:
+    from imageworks_proxy.adapters.base import ChatCall
+
+log = logging.getLogger("imageworks_proxy.orchestrator")
+
+IDLE, STARTING, READY, DRAINING, STOPPING = "idle", "starting", "ready", "draining", "stopping"
+
+
+@attrs.define(eq=False)
+class _Waiter:
+    tenant: Tenant | None  # None: vacate the GPU (stop every tenant matching ``vacate``)
+    future: asyncio.Future[Any]
+    enqueued: float
+    force: bool = False
+    vacate: Callable[[Tenant], bool] | None = None
+
+    @property
+    def key(self) -> str | None:
+        return self.tenant.key if self.tenant is not None else None
+
+
+class _Lease:
+    """A lease on the active tenant; :meth:`release` is idempotent."""
+
+    __slots__ = ("_scheduler", "_generation", "_released", "tenant")
+
+    def __init__(self, scheduler: GpuScheduler, tenant: Tenant, generation: int) -> None:
+        self._scheduler = scheduler
+        self._generation = generation
+        self._released = False
+        self.tenant = tenant
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._scheduler._release(self._generation)
+
+
+def _all(tenant: Tenant) -> bool:
+    return True
+
+
+
+class GpuScheduler:
+    """The GPU tenancy implementation installed as ``app[keys.TENANCY]``
+    (see :mod:`imageworks_proxy.gpu.tenancy`).
+
+    ``exclusive`` is ``CHAT_PROXY_GPU_EXCLUSIVE``: when false only ``vllm:`` tenants are scheduled (they
+    share one port) and other tenants pass straight through.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_queue: int,
+        exclusive: bool = True,
+        backoff_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_queue = max_queue
+        self.exclusive = exclusive
+        self.backoff = StartBackoff(backoff_s, clock)
+        self._clock = clock
+        self._active: Tenant | None = None
+        self._phase = IDLE
+        self._inflight = 0
+        self._generation = 0
+        self._waiters: collections.deque[_Waiter] = collections.deque()
+        #: Tenants that may hold GPU memory although they are not active (adopted vLLM, Ollama at start-up).
+        self._residents: dict[str, Tenant] = {}
+        self._kick = asyncio.Event()
+        self._driver: asyncio.Task[None] | None = None
+        self._closed = False
+        self._switch_started: float | None = None
+        self.swaplog = SwapLog()
+        #: Called with a dict for every switch, start failure and stop (observability hooks in here).
+        self.listeners = self.swaplog.listeners
+        self._stats = self.swaplog.counters
+
+    # -- public API ----------------------------------------------------------------------------
+    def schedules(self, tenant: Tenant) -> bool:
+        """Whether ``tenant`` goes through the scheduler (else it always gets a lease at once)."""
+        return self.exclusive or tenant.key.startswith("vllm:")
+
+    async def acquire(self, tenant: Tenant, call: ChatCall | None = None, *, force: bool = False) -> Lease:
+        """Wait until ``tenant`` is the active GPU tenant and return a lease on it.
+
+        ``call.waiting()`` is awaited before any wait (streams get their SSE headers and keep-alives);
+        the caller adds the wait to ``call.queue_ms`` (the adapters measure their whole wait). ``force``
+        ignores a start-failure backoff (explicit activation). Raises ``ProxyError``: 429 ``queue_full``,
+        503 ``model_start_failed``, 504 ``model_start_timeout``, 503 ``backend_unavailable`` when the
+        proxy is shutting down.
+        """
+        if not self.schedules(tenant):
+            return NoLease()
+        self._check_open()
+        if self._fast_path(tenant):
+            return self._grant(tenant)
+        if self._instant_switch(tenant):
+            return self._grant(tenant)
+        if not force:
+            self._check_backoff(tenant)
+        if len(self._waiters) >= self.max_queue:
+            self._stats["rejected_queue_full"] += 1
+            raise ProxyError(
+                429,
+                "queue_full",
+                f"{len(self._waiters)} requests are already waiting for a model switch "
+                f"(CHAT_PROXY_VLLM_MAX_QUEUE={self.max_queue}); try again shortly.",
+                headers={"Retry-After": "5"},
+            )
+        waiter = _Waiter(tenant, asyncio.get_running_loop().create_future(), self._clock(), force)
+        return await self._wait(waiter, call)
+
+    async def vacate(self, predicate: Callable[[Tenant], bool]) -> None:
+        """Queue a request to stop every active or resident tenant matching ``predicate`` (after the
+        waiters ahead of it were served and in-flight requests drained). Returns when done."""
+        self._check_open()
+        waiter = _Waiter(None, asyncio.get_running_loop().create_future(), self._clock(), vacate=predicate)
+        await self._wait(waiter, None)
+
+    def add_resident(self, tenant: Tenant) -> None:
+        """Record that ``tenant`` may hold GPU memory now (its ``stop`` runs before another tenant starts)."""
+        if self.schedules(tenant) and (self._active is None or self._active.key != tenant.key):
+            self._residents[tenant.key] = tenant
+
+    def adopt(self, tenant: Tenant) -> bool:
+        """Make ``tenant`` the active, ready tenant without starting it (it is already running, e.g. a vLLM
+        found by a restarted proxy). Only while nothing is active or waiting; returns whether it was taken."""
+        if not self.schedules(tenant) or self._active is not None or self._waiters or self._phase != IDLE:
+            return False
+        self._residents.pop(tenant.key, None)
+        self._active, self._phase = tenant, READY
+        self._generation += 1
+        return True
+
+    def lost(self, key: str) -> None:
+        """Tenant ``key`` died on its own (process exit): forget it; in-flight leases become stale and
+        the next request for it starts it again."""
+        self._residents.pop(key, None)
+        if self._active is not None and self._active.key == key and self._phase in (READY, DRAINING):
+            log.warning("GPU tenant %s is gone; the next request for it starts it again", key)
+            self._stats["lost"] += 1
+            self._active = None
+            self._phase = IDLE
+            self._inflight = 0
+            self._generation += 1
+            self._kick.set()
+
+    def forget_failure(self, key: str) -> None:
+        self.backoff.clear(key)
+
+    @property
+    def active(self) -> Tenant | None:
+        return self._active
+
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @property
+    def inflight(self) -> int:
+        """Leases held on the active tenant."""
+        return self._inflight
+
+    @property
+    def queue_depth(self) -> int:
+        return sum(1 for w in self._waiters if not w.future.done())
+
+    def waiting_for(self, key: str) -> int:
+        return sum(1 for w in self._waiters if w.key == key and not w.future.done())
+
+    def failure(self, key: str) -> ProxyError | None:
+        return self.backoff.last_error(key)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and recent swaps for metrics: ``swaps`` (successful switches), ``swap_failures``,
+        ``starts``/``stops``, ``queue_depth``, ``inflight``, ``active``, ``phase`` and ``recent_swaps``
+        (last 50: from, to, ok, drain_s, stop_s, start_s, total_s)."""
+        return {
+            **self.swaplog.snapshot(),
+            "queue_depth": self.queue_depth,
+            "inflight": self._inflight,
+            "active": self._active.key if self._active is not None else None,
+            "phase": self._phase,
+        }
+
+    async def start(self) -> None:
+        if self._driver is None:
+            self._driver = asyncio.get_running_loop().create_task(self._run(), name="gpu-scheduler")
+
+    async def close(self) -> None:
+        """Stop the driver (an in-progress start is cancelled) and fail every waiter with 503."""
+        self._closed = True
+        if self._driver is not None:
+            self._driver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._driver
+            self._driver = None
+        err = ProxyError(
+            503, "backend_unavailable", "The proxy is shutting down.", headers={"Retry-After": "5"}
+        )
+        for w in self._waiters:
+            if not w.future.done():
+                w.future.set_exception(err)
+        self._waiters.clear()
+
+    # -- internals -----------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ProxyError(
+                503, "backend_unavailable", "The proxy is shutting down.", headers={"Retry-After": "5"}
+            )
+        if self._driver is None:
+            self._driver = asyncio.get_running_loop().create_task(self._run(), name="gpu-scheduler")
+
+    def _fast_path(self, tenant: Tenant) -> bool:
+        return (
+            self._active is not None
+            and self._active.key == tenant.key
+            and self._phase == READY
+            and not self._waiters
+        )
+
+    def _instant_switch(self, tenant: Tenant) -> bool:
+        """Switch to ``tenant`` on the spot when there is nothing to wait for: no queue, nothing in flight,
+        nothing to stop and nothing to start (e.g. the first Ollama request). No ``waiting()``, no commit."""
+        if self._waiters or self._inflight or self._phase not in (IDLE, READY) or tenant.start is not None:
+            return False
+        active = self._active
+        if active is not None and active.key != tenant.key and active.stop is not None:
+            return False
+        if any(t.stop is not None for k, t in self._residents.items() if k != tenant.key):
+            return False
+        if self.backoff.error_for(tenant) is not None:
+            return False
+        # nothing was stopped or started: not a swap for the metrics
+        self._residents.pop(tenant.key, None)
+        self._active, self._phase = tenant, READY
+        self._generation += 1
+        return True
+
+    def _grant(self, tenant: Tenant) -> _Lease:
+        self._inflight += 1
+        self._stats["admitted"] += 1
+        return _Lease(self, self._active or tenant, self._generation)
+
+    def _release(self, generation: int) -> None:
+        if generation != self._generation:
+            return  # a lease on an instance that is gone
+        self._inflight -= 1
+        if self._inflight <= 0:
+            self._inflight = 0
+            if self._waiters:
+                self._kick.set()
+
+    def _check_backoff(self, tenant: Tenant) -> None:
+        if self._active is not None and self._active.key == tenant.key and self._phase == STARTING:
+            return  # a (forced) start is under way: join it
+        err = self.backoff.error_for(tenant)
+        if err is not None:
+            raise err
+
+    async def _wait(self, waiter: _Waiter, call: ChatCall | None) -> Lease:
+        self._waiters.append(waiter)
+        self._stats["queued"] += 1
+        self._kick.set()
+        try:
+            if call is not None:
+                await call.waiting()
+            result = await asyncio.shield(waiter.future)
+        except BaseException:  # cancelled (client gone), or the start failed
+            self._abandon(waiter)
+            raise
+        return result
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        """The waiting request went away (disconnect, cancel): leave the queue, or give back a lease
+        that was granted in the same instant."""
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(waiter)
+        fut = waiter.future
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            lease = fut.result()
+            if lease is not None:
+                lease.release()
+        elif not fut.done():
+            fut.cancel()
+            self._stats["cancelled_waits"] += 1
+        self._kick.set()
+
+    def _prune(self) -> None:
+        if any(w.future.done() for w in self._waiters):
+            self._waiters = collections.deque(w for w in self._waiters if not w.future.done())
+
+    def _admit(self, key: str) -> None:
+        """Admit every queued request for ``key`` (the active, ready tenant) together."""
+        keep: collections.deque[_Waiter] = collections.deque()
+        for w in self._waiters:
+            if w.key == key and not w.future.done():
+                assert self._active is not None
+                w.future.set_result(self._grant(self._active))
+            elif not w.future.done():
+                keep.append(w)
+        self._waiters = keep
+
+    def _fail(self, key: str, error: ProxyError) -> None:
+        keep: collections.deque[_Waiter] = collections.deque()
+        for w in self._waiters:
+            if w.key == key and not w.future.done():
+                w.future.set_exception(error)
+            elif not w.future.done():
+                keep.append(w)
+        self._waiters = keep
+
+    async def _run(self) -> None:
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            try:
+                await self._step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the driver must never die
+                log.exception("GPU scheduler step failed")
+
+    async def _step(self) -> None:
+        self._prune()
+        if not self._waiters:
+            if self._phase == DRAINING:
+                self._phase = READY
+            return
+        head = self._waiters[0]
+        active = self._active
+        if head.tenant is None and (active is None or not (head.vacate or _all)(active)):
+            await self._switch(head)  # nothing in flight needs to drain for this vacate
+            self._kick.set()
+            return
+        if (
+            head.tenant is not None
+            and active is not None
+            and active.key == head.key
+            and self._phase in (READY, DRAINING)
+        ):
+            self._phase = READY
+            self._admit(active.key)
+            self._kick.set()
+            return
+        if self._inflight > 0:
+            if self._phase == READY:
+                self._phase = DRAINING
+                self._switch_started = self._clock()
+                log.info(
+                    "GPU: draining %d in-flight request(s) on %s before switching to %s",
+                    self._inflight,
+                    active.key if active else None,
+                    head.key or "nothing",
+                )
+            return  # a release kicks us again
+        await self._switch(head)
+        self._kick.set()
+
+    async def _stop_tenant(self, tenant: Tenant) -> float:
+        """Run ``tenant.stop``; raises ``ProxyError`` when it could not free the GPU."""
+        t0 = self._clock()
+        if tenant.stop is not None:
+            try:
+                await tenant.stop()
+            except asyncio.CancelledError:
+                raise
+            except ProxyError:
+                raise
+            except Exception as exc:
+                log.exception("stopping GPU tenant %s failed", tenant.key)
+                raise ProxyError(
+                    503,
+                    "model_start_failed",
+                    f"{tenant.label} could not be stopped to free the GPU: {type(exc).__name__}: {exc}",
+                    headers={"Retry-After": "10"},
+                ) from None
+        self._stats["stops"] += 1
+        return self._clock() - t0
+
+    async def _switch(self, head: _Waiter) -> None:
+        began = self._switch_started if self._switch_started is not None else self._clock()
+        self._switch_started = None
+        drain_s = self._clock() - began
+        target = head.tenant
+        old = self._active
+        record: dict[str, Any] = {"from": old.key if old else None, "to": target.key if target else None}
+        # 1. evict: the active tenant and every resident that is not the target
+        self._phase = STOPPING
+        evict = [old] if old is not None and (target is None or old.key != target.key) else []
+        evict += [
+            t
+            for k, t in list(self._residents.items())
+            if (target is None or k != target.key) and (old is None or k != old.key)
+        ]
+        if target is None:
+            predicate = head.vacate or _all
+            evict = [t for t in evict if predicate(t)]
+        stop_s = 0.0
+        for tenant in evict:
+            self._residents.pop(tenant.key, None)
+            if self._active is tenant:
+                self._active = None
+                self._generation += 1
+            try:
+                stop_s += await self._stop_tenant(tenant)
+            except ProxyError as error:
+                # It may still hold the GPU: never start the next tenant into it. Its waiters get the reason;
+                # the tenant stays resident so the next switch tries to stop it again.
+                self._residents[tenant.key] = tenant
+                self._phase = READY if self._active is not None else IDLE  # a vacate may keep the active one
+                self._stats["swap_failures"] += 1
+                record.update(
+                    ok=False,
+                    error=error.code,
+                    drain_s=round(drain_s, 3),
+                    stop_s=round(stop_s, 3),
+                    start_s=0.0,
+                    total_s=round(self._clock() - began, 3),
+                )
+                self.swaplog.swap(record)
+                log.warning(
+                    "GPU: could not stop %s before switching to %s: %s",
+                    tenant.key,
+                    record["to"],
+                    error.message,
+                )
+                if target is None:
+                    if not head.future.done():
+                        head.future.set_exception(error)
+                else:
+                    self._fail(target.key, error)
+                return
+        if target is None:
+            if self._active is not None and not predicate(self._active):
+                self._phase = READY
+            else:
+                self._active, self._phase = None, IDLE
+            if not head.future.done():
+                head.future.set_result(None)
+            self._waiters.popleft() if self._waiters and self._waiters[0] is head else None
+            self.swaplog.emit({"event": "vacate", **record, "stop_s": round(stop_s, 3)})
+            return
+        self._active, self._phase = None, IDLE
+        # 2. a tenant that failed a moment ago is not started again (unless forced)
+        if not head.force:
+            err = self.backoff.error_for(target)
+            if err is not None:
+                self._fail(target.key, err)
+                return
+        # 3. start it; everyone waiting for it shares this one start
+        self._active, self._phase = target, STARTING
+        self._residents.pop(target.key, None)
+        t0 = self._clock()
+        try:
+            if target.start is not None:
+                await target.start()
+        except asyncio.CancelledError:
+            self._active, self._phase = None, IDLE
+            raise
+        except Exception as exc:
+            error = (
+                exc
+                if isinstance(exc, ProxyError)
+                else ProxyError(
+                    503,
+                    "model_start_failed",
+                    f"{target.label} could not be started: {type(exc).__name__}: {exc}",
+                )
+            )
+            if not isinstance(exc, ProxyError):
+                log.exception("starting GPU tenant %s failed", target.key)
+            self.backoff.record(target, error)
+            self._active, self._phase = None, IDLE
+            self._generation += 1
+            self._stats["swap_failures"] += 1
+            record.update(
+                ok=False,
+                error=error.code,
+                drain_s=round(drain_s, 3),
+                stop_s=round(stop_s, 3),
+                start_s=round(self._clock() - t0, 3),
+                total_s=round(self._clock() - began, 3),
+            )
+            self.swaplog.swap(record)
+            log.warning(
+                "GPU: starting %s failed after %.1fs: %s", target.key, self._clock() - t0, error.message
+            )
+            self._fail(target.key, error)
+            return
+        self.backoff.clear(target.key)
+        self._phase = READY
+        self._generation += 1
+        self._stats["starts"] += 1
+        self._stats["swaps"] += 1
+        start_s = self._clock() - t0
+        record.update(
+            ok=True,
+            drain_s=round(drain_s, 3),
+            stop_s=round(stop_s, 3),
+            start_s=round(start_s, 3),
+            total_s=round(self._clock() - began, 3),
+        )
+        self.swaplog.swap(record)
+        log.info(
+            "GPU: switched %s -> %s in %.2fs (drain %.2fs, stop %.2fs, start %.2fs); admitting %d request(s)",
+            record["from"],
+            target.key,
+            record["total_s"],
+            drain_s,
+            stop_s,
+            start_s,
+            self.waiting_for(target.key),
+        )
+        self._admit(target.key)

@@ -1,0 +1,156 @@
+"""``POST /v1/chat/completions``: the pipeline around the adapter call, JSON or SSE out (SPEC §6-§7)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from imageworks_proxy import keys
+from imageworks_proxy.adapters.base import ChatCall
+from imageworks_proxy.errors import ProxyError, invalid_request
+from imageworks_proxy.http.responses import json_response
+from imageworks_proxy.http.middlewares import request_id
+from imageworks_proxy.pipeline.stage import ChatContext
+from imageworks_proxy.http.sse import ClientGone, SSEWriter
+
+log = logging.getLogger("imageworks_proxy.chat")
+
+
+async def _no_wait() -> None:
+    return None
+
+
+def _parse(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        raise invalid_request("The request body is empty; send a JSON chat completion request.")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise invalid_request(f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise invalid_request("The request body must be a JSON object.")
+    return body
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    rid = request_id(request)
+    pipeline = keys.pipeline(app)
+    ctx = ChatContext(request_id=rid, body={}, app=app)
+    request[keys.CHAT_CONTEXT] = ctx
+    writer: SSEWriter | None = None
+    try:
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            limit = keys.config(app).max_body_bytes
+            raise ProxyError(413, "payload_too_large",
+                             f"The request body is over {limit} bytes (CHAT_PROXY_MAX_BODY_BYTES).") from None
+        except ConnectionError:
+            raise ClientGone() from None  # left while sending the body
+        ctx.body = _parse(raw)
+        await pipeline.run_request(ctx)
+        entry = ctx.entry
+        assert entry is not None  # the resolve stage sets it or raises
+        adapter = keys.models(app).adapter_for(entry)
+        ctx.adapter_name = adapter.name
+        ctx.body["model"] = entry.upstream_model
+        if ctx.stream:
+            writer = SSEWriter(request, rid)
+        call = ChatCall(rid, entry, ctx.model, ctx.body, ctx.stream,
+                        waiting=writer.commit_and_keep_alive if writer else _no_wait)
+        try:
+            result = await adapter.chat(call)
+        finally:
+            ctx.queue_ms = call.queue_ms
+        if writer is None:
+            completion = pipeline.run_response(ctx, result)  # type: ignore[arg-type]
+            resp = json_response(completion, headers={"X-Request-Id": rid})
+            ctx.first_byte = time.perf_counter()
+            return resp
+        await _stream(ctx, writer, result)  # type: ignore[arg-type]
+        return writer.response  # type: ignore[return-value]
+    except ProxyError as exc:
+        ctx.status, ctx.error_code = exc.status, exc.code
+        if writer is not None and writer.committed:
+            await _send_error(writer, exc)
+            return writer.response  # type: ignore[return-value]
+        raise
+    except ClientGone:  # left while sending its body, or while the adapter waited (keep-alive, commit)
+        ctx.status, ctx.error_code = 499, "client_disconnected"
+        if writer is not None and writer.response is not None:
+            return writer.response
+        return web.Response(status=499)  # nobody will read it; aiohttp needs a response
+    except asyncio.CancelledError:
+        ctx.status, ctx.error_code = 499, "client_disconnected"
+        raise
+    except Exception:
+        ctx.status, ctx.error_code = 500, "internal_error"
+        if writer is not None and writer.committed:
+            log.exception("unhandled error while streaming (request %s)", rid)
+            await _send_error(writer, ProxyError(500, "internal_error", f"Internal error; see the proxy log for request {rid}."))
+            return writer.response  # type: ignore[return-value]
+        raise
+    finally:
+        if writer is not None:
+            await writer.close()
+        try:
+            pipeline.run_finish(ctx)
+        except Exception:
+            # A broken log or metrics stage must not turn an answer the client already has into an error.
+            log.exception("a pipeline finish hook failed (request %s)", rid)
+
+
+async def _send_error(writer: SSEWriter, exc: ProxyError) -> None:
+    try:
+        await writer.send_error(exc)
+        await writer.response.write_eof()  # type: ignore[union-attr]
+    except (ClientGone, ConnectionError, RuntimeError):
+        pass  # the client is gone
+
+
+async def _abandon(chunks: AsyncIterator[dict[str, Any]]) -> None:
+    """Run an adapter stream's cleanup although nothing was read from it.
+
+    ``aclose()`` on an async generator that never started skips its ``finally`` (where adapters close the
+    upstream response and release GPU leases), so step into it once and cancel it there.
+    """
+    step = asyncio.ensure_future(anext(chunks))
+    await asyncio.sleep(0)
+    step.cancel()
+    await asyncio.wait((step,))
+    if not step.cancelled():
+        step.exception()  # retrieved: a chunk or an error nobody will see
+
+
+async def _stream(ctx: ChatContext, writer: SSEWriter, chunks: AsyncIterator[dict[str, Any]]) -> None:
+    pipeline = keys.pipeline(ctx.app)
+    try:
+        try:
+            await writer.commit()
+        except ClientGone:
+            await _abandon(chunks)
+            raise
+        writer.arm_keepalive()
+        async for chunk in chunks:
+            for out in pipeline.run_chunk(ctx, chunk):
+                await writer.send(out)
+                if ctx.first_byte is None:
+                    ctx.first_byte = writer.first_data_at
+        for out in pipeline.run_stream_end(ctx):
+            await writer.send(out)
+        await writer.finish()
+    except ClientGone:
+        # Only a failed write to the client means it left; an adapter's own ConnectionError is an error
+        # the client must see in-band. Stop reading upstream at once (the finally closes the iterator).
+        ctx.status, ctx.error_code = 499, "client_disconnected"
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()

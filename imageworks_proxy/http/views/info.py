@@ -1,0 +1,78 @@
+"""``/v1/health``, ``/v1/models`` and ``/v1/plugins`` (SPEC §5)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import web
+
+from imageworks_proxy import __version__, keys
+from imageworks_proxy.http.responses import json_response
+
+
+def vllm_state(app: web.Application) -> dict[str, Any]:
+    """The orchestrator's public state, or an idle one when no orchestrator runs."""
+    adapter = keys.models(app).adapters.get("vllm-orchestrated")
+    state = getattr(adapter, "public_state", None)
+    return state() if callable(state) else {"active": None, "state": "stopped"}
+
+
+async def health(request: web.Request) -> web.Response:
+    """Readiness of the proxy itself; never calls a backend."""
+    app = request.app
+    models = keys.models(app)
+    store = models.store
+    pm = keys.plugins(app)
+    body = {
+        "status": "ok",
+        "uptime_s": round(time.monotonic() - app[keys.STARTED_AT], 3),
+        "version": __version__,
+        "registry": {
+            "source": store.location,
+            "models": len(store.registry.entries),
+            "loaded_at": store.registry.loaded_at or None,
+            "error": store.error,
+        },
+        "vllm": vllm_state(app),
+        "gpu": keys.gpu(app).devices(),
+        "plugins": {"errors": [{"name": f.name, "error": f.error} for f in pm.failures]},
+    }
+    return json_response(body)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return json_response(await keys.models(request.app).listing())
+
+
+def plugin_listing(app: web.Application) -> dict[str, Any]:
+    pm = keys.plugins(app)
+    models = keys.models(app)
+    by_plugin: dict[str, list[dict[str, Any]]] = {}
+    for adapter in models.adapters.values():
+        plugin = getattr(adapter, "plugin_name", None) or "?"
+        by_plugin.setdefault(plugin, []).append(
+            {"name": adapter.name, "backends": list(adapter.backends), "description": adapter.description}
+        )
+    stages = {getattr(s, "plugin_name", "?"): [] for s in keys.pipeline(app).stages}
+    for stage in keys.pipeline(app).stages:
+        stages.setdefault(getattr(stage, "plugin_name", "?"), []).append(stage.name)
+    data = []
+    for name, info in pm.infos.items():
+        data.append({
+            "name": name,
+            "distribution": info.distribution,
+            "version": info.version,
+            "builtin": info.builtin,
+            "adapters": by_plugin.get(name, []),
+            "stages": stages.get(name, []),
+        })
+    return {
+        "object": "list",
+        "data": data,
+        "errors": [{"name": f.name, "error": f.error} for f in pm.failures],
+    }
+
+
+async def list_plugins(request: web.Request) -> web.Response:
+    return json_response(plugin_listing(request.app))

@@ -1,0 +1,26 @@
+"""Built-in plugin registering the shared pipeline stages (SPEC §6), in the spec's order."""
+
+from __future__ import annotations
+
+from imageworks_proxy.pipeline.conformance import Conformance
+from imageworks_proxy.hookspecs import hookimpl
+from imageworks_proxy.pipeline.images import ImageLimits
+from imageworks_proxy.pipeline.observe import ObserveStage
+from imageworks_proxy.pipeline.request import DefaultSystemPrompt, GenerationDefaults, ResolveModel, ValidateRequest
+from imageworks_proxy.pipeline.template import TemplateStage
+from imageworks_proxy.pipeline.toolcalls import ToolCallSynthesis
+from imageworks_proxy.pipeline.truncation import VisionHistoryTruncation
+
+
+@hookimpl
+def register_stages(register):
+    register(ValidateRequest)  # 100
+    register(ResolveModel)  # 200
+    register(DefaultSystemPrompt)  # 300
+    register(ImageLimits)  # 400
+    register(VisionHistoryTruncation)  # 500
+    register(TemplateStage)  # 600
+    register(GenerationDefaults)  # 700
+    register(ToolCallSynthesis)  # 900
+    register(Conformance)  # 1000
+    register(ObserveStage)  # 1100

@@ -1,0 +1,219 @@
+"""The observability stage (SPEC §6.11, §10): every chat request ends in one request-log record and one
+metrics sample, whatever happened to it.
+
+It runs last (order 1100). While a reply passes through it counts the reply's characters (for a token
+estimate when the backend reports no usage) and, only when ``CHAT_PROXY_LOG_PROMPTS=1``, keeps the reply
+text and tool calls. ``finish`` builds the record; the log writer and the metrics do the rest without
+blocking the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+from imageworks_proxy import keys
+from imageworks_proxy.observability.metrics import Sample
+from imageworks_proxy.pipeline.stage import ChatContext, Stage
+from imageworks_proxy.observability.requestlog import redact_messages
+
+log = logging.getLogger("imageworks_proxy.observe")
+
+#: Rough characters per token, for estimates only (records say ``tokens_estimated: true``).
+CHARS_PER_TOKEN = 4
+
+
+class _Reply:
+    """What the stage gathers from a streamed reply (choice 0)."""
+
+    __slots__ = ("chars", "parts", "reasoning", "calls", "usage")
+
+    def __init__(self) -> None:
+        self.chars = 0
+        self.parts: list[str] | None = None
+        self.reasoning: list[str] | None = None
+        self.calls: dict[int, dict[str, Any]] | None = None
+        self.usage: dict[str, Any] | None = None
+
+
+def _text_chars(content: Any) -> int:
+    if isinstance(content, str):
+        return len(content)
+    n = 0
+    if isinstance(content, list):
+        for part in content:
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                n += len(part["text"])
+    return n
+
+
+def estimate_prompt_tokens(messages: Any) -> int:
+    """A rough prompt size: text characters / 4 plus a few tokens of framing per message."""
+    if not isinstance(messages, list):
+        return 0
+    chars = sum(_text_chars(m.get("content")) for m in messages if isinstance(m, dict))
+    return math.ceil(chars / CHARS_PER_TOKEN) + 4 * len(messages)
+
+
+def _merge_call(calls: dict[int, dict[str, Any]], delta_call: Any) -> None:
+    if not isinstance(delta_call, dict):
+        return
+    index = delta_call.get("index", 0)
+    call = calls.get(index)
+    fn = delta_call.get("function") or {}
+    if call is None:
+        call = calls[index] = {"id": delta_call.get("id"), "type": delta_call.get("type") or "function",
+                               "function": {"name": fn.get("name"), "arguments": ""}}
+    else:
+        if delta_call.get("id") and not call["id"]:
+            call["id"] = delta_call["id"]
+        if fn.get("name") and not call["function"]["name"]:
+            call["function"]["name"] = fn["name"]
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        call["function"]["arguments"] += args
+
+
+class ObserveStage(Stage):
+    name = "observe"
+    order = 1100
+
+    def __init__(self, app, config) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(app, config)
+        self.keep_prompts = config.log_prompts
+        self.metrics = keys.metrics(app) if config.enable_metrics else None
+        self.prom = app.get(keys.PROMETHEUS)
+        rlog = keys.request_log(app)
+        self.request_log = rlog if rlog.enabled else None
+
+    # --- reply side ------------------------------------------------------------------------------
+
+    def response(self, ctx: ChatContext, completion: dict[str, Any]) -> dict[str, Any]:
+        choices = completion.get("choices")
+        first = choices[0] if isinstance(choices, list) and choices else None
+        message = first.get("message") if isinstance(first, dict) else None
+        if not isinstance(message, dict):
+            return completion
+        if self.keep_prompts:
+            reply: dict[str, Any] = {"content": message.get("content")}
+            if message.get("reasoning_content"):
+                reply["reasoning_content"] = message["reasoning_content"]
+            if message.get("tool_calls"):
+                reply["tool_calls"] = message["tool_calls"]
+            ctx.reply = reply
+        if ctx.usage is None and not isinstance(completion.get("usage"), dict):
+            st = ctx.state[self.name] = _Reply()
+            st.chars = _text_chars(message.get("content")) + _text_chars(message.get("reasoning_content"))
+            for call in message.get("tool_calls") or ():
+                if isinstance(call, dict):
+                    st.chars += len(str((call.get("function") or {}).get("arguments") or ""))
+        return completion
+
+    def chunk(self, ctx: ChatContext, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        st = ctx.state.get(self.name)
+        if st is None:
+            st = ctx.state[self.name] = _Reply()
+            if self.keep_prompts:
+                st.parts, st.reasoning, st.calls = [], [], {}
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            st.usage = usage
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if not delta or choice.get("index", 0) != 0:
+                continue
+            content = delta.get("content")
+            if content:
+                st.chars += len(content)
+                if st.parts is not None:
+                    st.parts.append(content)
+            reasoning = delta.get("reasoning_content")
+            if reasoning:
+                st.chars += len(reasoning)
+                if st.reasoning is not None:
+                    st.reasoning.append(reasoning)
+            calls = delta.get("tool_calls")
+            if calls:
+                for call in calls:
+                    args = (call.get("function") or {}).get("arguments") if isinstance(call, dict) else None
+                    if isinstance(args, str):
+                        st.chars += len(args)
+                    if st.calls is not None:
+                        _merge_call(st.calls, call)
+        return [chunk]
+
+    # --- the end of every request ------------------------------------------------------------------
+
+    def _reply(self, ctx: ChatContext, st: _Reply | None) -> dict[str, Any] | None:
+        if ctx.reply is not None or st is None or st.parts is None:
+            return ctx.reply
+        reply: dict[str, Any] = {"content": "".join(st.parts) if st.parts else None}
+        if st.reasoning:
+            reply["reasoning_content"] = "".join(st.reasoning)
+        if st.calls:
+            reply["tool_calls"] = [st.calls[i] for i in sorted(st.calls)]
+        return reply
+
+    def finish(self, ctx: ChatContext) -> None:
+        try:
+            self._finish(ctx)
+        except Exception:  # observability must never turn a served request into a failure
+            log.exception("recording request %s for the log and metrics failed", ctx.request_id)
+
+    def _finish(self, ctx: ChatContext) -> None:
+        now = time.perf_counter()
+        duration_ms = (now - ctx.started) * 1000
+        ttft_ms = (ctx.first_byte - ctx.started) * 1000 if ctx.first_byte is not None else None
+        st: _Reply | None = ctx.state.get(self.name)
+        usage = ctx.usage if isinstance(ctx.usage, dict) else (st.usage if st is not None else None)
+        estimated = False
+        if usage is not None:
+            prompt_tokens = usage.get("prompt_tokens")
+            completion_tokens = usage.get("completion_tokens")
+        elif ctx.first_byte is not None or (st is not None and st.chars):
+            # The backend answered but said nothing about tokens: estimate, and say so.
+            prompt_tokens = estimate_prompt_tokens(ctx.body.get("messages"))
+            completion_tokens = math.ceil(st.chars / CHARS_PER_TOKEN) if st is not None else 0
+            estimated = True
+        else:
+            prompt_tokens = completion_tokens = None  # nothing reached a backend
+        entry = ctx.entry
+        logical = entry.name if entry is not None else None
+        error_code = ctx.error_code
+        if error_code is not None and not isinstance(error_code, str):  # a plugin's odd code
+            error_code = str(error_code)
+        queue_ms = round(ctx.queue_ms, 1)
+        if self.metrics is not None:
+            sample = Sample(logical, ctx.adapter_name, ctx.status, error_code, duration_ms, ttft_ms,
+                            ctx.queue_ms, prompt_tokens, completion_tokens)
+            self.metrics.record(sample)
+            if self.prom is not None:
+                self.prom.record(sample)
+        if self.request_log is None:
+            return
+        record: dict[str, Any] = {
+            # arrival time, as a POSIX timestamp the writer turns into ISO-8601 UTC off the event loop
+            "ts": time.time() - (now - ctx.started),
+            "request_id": ctx.request_id,
+            "model": ctx.model or None,
+            "logical_name": logical,
+            "backend": entry.backend if entry is not None else None,
+            "adapter": ctx.adapter_name,
+            "stream": ctx.stream,
+            "status": ctx.status,
+            "error_code": error_code,
+            "duration_ms": round(duration_ms, 1),
+            "ttft_ms": round(ttft_ms, 1) if ttft_ms is not None else None,
+            "queue_ms": queue_ms,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "tokens_estimated": estimated,
+            "images": ctx.images,
+            "truncated_messages": ctx.truncated_messages,
+        }
+        if self.keep_prompts:
+            record["messages"] = redact_messages(ctx.body.get("messages"))
+            record["reply"] = self._reply(ctx, st)
+        self.request_log.submit(record)

@@ -1,0 +1,125 @@
+"""The chat pipeline: stage objects run in a fixed order around the adapter call (SPEC §6).
+
+A stage is a small object with plain methods, testable without HTTP. Request-side methods run in
+ascending ``order`` before dispatch; response-side methods run in the same order on the completion or
+on each streamed chunk.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import attrs
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from imageworks_proxy.config import Config
+    from imageworks_proxy.catalogue.registry import Entry
+
+
+@attrs.define
+class ChatContext:
+    """Per-request state shared by the stages, the adapter call and the request log."""
+
+    request_id: str
+    body: dict[str, Any]
+    app: web.Application
+    stream: bool = False
+    model: str = ""
+    entry: Entry | None = None
+    adapter_name: str | None = None
+    started: float = attrs.field(factory=time.perf_counter)
+    first_byte: float | None = None
+    queue_ms: float = 0.0
+    status: int = 200
+    error_code: str | None = None
+    images: int = 0
+    truncated_messages: int = 0
+    usage: dict[str, Any] | None = None
+    #: The client asked for a usage chunk (``stream_options.include_usage``); adapters may ask the upstream
+    #: for usage anyway (for real token counts in the request log) and the proxy drops it unless this is set.
+    client_wants_usage: bool = False
+    #: Per-stage scratch space, keyed by stage name (e.g. streamed tool-call assembly).
+    state: dict[str, Any] = attrs.field(factory=dict)
+    #: Reply text and tool calls, collected only when the request log keeps prompts.
+    reply: dict[str, Any] | None = None
+
+
+class Stage:
+    """Base class for pipeline stages; override only the methods you need.
+
+    Stages are built once per app with its :class:`~imageworks_proxy.config.Config` and must keep
+    per-request data in ``ctx.state`` (never on ``self``).
+    """
+
+    name: ClassVar[str] = ""
+    order: ClassVar[int] = 0
+
+    def __init__(self, app: web.Application, config: Config) -> None:
+        self.app = app
+        self.config = config
+
+    async def request(self, ctx: ChatContext) -> None:
+        """Inspect or rewrite ``ctx.body`` before dispatch; raise ``ProxyError`` to refuse the request."""
+
+    def response(self, ctx: ChatContext, completion: dict[str, Any]) -> dict[str, Any]:
+        """Rewrite a non-streamed completion; return it (or a replacement)."""
+        return completion
+
+    def chunk(self, ctx: ChatContext, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        """Rewrite one streamed chunk; return the chunks to send in its place (``[]`` drops it)."""
+        return [chunk]
+
+    def stream_end(self, ctx: ChatContext) -> list[dict[str, Any]]:
+        """Called when the upstream stream ended normally; return chunks still to send."""
+        return []
+
+    def finish(self, ctx: ChatContext) -> None:
+        """Called once when the request is over, whatever happened (metrics, logs)."""
+
+
+class Pipeline:
+    """The ordered stages of one app."""
+
+    def __init__(self, stages: list[Stage]) -> None:
+        self.stages = sorted(stages, key=lambda s: s.order)
+        self._request = [s for s in self.stages if type(s).request is not Stage.request]
+        self._response = [s for s in self.stages if type(s).response is not Stage.response]
+        self._chunk = [s for s in self.stages if type(s).chunk is not Stage.chunk]
+        self._end = [s for s in self.stages if type(s).stream_end is not Stage.stream_end]
+        self._finish = [s for s in self.stages if type(s).finish is not Stage.finish]
+
+    async def run_request(self, ctx: ChatContext) -> None:
+        for stage in self._request:
+            await stage.request(ctx)
+
+    def run_response(self, ctx: ChatContext, completion: dict[str, Any]) -> dict[str, Any]:
+        for stage in self._response:
+            completion = stage.response(ctx, completion)
+        return completion
+
+    def run_chunk(self, ctx: ChatContext, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        chunks = [chunk]
+        for stage in self._chunk:
+            if len(chunks) == 1:  # the usual case: one chunk in, no list to flatten
+                chunks = stage.chunk(ctx, chunks[0])
+            else:
+                chunks = [out for c in chunks for out in stage.chunk(ctx, c)]
+        return chunks
+
+    def run_stream_end(self, ctx: ChatContext) -> list[dict[str, Any]]:
+        pending: list[dict[str, Any]] = []
+        for stage in self._end:
+            extra = stage.stream_end(ctx)
+            # chunks a stage emits at the end still pass through the later stages' chunk hooks
+            for later in self._chunk:
+                if later.order > stage.order:
+                    extra = [out for c in extra for out in later.chunk(ctx, c)]
+            pending.extend(extra)
+        return pending
+
+    def run_finish(self, ctx: ChatContext) -> None:
+        for stage in self._finish:
+            stage.finish(ctx)

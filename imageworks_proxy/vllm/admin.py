@@ -1,0 +1,82 @@
+"""Orchestrator control for ``imageworks-loader`` (SPEC §5, §12): ``GET /v1/admin/vllm``,
+``POST /v1/admin/vllm/activate {"model"}``, ``POST /v1/admin/vllm/stop``.
+
+Loopback clients only, unless API keys are set (then the auth middleware requires a key, like every
+other route).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import orjson
+from aiohttp import web
+
+from imageworks_proxy import keys
+from imageworks_proxy.adapters.vllm_orchestrated import VllmOrchestratedAdapter, orchestrator
+from imageworks_proxy.errors import ProxyError, invalid_request
+from imageworks_proxy.http.responses import json_response
+
+
+def _is_loopback(remote: str | None) -> bool:
+    if not remote:
+        return False  # unix sockets and unknown peers: refuse unless keys are configured
+    try:
+        return ipaddress.ip_address(remote.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _guard(request: web.Request) -> VllmOrchestratedAdapter:
+    if not keys.config(request.app).api_keys and not _is_loopback(request.remote):
+        raise ProxyError(
+            403,
+            "forbidden",
+            "The admin API answers loopback clients only. Call it on the proxy's machine, or set "
+            "CHAT_PROXY_API_KEYS to allow it (with a key) from elsewhere.",
+        )
+    adapter = orchestrator(request.app)
+    if adapter is None or not adapter.config.vllm_single_port:
+        raise ProxyError(
+            409,
+            "orchestration_disabled",
+            "vLLM single-port orchestration is off "
+            "(CHAT_PROXY_VLLM_SINGLE_PORT=0 or the adapter is not loaded).",
+        )
+    return adapter
+
+
+async def vllm_state(request: web.Request) -> web.Response:
+    adapter = _guard(request)
+    return json_response({"vllm": adapter.public_state(), "stats": adapter.stats()})
+
+
+async def vllm_activate(request: web.Request) -> web.Response:
+    adapter = _guard(request)
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise invalid_request(f"Invalid JSON body: {exc}") from None
+    model = body.get("model") if isinstance(body, dict) else None
+    if not isinstance(model, str) or not model.strip():
+        raise invalid_request('Body must be {"model": "<logical name or listed id>"}', param="model")
+    models = keys.models(request.app)
+    entry = models.resolve(model)
+    if models.adapter_for(entry) is not adapter:
+        raise invalid_request(
+            f"Model {entry.name!r} is not an orchestrated vLLM model (backend {entry.backend!r}); only those "
+            "can be activated.",
+            param="model",
+        )
+    return json_response({"vllm": await adapter.activate(entry)})
+
+
+async def vllm_stop(request: web.Request) -> web.Response:
+    adapter = _guard(request)
+    return json_response({"vllm": await adapter.deactivate()})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/admin/vllm", vllm_state, name="admin_vllm")
+    app.router.add_post("/v1/admin/vllm/activate", vllm_activate, name="admin_vllm_activate")
+    app.router.add_post("/v1/admin/vllm/stop", vllm_stop, name="admin_vllm_stop")
