@@ -81,7 +81,9 @@ async def main(entries: int, requests: int) -> None:
         weights.mkdir()
         registry = tmp_path / "registry.json"
         registry.write_text(json.dumps(generate(entries, weights, f"http://127.0.0.1:{ollama_port}")))
-        config = load_config({"CHAT_PROXY_REGISTRY": str(registry), "CHAT_PROXY_LOG_PATH": str(tmp_path / "l.jsonl")})
+        config = load_config(
+            {"CHAT_PROXY_REGISTRY": str(registry), "CHAT_PROXY_LOG_PATH": str(tmp_path / "l.jsonl")}
+        )
         app = create_app(config, plugin_manager=make_plugin_manager(load_entrypoints=False))
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
@@ -119,11 +121,15 @@ async def main(entries: int, requests: int) -> None:
         await ollama_runner.cleanup()
 
     print(f"registry entries: {entries}, listed: {listed}, response: {len(body)} bytes")
-    for label, values in (("GET /v1/models (client, loopback)", client_ms),
-                          ("listing() in process, caches warm", warm_ms),
-                          ("listing() in process, filesystem cache cold", cold_ms)):
-        print(f"{label:<46} median {statistics.median(values):6.2f} ms  p95 {pct(values, 95):6.2f} ms  "
-              f"max {max(values):6.2f} ms  (n={len(values)})")
+    for label, values in (
+        ("GET /v1/models (client, loopback)", client_ms),
+        ("listing() in process, caches warm", warm_ms),
+        ("listing() in process, filesystem cache cold", cold_ms),
+    ):
+        print(
+            f"{label:<46} median {statistics.median(values):6.2f} ms  p95 {pct(values, 95):6.2f} ms  "
+            f"max {max(values):6.2f} ms  (n={len(values)})"
+        )
 
 
 if __name__ == "__main__":

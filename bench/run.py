@@ -30,7 +30,7 @@ import drivers  # noqa: E402
 import machine  # noqa: E402
 import registry_gen  # noqa: E402
 import report  # noqa: E402
-from procs import Service, Services, cpu_plan, cpu_seconds, free_port, http_get, http_post, rss_mb  # noqa: E402,E501
+from procs import Service, Services, cpu_plan, cpu_seconds, free_port, http_get, http_post, rss_mb  # noqa: E402
 
 TARGETS = ("upstream", "reference", "proxy")
 MODES = ("non-stream", "stream")

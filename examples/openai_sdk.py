@@ -24,28 +24,36 @@ import openai
 DEFAULT_URL = "http://127.0.0.1:8100/v1"
 STEPS = ("plain", "stream", "tools", "image")
 
-TOOLS = [{
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "description": "The current time in UTC, as ISO 8601.",
-        "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
-    },
-}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "description": "The current time in UTC, as ISO 8601.",
+            "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+        },
+    }
+]
 
 
 def get_time() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def red_square_png(size: int = 32) -> bytes:
     """A small solid red PNG, made with the standard library only."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     rows = b"".join(b"\x00" + b"\xff\x00\x00" * size for _ in range(size))
     header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
 def plain(client: openai.OpenAI, model: str) -> None:
@@ -58,8 +66,11 @@ def plain(client: openai.OpenAI, model: str) -> None:
 def stream(client: openai.OpenAI, model: str) -> None:
     print("[stream] ", end="", flush=True)
     chunks = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Count from one to five."}], max_tokens=64,
-        stream=True, stream_options={"include_usage": True},
+        model=model,
+        messages=[{"role": "user", "content": "Count from one to five."}],
+        max_tokens=64,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     usage = None
     for chunk in chunks:
@@ -80,10 +91,20 @@ def tools(client: openai.OpenAI, model: str) -> None:
         if not message.tool_calls:
             print(f"[tools] {message.content}")
             return
-        messages.append({"role": "assistant", "content": message.content, "tool_calls": [
-            {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
-            for c in message.tool_calls
-        ]})
+        messages.append(
+            {
+                "role": "assistant",
+                "content": message.content,
+                "tool_calls": [
+                    {
+                        "id": c.id,
+                        "type": "function",
+                        "function": {"name": c.function.name, "arguments": c.function.arguments},
+                    }
+                    for c in message.tool_calls
+                ],
+            }
+        )
         for call in message.tool_calls:
             args = json.loads(call.function.arguments or "{}")
             result = get_time() if call.function.name == "get_time" else f"unknown tool {call.function.name}"
@@ -94,10 +115,19 @@ def tools(client: openai.OpenAI, model: str) -> None:
 
 def image(client: openai.OpenAI, model: str) -> None:
     data_url = "data:image/png;base64," + base64.b64encode(red_square_png()).decode()
-    reply = client.chat.completions.create(model=model, max_tokens=64, messages=[{"role": "user", "content": [
-        {"type": "text", "text": "What colour is this picture? One word."},
-        {"type": "image_url", "image_url": {"url": data_url}},
-    ]}])
+    reply = client.chat.completions.create(
+        model=model,
+        max_tokens=64,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What colour is this picture? One word."},
+                    {"type": "image_url", "image_url": {"url": data_url}},
+                ],
+            }
+        ],
+    )
     print(f"[image] {reply.choices[0].message.content}")
 
 
@@ -117,8 +147,11 @@ def pick_models(client: openai.OpenAI, model: str | None, vision: str | None) ->
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("base_url", nargs="?",
-                   default=os.environ.get("IMAGEWORKS_PROXY_URL") or os.environ.get("OPENAI_BASE_URL") or DEFAULT_URL)
+    p.add_argument(
+        "base_url",
+        nargs="?",
+        default=os.environ.get("IMAGEWORKS_PROXY_URL") or os.environ.get("OPENAI_BASE_URL") or DEFAULT_URL,
+    )
     p.add_argument("--model")
     p.add_argument("--vision-model")
     p.add_argument("--steps", default=",".join(STEPS), help="comma-separated: " + ",".join(STEPS))
@@ -128,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown step(s): {', '.join(sorted(unknown))}")
 
-    client = openai.OpenAI(base_url=args.base_url, api_key=os.environ.get("OPENAI_API_KEY") or "unused", max_retries=0)
+    client = openai.OpenAI(
+        base_url=args.base_url, api_key=os.environ.get("OPENAI_API_KEY") or "unused", max_retries=0
+    )
     try:
         model, vision = pick_models(client, args.model, args.vision_model)
         print(f"proxy {args.base_url}, model {model!r}, vision model {vision!r}")

@@ -13,12 +13,14 @@ from aiohttp import web
 
 from imageworks_proxy import keys
 from imageworks_proxy.adapters.base import Adapter
-from imageworks_proxy.upstream.autostart import autostart_ctx
+from imageworks_proxy.catalogue.registry import RegistryStore
+from imageworks_proxy.catalogue.service import ModelService
 from imageworks_proxy.config import Config, load_config
 from imageworks_proxy.gpu.nvml import Gpu
-from imageworks_proxy.http.middlewares import access_log_middleware, auth_middleware, error_middleware
-from imageworks_proxy.catalogue.service import ModelService
 from imageworks_proxy.gpu.scheduler import GpuScheduler
+from imageworks_proxy.http.middlewares import access_log_middleware, auth_middleware, error_middleware
+from imageworks_proxy.http.views import chat, info
+from imageworks_proxy.http.views import metrics as metrics_views
 from imageworks_proxy.pipeline.stage import Pipeline, Stage
 from imageworks_proxy.plugins import (
     PluginError,
@@ -28,9 +30,7 @@ from imageworks_proxy.plugins import (
     make_plugin_manager,
     unique_by_name,
 )
-from imageworks_proxy.catalogue.registry import RegistryStore
-from imageworks_proxy.http.views import chat, info
-from imageworks_proxy.http.views import metrics as metrics_views
+from imageworks_proxy.upstream.autostart import autostart_ctx
 from imageworks_proxy.vllm import admin
 
 log = logging.getLogger("imageworks_proxy")

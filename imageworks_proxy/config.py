@@ -128,7 +128,9 @@ def _autostart_map(raw: str) -> dict[str, tuple[str, ...] | str]:
         elif isinstance(cmd, list) and cmd and all(isinstance(a, str) for a in cmd):
             out[name] = tuple(cmd)
         else:
-            raise ValueError(f"entry {name!r}: expected a command string, an argv list or {{\"command\": [...]}}")
+            raise ValueError(
+                f'entry {name!r}: expected a command string, an argv list or {{"command": [...]}}'
+            )
     return out
 
 
@@ -149,13 +151,22 @@ def _s(name: str, parse: Callable[[str], Any], default: Any, help: str) -> Setti
 SETTINGS: tuple[Setting, ...] = (
     _s("HOST", _str, "127.0.0.1", "Bind address"),
     _s("PORT", _port, 8100, "Listen port"),
-    _s("REGISTRY", _str, None, "Registry JSON file or ImageWorks layered directory "
-       "(default: $IMAGEWORKS_REGISTRY_DIR or configs)"),
+    _s(
+        "REGISTRY",
+        _str,
+        None,
+        "Registry JSON file or ImageWorks layered directory (default: $IMAGEWORKS_REGISTRY_DIR or configs)",
+    ),
     _s("REGISTRY_POLL_S", _pos_float, 1.0, "How often the registry files are checked for changes"),
     _s("SUPPRESS_DECORATIONS", _bool, True, "Hide backend/format/quant fields in models output"),
     _s("INCLUDE_NON_INSTALLED", _bool, False, "Include entries without visible files"),
     _s("INCLUDE_TEST_MODELS", _bool, False, "List entries marked metadata.testing"),
-    _s("LOOPBACK_ALIAS", _opt_str, None, "Replace localhost targets in backend URLs (e.g. host.docker.internal)"),
+    _s(
+        "LOOPBACK_ALIAS",
+        _opt_str,
+        None,
+        "Replace localhost targets in backend URLs (e.g. host.docker.internal)",
+    ),
     _s("ENABLE_METRICS", _bool, False, "Enable /v1/metrics and Prometheus /metrics"),
     _s("METRICS_WINDOW_S", _pos_int, 300, "Rolling window of /v1/metrics in seconds"),
     _s("REQUIRE_TEMPLATE", _bool, True, "Enforce presence of a chat template for orchestrated vLLM models"),
@@ -171,7 +182,9 @@ SETTINGS: tuple[Setting, ...] = (
     _s("SCHEMA_VERSION", _pos_int, 1, "Schema version advertised in models list"),
     _s("VISION_TRUNCATE_HISTORY", _bool, True, "Trim earlier turns when a request carries images"),
     _s("VISION_KEEP_SYSTEM", _bool, True, "Keep system messages when trimming vision history"),
-    _s("VISION_KEEP_LAST_N_TURNS", _nonneg_int, 0, "Earlier complete turns kept when trimming vision history"),
+    _s(
+        "VISION_KEEP_LAST_N_TURNS", _nonneg_int, 0, "Earlier complete turns kept when trimming vision history"
+    ),
     _s("OLLAMA_BASE_URL", _url, "http://127.0.0.1:11434", "Ollama for entries that name no host"),
     _s("OLLAMA_KEEP_ALIVE", _opt_str, None, "keep_alive sent with Ollama chat requests (e.g. 10m, -1)"),
     _s("OLLAMA_STOP_TIMEOUT_S", _pos_float, 30.0, "How long to wait for Ollama to unload its models"),
@@ -182,9 +195,18 @@ SETTINGS: tuple[Setting, ...] = (
     _s("VLLM_SINGLE_PORT", _bool, True, "Enable single active vLLM orchestration"),
     _s("VLLM_PORT", _port, 24001, "Canonical vLLM port when orchestration is enabled"),
     _s("VLLM_HOST", _str, "127.0.0.1", "Bind address given to orchestrated vLLM"),
-    _s("VLLM_COMMAND", _str, None, "Launcher prefix for orchestrated vLLM "
-       "(default: <python> -m vllm.entrypoints.openai.api_server)"),
-    _s("VLLM_STATE_PATH", _str, "_staging/active_vllm.json", "Metadata file tracking the active vLLM instance"),
+    _s(
+        "VLLM_COMMAND",
+        _str,
+        None,
+        "Launcher prefix for orchestrated vLLM (default: <python> -m vllm.entrypoints.openai.api_server)",
+    ),
+    _s(
+        "VLLM_STATE_PATH",
+        _str,
+        "_staging/active_vllm.json",
+        "Metadata file tracking the active vLLM instance",
+    ),
     _s("VLLM_LOG_DIR", _str, "logs/vllm", "Directory of per-model vLLM logs"),
     _s("VLLM_START_TIMEOUT_S", _pos_float, 180.0, "Time budget (seconds) for vLLM startup + health"),
     _s("VLLM_STOP_TIMEOUT_S", _pos_float, 30.0, "Graceful shutdown timeout before SIGKILL"),
@@ -192,10 +214,19 @@ SETTINGS: tuple[Setting, ...] = (
     _s("VLLM_GPU_MEMORY_UTILIZATION", _fraction, 0.75, "Fraction of GPU memory vLLM should claim"),
     _s("VLLM_MAX_MODEL_LEN", _opt_pos_int, None, "Override max sequence length passed to vLLM"),
     _s("VLLM_MAX_QUEUE", _pos_int, 64, "Requests waiting for a model switch before 429"),
-    _s("VLLM_FAILURE_BACKOFF_S", _pos_float, 10.0, "After a failed vLLM start, seconds before the model is "
-       "started again (doubles per consecutive failure)"),
-    _s("VLLM_KEEP_ON_EXIT", _bool, False, "Leave the active vLLM running when the proxy stops (the next "
-       "proxy adopts it)"),
+    _s(
+        "VLLM_FAILURE_BACKOFF_S",
+        _pos_float,
+        10.0,
+        "After a failed vLLM start, seconds before the model is "
+        "started again (doubles per consecutive failure)",
+    ),
+    _s(
+        "VLLM_KEEP_ON_EXIT",
+        _bool,
+        False,
+        "Leave the active vLLM running when the proxy stops (the next proxy adopts it)",
+    ),
     _s("API_KEYS", _keys, (), "Comma-separated bearer keys; when set every route but /v1/health needs one"),
     _s("CONFIG_FILE", _opt_str, None, "Optional TOML file with settings (lower-case names, no prefix)"),
 )
@@ -314,11 +345,15 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
 
     if values["registry"] is None:
         values["registry"] = env.get("IMAGEWORKS_REGISTRY_DIR") or "configs"
-        sources["registry"] = "env (IMAGEWORKS_REGISTRY_DIR)" if env.get("IMAGEWORKS_REGISTRY_DIR") else "default"
+        sources["registry"] = (
+            "env (IMAGEWORKS_REGISTRY_DIR)" if env.get("IMAGEWORKS_REGISTRY_DIR") else "default"
+        )
     if values["vllm_command"] is None:
         values["vllm_command"] = _default_vllm_command()
     if values["log_level"].upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise ConfigError(f"{PREFIX}LOG_LEVEL={values['log_level']!r}: expected DEBUG, INFO, WARNING or ERROR")
+        raise ConfigError(
+            f"{PREFIX}LOG_LEVEL={values['log_level']!r}: expected DEBUG, INFO, WARNING or ERROR"
+        )
     values["log_level"] = values["log_level"].upper()
     return Config(**values, sources=sources)
 

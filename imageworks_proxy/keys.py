@@ -7,15 +7,15 @@ from typing import TYPE_CHECKING
 from aiohttp import ClientSession, web
 
 if TYPE_CHECKING:
+    from imageworks_proxy.catalogue.service import ModelService
     from imageworks_proxy.config import Config
     from imageworks_proxy.gpu.nvml import Gpu
+    from imageworks_proxy.gpu.tenancy import Tenancy
     from imageworks_proxy.observability.metrics import RollingMetrics
-    from imageworks_proxy.catalogue.service import ModelService
-    from imageworks_proxy.pipeline.stage import Pipeline
-    from imageworks_proxy.plugins import PluginManager
     from imageworks_proxy.observability.prometheus import PromMetrics
     from imageworks_proxy.observability.requestlog import RequestLog
-    from imageworks_proxy.gpu.tenancy import Tenancy
+    from imageworks_proxy.pipeline.stage import Pipeline
+    from imageworks_proxy.plugins import PluginManager
 
 CONFIG: web.AppKey[Config] = web.AppKey("config")
 PLUGINS: web.AppKey[PluginManager] = web.AppKey("plugins")

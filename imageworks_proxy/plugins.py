@@ -79,8 +79,13 @@ def make_plugin_manager(
                 theirs = dist.name if dist else None
                 if first is not None and first.distribution != theirs:
                     # Two distributions chose one entry-point name: say so rather than drop one silently.
-                    _fail(pm, f"{ep.name} ({theirs or '?'})", PluginError(
-                        f"entry point name {ep.name!r} is already used by {first.distribution or '?'}; skipped"))
+                    _fail(
+                        pm,
+                        f"{ep.name} ({theirs or '?'})",
+                        PluginError(
+                            f"entry point name {ep.name!r} is already used by {first.distribution or '?'}; skipped"
+                        ),
+                    )
                 continue
             try:
                 plugin = ep.load()
@@ -116,7 +121,9 @@ def _register(pm: PluginManager, name: str, plugin: Any, dist: str | None, versi
     pm.infos[name] = PluginInfo(name, dist, version, builtin)
 
 
-def _fail(pm: PluginManager, name: str, exc: BaseException, when: str = "failed to load and is disabled") -> None:
+def _fail(
+    pm: PluginManager, name: str, exc: BaseException, when: str = "failed to load and is disabled"
+) -> None:
     msg = f"{type(exc).__name__}: {exc}"
     pm.failures.append(PluginFailure(name, msg))
     log.error("plugin %r %s: %s", name, when, msg)

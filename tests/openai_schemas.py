@@ -7,7 +7,7 @@ before validation (see shared/PROTOCOLS.md §3.9).
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,12 @@ def _fix_nullable(node: Any) -> Any:
     return node
 
 
-@lru_cache(maxsize=None)
+@cache
 def _validator(component: str) -> Draft202012Validator:
     spec = _fix_nullable(json.loads(_FILE.read_text()))
-    registry = Registry().with_resource("urn:openai", Resource.from_contents(spec, default_specification=DRAFT202012))
+    registry = Registry().with_resource(
+        "urn:openai", Resource.from_contents(spec, default_specification=DRAFT202012)
+    )
     return Draft202012Validator({"$ref": f"urn:openai#/components/schemas/{component}"}, registry=registry)
 
 

@@ -49,27 +49,47 @@ async def vllm_external(aiohttp_server) -> Backend:
 
 def _ollama_responder(body: dict[str, Any]) -> Reply:
     if body["model"].startswith("tools") and body["messages"][-1]["role"] != "tool":
-        return Reply(content="", tool_calls=[{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}])
+        return Reply(
+            content="", tool_calls=[{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
+        )
     return echo_responder(body)
 
 
 async def ollama(aiohttp_server) -> Backend:
-    fake = FakeOllama({"echo:latest": ("completion",), "tools:latest": ("completion", "tools")},
-                      responder=_ollama_responder)
+    fake = FakeOllama(
+        {"echo:latest": ("completion",), "tools:latest": ("completion", "tools")}, responder=_ollama_responder
+    )
     server = await aiohttp_server(fake.app())
     base = str(server.make_url("")).rstrip("/")
-    entries = [{"name": f"c-{mode}", "backend": "ollama", "backend_config": {"base_url": base},
-                "served_model_id": f"{mode}:latest", "capabilities": ["tools"]} for mode in ("echo", "tools", "missing")]
+    entries = [
+        {
+            "name": f"c-{mode}",
+            "backend": "ollama",
+            "backend_config": {"base_url": base},
+            "served_model_id": f"{mode}:latest",
+            "capabilities": ["tools"],
+        }
+        for mode in ("echo", "tools", "missing")
+    ]
     return Backend(entries, "c-echo", "c-tools", "c-missing", "ollama")
 
 
 async def vllm_orchestrated(aiohttp_server) -> Backend:
     from tests.fakes.orch import free_port, orch_settings
 
-    entries = [{"name": f"c-{mode}", "backend": "vllm", "served_model_id": reply, "capabilities": ["tools"],
-                "backend_config": {"model_path": f"fake/{mode}", "extra_args": ["--fake-reply", reply]}}
-               for mode, reply in (("echo", "echo"), ("tools", "tools"), ("error404", "missing"))]
-    return Backend(entries, "c-echo", "c-tools", "c-error404", "vllm-orchestrated", orch_settings(free_port()))
+    entries = [
+        {
+            "name": f"c-{mode}",
+            "backend": "vllm",
+            "served_model_id": reply,
+            "capabilities": ["tools"],
+            "backend_config": {"model_path": f"fake/{mode}", "extra_args": ["--fake-reply", reply]},
+        }
+        for mode, reply in (("echo", "echo"), ("tools", "tools"), ("error404", "missing"))
+    ]
+    return Backend(
+        entries, "c-echo", "c-tools", "c-error404", "vllm-orchestrated", orch_settings(free_port())
+    )
 
 
 BACKENDS: dict[str, Callable[[Any], Awaitable[Backend]]] = {
@@ -110,8 +130,15 @@ async def test_non_streamed_completion_conforms(backend):
 
 async def test_stream_conforms(backend):
     spec, client, _ = backend
-    resp = await client.post("/v1/chat/completions", json={"model": spec.echo, "messages": user("ping pong"),
-                                                           "stream": True, "stream_options": {"include_usage": True}})
+    resp = await client.post(
+        "/v1/chat/completions",
+        json={
+            "model": spec.echo,
+            "messages": user("ping pong"),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     assert resp.headers["Content-Type"].startswith("text/event-stream")
     events = sse_events(await resp.read())
     assert events[-1] == "[DONE]"
@@ -131,12 +158,15 @@ async def test_stream_conforms(backend):
 async def test_streamed_tool_call_round_trip(backend):
     spec, _, sdk = backend
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-    async with sdk.chat.completions.stream(model=spec.tools, messages=user("weather?"), tools=tools) as stream:
+    async with sdk.chat.completions.stream(
+        model=spec.tools, messages=user("weather?"), tools=tools
+    ) as stream:
         final = await stream.get_final_completion()
     call = final.choices[0].message.tool_calls[0]
     assert call.function.name == "get_weather"
     assert call.id.startswith("call")
     import json
+
     assert json.loads(call.function.arguments) == {"city": "Paris"}
     assert final.choices[0].finish_reason == "tool_calls"
 

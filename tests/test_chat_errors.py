@@ -25,6 +25,7 @@ async def env(aiohttp_server, registry_file, make_config, proxy_client, monkeypa
         registry_file(registry_for(str(server.make_url("/v1")), vision=vision) + list(extra_entries))
         client = await proxy_client(make_config(**overrides))
         return client, fake
+
     return start
 
 
@@ -38,15 +39,18 @@ async def error_of(resp, status, code):
     return body
 
 
-@pytest.mark.parametrize("payload, param", [
-    (b"{not json", None),
-    (b"[1, 2]", None),
-    (b'{"model": "m-echo"}', "messages"),
-    (b'{"model": "m-echo", "messages": []}', "messages"),
-    (b'{"model": 3, "messages": [{"role": "user", "content": "x"}]}', "model"),
-    (b'{"model": "m-echo", "messages": [{"role": "wizard", "content": "x"}]}', "messages[0].role"),
-    (b'{"model": "m-echo", "stream": "yes", "messages": [{"role": "user", "content": "x"}]}', "stream"),
-])
+@pytest.mark.parametrize(
+    "payload, param",
+    [
+        (b"{not json", None),
+        (b"[1, 2]", None),
+        (b'{"model": "m-echo"}', "messages"),
+        (b'{"model": "m-echo", "messages": []}', "messages"),
+        (b'{"model": 3, "messages": [{"role": "user", "content": "x"}]}', "model"),
+        (b'{"model": "m-echo", "messages": [{"role": "wizard", "content": "x"}]}', "messages[0].role"),
+        (b'{"model": "m-echo", "stream": "yes", "messages": [{"role": "user", "content": "x"}]}', "stream"),
+    ],
+)
 async def test_bad_requests_are_400_invalid_request(env, payload, param):
     client, _ = await env()
     body = await error_of(await client.post("/v1/chat/completions", data=payload), 400, "invalid_request")
@@ -55,37 +59,54 @@ async def test_bad_requests_are_400_invalid_request(env, payload, param):
 
 async def test_unknown_model_is_404(env):
     client, _ = await env()
-    body = await error_of(await client.post("/v1/chat/completions", json={"model": "nope", "messages": user("x")}),
-                          404, "model_not_found")
+    body = await error_of(
+        await client.post("/v1/chat/completions", json={"model": "nope", "messages": user("x")}),
+        404,
+        "model_not_found",
+    )
     assert "nope" in body["error"]["message"]
 
 
 async def test_upstream_4xx_keeps_status_and_message_vllm_flat_shape(env):
     client, _ = await env()
-    body = await error_of(await client.post("/v1/chat/completions", json={"model": "m-error400_flat", "messages": user("x")}),
-                          400, "backend_rejected")
+    body = await error_of(
+        await client.post("/v1/chat/completions", json={"model": "m-error400_flat", "messages": user("x")}),
+        400,
+        "backend_rejected",
+    )
     assert body["error"]["message"] == "max_tokens is too large"
 
 
 async def test_upstream_404_is_passed_through(env):
     client, _ = await env()
-    body = await error_of(await client.post("/v1/chat/completions", json={"model": "m-error404", "messages": user("x")}),
-                          404, "model_not_found")
+    body = await error_of(
+        await client.post("/v1/chat/completions", json={"model": "m-error404", "messages": user("x")}),
+        404,
+        "model_not_found",
+    )
     assert "does not exist" in body["error"]["message"]
 
 
 async def test_upstream_5xx_and_garbage_are_502(env):
     client, _ = await env()
-    body = await error_of(await client.post("/v1/chat/completions", json={"model": "m-error500", "messages": user("x")}),
-                          502, "backend_error")
+    body = await error_of(
+        await client.post("/v1/chat/completions", json={"model": "m-error500", "messages": user("x")}),
+        502,
+        "backend_error",
+    )
     assert "CUDA out of memory" in body["error"]["message"]
-    await error_of(await client.post("/v1/chat/completions", json={"model": "m-not_json", "messages": user("x")}),
-                   502, "backend_error")
+    await error_of(
+        await client.post("/v1/chat/completions", json={"model": "m-not_json", "messages": user("x")}),
+        502,
+        "backend_error",
+    )
 
 
 async def test_streaming_error_before_first_byte_is_json_not_sse(env):
     client, _ = await env()
-    resp = await client.post("/v1/chat/completions", json={"model": "m-error500", "stream": True, "messages": user("x")})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "m-error500", "stream": True, "messages": user("x")}
+    )
     await error_of(resp, 502, "backend_error")
 
 
@@ -98,22 +119,33 @@ def _closed_port() -> int:
 
 
 async def test_unreachable_backend_is_503_with_retry_after(env):
-    dead = {"name": "dead", "backend": "openai", "backend_config": {"host": "127.0.0.1", "port": _closed_port()}}
+    dead = {
+        "name": "dead",
+        "backend": "openai",
+        "backend_config": {"host": "127.0.0.1", "port": _closed_port()},
+    }
     client, _ = await env(extra_entries=[dead])
-    resp = await client.post("/v1/chat/completions", json={"model": "dead", "stream": True, "messages": user("x")})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "dead", "stream": True, "messages": user("x")}
+    )
     await error_of(resp, 503, "backend_unavailable")
     assert int(resp.headers["Retry-After"]) > 0
 
 
 async def test_slow_backend_is_504_within_the_configured_time(env):
     client, _ = await env(backend_timeout_ms=200)
-    await error_of(await client.post("/v1/chat/completions", json={"model": "m-slow_headers", "messages": user("x")}),
-                   504, "backend_timeout")
+    await error_of(
+        await client.post("/v1/chat/completions", json={"model": "m-slow_headers", "messages": user("x")}),
+        504,
+        "backend_timeout",
+    )
 
 
 async def test_stalled_stream_ends_with_in_band_error_and_done(env):
     client, _ = await env(stream_idle_timeout_ms=300)
-    resp = await client.post("/v1/chat/completions", json={"model": "m-hang", "stream": True, "messages": user("x")})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "m-hang", "stream": True, "messages": user("x")}
+    )
     assert resp.status == 200
     events = sse_events(await resp.read())
     assert events[0]["choices"][0]["delta"]["content"] == "partial"
@@ -123,14 +155,18 @@ async def test_stalled_stream_ends_with_in_band_error_and_done(env):
 
 async def test_upstream_dropping_mid_stream_gives_in_band_error(env):
     client, _ = await env()
-    resp = await client.post("/v1/chat/completions", json={"model": "m-drop", "stream": True, "messages": user("x")})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "m-drop", "stream": True, "messages": user("x")}
+    )
     events = sse_events(await resp.read())
     assert events[-2]["error"]["code"] == "backend_error" and events[-1] == "[DONE]"
 
 
 async def test_upstream_error_event_mid_stream_is_forwarded_in_band(env):
     client, _ = await env()
-    resp = await client.post("/v1/chat/completions", json={"model": "m-midstream_error", "stream": True, "messages": user("x")})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "m-midstream_error", "stream": True, "messages": user("x")}
+    )
     events = sse_events(await resp.read())
     validate_chunk(events[0])
     assert "engine died" in events[-2]["error"]["message"] and events[-1] == "[DONE]"
@@ -150,10 +186,12 @@ async def test_sdk_raises_on_in_band_stream_error(env):
 
 async def test_keep_alive_comments_flow_while_waiting_for_the_first_chunk(env, monkeypatch):
     from imageworks_proxy.http import sse
+
     monkeypatch.setattr(sse.SSEWriter.__init__, "__defaults__", (0.2,))
     client, _ = await env()
-    resp = await client.post("/v1/chat/completions", json={"model": "m-slow_first_chunk", "stream": True,
-                                                           "messages": user("x")})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "m-slow_first_chunk", "stream": True, "messages": user("x")}
+    )
     raw = await resp.read()
     assert raw.count(b": keep-alive\n\n") >= 2
     assert sse_events(raw)[-1] == "[DONE]"
@@ -161,7 +199,9 @@ async def test_keep_alive_comments_flow_while_waiting_for_the_first_chunk(env, m
 
 async def test_client_disconnect_cancels_the_upstream_request(env):
     client, fake = await env()
-    resp = await client.post("/v1/chat/completions", json={"model": "m-slow_stream", "stream": True, "messages": user("x")})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "m-slow_stream", "stream": True, "messages": user("x")}
+    )
     await resp.content.readuntil(b"w2 ")
     resp.close()
     for _ in range(100):
@@ -174,9 +214,13 @@ async def test_client_disconnect_cancels_the_upstream_request(env):
 async def test_text_model_replaces_images_with_alt_text_placeholder(env):
     client, fake = await env()
     png = base64.b64encode(b"abc").decode()
-    parts = [{"type": "text", "text": "hi"},
-             {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}, "alt": "a cat"}]
-    resp = await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": [{"role": "user", "content": parts}]})
+    parts = [
+        {"type": "text", "text": "hi"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}, "alt": "a cat"},
+    ]
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "m-echo", "messages": [{"role": "user", "content": parts}]}
+    )
     assert resp.status == 200
     sent = fake[fake_openai.REQUESTS][-1]["body"]["messages"][0]["content"]
     assert sent[1] == {"type": "text", "text": "[image omitted: model does not support images] (alt: a cat)"}
@@ -185,24 +229,39 @@ async def test_text_model_replaces_images_with_alt_text_placeholder(env):
 async def test_text_model_refuses_images_without_alt_text(env):
     client, _ = await env()
     parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,YWJj"}}]
-    await error_of(await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": [
-        {"role": "user", "content": parts}]}), 409, "capability_mismatch")
+    await error_of(
+        await client.post(
+            "/v1/chat/completions", json={"model": "m-echo", "messages": [{"role": "user", "content": parts}]}
+        ),
+        409,
+        "capability_mismatch",
+    )
 
 
 async def test_image_over_the_limit_is_413_naming_the_limit(env):
     client, _ = await env(vision=True, max_image_bytes=1000)
     data = base64.b64encode(b"\0" * 1001).decode()
     parts = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}}]
-    body = await error_of(await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": [
-        {"role": "user", "content": parts}]}), 413, "payload_too_large")
+    body = await error_of(
+        await client.post(
+            "/v1/chat/completions", json={"model": "m-echo", "messages": [{"role": "user", "content": parts}]}
+        ),
+        413,
+        "payload_too_large",
+    )
     assert "1000" in body["error"]["message"]
 
 
 async def test_undecodable_image_is_400_invalid_image(env):
     client, _ = await env(vision=True)
     parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@not-base64@@@"}}]
-    await error_of(await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": [
-        {"role": "user", "content": parts}]}), 400, "invalid_image")
+    await error_of(
+        await client.post(
+            "/v1/chat/completions", json={"model": "m-echo", "messages": [{"role": "user", "content": parts}]}
+        ),
+        400,
+        "invalid_image",
+    )
 
 
 async def test_body_over_the_cap_is_413(env):
@@ -215,29 +274,53 @@ async def test_api_keys_guard_every_route_but_health(env):
     client, _ = await env(api_keys="k1,k2")
     assert (await client.get("/v1/health")).status == 200
     await error_of(await client.get("/v1/models"), 401, "invalid_api_key")
-    await error_of(await client.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401, "invalid_api_key")
-    await error_of(await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": user("x")}),
-                   401, "invalid_api_key")
-    ok = await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": user("x")},
-                           headers={"Authorization": "Bearer k2"})
+    await error_of(
+        await client.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401, "invalid_api_key"
+    )
+    await error_of(
+        await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": user("x")}),
+        401,
+        "invalid_api_key",
+    )
+    ok = await client.post(
+        "/v1/chat/completions",
+        json={"model": "m-echo", "messages": user("x")},
+        headers={"Authorization": "Bearer k2"},
+    )
     assert ok.status == 200
     assert (await client.get("/v1/models", headers={"Authorization": "Bearer k1"})).status == 200
 
 
 async def test_no_authorization_goes_upstream_without_api_key_env(env):
     client, fake = await env(api_keys="client-key")
-    resp = await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": user("x")},
-                             headers={"Authorization": "Bearer client-key"})
+    resp = await client.post(
+        "/v1/chat/completions",
+        json={"model": "m-echo", "messages": user("x")},
+        headers={"Authorization": "Bearer client-key"},
+    )
     assert resp.status == 200
     assert "Authorization" not in fake[fake_openai.REQUESTS][-1]["headers"]  # the client's key stays here
 
 
-async def test_upstream_key_from_api_key_env(aiohttp_server, registry_file, make_config, proxy_client, monkeypatch):
+async def test_upstream_key_from_api_key_env(
+    aiohttp_server, registry_file, make_config, proxy_client, monkeypatch
+):
     monkeypatch.setenv("FAKE_UPSTREAM_KEY", "sekrit-123")
     fake = make_fake_openai()
     server = await aiohttp_server(fake)
-    registry_file([{"name": "keyed", "backend": "openai", "served_model_id": "echo",
-                    "backend_config": {"base_url": str(server.make_url("/v1")), "api_key_env": "FAKE_UPSTREAM_KEY"}}])
+    registry_file(
+        [
+            {
+                "name": "keyed",
+                "backend": "openai",
+                "served_model_id": "echo",
+                "backend_config": {
+                    "base_url": str(server.make_url("/v1")),
+                    "api_key_env": "FAKE_UPSTREAM_KEY",
+                },
+            }
+        ]
+    )
     client = await proxy_client(make_config())
     resp = await client.post("/v1/chat/completions", json={"model": "keyed", "messages": user("x")})
     assert resp.status == 200

@@ -14,9 +14,9 @@ import openai
 import pytest
 from aiohttp import web
 
-from imageworks_proxy.http import sse
 from imageworks_proxy.adapters.base import Adapter
 from imageworks_proxy.hookspecs import hookimpl
+from imageworks_proxy.http import sse
 from imageworks_proxy.pipeline.stage import Stage
 from tests.chat_helpers import sse_events, user
 from tests.fakes import fake_openai
@@ -72,7 +72,9 @@ async def stream_events(client, model, **body):
 
 
 def finishes(chunks):
-    return [(c["index"], c["finish_reason"]) for e in chunks for c in e.get("choices", []) if c["finish_reason"]]
+    return [
+        (c["index"], c["finish_reason"]) for e in chunks for c in e.get("choices", []) if c["finish_reason"]
+    ]
 
 
 def text_of(chunks, field="content"):
@@ -88,26 +90,49 @@ async def test_openwebui_shaped_request_goes_through_with_its_extras(env):
     pdf = "data:application/pdf;base64," + base64.b64encode(b"%PDF-1.4").decode()
     messages = [
         {"role": "system", "content": "You are terse."},
-        {"role": "user", "content": [
-            {"type": "text", "text": "What is in this picture?"},
-            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}", "detail": "auto"}},
-            {"type": "file", "file": {"file_data": pdf, "filename": "a.pdf"}},
-            {"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
-         "cache_control": {"type": "ephemeral"}}]
-    _, chunks = await stream_events(client, "m-echo", messages=messages, stream_options={"include_usage": True},
-                                    temperature=0.6, top_k=40, num_ctx=8192,
-                                    chat_template_kwargs={"enable_thinking": False})
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is in this picture?"},
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}", "detail": "auto"}},
+                {"type": "file", "file": {"file_data": pdf, "filename": "a.pdf"}},
+                {"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}},
+            ],
+            "cache_control": {"type": "ephemeral"},
+        },
+    ]
+    _, chunks = await stream_events(
+        client,
+        "m-echo",
+        messages=messages,
+        stream_options={"include_usage": True},
+        temperature=0.6,
+        top_k=40,
+        num_ctx=8192,
+        chat_template_kwargs={"enable_thinking": False},
+    )
     assert text_of(chunks).strip() == "echo: What is in this picture? Be brief."
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 8
     sent = fake[REQUESTS][-1]["body"]
     assert sent["messages"][1] == messages[1]  # file part, cache_control and the image arrive untouched
-    assert (sent["top_k"], sent["num_ctx"], sent["chat_template_kwargs"]) == (40, 8192, {"enable_thinking": False})
+    assert (sent["top_k"], sent["num_ctx"], sent["chat_template_kwargs"]) == (
+        40,
+        8192,
+        {"enable_thinking": False},
+    )
 
 
 async def test_stream_options_on_a_non_streamed_request_do_not_make_the_backend_refuse_it(env):
     client, fake, _ = await env()
-    resp = await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": user("hi"), "stream": False,
-                                                           "stream_options": {"include_usage": True}})
+    resp = await client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "m-echo",
+            "messages": user("hi"),
+            "stream": False,
+            "stream_options": {"include_usage": True},
+        },
+    )
     assert resp.status == 200, await resp.text()
     assert (await resp.json())["choices"][0]["message"]["content"] == "echo: hi"
     assert "stream_options" not in fake[REQUESTS][-1]["body"]
@@ -116,25 +141,43 @@ async def test_stream_options_on_a_non_streamed_request_do_not_make_the_backend_
 async def test_sdk_streams_a_vision_request(env):
     _, fake, sdk = await env(vision=True)
     png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 100).decode()
-    parts = [{"type": "text", "text": "describe"},
-             {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]
-    stream = await sdk.chat.completions.create(model="m-echo", messages=[{"role": "user", "content": parts}],
-                                               stream=True)
+    parts = [
+        {"type": "text", "text": "describe"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+    ]
+    stream = await sdk.chat.completions.create(
+        model="m-echo", messages=[{"role": "user", "content": parts}], stream=True
+    )
     text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     assert text.strip() == "echo: describe"
     assert fake[REQUESTS][-1]["body"]["messages"][0]["content"][1]["image_url"]["url"].endswith(png)
 
 
 async def test_generation_defaults_reach_the_backend_only_where_the_request_is_silent(
-        aiohttp_server, registry_file, make_config, proxy_client):
+    aiohttp_server, registry_file, make_config, proxy_client
+):
     fake = make_fake_openai()
     server = await aiohttp_server(fake)
-    registry_file([{"name": "tuned", "backend": "openai", "served_model_id": "echo",
-                    "backend_config": {"base_url": str(server.make_url("/v1"))},
-                    "generation_defaults": {"temperature": 0.2, "top_p": 0.8, "max_tokens": 256,
-                                            "stop_sequences": ["</s>"]}}])
+    registry_file(
+        [
+            {
+                "name": "tuned",
+                "backend": "openai",
+                "served_model_id": "echo",
+                "backend_config": {"base_url": str(server.make_url("/v1"))},
+                "generation_defaults": {
+                    "temperature": 0.2,
+                    "top_p": 0.8,
+                    "max_tokens": 256,
+                    "stop_sequences": ["</s>"],
+                },
+            }
+        ]
+    )
     client = await proxy_client(make_config())
-    resp = await client.post("/v1/chat/completions", json={"model": "tuned", "messages": user("x"), "temperature": 1.0})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "tuned", "messages": user("x"), "temperature": 1.0}
+    )
     assert resp.status == 200
     sent = fake[REQUESTS][-1]["body"]
     assert (sent["temperature"], sent["top_p"], sent["max_tokens"], sent["stop"]) == (1.0, 0.8, 256, ["</s>"])
@@ -147,16 +190,24 @@ async def test_usage_is_absent_unless_asked_and_last_before_done_when_asked(env)
     client, _, _ = await env()
     _, plain = await stream_events(client, "m-echo", messages=user("a b"))
     assert all(e["choices"] for e in plain) and not any(e.get("usage") for e in plain)
-    _, asked = await stream_events(client, "m-echo", messages=user("a b"), stream_options={"include_usage": True})
+    _, asked = await stream_events(
+        client, "m-echo", messages=user("a b"), stream_options={"include_usage": True}
+    )
     assert asked[-1]["choices"] == [] and asked[-1]["usage"] == USAGE
     assert finishes(asked) == [(0, "stop")]
 
 
 async def test_a_finish_reason_the_upstream_repeats_reaches_the_client_once(env):
-    script = [ch({"role": "assistant", "content": "Hi"}), ch(finish="stop"), ch(finish="stop"),
-              {"choices": [], "usage": USAGE}]
+    script = [
+        ch({"role": "assistant", "content": "Hi"}),
+        ch(finish="stop"),
+        ch(finish="stop"),
+        {"choices": [], "usage": USAGE},
+    ]
     client, _, _ = await env({"twice": script})
-    _, chunks = await stream_events(client, "m-twice", messages=user("x"), stream_options={"include_usage": True})
+    _, chunks = await stream_events(
+        client, "m-twice", messages=user("x"), stream_options={"include_usage": True}
+    )
     assert finishes(chunks) == [(0, "stop")]
     assert chunks[-1] == {**chunks[-1], "choices": [], "usage": USAGE}
 
@@ -164,22 +215,28 @@ async def test_a_finish_reason_the_upstream_repeats_reaches_the_client_once(env)
 async def test_a_missing_finish_reason_is_added_before_the_usage_chunk(env):
     script = [ch({"role": "assistant", "content": "Hi"}), {"choices": [], "usage": USAGE}]
     client, _, _ = await env({"nofinish": script})
-    _, chunks = await stream_events(client, "m-nofinish", messages=user("x"), stream_options={"include_usage": True})
+    _, chunks = await stream_events(
+        client, "m-nofinish", messages=user("x"), stream_options={"include_usage": True}
+    )
     assert finishes(chunks) == [(0, "stop")]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == USAGE
 
 
-@pytest.mark.parametrize("model, status, code, etype", [
-    ("m-error400_flat", 400, "backend_rejected", "invalid_request_error"),
-    ("m-error404", 404, "model_not_found", "not_found_error"),
-    ("m-error500", 502, "backend_error", "server_error"),
-    ("nope", 404, "model_not_found", "not_found_error"),
-])
+@pytest.mark.parametrize(
+    "model, status, code, etype",
+    [
+        ("m-error400_flat", 400, "backend_rejected", "invalid_request_error"),
+        ("m-error404", 404, "model_not_found", "not_found_error"),
+        ("m-error500", 502, "backend_error", "server_error"),
+        ("nope", 404, "model_not_found", "not_found_error"),
+    ],
+)
 async def test_error_types_follow_openai_whatever_the_backend_called_them(env, model, status, code, etype):
     client, _, sdk = await env()
     for stream in (False, True):
-        resp = await client.post("/v1/chat/completions", json={"model": model, "stream": stream,
-                                                               "messages": user("x")})
+        resp = await client.post(
+            "/v1/chat/completions", json={"model": model, "stream": stream, "messages": user("x")}
+        )
         body = await resp.json()
         validate_error(body)
         assert (resp.status, body["error"]["code"], body["error"]["type"]) == (status, code, etype)
@@ -191,8 +248,9 @@ async def test_error_types_follow_openai_whatever_the_backend_called_them(env, m
 @pytest.mark.parametrize("stream", [False, True])
 async def test_an_error_the_backend_answers_with_http_200_is_an_error(env, stream):
     client, _, _ = await env()
-    resp = await client.post("/v1/chat/completions", json={"model": "m-error200", "stream": stream,
-                                                           "messages": user("x")})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "m-error200", "stream": stream, "messages": user("x")}
+    )
     assert resp.status == 400 and resp.content_type == "application/json"
     body = await resp.json()
     validate_error(body)
@@ -201,8 +259,9 @@ async def test_an_error_the_backend_answers_with_http_200_is_an_error(env, strea
 
 async def test_a_json_answer_to_a_streaming_request_is_replayed_as_a_stream(env):
     client, _, sdk = await env()
-    _, chunks = await stream_events(client, "m-json_for_stream", messages=user("x"),
-                                    stream_options={"include_usage": True})
+    _, chunks = await stream_events(
+        client, "m-json_for_stream", messages=user("x"), stream_options={"include_usage": True}
+    )
     assert text_of(chunks) == "whole answer" and finishes(chunks) == [(0, "stop")]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == USAGE
 
@@ -211,28 +270,39 @@ async def test_a_json_answer_to_a_streaming_request_is_replayed_as_a_stream(env)
 
 
 async def test_json_tool_call_whose_last_fragment_carries_the_finish_reason(env):
-    script = [ch({"role": "assistant", "content": ""}), ch({"content": '{"name": "get_weather", '}),
-              ch({"content": '"arguments": {"city": "Paris"}}'}, "stop"), {"choices": [], "usage": USAGE}]
+    script = [
+        ch({"role": "assistant", "content": ""}),
+        ch({"content": '{"name": "get_weather", '}),
+        ch({"content": '"arguments": {"city": "Paris"}}'}, "stop"),
+        {"choices": [], "usage": USAGE},
+    ]
     client, _, sdk = await env({"jsonlast": script})
     async with sdk.chat.completions.stream(model="m-jsonlast", messages=user("w"), tools=TOOLS) as stream:
         final = await stream.get_final_completion()
     assert final.choices[0].message.tool_calls[0].function.name == "get_weather"
     assert json.loads(final.choices[0].message.tool_calls[0].function.arguments) == {"city": "Paris"}
     assert final.choices[0].finish_reason == "tool_calls"
-    _, chunks = await stream_events(client, "m-jsonlast", messages=user("w"), tools=TOOLS,
-                                    stream_options={"include_usage": True})
+    _, chunks = await stream_events(
+        client, "m-jsonlast", messages=user("w"), tools=TOOLS, stream_options={"include_usage": True}
+    )
     assert finishes(chunks) == [(0, "tool_calls")]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == USAGE
 
 
-@pytest.mark.parametrize("pieces", [
-    ["{x} is a placeholder ", "in Python's format strings."],
-    ['{"name": "get_weather"', ', "note": "not quite a call"', "} said the model"],
-    ["[1] Smith, J. ", "(2020). ", "A paper."],
-])
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        ["{x} is a placeholder ", "in Python's format strings."],
+        ['{"name": "get_weather"', ', "note": "not quite a call"', "} said the model"],
+        ["[1] Smith, J. ", "(2020). ", "A paper."],
+    ],
+)
 async def test_a_reply_that_only_starts_like_json_is_delivered_intact(env, pieces):
-    script = [ch({"role": "assistant", "content": ""})] + [ch({"content": p}) for p in pieces[:-1]] + \
-        [ch({"content": pieces[-1]}, "stop")]
+    script = (
+        [ch({"role": "assistant", "content": ""})]
+        + [ch({"content": p}) for p in pieces[:-1]]
+        + [ch({"content": pieces[-1]}, "stop")]
+    )
     client, _, sdk = await env({"brace": script})
     _, chunks = await stream_events(client, "m-brace", messages=user("x"), tools=TOOLS)
     assert text_of(chunks) == "".join(pieces)
@@ -245,7 +315,11 @@ async def test_a_reply_that_only_starts_like_json_is_delivered_intact(env, piece
 
 async def test_a_code_block_reply_still_streams_piece_by_piece_when_tools_are_offered(env):
     pieces = ["```python\n", "def f():\n", "    return 1\n", "```\n", "Done."]
-    script = [ch({"role": "assistant", "content": ""})] + [ch({"content": p}) for p in pieces] + [ch(finish="stop")]
+    script = (
+        [ch({"role": "assistant", "content": ""})]
+        + [ch({"content": p}) for p in pieces]
+        + [ch(finish="stop")]
+    )
     client, _, _ = await env({"code": script})
     _, chunks = await stream_events(client, "m-code", messages=user("x"), tools=TOOLS)
     contents = [c["delta"]["content"] for e in chunks for c in e["choices"] if c["delta"].get("content")]
@@ -257,38 +331,77 @@ async def test_a_code_block_reply_still_streams_piece_by_piece_when_tools_are_of
 
 
 async def test_a_tool_name_sent_after_the_call_id_is_kept(env):
-    script = [ch({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_x", "type": "function"}]}),
-              ch({"tool_calls": [{"index": 0, "function": {"name": "get_weather"}}]}),
-              ch({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": "Paris"}'}}]}),
-              ch(finish="tool_calls")]
+    script = [
+        ch({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_x", "type": "function"}]}),
+        ch({"tool_calls": [{"index": 0, "function": {"name": "get_weather"}}]}),
+        ch({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": "Paris"}'}}]}),
+        ch(finish="tool_calls"),
+    ]
     _, _, sdk = await env({"latename": script})
     async with sdk.chat.completions.stream(model="m-latename", messages=user("w"), tools=TOOLS) as stream:
         final = await stream.get_final_completion()
     call = final.choices[0].message.tool_calls[0]
-    assert (call.id, call.function.name, call.function.arguments) == ("call_x", "get_weather", '{"city": "Paris"}')
+    assert (call.id, call.function.name, call.function.arguments) == (
+        "call_x",
+        "get_weather",
+        '{"city": "Paris"}',
+    )
 
 
 async def test_argument_fragments_without_index_or_id_join_the_call_they_follow(env):
-    script = [ch({"role": "assistant", "tool_calls": [{"id": "call_a", "type": "function",
-                                                       "function": {"name": "get_weather", "arguments": ""}}]}),
-              ch({"tool_calls": [{"function": {"arguments": '{"city": '}}]}),
-              ch({"tool_calls": [{"function": {"arguments": '"Paris"}'}}]}),
-              ch({"tool_calls": [{"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": ""}}]}),
-              ch({"tool_calls": [{"function": {"arguments": "{}"}}]}),
-              ch(finish="tool_calls")]
+    script = [
+        ch(
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+                ],
+            }
+        ),
+        ch({"tool_calls": [{"function": {"arguments": '{"city": '}}]}),
+        ch({"tool_calls": [{"function": {"arguments": '"Paris"}'}}]}),
+        ch(
+            {
+                "tool_calls": [
+                    {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": ""}}
+                ]
+            }
+        ),
+        ch({"tool_calls": [{"function": {"arguments": "{}"}}]}),
+        ch(finish="tool_calls"),
+    ]
     _, _, sdk = await env({"noindex": script})
     async with sdk.chat.completions.stream(model="m-noindex", messages=user("w"), tools=TOOLS) as stream:
         final = await stream.get_final_completion()
     calls = final.choices[0].message.tool_calls
     assert [(c.id, c.function.name, c.function.arguments) for c in calls] == [
-        ("call_a", "get_weather", '{"city": "Paris"}'), ("call_b", "get_time", "{}")]
+        ("call_a", "get_weather", '{"city": "Paris"}'),
+        ("call_b", "get_time", "{}"),
+    ]
 
 
-@pytest.mark.parametrize("script", [
-    [ch({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_a", "type": "function",
-                                              "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]})],
-    [ch({"role": "assistant", "content": '{"name": "get_weather", "arguments": {"city": "Paris"}}'})],
-], ids=["structured", "json-content"])
+@pytest.mark.parametrize(
+    "script",
+    [
+        [
+            ch(
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": "call_a",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                        }
+                    ],
+                }
+            )
+        ],
+        [ch({"role": "assistant", "content": '{"name": "get_weather", "arguments": {"city": "Paris"}}'})],
+    ],
+    ids=["structured", "json-content"],
+)
 async def test_tool_calls_without_a_finish_chunk_still_end_with_tool_calls(env, script):
     client, _, sdk = await env({"nofinishcall": script})
     _, chunks = await stream_events(client, "m-nofinishcall", messages=user("w"), tools=TOOLS)
@@ -305,10 +418,28 @@ async def test_tool_calls_without_a_finish_chunk_still_end_with_tool_calls(env, 
 async def test_big_parallel_tool_calls_in_one_delta_are_split_under_64k(env):
     big_a = json.dumps({"text": "a" * 100_000})
     big_b = json.dumps({"text": "é" * 50_000})
-    script = [ch({"role": "assistant", "tool_calls": [
-        {"index": 0, "id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": big_a}},
-        {"index": 1, "id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": big_b}}]}),
-        ch(finish="tool_calls")]
+    script = [
+        ch(
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {
+                        "index": 0,
+                        "id": "call_a",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": big_a},
+                    },
+                    {
+                        "index": 1,
+                        "id": "call_b",
+                        "type": "function",
+                        "function": {"name": "get_time", "arguments": big_b},
+                    },
+                ],
+            }
+        ),
+        ch(finish="tool_calls"),
+    ]
     client, _, sdk = await env({"bigcalls": script})
     raw, _ = await stream_events(client, "m-bigcalls", messages=user("w"), tools=TOOLS)
     assert max(len(line) for line in raw.split(b"\n")) <= 64 * 1024
@@ -316,7 +447,9 @@ async def test_big_parallel_tool_calls_in_one_delta_are_split_under_64k(env):
         final = await stream.get_final_completion()
     calls = final.choices[0].message.tool_calls
     assert [(c.id, c.function.name, c.function.arguments) for c in calls] == [
-        ("call_a", "get_weather", big_a), ("call_b", "get_time", big_b)]
+        ("call_a", "get_weather", big_a),
+        ("call_b", "get_time", big_b),
+    ]
 
 
 async def test_big_vllm_reasoning_is_split_under_64k_in_both_fields(env):
@@ -330,6 +463,7 @@ async def test_big_vllm_reasoning_is_split_under_64k_in_both_fields(env):
 
 
 # -- errors and disconnects from adapters ---------------------------------------------------------------------
+
 
 class Events:
     """What the test adapter saw: cancellations and stream closes."""
@@ -414,7 +548,9 @@ async def odd_served(request, registry_file, make_config, make_app, proxy_client
     if request.param == "test-server":
         yield await proxy_client(make_config(), plugins=(odd_plugin(events),)), events
         return
-    runner = web.AppRunner(make_app(make_config(), plugins=(odd_plugin(events),)))  # handler_cancellation=False
+    runner = web.AppRunner(
+        make_app(make_config(), plugins=(odd_plugin(events),))
+    )  # handler_cancellation=False
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -450,22 +586,29 @@ async def test_unexpected_adapter_exceptions_are_500_shaped_with_the_request_id(
     validate_error(body)
     assert body["error"]["code"] == "internal_error" and "secret" not in json.dumps(body)
     assert body["error"]["request_id"] == resp.headers["X-Request-Id"]
-    resp = await client.post("/v1/chat/completions", json={"model": mode, "stream": True, "messages": user("x")},
-                             headers={"X-Request-Id": f"trace-{mode}"})
+    resp = await client.post(
+        "/v1/chat/completions",
+        json={"model": mode, "stream": True, "messages": user("x")},
+        headers={"X-Request-Id": f"trace-{mode}"},
+    )
     assert resp.headers["X-Request-Id"] == f"trace-{mode}"
     if mode == "raise_before":  # nothing was streamed yet: a JSON 500
         assert resp.status == 500 and (await resp.json())["error"]["request_id"] == f"trace-{mode}"
         return
     events = sse_events(await resp.read())
     assert events[-1] == "[DONE]"
-    assert events[-2]["error"]["code"] == "internal_error" and events[-2]["error"]["request_id"] == f"trace-{mode}"
+    assert (
+        events[-2]["error"]["code"] == "internal_error"
+        and events[-2]["error"]["request_id"] == f"trace-{mode}"
+    )
 
 
 async def test_client_leaving_during_the_keep_alive_wait_cancels_the_wait(odd_served, monkeypatch):
     monkeypatch.setattr(sse.SSEWriter.__init__, "__defaults__", (0.1,))
     client, events = odd_served
-    resp = await client.post("/v1/chat/completions", json={"model": "wait_forever", "stream": True,
-                                                           "messages": user("x")})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "wait_forever", "stream": True, "messages": user("x")}
+    )
     assert await resp.content.readuntil(b"\n\n") == b": keep-alive\n\n"
     resp.close()
     assert await wait_for(events) == ["wait cancelled"]
@@ -473,8 +616,11 @@ async def test_client_leaving_during_the_keep_alive_wait_cancels_the_wait(odd_se
 
 async def test_client_leaving_before_the_stream_starts_still_closes_the_adapter_stream(odd_served):
     client, events = odd_served
-    task = asyncio.ensure_future(client.post("/v1/chat/completions", json={
-        "model": "slow_accept", "stream": True, "messages": user("x")}))
+    task = asyncio.ensure_future(
+        client.post(
+            "/v1/chat/completions", json={"model": "slow_accept", "stream": True, "messages": user("x")}
+        )
+    )
     await asyncio.sleep(0.1)
     task.cancel()  # the client gives up while the adapter is still connecting upstream
     with pytest.raises(asyncio.CancelledError):
@@ -495,7 +641,8 @@ class FinishRecorder(Stage):
 
 
 async def test_client_leaving_before_a_model_wait_is_logged_as_a_disconnect_not_a_crash(
-        registry_file, make_config, make_app, caplog):
+    registry_file, make_config, make_app, caplog
+):
     events = Events()
     recorder = type("Recorder", (FinishRecorder,), {"seen": []})
 
@@ -505,15 +652,21 @@ async def test_client_leaving_before_a_model_wait_is_logged_as_a_disconnect_not_
             register(recorder)
 
     registry_file([{"name": m, "backend": "odd"} for m in ODD_MODES])
-    runner = web.AppRunner(make_app(make_config(), plugins=(odd_plugin(events), RecorderPlugin())))  # as when embedded
+    runner = web.AppRunner(
+        make_app(make_config(), plugins=(odd_plugin(events), RecorderPlugin()))
+    )  # as when embedded
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     host, port = runner.addresses[0][:2]
     try:
         async with aiohttp.ClientSession() as session:
-            task = asyncio.ensure_future(session.post(f"http://{host}:{port}/v1/chat/completions", json={
-                "model": "slow_wait", "stream": True, "messages": user("x")}))
+            task = asyncio.ensure_future(
+                session.post(
+                    f"http://{host}:{port}/v1/chat/completions",
+                    json={"model": "slow_wait", "stream": True, "messages": user("x")},
+                )
+            )
             await asyncio.sleep(0.1)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -530,7 +683,8 @@ async def test_client_leaving_before_a_model_wait_is_logged_as_a_disconnect_not_
 
 
 async def test_client_leaving_while_sending_its_request_is_logged_as_a_disconnect(
-        registry_file, make_config, make_app, caplog):
+    registry_file, make_config, make_app, caplog
+):
     recorder = type("Recorder", (FinishRecorder,), {"seen": []})
 
     class RecorderPlugin:
@@ -546,8 +700,10 @@ async def test_client_leaving_while_sending_its_request_is_logged_as_a_disconnec
     host, port = runner.addresses[0][:2]
     try:
         reader, writer = await asyncio.open_connection(host, port)
-        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 100000\r\n\r\n" + b'{"model": "m", "messages": [' + b" " * 1000)
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n" + b'{"model": "m", "messages": [' + b" " * 1000
+        )
         await writer.drain()
         await asyncio.sleep(0.1)
         writer.close()
@@ -579,11 +735,14 @@ class BrokenFinishPlugin:
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_failing_finish_hook_does_not_turn_a_good_answer_into_an_error(
-        aiohttp_server, registry_file, make_config, proxy_client, stream):
+    aiohttp_server, registry_file, make_config, proxy_client, stream
+):
     server = await aiohttp_server(make_fake_openai())
     registry_file(registry_for(str(server.make_url("/v1"))))
     client = await proxy_client(make_config(), plugins=(BrokenFinishPlugin(),))
-    resp = await client.post("/v1/chat/completions", json={"model": "m-echo", "stream": stream, "messages": user("hi")})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "m-echo", "stream": stream, "messages": user("hi")}
+    )
     assert resp.status == 200
     if stream:
         events = sse_events(await resp.read())
@@ -599,13 +758,17 @@ async def test_a_stream_silent_past_the_idle_timeout_before_its_headers_names_th
     # For a stream, the idle timeout bounds upstream silence from the start, headers or not.
     monkeypatch.setattr(fake_openai, "DELAY", 0.6)
     client, _, _ = await env(stream_idle_timeout_ms=200, backend_timeout_ms=5000)
-    resp = await client.post("/v1/chat/completions", json={"model": "m-slow_headers", "stream": True,
-                                                           "messages": user("x")})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "m-slow_headers", "stream": True, "messages": user("x")}
+    )
     assert resp.status == 504 and resp.content_type == "application/json"
     body = await resp.json()
     validate_error(body)
     assert body["error"]["code"] == "backend_timeout"
-    assert "200 ms" in body["error"]["message"] and "CHAT_PROXY_STREAM_IDLE_TIMEOUT_MS" in body["error"]["message"]
+    assert (
+        "200 ms" in body["error"]["message"]
+        and "CHAT_PROXY_STREAM_IDLE_TIMEOUT_MS" in body["error"]["message"]
+    )
 
 
 @pytest.fixture
@@ -630,12 +793,21 @@ def unanswered_port():
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_backend_that_never_accepts_the_connection_is_503_unavailable(
-        registry_file, make_config, proxy_client, unanswered_port, stream):
-    registry_file([{"name": "blackhole", "backend": "openai",
-                    "backend_config": {"base_url": f"http://127.0.0.1:{unanswered_port}/v1"}}])
+    registry_file, make_config, proxy_client, unanswered_port, stream
+):
+    registry_file(
+        [
+            {
+                "name": "blackhole",
+                "backend": "openai",
+                "backend_config": {"base_url": f"http://127.0.0.1:{unanswered_port}/v1"},
+            }
+        ]
+    )
     client = await proxy_client(make_config(backend_timeout_ms=600))
-    resp = await client.post("/v1/chat/completions", json={"model": "blackhole", "stream": stream,
-                                                           "messages": user("x")})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "blackhole", "stream": stream, "messages": user("x")}
+    )
     assert resp.status == 503 and resp.content_type == "application/json"
     body = await resp.json()
     validate_error(body)
@@ -646,8 +818,9 @@ async def test_idle_timeout_before_the_first_chunk_follows_keep_alives_in_band(e
     monkeypatch.setattr(fake_openai, "DELAY", 1.0)
     monkeypatch.setattr(sse.SSEWriter.__init__, "__defaults__", (0.1,))
     client, _, _ = await env(stream_idle_timeout_ms=400, backend_timeout_ms=5000)
-    resp = await client.post("/v1/chat/completions", json={"model": "m-slow_first_chunk", "stream": True,
-                                                           "messages": user("x")})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "m-slow_first_chunk", "stream": True, "messages": user("x")}
+    )
     assert resp.status == 200
     raw = await resp.read()
     assert raw.startswith(b": keep-alive\n\n")
@@ -668,15 +841,22 @@ async def test_other_methods_on_chat_completions_are_a_json_405(env, method):
     if method != "HEAD":
         body = await resp.json()
         validate_error(body)
-        assert body["error"]["code"] == "method_not_allowed" and body["error"]["type"] == "invalid_request_error"
+        assert (
+            body["error"]["code"] == "method_not_allowed" and body["error"]["type"] == "invalid_request_error"
+        )
 
 
 async def test_streamed_responses_carry_the_request_id(env):
     client, _, _ = await env()
-    resp = await client.post("/v1/chat/completions", json={"model": "m-echo", "stream": True, "messages": user("x")},
-                             headers={"X-Request-Id": "owui-42"})
+    resp = await client.post(
+        "/v1/chat/completions",
+        json={"model": "m-echo", "stream": True, "messages": user("x")},
+        headers={"X-Request-Id": "owui-42"},
+    )
     assert resp.headers["X-Request-Id"] == "owui-42"
     await resp.read()
-    resp = await client.post("/v1/chat/completions", json={"model": "m-echo", "stream": True, "messages": user("x")})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "m-echo", "stream": True, "messages": user("x")}
+    )
     assert resp.headers["X-Request-Id"].startswith("req_")
     await resp.read()

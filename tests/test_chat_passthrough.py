@@ -5,9 +5,8 @@ from __future__ import annotations
 import base64
 import io
 
-import orjson
-
 import openai
+import orjson
 import pytest
 
 from tests.chat_helpers import sse_events, user
@@ -70,7 +69,9 @@ async def test_sdk_stream_arrives_word_by_word_with_role_first_and_usage(env):
 
 async def test_stream_wire_format_headers_framing_and_done(env):
     client, _, _ = await env()
-    resp = await client.post("/v1/chat/completions", json={"model": "m-echo", "stream": True, "messages": user("hi")})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "m-echo", "stream": True, "messages": user("hi")}
+    )
     assert resp.status == 200
     assert resp.headers["Content-Type"].startswith("text/event-stream")
     assert resp.headers["Cache-Control"] == "no-cache"
@@ -87,8 +88,10 @@ async def test_stream_wire_format_headers_framing_and_done(env):
 
 async def test_streamed_tool_calls_are_assembled_whole_by_the_sdk(env):
     _, _, sdk = await env()
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
-             {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    tools = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
+        {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}},
+    ]
     async with sdk.chat.completions.stream(model="m-tools", messages=user("weather?"), tools=tools) as stream:
         async for _ in stream:
             pass
@@ -116,10 +119,16 @@ async def test_legacy_function_call_becomes_tool_calls(env):
     assert msg.tool_calls[0].function.name == "get_weather"
     assert msg.tool_calls[0].id.startswith("call_")
     assert completion.choices[0].finish_reason == "tool_calls"
-    resp = await client.post("/v1/chat/completions", json={"model": "m-legacy", "stream": True, "messages": user("w")})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "m-legacy", "stream": True, "messages": user("w")}
+    )
     events = [e for e in sse_events(await resp.read()) if e != "[DONE]"]
     calls = [tc for e in events for c in e["choices"] for tc in c["delta"].get("tool_calls", [])]
-    assert calls[0]["index"] == 0 and calls[0]["function"]["name"] == "get_weather" and calls[0]["id"].startswith("call_")
+    assert (
+        calls[0]["index"] == 0
+        and calls[0]["function"]["name"] == "get_weather"
+        and calls[0]["id"].startswith("call_")
+    )
     assert "id" not in calls[1] and calls[1]["function"] == {"arguments": '{"city": "Paris"}'}
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
     for e in events:
@@ -159,16 +168,22 @@ async def test_missing_required_fields_are_filled_in(env):
 
 async def test_vllm_reasoning_is_also_reasoning_content(env):
     client, _, _ = await env()
-    body = await (await client.post("/v1/chat/completions", json={"model": "m-reasoning", "messages": user("x")})).json()
+    body = await (
+        await client.post("/v1/chat/completions", json={"model": "m-reasoning", "messages": user("x")})
+    ).json()
     assert body["choices"][0]["message"]["reasoning_content"] == "think hard"
-    resp = await client.post("/v1/chat/completions", json={"model": "m-reasoning", "stream": True, "messages": user("x")})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "m-reasoning", "stream": True, "messages": user("x")}
+    )
     events = sse_events(await resp.read())
     assert events[0]["choices"][0]["delta"]["reasoning_content"] == "think"
 
 
 async def test_oversized_content_is_split_into_lines_under_64k(env):
     client, _, _ = await env()
-    resp = await client.post("/v1/chat/completions", json={"model": "m-huge", "stream": True, "messages": user("x")})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "m-huge", "stream": True, "messages": user("x")}
+    )
     raw = await resp.read()
     assert max(len(line) for line in raw.split(b"\n")) <= 64 * 1024
     events = [e for e in sse_events(raw) if e != "[DONE]"]
@@ -179,25 +194,41 @@ async def test_oversized_content_is_split_into_lines_under_64k(env):
 
 async def test_unknown_request_fields_are_forwarded(env):
     client, fake, _ = await env()
-    await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": user("x"), "top_k": 40,
-                                                    "chat_template_kwargs": {"enable_thinking": False}})
+    await client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "m-echo",
+            "messages": user("x"),
+            "top_k": 40,
+            "chat_template_kwargs": {"enable_thinking": False},
+        },
+    )
     sent = fake[REQUESTS][-1]["body"]
     assert sent["top_k"] == 40 and sent["chat_template_kwargs"] == {"enable_thinking": False}
 
 
 async def test_developer_role_is_sent_as_system(env):
     client, fake, _ = await env()
-    await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": [
-        {"role": "developer", "content": "be brief"}, {"role": "user", "content": "x"}]})
+    await client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "m-echo",
+            "messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "x"}],
+        },
+    )
     assert fake[REQUESTS][-1]["body"]["messages"][0]["role"] == "system"
 
 
 async def test_image_reaches_a_vision_model_through_the_sdk(env):
     _, fake, sdk = await env(vision=True)
     png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 100).decode()
-    parts = [{"type": "text", "text": "what is this"},
-             {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]
-    completion = await sdk.chat.completions.create(model="m-echo", messages=[{"role": "user", "content": parts}])
+    parts = [
+        {"type": "text", "text": "what is this"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+    ]
+    completion = await sdk.chat.completions.create(
+        model="m-echo", messages=[{"role": "user", "content": parts}]
+    )
     assert completion.choices[0].message.content == "echo: what is this"
     sent = fake[REQUESTS][-1]["body"]["messages"][-1]["content"]
     assert sent[1]["image_url"]["url"] == f"data:image/png;base64,{png}"
@@ -206,8 +237,13 @@ async def test_image_reaches_a_vision_model_through_the_sdk(env):
 async def test_a_5mb_image_gets_through_the_body_cap(env):
     client, fake, _ = await env(vision=True)
     png = base64.b64encode(b"\0" * 5_000_000).decode()
-    parts = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}, {"type": "text", "text": "hi"}]
+    parts = [
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+        {"type": "text", "text": "hi"},
+    ]
     body = orjson.dumps({"model": "m-echo", "messages": [{"role": "user", "content": parts}]})
-    resp = await client.post("/v1/chat/completions", data=io.BytesIO(body), headers={"Content-Type": "application/json"})
+    resp = await client.post(
+        "/v1/chat/completions", data=io.BytesIO(body), headers={"Content-Type": "application/json"}
+    )
     assert resp.status == 200, await resp.text()
     assert len(fake[REQUESTS][-1]["body"]["messages"][0]["content"][0]["image_url"]["url"]) > 6_000_000

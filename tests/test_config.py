@@ -68,15 +68,25 @@ def _shown(config: Config) -> dict[str, tuple[str, str]]:
 
 
 def _cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_PROXY_") and k != "IMAGEWORKS_REGISTRY_DIR"}
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("CHAT_PROXY_") and k != "IMAGEWORKS_REGISTRY_DIR"
+    }
     clean.update(env)
     return subprocess.run(
         [sys.executable, "-m", "imageworks_proxy", *args],
-        env=clean, cwd=cwd, capture_output=True, text=True, timeout=60,
+        env=clean,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
-@pytest.mark.parametrize(("env", "default"), SEED_DEFAULTS + SPEC_DEFAULTS, ids=[e for e, _ in SEED_DEFAULTS + SPEC_DEFAULTS])
+@pytest.mark.parametrize(
+    ("env", "default"), SEED_DEFAULTS + SPEC_DEFAULTS, ids=[e for e, _ in SEED_DEFAULTS + SPEC_DEFAULTS]
+)
 def test_every_documented_variable_exists_with_its_default(env, default):
     shown = _shown(load_config({}))
     assert env in shown, f"{env} is not a setting"
@@ -180,7 +190,11 @@ def test_malformed_file_value_names_the_setting_the_file_and_the_value(tmp_path)
 
 @pytest.mark.parametrize(
     ("content", "expected"),
-    [(None, "file not found"), ("port = = 1\n", "cannot read TOML"), ("prot = 1\n", "unknown setting(s) prot")],
+    [
+        (None, "file not found"),
+        ("port = = 1\n", "cannot read TOML"),
+        ("prot = 1\n", "unknown setting(s) prot"),
+    ],
 )
 def test_bad_config_file_is_an_error(tmp_path, content, expected):
     toml = tmp_path / "proxy.toml"
@@ -219,7 +233,11 @@ def test_cli_print_config_shows_value_and_source_and_masks_keys(tmp_path):
     toml.write_text("schema_version = 3\n")
     result = _cli(
         "--print-config",
-        env={"CHAT_PROXY_CONFIG_FILE": str(toml), "CHAT_PROXY_PORT": "8111", "CHAT_PROXY_API_KEYS": "sk-topsecret"},
+        env={
+            "CHAT_PROXY_CONFIG_FILE": str(toml),
+            "CHAT_PROXY_PORT": "8111",
+            "CHAT_PROXY_API_KEYS": "sk-topsecret",
+        },
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr

@@ -58,7 +58,11 @@ def env_of(dockerfile: Path) -> dict[str, str]:
 
 
 def dockerignore() -> list[str]:
-    return [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    return [
+        ln.strip()
+        for ln in (ROOT / ".dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
 
 
 def ignored(rel: str, patterns: list[str]) -> bool:
@@ -67,7 +71,9 @@ def ignored(rel: str, patterns: list[str]) -> bool:
     for pattern in patterns:
         bare = pattern.rstrip("/")
         for prefix in prefixes:
-            if fnmatch.fnmatch(prefix, bare) or (bare.startswith("**/") and fnmatch.fnmatch(prefix.split("/")[-1], bare[3:])):
+            if fnmatch.fnmatch(prefix, bare) or (
+                bare.startswith("**/") and fnmatch.fnmatch(prefix.split("/")[-1], bare[3:])
+            ):
                 return True
     return False
 
@@ -86,6 +92,7 @@ def compose() -> dict:
 
 # -- compose --------------------------------------------------------------------------------------------
 
+
 def test_compose_builds_the_cuda_image_from_files_that_exist(compose):
     build = compose["services"]["chat-proxy"]["build"]
     context = (COMPOSE.parent / build["context"]).resolve()
@@ -95,9 +102,18 @@ def test_compose_builds_the_cuda_image_from_files_that_exist(compose):
 
 def test_compose_proxy_environment_is_the_seeds(compose):
     env = compose_env(compose["services"]["chat-proxy"])
-    assert {k: env[k] for k in ("CHAT_PROXY_HOST", "CHAT_PROXY_PORT", "CHAT_PROXY_SUPPRESS_DECORATIONS",
-                                "CHAT_PROXY_LOOPBACK_ALIAS")} == {
-        "CHAT_PROXY_HOST": "0.0.0.0", "CHAT_PROXY_PORT": "8100", "CHAT_PROXY_SUPPRESS_DECORATIONS": "1",
+    assert {
+        k: env[k]
+        for k in (
+            "CHAT_PROXY_HOST",
+            "CHAT_PROXY_PORT",
+            "CHAT_PROXY_SUPPRESS_DECORATIONS",
+            "CHAT_PROXY_LOOPBACK_ALIAS",
+        )
+    } == {
+        "CHAT_PROXY_HOST": "0.0.0.0",
+        "CHAT_PROXY_PORT": "8100",
+        "CHAT_PROXY_SUPPRESS_DECORATIONS": "1",
         "CHAT_PROXY_LOOPBACK_ALIAS": "host.docker.internal",
     }
     # Seed defaults that the user may override from the shell before `docker compose up`.
@@ -140,13 +156,20 @@ def test_openwebui_waits_for_a_healthy_proxy_and_uses_it_as_its_only_backend(com
 
 # -- Dockerfiles ----------------------------------------------------------------------------------------
 
+
 def test_cuda_image_base_python_and_vllm():
     steps = instructions(DOCKERFILES["cuda"])
     base = next(args for word, args in steps if word == "FROM")
     assert re.fullmatch(r"nvidia/cuda:12\.8\.\d+-runtime-ubuntu22\.04", base)
-    python = next(args.split("=", 1)[1] for word, args in steps if word == "ARG" and args.startswith("PYTHON="))
+    python = next(
+        args.split("=", 1)[1] for word, args in steps if word == "ARG" and args.startswith("PYTHON=")
+    )
     assert tuple(int(x) for x in python.removeprefix("python").split(".")) >= (3, 11)
-    vllm = next(args.split("=", 1)[1].strip('"') for word, args in steps if word == "ARG" and args.startswith("VLLM_SPEC="))
+    vllm = next(
+        args.split("=", 1)[1].strip('"')
+        for word, args in steps
+        if word == "ARG" and args.startswith("VLLM_SPEC=")
+    )
     assert vllm.startswith("vllm[vision]")
     runs = " ".join(args for word, args in steps if word == "RUN")
     assert 'pip install "${VLLM_SPEC}"' in runs
@@ -169,8 +192,12 @@ def test_dockerfile_installs_the_proxy_from_the_repository(kind):
         if word == "COPY" and not args.startswith("--from"):
             *sources, _dest = shlex.split(args)
             for src in sources:
-                assert (ROOT / src).exists(), f"{dockerfile.name}: COPY {src} does not exist in the repository"
-                assert not ignored(src, patterns), f"{dockerfile.name}: COPY {src} is excluded by .dockerignore"
+                assert (ROOT / src).exists(), (
+                    f"{dockerfile.name}: COPY {src} does not exist in the repository"
+                )
+                assert not ignored(src, patterns), (
+                    f"{dockerfile.name}: COPY {src} is excluded by .dockerignore"
+                )
                 copied.append(src)
     assert {"pyproject.toml", "README.md", "imageworks_proxy"} <= set(copied)
     runs = " ".join(args for word, args in steps if word == "RUN")
@@ -199,14 +226,25 @@ def test_dockerfile_runs_the_proxy_as_a_non_root_user_on_8100_with_a_healthcheck
 
 def test_dockerignore_keeps_local_state_out_of_the_build_context():
     patterns = dockerignore()
-    for path in (".git", ".venv", "logs/chat_proxy.jsonl", "_staging/active_vllm.json",
-                 "imageworks_proxy/__pycache__/x.pyc", "plugins/imageworks-proxy-llamacpp/tests/test_x.py"):
+    for path in (
+        ".git",
+        ".venv",
+        "logs/chat_proxy.jsonl",
+        "_staging/active_vllm.json",
+        "imageworks_proxy/__pycache__/x.pyc",
+        "plugins/imageworks-proxy-llamacpp/tests/test_x.py",
+    ):
         assert ignored(path, patterns), path
-    for path in ("pyproject.toml", "imageworks_proxy/app.py", "plugins/imageworks-proxy-llamacpp/pyproject.toml"):
+    for path in (
+        "pyproject.toml",
+        "imageworks_proxy/app.py",
+        "plugins/imageworks-proxy-llamacpp/pyproject.toml",
+    ):
         assert not ignored(path, patterns), path
 
 
 # -- the container's command, run directly ---------------------------------------------------------------
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -230,8 +268,14 @@ def test_container_command_serves_health_on_all_interfaces_and_passes_the_image_
     env.update(env_of(DOCKERFILES["slim"]))
     env.update(CHAT_PROXY_PORT=str(port), PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}")
     # Relative defaults (configs/, logs/, _staging/) resolve in the working directory, as under /srv/imageworks.
-    proc = subprocess.Popen(["imageworks-chat-proxy"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["imageworks-chat-proxy"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         health = wait_for_json(proc, f"http://127.0.0.1:{port}/v1/health")
         assert health["status"] == "ok"
@@ -239,7 +283,9 @@ def test_container_command_serves_health_on_all_interfaces_and_passes_the_image_
         for kind in sorted(DOCKERFILES):
             if kind == "cuda" and not any((Path(d) / "curl").exists() for d in env["PATH"].split(os.pathsep)):
                 continue  # the CUDA image installs curl; this machine may not have it
-            check = subprocess.run(["sh", "-c", _healthcheck_shell(kind)], env=env, capture_output=True, timeout=30)
+            check = subprocess.run(
+                ["sh", "-c", _healthcheck_shell(kind)], env=env, capture_output=True, timeout=30
+            )
             assert check.returncode == 0, (kind, check.stderr)
     finally:
         proc.send_signal(signal.SIGTERM)

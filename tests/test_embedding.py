@@ -88,7 +88,9 @@ class RecorderPlugin:
 async def test_mounted_proxy_starts_and_cleans_up_with_the_parent(make_config, registry_file, aiohttp_client):
     Recorder.events = []
     registry_file(_entries("a"))
-    sub = create_app(make_config(), plugin_manager=make_plugin_manager(load_entrypoints=False, plugins=[RecorderPlugin()]))
+    sub = create_app(
+        make_config(), plugin_manager=make_plugin_manager(load_entrypoints=False, plugins=[RecorderPlugin()])
+    )
     parent = web.Application()
     parent.add_subapp("/llm", sub)
     client = await aiohttp_client(parent)
@@ -107,7 +109,9 @@ async def test_mounted_proxy_starts_and_cleans_up_with_the_parent(make_config, r
 async def test_mounted_proxy_hot_reloads(make_config, registry_file, aiohttp_client):
     path = registry_file(_entries("a"))
     parent = web.Application()
-    parent.add_subapp("/llm", create_app(make_config(), plugin_manager=make_plugin_manager(load_entrypoints=False)))
+    parent.add_subapp(
+        "/llm", create_app(make_config(), plugin_manager=make_plugin_manager(load_entrypoints=False))
+    )
     client = await aiohttp_client(parent)
     assert await _logical_ids(client, "/llm") == ["a"]
     path.write_text(json.dumps(_entries("a", "b")))
@@ -122,15 +126,46 @@ async def test_mounted_proxy_hot_reloads(make_config, registry_file, aiohttp_cli
 async def test_two_proxies_with_different_configs_do_not_interfere(make_config, tmp_path, aiohttp_client):
     reg_one = tmp_path / "one.json"
     reg_two = tmp_path / "two.json"
-    reg_one.write_text(json.dumps(_entries("only-in-one") + [
-        {"name": "hidden", "backend": "openai", "backend_config": EXTERNAL, "metadata": {"testing": True}}]))
-    reg_two.write_text(json.dumps(_entries("only-in-two") + [
-        {"name": "hidden", "backend": "openai", "backend_config": EXTERNAL, "metadata": {"testing": True}}]))
-    one = create_app(make_config(REGISTRY=str(reg_one), SCHEMA_VERSION="1"),
-                     plugin_manager=make_plugin_manager(load_entrypoints=False))
-    two = create_app(make_config(REGISTRY=str(reg_two), SCHEMA_VERSION="2", INCLUDE_TEST_MODELS="1",
-                                 SUPPRESS_DECORATIONS="0", API_KEYS="sk-two"),
-                     plugin_manager=make_plugin_manager(load_entrypoints=False))
+    reg_one.write_text(
+        json.dumps(
+            _entries("only-in-one")
+            + [
+                {
+                    "name": "hidden",
+                    "backend": "openai",
+                    "backend_config": EXTERNAL,
+                    "metadata": {"testing": True},
+                }
+            ]
+        )
+    )
+    reg_two.write_text(
+        json.dumps(
+            _entries("only-in-two")
+            + [
+                {
+                    "name": "hidden",
+                    "backend": "openai",
+                    "backend_config": EXTERNAL,
+                    "metadata": {"testing": True},
+                }
+            ]
+        )
+    )
+    one = create_app(
+        make_config(REGISTRY=str(reg_one), SCHEMA_VERSION="1"),
+        plugin_manager=make_plugin_manager(load_entrypoints=False),
+    )
+    two = create_app(
+        make_config(
+            REGISTRY=str(reg_two),
+            SCHEMA_VERSION="2",
+            INCLUDE_TEST_MODELS="1",
+            SUPPRESS_DECORATIONS="0",
+            API_KEYS="sk-two",
+        ),
+        plugin_manager=make_plugin_manager(load_entrypoints=False),
+    )
     parent = web.Application()
     parent.add_subapp("/one", one)
     parent.add_subapp("/two", two)

@@ -21,11 +21,25 @@ def test_list_prints_every_registry_model(tmp_path):
     weights = tmp_path / "w"
     weights.mkdir()
     registry = tmp_path / "r.json"
-    registry.write_text(json.dumps([
-        {"name": "b-vllm", "backend": "vllm", "family": "Qwen2.5-7B-Instruct-AWQ", "quantization": "awq",
-         "download_path": str(weights)},
-        {"name": "a-missing", "backend": "vllm", "family": "gpt-oss-20b", "download_path": str(tmp_path / "nope")},
-    ]))
+    registry.write_text(
+        json.dumps(
+            [
+                {
+                    "name": "b-vllm",
+                    "backend": "vllm",
+                    "family": "Qwen2.5-7B-Instruct-AWQ",
+                    "quantization": "awq",
+                    "download_path": str(weights),
+                },
+                {
+                    "name": "a-missing",
+                    "backend": "vllm",
+                    "family": "gpt-oss-20b",
+                    "download_path": str(tmp_path / "nope"),
+                },
+            ]
+        )
+    )
     result = _run("list", cwd=tmp_path, CHAT_PROXY_REGISTRY=str(registry))
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == [

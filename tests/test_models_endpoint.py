@@ -84,24 +84,44 @@ async def test_models_are_listed_in_logical_name_order(make_config, registry_fil
 
 # -- installed-only rules ---------------------------------------------------------------------------------------
 
+
 async def test_installed_only_follows_download_path(make_config, registry_file, proxy_client, tmp_path):
     present = tmp_path / "present"
     present.mkdir()
-    registry_file([
-        {"name": "here", "backend": "vllm", "download_path": str(present)},
-        {"name": "gone", "backend": "vllm", "download_path": str(tmp_path / "missing")},
-        {"name": "gone-external", "backend": "openai", "backend_config": EXTERNAL,
-         "download_path": str(tmp_path / "missing")},
-        {"name": "external-no-path", "backend": "lmdeploy", "backend_config": {"host": "127.0.0.1", "port": 9}},
-        {"name": "hub-id", "backend": "vllm", "backend_config": {"model_path": "org/model"}},
-        {"name": "local-path-missing", "backend": "vllm", "backend_config": {"model_path": str(tmp_path / "nope")}},
-    ])
+    registry_file(
+        [
+            {"name": "here", "backend": "vllm", "download_path": str(present)},
+            {"name": "gone", "backend": "vllm", "download_path": str(tmp_path / "missing")},
+            {
+                "name": "gone-external",
+                "backend": "openai",
+                "backend_config": EXTERNAL,
+                "download_path": str(tmp_path / "missing"),
+            },
+            {
+                "name": "external-no-path",
+                "backend": "lmdeploy",
+                "backend_config": {"host": "127.0.0.1", "port": 9},
+            },
+            {"name": "hub-id", "backend": "vllm", "backend_config": {"model_path": "org/model"}},
+            {
+                "name": "local-path-missing",
+                "backend": "vllm",
+                "backend_config": {"model_path": str(tmp_path / "nope")},
+            },
+        ]
+    )
     client = await proxy_client(make_config())
     assert await _logical_ids(client) == {"here", "external-no-path", "hub-id"}
 
     client_all = await proxy_client(make_config(INCLUDE_NON_INSTALLED="1"))
     assert await _logical_ids(client_all) == {
-        "here", "gone", "gone-external", "external-no-path", "hub-id", "local-path-missing",
+        "here",
+        "gone",
+        "gone-external",
+        "external-no-path",
+        "hub-id",
+        "local-path-missing",
     }
 
 
@@ -118,10 +138,12 @@ async def test_download_path_appearing_later_is_noticed(make_config, registry_fi
 
 
 async def test_deprecated_is_hidden_but_still_resolvable(make_config, registry_file, proxy_client):
-    registry_file([
-        {"name": "old", "backend": "openai", "backend_config": EXTERNAL, "deprecated": True},
-        {"name": "new", "backend": "openai", "backend_config": EXTERNAL},
-    ])
+    registry_file(
+        [
+            {"name": "old", "backend": "openai", "backend_config": EXTERNAL, "deprecated": True},
+            {"name": "new", "backend": "openai", "backend_config": EXTERNAL},
+        ]
+    )
     for flags in ({}, {"INCLUDE_NON_INSTALLED": "1"}):
         client = await proxy_client(make_config(**flags))
         assert await _logical_ids(client) == {"new"}
@@ -129,17 +151,22 @@ async def test_deprecated_is_hidden_but_still_resolvable(make_config, registry_f
 
 
 async def test_testing_models_hidden_unless_asked(make_config, registry_file, proxy_client):
-    registry_file([
-        {"name": "t", "backend": "openai", "backend_config": EXTERNAL, "metadata": {"testing": True}},
-        {"name": "n", "backend": "openai", "backend_config": EXTERNAL},
-    ])
+    registry_file(
+        [
+            {"name": "t", "backend": "openai", "backend_config": EXTERNAL, "metadata": {"testing": True}},
+            {"name": "n", "backend": "openai", "backend_config": EXTERNAL},
+        ]
+    )
     assert await _logical_ids(await proxy_client(make_config())) == {"n"}
     assert await _logical_ids(await proxy_client(make_config(INCLUDE_TEST_MODELS="1"))) == {"n", "t"}
 
 
 # -- Ollama's /api/tags ------------------------------------------------------------------------------------------
 
-def _fake_ollama(tags: list[str], calls: list[str] | None = None, hang: asyncio.Event | None = None) -> web.Application:
+
+def _fake_ollama(
+    tags: list[str], calls: list[str] | None = None, hang: asyncio.Event | None = None
+) -> web.Application:
     async def api_tags(request: web.Request) -> web.Response:
         if calls is not None:
             calls.append(request.path)
@@ -157,11 +184,21 @@ def _ollama_entries(tmp_path, host=None, port=None):
     visible = tmp_path / "ollama-blob"
     visible.mkdir(exist_ok=True)
     return [
-        {"name": "present", "backend": "ollama", "served_model_id": "llama3.2:3b", "backend_config": dict(bc)},
+        {
+            "name": "present",
+            "backend": "ollama",
+            "served_model_id": "llama3.2:3b",
+            "backend_config": dict(bc),
+        },
         {"name": "latest", "backend": "ollama", "backend_config": {**bc, "model_path": "ollama:/qwen3"}},
         {"name": "absent", "backend": "ollama", "served_model_id": "mistral:7b", "backend_config": dict(bc)},
-        {"name": "absent-with-files", "backend": "ollama", "served_model_id": "phi3:mini",
-         "download_path": str(visible), "backend_config": dict(bc)},
+        {
+            "name": "absent-with-files",
+            "backend": "ollama",
+            "served_model_id": "phi3:mini",
+            "download_path": str(visible),
+            "backend_config": dict(bc),
+        },
     ]
 
 
@@ -186,7 +223,9 @@ async def test_ollama_default_base_url_is_used_for_entries_without_a_host(
     assert await _logical_ids(client) == {"absent"}
 
 
-async def test_ollama_down_lists_entries_with_visible_files(make_config, registry_file, proxy_client, tmp_path):
+async def test_ollama_down_lists_entries_with_visible_files(
+    make_config, registry_file, proxy_client, tmp_path
+):
     registry_file(_ollama_entries(tmp_path, "127.0.0.1", _closed_port()))
     client = await proxy_client(make_config())
     assert await _logical_ids(client) == {"absent-with-files"}
@@ -222,9 +261,14 @@ async def test_ollama_installed_rule_ignored_with_include_non_installed(
 
 # -- health ------------------------------------------------------------------------------------------------------------
 
+
 async def test_health_shape(make_config, registry_file, proxy_client):
-    registry_file([{"name": "a", "backend": "openai", "backend_config": EXTERNAL},
-                   {"name": "b", "backend": "openai", "backend_config": EXTERNAL, "deprecated": True}])
+    registry_file(
+        [
+            {"name": "a", "backend": "openai", "backend_config": EXTERNAL},
+            {"name": "b", "backend": "openai", "backend_config": EXTERNAL, "deprecated": True},
+        ]
+    )
     client = await proxy_client(make_config())
     resp = await client.get("/v1/health")
     assert resp.status == 200 and resp.content_type == "application/json"
@@ -241,7 +285,9 @@ async def test_health_shape(make_config, registry_file, proxy_client):
     assert body["plugins"] == {"errors": []}
 
 
-async def test_health_is_open_when_api_keys_are_set_and_models_is_not(make_config, registry_file, proxy_client):
+async def test_health_is_open_when_api_keys_are_set_and_models_is_not(
+    make_config, registry_file, proxy_client
+):
     registry_file([])
     client = await proxy_client(make_config(API_KEYS="sk-1,sk-2"))
     assert (await client.get("/v1/health")).status == 200
@@ -255,6 +301,7 @@ async def test_health_is_open_when_api_keys_are_set_and_models_is_not(make_confi
 
 
 # -- HTTP envelope ---------------------------------------------------------------------------------------------------------
+
 
 async def test_unknown_route_is_a_json_404_in_the_error_shape(make_config, registry_file, proxy_client):
     registry_file([])
@@ -293,10 +340,18 @@ async def test_every_response_has_a_request_id(make_config, registry_file, proxy
 
 @pytest.mark.parametrize(
     ("incoming", "kept"),
-    [("trace-123_abc.def:9", True), ("x" * 128, True), ("x" * 129, False), ("bad id", False),
-     ("<script>", False), ("", False)],
+    [
+        ("trace-123_abc.def:9", True),
+        ("x" * 128, True),
+        ("x" * 129, False),
+        ("bad id", False),
+        ("<script>", False),
+        ("", False),
+    ],
 )
-async def test_incoming_request_id_kept_only_when_sane(make_config, registry_file, proxy_client, incoming, kept):
+async def test_incoming_request_id_kept_only_when_sane(
+    make_config, registry_file, proxy_client, incoming, kept
+):
     registry_file([])
     client = await proxy_client(make_config())
     resp = await client.get("/v1/nope", headers={"X-Request-Id": incoming})
@@ -324,7 +379,9 @@ class RoutesPlugin:
         app.router.add_post("/v1/echo", echo)
 
 
-async def test_unexpected_exception_is_a_json_500_without_a_traceback(make_config, registry_file, proxy_client, caplog):
+async def test_unexpected_exception_is_a_json_500_without_a_traceback(
+    make_config, registry_file, proxy_client, caplog
+):
     registry_file([])
     client = await proxy_client(make_config(), plugins=(RoutesPlugin(),))
     resp = await client.get("/v1/crash")

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.catalogue.naming import build_catalogue, normalise, quant_label, simplified_name
 from imageworks_proxy.catalogue.registry import parse_entry
+from imageworks_proxy.errors import ProxyError
 
 
 def entry(**fields):
@@ -42,15 +42,32 @@ def test_spec_examples(fields, expected):
         # display_name wins as it is
         ({"display_name": "My Fancy Model", "family": "whatever", "quantization": "awq"}, "My Fancy Model"),
         # family from the last path component, quant tokens and format words dropped whole
-        ({"backend_config": {"model_path": "/weights/Llama-3-8B-Instruct-Q4_K_M.gguf"}, "quantization": "Q4_K_M"},
-         "llama-3-8b-instruct (Q4 K M)"),
+        (
+            {
+                "backend_config": {"model_path": "/weights/Llama-3-8B-Instruct-Q4_K_M.gguf"},
+                "quantization": "Q4_K_M",
+            },
+            "llama-3-8b-instruct (Q4 K M)",
+        ),
         ({"download_path": "/w/mistral-7b-instruct-v0.2.Q5_K_M.gguf/"}, "mistral-7b-instruct-v0.2"),
-        ({"family": "Qwen2.5-7B-Instruct-GPTQ-Int4", "quantization": "gptq-int4"}, "qwen2.5-7b-instruct (GPTQ INT4)"),
+        (
+            {"family": "Qwen2.5-7B-Instruct-GPTQ-Int4", "quantization": "gptq-int4"},
+            "qwen2.5-7b-instruct (GPTQ INT4)",
+        ),
         ({"family": "org/model_name@fp16"}, "org-model-name"),
         # ollama: metadata family first, then family; size from metadata
-        ({"backend": "ollama", "family": "qwen3", "metadata": {"ollama_parameter_size": "8.2B"}}, "qwen3 8.2b"),
+        (
+            {"backend": "ollama", "family": "qwen3", "metadata": {"ollama_parameter_size": "8.2B"}},
+            "qwen3 8.2b",
+        ),
         # a size already in the family is not repeated
-        ({"backend": "ollama", "metadata": {"ollama_family": "phi3-3.8b", "ollama_parameter_size": "3.8B"}}, "phi3-3.8b"),
+        (
+            {
+                "backend": "ollama",
+                "metadata": {"ollama_family": "phi3-3.8b", "ollama_parameter_size": "3.8B"},
+            },
+            "phi3-3.8b",
+        ),
         # no family anywhere: the logical name
         ({"name": "Plain_Name"}, "plain-name"),
         # quant label not repeated when the name already ends with it
@@ -69,21 +86,29 @@ def test_quant_label():
 
 # -- collisions and de-duplication ---------------------------------------------------------------------
 
+
 def test_collision_later_entry_is_listed_under_its_logical_name():
-    cat = build_catalogue([
-        entry(name="b-model", family="llama-3-8b", quantization="awq"),
-        entry(name="a-model", family="llama-3-8b", quantization="awq"),
-    ])
-    assert [(i.id, i.entry.name) for i in cat.listed] == [("llama-3-8b (AWQ)", "a-model"), ("b-model", "b-model")]
+    cat = build_catalogue(
+        [
+            entry(name="b-model", family="llama-3-8b", quantization="awq"),
+            entry(name="a-model", family="llama-3-8b", quantization="awq"),
+        ]
+    )
+    assert [(i.id, i.entry.name) for i in cat.listed] == [
+        ("llama-3-8b (AWQ)", "a-model"),
+        ("b-model", "b-model"),
+    ]
     assert cat.resolve("llama-3-8b (AWQ)").name == "a-model"
     assert cat.resolve("b-model").name == "b-model"
 
 
 def test_deprecated_twin_never_takes_the_clean_name():
-    cat = build_catalogue([
-        entry(name="a-old", family="llama-3-8b", deprecated=True),
-        entry(name="b-new", family="llama-3-8b"),
-    ])
+    cat = build_catalogue(
+        [
+            entry(name="a-old", family="llama-3-8b", deprecated=True),
+            entry(name="b-new", family="llama-3-8b"),
+        ]
+    )
     assert cat.id_of(cat.by_name["b-new"]) == "llama-3-8b"
     assert cat.id_of(cat.by_name["a-old"]) == "a-old"
     assert cat.resolve("a-old").name == "a-old"
@@ -98,12 +123,19 @@ def test_id_equal_to_another_entrys_logical_name_falls_back():
 
 
 def test_ollama_entries_for_the_same_tag_are_listed_once():
-    cat = build_catalogue([
-        entry(name="llama-a", backend="ollama", served_model_id="llama3:8b", metadata={"ollama_family": "llama"}),
-        entry(name="llama-b", backend="ollama", backend_config={"model_path": "ollama:/llama3:8b"}),
-        entry(name="llama-c", backend="ollama", served_model_id="llama3"),
-        entry(name="llama-d", backend="ollama", served_model_id="llama3:latest"),
-    ])
+    cat = build_catalogue(
+        [
+            entry(
+                name="llama-a",
+                backend="ollama",
+                served_model_id="llama3:8b",
+                metadata={"ollama_family": "llama"},
+            ),
+            entry(name="llama-b", backend="ollama", backend_config={"model_path": "ollama:/llama3:8b"}),
+            entry(name="llama-c", backend="ollama", served_model_id="llama3"),
+            entry(name="llama-d", backend="ollama", served_model_id="llama3:latest"),
+        ]
+    )
     assert [i.entry.name for i in cat.listed] == ["llama-a", "llama-c"]
     # requests by tag resolve to the listed entry, not an ambiguity error
     assert cat.resolve("llama3:8b").name == "llama-a"
@@ -111,37 +143,51 @@ def test_ollama_entries_for_the_same_tag_are_listed_once():
 
 
 def test_deprecated_ollama_twin_does_not_hide_the_tag():
-    cat = build_catalogue([
-        entry(name="a-old", backend="ollama", served_model_id="qwen3:8b", deprecated=True),
-        entry(name="b-new", backend="ollama", served_model_id="qwen3:8b"),
-    ])
+    cat = build_catalogue(
+        [
+            entry(name="a-old", backend="ollama", served_model_id="qwen3:8b", deprecated=True),
+            entry(name="b-new", backend="ollama", served_model_id="qwen3:8b"),
+        ]
+    )
     assert [i.entry.name for i in cat.listed] == ["b-new"]
 
 
 # -- resolution -------------------------------------------------------------------------------------------
 
+
 def _cat():
-    return build_catalogue([
-        entry(name="qwen-vl-awq", family="Qwen2.5-VL-7B-Instruct-AWQ", quantization="awq",
-              served_model_id="Qwen/Qwen2.5-VL-7B-Instruct-AWQ"),
-        entry(name="llama-ollama", backend="ollama", served_model_id="llama3.2:3b", quantization="q4_k_m",
-              metadata={"ollama_family": "llama", "ollama_parameter_size": "3.2B"}),
-        entry(name="gemma-a", display_name="Gemma 2"),
-        entry(name="gemma_b", display_name="gemma-2"),
-    ])
+    return build_catalogue(
+        [
+            entry(
+                name="qwen-vl-awq",
+                family="Qwen2.5-VL-7B-Instruct-AWQ",
+                quantization="awq",
+                served_model_id="Qwen/Qwen2.5-VL-7B-Instruct-AWQ",
+            ),
+            entry(
+                name="llama-ollama",
+                backend="ollama",
+                served_model_id="llama3.2:3b",
+                quantization="q4_k_m",
+                metadata={"ollama_family": "llama", "ollama_parameter_size": "3.2B"},
+            ),
+            entry(name="gemma-a", display_name="Gemma 2"),
+            entry(name="gemma_b", display_name="gemma-2"),
+        ]
+    )
 
 
 @pytest.mark.parametrize(
     ("requested", "expected"),
     [
-        ("qwen-vl-awq", "qwen-vl-awq"),                      # logical name
-        ("qwen2.5-vl-7b-instruct (AWQ)", "qwen-vl-awq"),     # listed id
-        ("QWEN2.5 VL 7B Instruct AWQ", "qwen-vl-awq"),       # normalised id
+        ("qwen-vl-awq", "qwen-vl-awq"),  # logical name
+        ("qwen2.5-vl-7b-instruct (AWQ)", "qwen-vl-awq"),  # listed id
+        ("QWEN2.5 VL 7B Instruct AWQ", "qwen-vl-awq"),  # normalised id
         ("Qwen/Qwen2.5-VL-7B-Instruct-AWQ", "qwen-vl-awq"),  # served id
-        ("QWEN_VL_AWQ", "qwen-vl-awq"),                      # normalised logical name
+        ("QWEN_VL_AWQ", "qwen-vl-awq"),  # normalised logical name
         ("llama 3.2b (Q4 K M)", "llama-ollama"),
         ("llama3.2:3b", "llama-ollama"),
-        ("Gemma 2", "gemma-a"),                              # exact ids win over normalised ambiguity
+        ("Gemma 2", "gemma-a"),  # exact ids win over normalised ambiguity
         ("gemma-2", "gemma_b"),
     ],
 )
@@ -174,11 +220,19 @@ EXTERNAL = {"base_url": "http://127.0.0.1:9/v1"}
 
 
 async def test_decorations_change_labels_not_ids(make_config, registry_file, proxy_client):
-    registry_file([
-        {"name": "qwen", "backend": "vllm", "backend_config": EXTERNAL, "family": "Qwen2.5-7B-Instruct-AWQ",
-         "quantization": "awq", "download_format": "safetensors"},
-        {"name": "other", "backend": "lmdeploy", "backend_config": EXTERNAL, "family": "internvl2-8b"},
-    ])
+    registry_file(
+        [
+            {
+                "name": "qwen",
+                "backend": "vllm",
+                "backend_config": EXTERNAL,
+                "family": "Qwen2.5-7B-Instruct-AWQ",
+                "quantization": "awq",
+                "download_format": "safetensors",
+            },
+            {"name": "other", "backend": "lmdeploy", "backend_config": EXTERNAL, "family": "internvl2-8b"},
+        ]
+    )
     plain = await (await proxy_client(make_config())).get("/v1/models")
     decorated = await (await proxy_client(make_config(SUPPRESS_DECORATIONS="0"))).get("/v1/models")
     plain_models = {m["id"]: m for m in (await plain.json())["data"]}
@@ -198,17 +252,45 @@ async def test_decorations_change_labels_not_ids(make_config, registry_file, pro
 
 
 async def test_ollama_decorated_label_matches_the_seed(make_config, registry_file, proxy_client):
-    registry_file([{"name": "l", "backend": "ollama", "served_model_id": "llama:12b", "quantization": "q4_k_m",
-                    "metadata": {"ollama_family": "llama", "ollama_parameter_size": "12.2B"}}])
+    registry_file(
+        [
+            {
+                "name": "l",
+                "backend": "ollama",
+                "served_model_id": "llama:12b",
+                "quantization": "q4_k_m",
+                "metadata": {"ollama_family": "llama", "ollama_parameter_size": "12.2B"},
+            }
+        ]
+    )
     client = await proxy_client(make_config(SUPPRESS_DECORATIONS="0", INCLUDE_NON_INSTALLED="1"))
     data = (await (await client.get("/v1/models")).json())["data"]
-    assert [(m["id"], m["name"]) for m in data] == [("llama 12.2b (Q4 K M)", "llama 12.2b (Q4 K M) · ollama · gguf")]
+    assert [(m["id"], m["name"]) for m in data] == [
+        ("llama 12.2b (Q4 K M)", "llama 12.2b (Q4 K M) · ollama · gguf")
+    ]
 
 
 # -- property: every listed id resolves to the entry it is listed for ------------------------------------------
 
-_words = st.sampled_from(["llama", "qwen2.5", "Qwen2.5-VL-7B", "gpt-oss-20b", "gemma-2", "8b", "AWQ", "q4_k_m",
-                          "Instruct", "phi3", "mistral-7b", "x", "X", "a_b", "gguf"])
+_words = st.sampled_from(
+    [
+        "llama",
+        "qwen2.5",
+        "Qwen2.5-VL-7B",
+        "gpt-oss-20b",
+        "gemma-2",
+        "8b",
+        "AWQ",
+        "q4_k_m",
+        "Instruct",
+        "phi3",
+        "mistral-7b",
+        "x",
+        "X",
+        "a_b",
+        "gguf",
+    ]
+)
 _text = st.lists(_words, min_size=1, max_size=3).map(lambda ws: "-".join(ws))
 _maybe = lambda s: st.one_of(st.none(), s)  # noqa: E731
 
@@ -230,8 +312,10 @@ def _registry(draw):
             "deprecated": draw(st.booleans()),
         }
         if backend == "ollama":
-            fields["metadata"] = {"ollama_family": draw(_maybe(_text)),
-                                  "ollama_parameter_size": draw(_maybe(st.sampled_from(["7B", "12.2B"])))}
+            fields["metadata"] = {
+                "ollama_family": draw(_maybe(_text)),
+                "ollama_parameter_size": draw(_maybe(st.sampled_from(["7B", "12.2B"]))),
+            }
         out.append(parse_entry(fields))
     return out
 

@@ -52,8 +52,11 @@ async def test_the_server_logs_one_line_per_request_and_writes_the_request_log(a
                 except aiohttp.ClientConnectionError:
                     await asyncio.sleep(0.05)
             headers = {"Authorization": "Bearer sk-cli-secret", "X-Request-Id": "cli-trace-1"}
-            async with http.post(base + "/v1/chat/completions", headers=headers,
-                                 json={"model": "m-echo", "messages": user(SECRET_PROMPT), "stream": True}) as r:
+            async with http.post(
+                base + "/v1/chat/completions",
+                headers=headers,
+                json={"model": "m-echo", "messages": user(SECRET_PROMPT), "stream": True},
+            ) as r:
                 assert r.status == 200 and r.headers["X-Request-Id"] == "cli-trace-1"
                 await r.read()
             async with http.get(base + "/metrics", headers={"Authorization": "Bearer sk-cli-secret"}) as r:
@@ -63,8 +66,10 @@ async def test_the_server_logs_one_line_per_request_and_writes_the_request_log(a
         _, stderr = await asyncio.wait_for(proc.communicate(), 30)
     text = stderr.decode()
     access = [line for line in text.splitlines() if "imageworks_proxy.access" in line]
-    assert any('POST /v1/chat/completions model="m-echo" status=200 ' in line and line.endswith("rid=cli-trace-1")
-               for line in access), text
+    assert any(
+        'POST /v1/chat/completions model="m-echo" status=200 ' in line and line.endswith("rid=cli-trace-1")
+        for line in access
+    ), text
     assert not any("/v1/health" in line or "/metrics" in line for line in access)  # DEBUG, not INFO
     assert "sk-cli-secret" not in text and SECRET_PROMPT not in text
     [record] = [json.loads(line) for line in (tmp_path / "logs" / "chat.jsonl").read_text().splitlines()]

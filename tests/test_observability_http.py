@@ -23,7 +23,9 @@ SECRET_PROMPT = "PURPLE-ELEPHANT-PROMPT-42"
 async def env(aiohttp_server, aiohttp_client, registry_file, make_config, make_app):
     async def start(server_kwargs=None, backend="openai", **overrides):
         server = await aiohttp_server(make_fake_openai())
-        registry_file(registry_for(str(server.make_url("/v1")), backend=backend, vision=overrides.pop("vision", False)))
+        registry_file(
+            registry_for(str(server.make_url("/v1")), backend=backend, vision=overrides.pop("vision", False))
+        )
         return await aiohttp_client(make_app(make_config(**overrides)), server_kwargs=server_kwargs or {})
 
     return start
@@ -50,9 +52,25 @@ async def settle(client) -> list[dict]:
     return read_records(log_path(client))
 
 
-FIELDS = {"ts", "request_id", "model", "logical_name", "backend", "adapter", "stream", "status", "error_code",
-          "duration_ms", "ttft_ms", "queue_ms", "prompt_tokens", "completion_tokens", "tokens_estimated", "images",
-          "truncated_messages"}
+FIELDS = {
+    "ts",
+    "request_id",
+    "model",
+    "logical_name",
+    "backend",
+    "adapter",
+    "stream",
+    "status",
+    "error_code",
+    "duration_ms",
+    "ttft_ms",
+    "queue_ms",
+    "prompt_tokens",
+    "completion_tokens",
+    "tokens_estimated",
+    "images",
+    "truncated_messages",
+}
 
 
 # --- the request log ---------------------------------------------------------------------------
@@ -60,16 +78,23 @@ FIELDS = {"ts", "request_id", "model", "logical_name", "backend", "adapter", "st
 
 async def test_a_successful_request_is_one_record_with_the_spec_fields(env):
     client = await env()
-    resp = await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": user("hello")},
-                             headers={"X-Request-Id": "my-trace-1"})
+    resp = await client.post(
+        "/v1/chat/completions",
+        json={"model": "m-echo", "messages": user("hello")},
+        headers={"X-Request-Id": "my-trace-1"},
+    )
     assert resp.status == 200
     assert resp.headers["X-Request-Id"] == "my-trace-1"
     [rec] = await settle(client)
     assert set(rec) == FIELDS
     assert rec["ts"].endswith("Z") and rec["ts"][:2] == "20"
     assert rec["request_id"] == "my-trace-1"
-    assert (rec["model"], rec["logical_name"], rec["backend"], rec["adapter"]) == ("m-echo", "m-echo", "openai",
-                                                                                   "openai-passthrough")
+    assert (rec["model"], rec["logical_name"], rec["backend"], rec["adapter"]) == (
+        "m-echo",
+        "m-echo",
+        "openai",
+        "openai-passthrough",
+    )
     assert (rec["stream"], rec["status"], rec["error_code"]) == (False, 200, None)
     assert (rec["prompt_tokens"], rec["completion_tokens"], rec["tokens_estimated"]) == (5, 3, False)
     assert rec["duration_ms"] > 0 and 0 < rec["ttft_ms"] <= rec["duration_ms"]
@@ -85,7 +110,12 @@ async def test_client_errors_are_recorded_with_their_code(env):
     recs = {r["request_id"]: r for r in await settle(client)}
     a, b, c = (recs[r.headers["X-Request-Id"]] for r in (r1, r2, r3))
     assert (a["status"], a["error_code"], a["model"], a["logical_name"], a["adapter"]) == (
-        404, "model_not_found", "no-such-model", None, None)
+        404,
+        "model_not_found",
+        "no-such-model",
+        None,
+        None,
+    )
     assert (a["prompt_tokens"], a["completion_tokens"], a["tokens_estimated"]) == (None, None, False)
     assert a["ttft_ms"] is None
     assert (b["status"], b["error_code"], b["model"]) == (400, "invalid_request", None)
@@ -104,9 +134,15 @@ async def test_backend_failures_are_recorded_as_5xx(env):
 
 async def test_a_streamed_request_has_ttft_the_request_id_header_and_usage_tokens(env):
     client = await env()
-    resp = await client.post("/v1/chat/completions", json={
-        "model": "m-echo", "messages": user("one two three"), "stream": True,
-        "stream_options": {"include_usage": True}})
+    resp = await client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "m-echo",
+            "messages": user("one two three"),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
     rid = resp.headers["X-Request-Id"]
     assert sse_events(await resp.read())[-1] == "[DONE]"
@@ -118,10 +154,14 @@ async def test_a_streamed_request_has_ttft_the_request_id_header_and_usage_token
 
 async def test_a_stream_without_usage_gets_estimated_and_flagged_token_counts(env):
     client = await env()
-    resp = await client.post("/v1/chat/completions", json={
-        "model": "m-echo", "messages": user("alpha beta gamma delta"), "stream": True})
+    resp = await client.post(
+        "/v1/chat/completions",
+        json={"model": "m-echo", "messages": user("alpha beta gamma delta"), "stream": True},
+    )
     await resp.read()
-    resp = await client.post("/v1/chat/completions", json={"model": "m-minimal", "messages": user("alpha beta")})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "m-minimal", "messages": user("alpha beta")}
+    )
     assert (await resp.json())["choices"][0]["message"]["content"] == "echo: alpha beta"  # and no usage
     streamed, plain = await settle(client)
     assert streamed["tokens_estimated"] is True and plain["tokens_estimated"] is True
@@ -132,7 +172,9 @@ async def test_a_stream_without_usage_gets_estimated_and_flagged_token_counts(en
 
 async def test_a_vllm_stream_logs_real_token_counts_without_sending_usage_the_client_did_not_ask_for(env):
     client = await env(backend="vllm")  # vllm entries with a base_url: vllm-external
-    resp = await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": user("a b"), "stream": True})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "m-echo", "messages": user("a b"), "stream": True}
+    )
     events = sse_events(await resp.read())
     assert events[-1] == "[DONE]"
     assert all(e["choices"] and "usage" not in e for e in events[:-1])  # no usage chunk reached the client
@@ -142,8 +184,9 @@ async def test_a_vllm_stream_logs_real_token_counts_without_sending_usage_the_cl
 
 async def test_an_error_inside_a_stream_is_recorded_with_its_code(env):
     client = await env()
-    resp = await client.post("/v1/chat/completions", json={"model": "m-midstream_error", "messages": user("x"),
-                                                           "stream": True})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "m-midstream_error", "messages": user("x"), "stream": True}
+    )
     assert resp.status == 200
     await resp.read()
     [rec] = await settle(client)
@@ -155,8 +198,9 @@ async def test_an_error_inside_a_stream_is_recorded_with_its_code(env):
 async def test_a_cancelled_stream_is_recorded_as_a_client_disconnect(env, handler_cancellation):
     # the server command runs with handler_cancellation=True: the handler is cancelled mid-await
     client = await env(server_kwargs={"handler_cancellation": handler_cancellation})
-    resp = await client.post("/v1/chat/completions", json={"model": "m-slow_stream", "messages": user("x"),
-                                                           "stream": True})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "m-slow_stream", "messages": user("x"), "stream": True}
+    )
     assert resp.status == 200
     await resp.content.readuntil(b"\n\n")  # the first event has arrived
     rid = resp.headers["X-Request-Id"]
@@ -172,8 +216,13 @@ async def test_images_and_truncation_are_counted(env):
     messages = [
         {"role": "user", "content": "earlier question"},
         {"role": "assistant", "content": "earlier answer"},
-        {"role": "user", "content": [{"type": "text", "text": "and this?"},
-                                     {"type": "image_url", "image_url": {"url": PNG}}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "and this?"},
+                {"type": "image_url", "image_url": {"url": PNG}},
+            ],
+        },
     ]
     resp = await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": messages})
     assert resp.status == 200
@@ -185,10 +234,23 @@ async def test_without_log_prompts_no_prompt_or_reply_text_appears_anywhere(env,
     caplog.set_level(logging.DEBUG)
     client = await env(vision=True)
     for stream in (False, True):
-        resp = await client.post("/v1/chat/completions", json={"model": "m-echo", "stream": stream, "messages": [
-            {"role": "system", "content": "system " + SECRET_PROMPT},
-            {"role": "user", "content": [{"type": "text", "text": SECRET_PROMPT},
-                                         {"type": "image_url", "image_url": {"url": PNG}}]}]})
+        resp = await client.post(
+            "/v1/chat/completions",
+            json={
+                "model": "m-echo",
+                "stream": stream,
+                "messages": [
+                    {"role": "system", "content": "system " + SECRET_PROMPT},
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": SECRET_PROMPT},
+                            {"type": "image_url", "image_url": {"url": PNG}},
+                        ],
+                    },
+                ],
+            },
+        )
         body = await resp.read()
         assert SECRET_PROMPT.encode() in body  # the echo reply carries it: the reply text is secret too
     recs = await settle(client)
@@ -201,13 +263,26 @@ async def test_without_log_prompts_no_prompt_or_reply_text_appears_anywhere(env,
 
 async def test_with_log_prompts_messages_have_images_redacted_and_the_reply_is_kept(env):
     client = await env(vision=True, log_prompts="1")
-    messages = [{"role": "user", "content": [{"type": "text", "text": "describe " + SECRET_PROMPT},
-                                             {"type": "image_url", "image_url": {"url": PNG}}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "describe " + SECRET_PROMPT},
+                {"type": "image_url", "image_url": {"url": PNG}},
+            ],
+        }
+    ]
     await (await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": messages})).read()
-    await (await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": messages,
-                                                            "stream": True})).read()
-    await (await client.post("/v1/chat/completions", json={"model": "m-tools", "messages": user("weather?"),
-                                                            "stream": True})).read()
+    await (
+        await client.post(
+            "/v1/chat/completions", json={"model": "m-echo", "messages": messages, "stream": True}
+        )
+    ).read()
+    await (
+        await client.post(
+            "/v1/chat/completions", json={"model": "m-tools", "messages": user("weather?"), "stream": True}
+        )
+    ).read()
     plain, streamed, tools = await settle(client)
     for rec in (plain, streamed):
         parts = rec["messages"][-1]["content"]
@@ -216,7 +291,11 @@ async def test_with_log_prompts_messages_have_images_redacted_and_the_reply_is_k
     assert plain["reply"] == {"content": "echo: describe " + SECRET_PROMPT}
     assert streamed["reply"]["content"].strip() == "echo: describe " + SECRET_PROMPT
     assert tools["reply"]["tool_calls"] == [
-        {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {
+            "id": "call_a",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+        },
         {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}},
     ]
     assert "iVBOR" not in log_path(client).read_text()
@@ -226,8 +305,9 @@ async def test_rotation_under_concurrent_load_keeps_every_record_of_the_two_gene
     client = await env(max_log_bytes="30000")
 
     async def one(i: int) -> str:
-        resp = await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": user(f"n{i}"),
-                                                               "stream": i % 2 == 0})
+        resp = await client.post(
+            "/v1/chat/completions", json={"model": "m-echo", "messages": user(f"n{i}"), "stream": i % 2 == 0}
+        )
         await resp.read()
         assert resp.status == 200
         return resp.headers["X-Request-Id"]
@@ -270,10 +350,17 @@ async def test_metrics_are_404_in_the_error_shape_when_disabled(env, path):
 async def test_v1_metrics_reports_the_window_by_model_and_backend(env):
     client = await env(enable_metrics="1")
     for _ in range(3):
-        await (await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": user("hi")})).read()
-    await (await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": user("hi"),
-                                                            "stream": True})).read()
-    await (await client.post("/v1/chat/completions", json={"model": "m-error500", "messages": user("hi")})).read()
+        await (
+            await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": user("hi")})
+        ).read()
+    await (
+        await client.post(
+            "/v1/chat/completions", json={"model": "m-echo", "messages": user("hi"), "stream": True}
+        )
+    ).read()
+    await (
+        await client.post("/v1/chat/completions", json={"model": "m-error500", "messages": user("hi")})
+    ).read()
     await (await client.post("/v1/chat/completions", json={"model": "nope", "messages": user("hi")})).read()
     await settle(client)
     resp = await client.get("/v1/metrics")
@@ -283,7 +370,11 @@ async def test_v1_metrics_reports_the_window_by_model_and_backend(env):
     overall = m["overall"]
     assert overall["requests"] == 6 and overall["errors"] == 2
     assert overall["errors_by_code"] == {"backend_error": 1, "model_not_found": 1}
-    assert set(overall["latency_ms"]) == {"p50", "p95", "p99"} and set(overall["ttft_ms"]) == {"p50", "p95", "p99"}
+    assert set(overall["latency_ms"]) == {"p50", "p95", "p99"} and set(overall["ttft_ms"]) == {
+        "p50",
+        "p95",
+        "p99",
+    }
     assert overall["tokens_per_s"] > 0
     assert m["by_model"]["m-echo"]["requests"] == 4 and m["by_model"]["m-echo"]["errors"] == 0
     assert m["by_model"]["m-error500"]["errors_by_code"] == {"backend_error": 1}
@@ -300,8 +391,12 @@ async def test_v1_metrics_reports_the_window_by_model_and_backend(env):
 async def test_orchestrator_swap_figures_are_read_from_its_stats(env):
     client = await env(enable_metrics="1")
     orchestrator = keys.models(client.app).adapters["vllm-orchestrated"]
-    orchestrator.stats = lambda: {"swaps": 3, "swap_failures": 1, "swap_durations_s": [10.0, 20.0, 30.0],
-                                  "queue_depth": 2}
+    orchestrator.stats = lambda: {
+        "swaps": 3,
+        "swap_failures": 1,
+        "swap_durations_s": [10.0, 20.0, 30.0],
+        "queue_depth": 2,
+    }
     m = await (await client.get("/v1/metrics")).json()
     assert m["queue_depth"] == 2
     assert m["swaps"]["count"] == 3 and m["swaps"]["failures"] == 1
@@ -325,34 +420,65 @@ async def test_orchestrator_swap_figures_are_read_from_its_stats(env):
 async def test_prometheus_text_parses_back_with_bounded_labels(env):
     client = await env(enable_metrics="1")
     for _ in range(2):
-        await (await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": user("hi")})).read()
-    await (await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": user("hi"),
-                                                            "stream": True})).read()
-    await (await client.post("/v1/chat/completions", json={"model": "m-error500", "messages": user("hi")})).read()
-    await (await client.post("/v1/chat/completions", json={"model": "free text model name", "messages": user("x")})).read()
+        await (
+            await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": user("hi")})
+        ).read()
+    await (
+        await client.post(
+            "/v1/chat/completions", json={"model": "m-echo", "messages": user("hi"), "stream": True}
+        )
+    ).read()
+    await (
+        await client.post("/v1/chat/completions", json={"model": "m-error500", "messages": user("hi")})
+    ).read()
+    await (
+        await client.post(
+            "/v1/chat/completions", json={"model": "free text model name", "messages": user("x")}
+        )
+    ).read()
     await settle(client)
     resp = await client.get("/metrics")
     assert resp.status == 200
     assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
     families = {f.name: f for f in text_string_to_metric_families(await resp.text())}
-    requests = {(s.labels["model"], s.labels["backend"], s.labels["status_class"]): s.value
-                for s in families["imageworks_proxy_requests"].samples if s.name.endswith("_total")}
-    assert requests == {("m-echo", "openai-passthrough", "2xx"): 3, ("m-error500", "openai-passthrough", "5xx"): 1,
-                        ("", "", "4xx"): 1}
-    errors = {s.labels["code"]: s.value for s in families["imageworks_proxy_request_errors"].samples
-              if s.name.endswith("_total")}
+    requests = {
+        (s.labels["model"], s.labels["backend"], s.labels["status_class"]): s.value
+        for s in families["imageworks_proxy_requests"].samples
+        if s.name.endswith("_total")
+    }
+    assert requests == {
+        ("m-echo", "openai-passthrough", "2xx"): 3,
+        ("m-error500", "openai-passthrough", "5xx"): 1,
+        ("", "", "4xx"): 1,
+    }
+    errors = {
+        s.labels["code"]: s.value
+        for s in families["imageworks_proxy_request_errors"].samples
+        if s.name.endswith("_total")
+    }
     assert errors == {"backend_error": 1, "model_not_found": 1}
-    duration = {s.name: s.value for s in families["imageworks_proxy_request_duration_seconds"].samples
-                if s.labels.get("model") == "m-echo"}
+    duration = {
+        s.name: s.value
+        for s in families["imageworks_proxy_request_duration_seconds"].samples
+        if s.labels.get("model") == "m-echo"
+    }
     assert duration["imageworks_proxy_request_duration_seconds_count"] == 3
-    ttft_count = [s.value for s in families["imageworks_proxy_time_to_first_token_seconds"].samples
-                  if s.name.endswith("_count") and s.labels["model"] == "m-echo"]
+    ttft_count = [
+        s.value
+        for s in families["imageworks_proxy_time_to_first_token_seconds"].samples
+        if s.name.endswith("_count") and s.labels["model"] == "m-echo"
+    ]
     assert ttft_count == [3]
-    tokens = {s.labels["kind"]: s.value for s in families["imageworks_proxy_tokens"].samples
-              if s.name.endswith("_total") and s.labels["model"] == "m-echo"}
+    tokens = {
+        s.labels["kind"]: s.value
+        for s in families["imageworks_proxy_tokens"].samples
+        if s.name.endswith("_total") and s.labels["model"] == "m-echo"
+    }
     assert tokens["prompt"] >= 10 and tokens["completion"] >= 6
     assert families["imageworks_proxy_in_flight_requests"].samples[0].value == 0
-    log_records = [s.value for s in families["imageworks_proxy_request_log_records"].samples if s.name.endswith("_total")]
+    log_records = [
+        s.value for s in families["imageworks_proxy_request_log_records"].samples if s.name.endswith("_total")
+    ]
     assert log_records == [5]
     # the free-text model name never became a label value
     assert "free text model name" not in await resp.text()
@@ -383,11 +509,17 @@ async def test_one_access_line_per_request_with_model_status_ms_and_request_id(e
     caplog.set_level(logging.INFO, logger="imageworks_proxy.access")
     client = await env(api_keys="sk-very-secret-key")
     auth = {"Authorization": "Bearer sk-very-secret-key"}
-    resp = await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": user(SECRET_PROMPT)},
-                             headers={**auth, "X-Request-Id": "trace-abc"})
+    resp = await client.post(
+        "/v1/chat/completions",
+        json={"model": "m-echo", "messages": user(SECRET_PROMPT)},
+        headers={**auth, "X-Request-Id": "trace-abc"},
+    )
     assert resp.status == 200
-    bad = await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": user("x")},
-                            headers={"Authorization": "Bearer wrong-key"})
+    bad = await client.post(
+        "/v1/chat/completions",
+        json={"model": "m-echo", "messages": user("x")},
+        headers={"Authorization": "Bearer wrong-key"},
+    )
     assert bad.status == 401
     await client.get("/v1/models", headers=auth)
     await settle(client)
@@ -406,8 +538,11 @@ async def test_one_access_line_per_request_with_model_status_ms_and_request_id(e
 async def test_access_line_shows_an_in_band_error_and_health_is_quiet(env, caplog):
     caplog.set_level(logging.INFO, logger="imageworks_proxy.access")
     client = await env()
-    await (await client.post("/v1/chat/completions", json={"model": "m-midstream_error", "messages": user("x"),
-                                                            "stream": True})).read()
+    await (
+        await client.post(
+            "/v1/chat/completions", json={"model": "m-midstream_error", "messages": user("x"), "stream": True}
+        )
+    ).read()
     await client.get("/v1/health")
     await settle(client)
     lines = [r.getMessage() for r in caplog.records if r.name == "imageworks_proxy.access"]

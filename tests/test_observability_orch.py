@@ -34,10 +34,15 @@ async def test_switches_show_up_as_swaps_queue_time_and_the_active_model(tmp_pat
     assert m["swaps"]["duration_s"]["samples"] == 3
     assert m["vllm"] == {"active_model": "alpha", "state": "loaded"}
     assert m["queue_depth"] == 0
-    families = {f.name: f for f in text_string_to_metric_families(await (await client.get("/metrics")).text())}
+    families = {
+        f.name: f for f in text_string_to_metric_families(await (await client.get("/metrics")).text())
+    }
     swap = {s.name: s.value for s in families["imageworks_proxy_model_swap_duration_seconds"].samples}
     assert swap["imageworks_proxy_model_swap_duration_seconds_count"] == 3
     assert [s.labels["model"] for s in families["imageworks_proxy_active_model"].samples] == ["alpha"]
-    waits = [s.value for s in families["imageworks_proxy_queue_wait_seconds"].samples
-             if s.name.endswith("_count") and s.labels["model"] == "alpha"]
+    waits = [
+        s.value
+        for s in families["imageworks_proxy_queue_wait_seconds"].samples
+        if s.name.endswith("_count") and s.labels["model"] == "alpha"
+    ]
     assert waits == [2]

@@ -35,16 +35,26 @@ async def test_ollama_down_lists_entries_whose_files_are_visible(
     weights = tmp_path / "blob.gguf"
     weights.write_bytes(b"gguf")
     base = f"http://127.0.0.1:{unused_tcp_port_factory()}"
-    registry_file([
-        ollama_entry(base, name="a", display_name="on disk", download_path=str(weights)),
-        ollama_entry(base, name="b", display_name="elsewhere", tag="qwen3:8b", download_path=str(tmp_path / "missing")),
-        ollama_entry(base, name="c", display_name="no path", tag="mistral:7b"),
-    ])
+    registry_file(
+        [
+            ollama_entry(base, name="a", display_name="on disk", download_path=str(weights)),
+            ollama_entry(
+                base,
+                name="b",
+                display_name="elsewhere",
+                tag="qwen3:8b",
+                download_path=str(tmp_path / "missing"),
+            ),
+            ollama_entry(base, name="c", display_name="no path", tag="mistral:7b"),
+        ]
+    )
     client = await proxy_client(make_config())
     assert await _ids(client) == ["on disk"]
 
 
-async def test_host_and_port_entries_and_the_loopback_alias(aiohttp_server, registry_file, make_config, proxy_client):
+async def test_host_and_port_entries_and_the_loopback_alias(
+    aiohttp_server, registry_file, make_config, proxy_client
+):
     fake = FakeOllama()
     # Ollama "on another host": 127.0.0.2, reached from the registry's localhost only through the alias.
     server = await aiohttp_server(fake.app(), host="127.0.0.2")

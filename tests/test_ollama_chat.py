@@ -12,7 +12,6 @@ import pytest
 from aiohttp import web
 
 from imageworks_proxy import keys
-
 from tests.chat_helpers import sse_events, user
 from tests.fakes.fake_ollama import FakeOllama, Reply, ollama_entry
 from tests.openai_schemas import validate_chunk, validate_completion, validate_error
@@ -85,7 +84,11 @@ async def test_completion_names_requested_model_and_reports_usage(env):
     assert completion.choices[0].message.content == "echo: hello there"
     assert completion.choices[0].finish_reason == "stop"
     assert completion.model == MODEL
-    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens, completion.usage.total_tokens) == (11, 5, 16)
+    assert (
+        completion.usage.prompt_tokens,
+        completion.usage.completion_tokens,
+        completion.usage.total_tokens,
+    ) == (11, 5, 16)
     sent = e.fake.chats[-1]
     assert sent["model"] == "llama3.2:latest" and sent["stream"] is False and sent["keep_alive"] == "10m"
     resp = await e.client.post("/v1/chat/completions", json={"model": MODEL, "messages": user("x")})
@@ -97,18 +100,34 @@ async def test_sampling_settings_context_size_and_registry_defaults_reach_ollama
     fake = FakeOllama()
     server = await aiohttp_server(fake.app())
     base = str(server.make_url("")).rstrip("/")
-    entry = ollama_entry(base, backend_config={"extra_args": ["--num-ctx", "16384"]},
-                         generation_defaults={"temperature": 0.3, "top_k": 20, "max_tokens": 256})
+    entry = ollama_entry(
+        base,
+        backend_config={"extra_args": ["--num-ctx", "16384"]},
+        generation_defaults={"temperature": 0.3, "top_k": 20, "max_tokens": 256},
+    )
     e = await env(fake=fake, entry=entry)
     await e.sdk.chat.completions.create(
-        model=MODEL, messages=[{"role": "developer", "content": "Be terse."}, *user("hi")],
-        top_p=0.8, seed=42, stop=["\n\n"], max_completion_tokens=64, frequency_penalty=0.1, presence_penalty=0.2,
+        model=MODEL,
+        messages=[{"role": "developer", "content": "Be terse."}, *user("hi")],
+        top_p=0.8,
+        seed=42,
+        stop=["\n\n"],
+        max_completion_tokens=64,
+        frequency_penalty=0.1,
+        presence_penalty=0.2,
         response_format={"type": "json_object"},
     )
     sent = fake.chats[-1]
     assert sent["options"] == {
-        "num_ctx": 16384, "temperature": 0.3, "top_k": 20, "top_p": 0.8, "seed": 42, "stop": ["\n\n"],
-        "num_predict": 64, "frequency_penalty": 0.1, "presence_penalty": 0.2,
+        "num_ctx": 16384,
+        "temperature": 0.3,
+        "top_k": 20,
+        "top_p": 0.8,
+        "seed": 42,
+        "stop": ["\n\n"],
+        "num_predict": 64,
+        "frequency_penalty": 0.1,
+        "presence_penalty": 0.2,
     }
     assert sent["format"] == "json"
     assert sent["messages"][0] == {"role": "system", "content": "Be terse."}
@@ -118,7 +137,9 @@ async def test_sampling_settings_context_size_and_registry_defaults_reach_ollama
 async def test_entry_without_host_uses_the_configured_ollama_base_url(env, aiohttp_server):
     fake = FakeOllama()
     server = await aiohttp_server(fake.app())
-    e = await env(fake=FakeOllama(), entry=ollama_entry(None), OLLAMA_BASE_URL=str(server.make_url("")).rstrip("/"))
+    e = await env(
+        fake=FakeOllama(), entry=ollama_entry(None), OLLAMA_BASE_URL=str(server.make_url("")).rstrip("/")
+    )
     completion = await e.sdk.chat.completions.create(model=MODEL, messages=user("where?"))
     assert completion.choices[0].message.content == "echo: where?"
     assert len(fake.chats) == 1  # the configured server answered
@@ -126,8 +147,9 @@ async def test_entry_without_host_uses_the_configured_ollama_base_url(env, aioht
 
 async def test_stream_has_role_first_many_deltas_finish_usage_and_done(env):
     e = await env()
-    stream = await e.sdk.chat.completions.create(model=MODEL, messages=user("one two three"), stream=True,
-                                                 stream_options={"include_usage": True})
+    stream = await e.sdk.chat.completions.create(
+        model=MODEL, messages=user("one two three"), stream=True, stream_options={"include_usage": True}
+    )
     got = await collect(stream)
     assert got["content"] == "echo: one two three"
     assert got["chunks"] >= 6  # streamed in pieces, not buffered
@@ -135,7 +157,9 @@ async def test_stream_has_role_first_many_deltas_finish_usage_and_done(env):
     assert got["finish"] == ["stop"]
     assert got["usage"].total_tokens == 16
     assert e.fake.chats[-1]["stream"] is True
-    resp = await e.client.post("/v1/chat/completions", json={"model": MODEL, "stream": True, "messages": user("hi")})
+    resp = await e.client.post(
+        "/v1/chat/completions", json={"model": MODEL, "stream": True, "messages": user("hi")}
+    )
     assert resp.headers["Content-Type"].startswith("text/event-stream")
     events = sse_events(await resp.read())
     assert events[-1] == "[DONE]"
@@ -146,11 +170,15 @@ async def test_stream_has_role_first_many_deltas_finish_usage_and_done(env):
 
 async def test_reasoning_shows_up_as_reasoning_content(env):
     e = await env(fake=FakeOllama(responder=lambda body: Reply(content="42", thinking="Six times seven.")))
-    completion = await e.sdk.chat.completions.create(model=MODEL, messages=user("answer?"), reasoning_effort="high")
+    completion = await e.sdk.chat.completions.create(
+        model=MODEL, messages=user("answer?"), reasoning_effort="high"
+    )
     assert completion.choices[0].message.content == "42"
     assert completion.choices[0].message.model_extra["reasoning_content"] == "Six times seven."
     assert e.fake.chats[-1]["think"] == "high"
-    got = await collect(await e.sdk.chat.completions.create(model=MODEL, messages=user("answer?"), stream=True))
+    got = await collect(
+        await e.sdk.chat.completions.create(model=MODEL, messages=user("answer?"), stream=True)
+    )
     assert got["reasoning"] == "Six times seven." and got["content"] == "42"
 
 
@@ -159,7 +187,9 @@ def tool_responder(body):
     last = body["messages"][-1]
     if last["role"] == "tool":
         return Reply(content=f"It is {last['content']} in Paris.")
-    return Reply(content="", tool_calls=[{"function": {"name": "get_time", "arguments": {"tz": "Europe/Paris"}}}])
+    return Reply(
+        content="", tool_calls=[{"function": {"name": "get_time", "arguments": {"tz": "Europe/Paris"}}}]
+    )
 
 
 async def test_tools_round_trip_call_result_answer(env):
@@ -174,8 +204,10 @@ async def test_tools_round_trip_call_result_answer(env):
     assert json.loads(call.function.arguments) == {"tz": "Europe/Paris"}
     assert e.fake.chats[-1]["tools"] == TOOLS
 
-    messages += [choice.message.model_dump(exclude_none=True),
-                 {"role": "tool", "tool_call_id": call.id, "content": "12:00"}]
+    messages += [
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "12:00"},
+    ]
     answer = await e.sdk.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS)
     assert answer.choices[0].message.content == "It is 12:00 in Paris."
     sent = e.fake.chats[-1]["messages"]
@@ -184,10 +216,14 @@ async def test_tools_round_trip_call_result_answer(env):
 
 
 async def test_streamed_tool_calls_have_index_and_name_once(env):
-    calls = [{"function": {"name": "get_time", "arguments": {"tz": "UTC"}}},
-             {"function": {"name": "get_time", "arguments": {"tz": "Asia/Tokyo"}}}]
+    calls = [
+        {"function": {"name": "get_time", "arguments": {"tz": "UTC"}}},
+        {"function": {"name": "get_time", "arguments": {"tz": "Asia/Tokyo"}}},
+    ]
     e = await env(fake=FakeOllama(responder=lambda body: Reply(content="", tool_calls=calls)))
-    got = await collect(await e.sdk.chat.completions.create(model=MODEL, messages=user("times?"), tools=TOOLS, stream=True))
+    got = await collect(
+        await e.sdk.chat.completions.create(model=MODEL, messages=user("times?"), tools=TOOLS, stream=True)
+    )
     assert got["finish"] == ["tool_calls"]
     assert sorted(got["calls"]) == [0, 1]
     for index, tz in ((0, "UTC"), (1, "Asia/Tokyo")):
@@ -199,15 +235,21 @@ async def test_streamed_tool_calls_have_index_and_name_once(env):
     # the SDK's own accumulator agrees
     async with e.sdk.chat.completions.stream(model=MODEL, messages=user("times?"), tools=TOOLS) as stream:
         final = await stream.get_final_completion()
-    assert [json.loads(tc.function.arguments) for tc in final.choices[0].message.tool_calls] == [{"tz": "UTC"}, {"tz": "Asia/Tokyo"}]
+    assert [json.loads(tc.function.arguments) for tc in final.choices[0].message.tool_calls] == [
+        {"tz": "UTC"},
+        {"tz": "Asia/Tokyo"},
+    ]
 
 
 # -- images ----------------------------------------------------------------------------------------
 async def test_image_reaches_ollama_as_raw_base64_while_streaming(env):
     e = await env()
     content = [{"type": "text", "text": "what is this"}, {"type": "image_url", "image_url": {"url": PNG_URL}}]
-    got = await collect(await e.sdk.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": content}], stream=True))
+    got = await collect(
+        await e.sdk.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": content}], stream=True
+        )
+    )
     assert got["content"] == "echo: what is this [1 image(s)]"
     assert got["chunks"] >= 5
     sent = e.fake.chats[-1]["messages"][-1]
@@ -228,8 +270,13 @@ async def _image_server(aiohttp_server, body: bytes):
 async def test_http_image_url_is_fetched_by_the_proxy(env, aiohttp_server):
     images = await _image_server(aiohttp_server, PNG)
     e = await env()
-    content = [{"type": "text", "text": "describe"}, {"type": "image_url", "image_url": {"url": str(images.make_url("/img/a.png"))}}]
-    completion = await e.sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}])
+    content = [
+        {"type": "text", "text": "describe"},
+        {"type": "image_url", "image_url": {"url": str(images.make_url("/img/a.png"))}},
+    ]
+    completion = await e.sdk.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": content}]
+    )
     assert completion.choices[0].message.content == "echo: describe [1 image(s)]"
     assert e.fake.chats[-1]["messages"][-1]["images"] == [base64.b64encode(PNG).decode()]
 
@@ -239,7 +286,9 @@ async def test_http_image_over_the_cap_is_413_and_missing_image_is_400(env, aioh
     e = await env(MAX_IMAGE_BYTES=1000)
     for name, status, code in (("big.png", 413, "payload_too_large"), ("missing.png", 400, "invalid_image")):
         content = [{"type": "image_url", "image_url": {"url": str(images.make_url(f"/img/{name}"))}}]
-        resp = await e.client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": content}]})
+        resp = await e.client.post(
+            "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": content}]}
+        )
         assert resp.status == status
         body = await resp.json()
         validate_error(body)
@@ -257,7 +306,9 @@ async def test_model_missing_in_ollama_is_a_clean_404(env, aiohttp_server):
         await e.sdk.chat.completions.create(model=MODEL, messages=user("hi"))
     assert err.value.body["code"] == "model_not_found"
     assert "qwen3:8b" in err.value.body["message"]
-    resp = await e.client.post("/v1/chat/completions", json={"model": MODEL, "stream": True, "messages": user("hi")})
+    resp = await e.client.post(
+        "/v1/chat/completions", json={"model": MODEL, "stream": True, "messages": user("hi")}
+    )
     assert resp.status == 404 and resp.headers["Content-Type"].startswith("application/json")
     validate_error(await resp.json())
 
@@ -265,7 +316,9 @@ async def test_model_missing_in_ollama_is_a_clean_404(env, aiohttp_server):
 async def test_ollama_down_is_503_with_retry_after(env, unused_tcp_port_factory):
     e = await env(entry=ollama_entry(f"http://127.0.0.1:{unused_tcp_port_factory()}"))
     for stream in (False, True):
-        resp = await e.client.post("/v1/chat/completions", json={"model": MODEL, "stream": stream, "messages": user("hi")})
+        resp = await e.client.post(
+            "/v1/chat/completions", json={"model": MODEL, "stream": stream, "messages": user("hi")}
+        )
         assert resp.status == 503
         assert resp.headers["Retry-After"]
         body = await resp.json()
@@ -273,14 +326,19 @@ async def test_ollama_down_is_503_with_retry_after(env, unused_tcp_port_factory)
         assert body["error"]["code"] == "backend_unavailable"
 
 
-@pytest.mark.parametrize(("status", "message", "want_status", "want_code"), [
-    (500, "llama runner process has terminated", 502, "backend_error"),
-    (400, "registry.ollama.ai/library/x does not support tools", 400, "backend_rejected"),
-])
+@pytest.mark.parametrize(
+    ("status", "message", "want_status", "want_code"),
+    [
+        (500, "llama runner process has terminated", 502, "backend_error"),
+        (400, "registry.ollama.ai/library/x does not support tools", 400, "backend_rejected"),
+    ],
+)
 async def test_ollama_http_errors_map_to_the_spec(env, status, message, want_status, want_code):
     e = await env(fake=FakeOllama(responder=lambda body: Reply(status=status, error=message)))
     for stream in (False, True):
-        resp = await e.client.post("/v1/chat/completions", json={"model": MODEL, "stream": stream, "messages": user("hi")})
+        resp = await e.client.post(
+            "/v1/chat/completions", json={"model": MODEL, "stream": stream, "messages": user("hi")}
+        )
         assert resp.status == want_status
         body = await resp.json()
         validate_error(body)
@@ -289,8 +347,14 @@ async def test_ollama_http_errors_map_to_the_spec(env, status, message, want_sta
 
 
 async def test_error_in_the_first_line_is_a_json_error_not_a_stream(env):
-    e = await env(fake=FakeOllama(responder=lambda body: Reply(error="input length exceeds context length", error_after=0)))
-    resp = await e.client.post("/v1/chat/completions", json={"model": MODEL, "stream": True, "messages": user("hi")})
+    e = await env(
+        fake=FakeOllama(
+            responder=lambda body: Reply(error="input length exceeds context length", error_after=0)
+        )
+    )
+    resp = await e.client.post(
+        "/v1/chat/completions", json={"model": MODEL, "stream": True, "messages": user("hi")}
+    )
     assert resp.status == 502 and resp.headers["Content-Type"].startswith("application/json")
     body = await resp.json()
     validate_error(body)
@@ -298,11 +362,17 @@ async def test_error_in_the_first_line_is_a_json_error_not_a_stream(env):
 
 
 async def test_mid_stream_error_is_an_in_band_event_then_done(env):
-    e = await env(fake=FakeOllama(responder=lambda body: Reply(content="partial answer", error="out of memory", error_after=2)))
+    e = await env(
+        fake=FakeOllama(
+            responder=lambda body: Reply(content="partial answer", error="out of memory", error_after=2)
+        )
+    )
     with pytest.raises(openai.APIError) as err:
         await collect(await e.sdk.chat.completions.create(model=MODEL, messages=user("hi"), stream=True))
     assert "out of memory" in err.value.message
-    resp = await e.client.post("/v1/chat/completions", json={"model": MODEL, "stream": True, "messages": user("hi")})
+    resp = await e.client.post(
+        "/v1/chat/completions", json={"model": MODEL, "stream": True, "messages": user("hi")}
+    )
     events = sse_events(await resp.read())
     assert events[-1] == "[DONE]"
     assert events[-2]["error"]["code"] == "backend_error"
@@ -312,15 +382,21 @@ async def test_mid_stream_error_is_an_in_band_event_then_done(env):
 
 async def test_stream_cut_short_is_an_in_band_error(env):
     e = await env(fake=FakeOllama(responder=lambda body: Reply(content="abcdefgh", cut_after=1)))
-    resp = await e.client.post("/v1/chat/completions", json={"model": MODEL, "stream": True, "messages": user("hi")})
+    resp = await e.client.post(
+        "/v1/chat/completions", json={"model": MODEL, "stream": True, "messages": user("hi")}
+    )
     events = sse_events(await resp.read())
     assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "backend_error"
 
 
 async def test_stream_idle_timeout_is_an_in_band_error(env):
-    e = await env(fake=FakeOllama(responder=lambda body: Reply(content="abcdefgh", stall_after=1)),
-                  STREAM_IDLE_TIMEOUT_MS=200)
-    resp = await e.client.post("/v1/chat/completions", json={"model": MODEL, "stream": True, "messages": user("hi")})
+    e = await env(
+        fake=FakeOllama(responder=lambda body: Reply(content="abcdefgh", stall_after=1)),
+        STREAM_IDLE_TIMEOUT_MS=200,
+    )
+    resp = await e.client.post(
+        "/v1/chat/completions", json={"model": MODEL, "stream": True, "messages": user("hi")}
+    )
     assert resp.status == 200
     events = sse_events(await resp.read())
     assert events[-1] == "[DONE]"
@@ -331,7 +407,9 @@ async def test_stream_idle_timeout_is_an_in_band_error(env):
 async def test_backend_timeout_is_504(env):
     e = await env(fake=FakeOllama(responder=lambda body: Reply(delay_s=5)), BACKEND_TIMEOUT_MS=200)
     for stream in (False, True):
-        resp = await e.client.post("/v1/chat/completions", json={"model": MODEL, "stream": stream, "messages": user("hi")})
+        resp = await e.client.post(
+            "/v1/chat/completions", json={"model": MODEL, "stream": stream, "messages": user("hi")}
+        )
         assert resp.status == 504
         body = await resp.json()
         validate_error(body)
@@ -339,8 +417,12 @@ async def test_backend_timeout_is_504(env):
 
 
 async def test_client_disconnect_stops_the_ollama_stream(env):
-    e = await env(fake=FakeOllama(responder=lambda body: Reply(content="x" * 400, piece=1, line_delay_s=0.01)))
-    resp = await e.client.post("/v1/chat/completions", json={"model": MODEL, "stream": True, "messages": user("hi")})
+    e = await env(
+        fake=FakeOllama(responder=lambda body: Reply(content="x" * 400, piece=1, line_delay_s=0.01))
+    )
+    resp = await e.client.post(
+        "/v1/chat/completions", json={"model": MODEL, "stream": True, "messages": user("hi")}
+    )
     await resp.content.readline()  # the stream is flowing
     resp.close()
     for _ in range(200):  # wait (bounded) until the fake notices its client went away
@@ -353,10 +435,15 @@ async def test_client_disconnect_stops_the_ollama_stream(env):
 async def test_slow_model_load_gets_keep_alives_before_the_first_token(env):
     e = await env(fake=FakeOllama(responder=lambda body: Reply(content="ready", delay_s=0.6)))
     keys.models(e.client.app).adapters["ollama"].stream_commit_after_s = 0.1
-    resp = await e.client.post("/v1/chat/completions", json={"model": MODEL, "stream": True, "messages": user("hi")})
+    resp = await e.client.post(
+        "/v1/chat/completions", json={"model": MODEL, "stream": True, "messages": user("hi")}
+    )
     assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
     raw = await resp.read()
     assert raw.startswith(b": keep-alive\n\n")  # sent while Ollama was still loading
     events = sse_events(raw)
-    assert "".join(ev["choices"][0]["delta"].get("content", "") for ev in events[:-1] if ev["choices"]) == "ready"
+    assert (
+        "".join(ev["choices"][0]["delta"].get("content", "") for ev in events[:-1] if ev["choices"])
+        == "ready"
+    )
     assert events[-1] == "[DONE]"

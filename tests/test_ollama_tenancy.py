@@ -70,7 +70,9 @@ async def test_each_chat_holds_the_ollama_lease_until_the_response_ends(env):
     assert recorder.released == [True]
     resume = asyncio.Event()
     fake.responder = lambda body: Reply(content="abcdefgh", stall_after=1, resume=resume)
-    resp = await client.post("/v1/chat/completions", json={"model": "m0 llama3.2:latest", "stream": True, "messages": user("x")})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "m0 llama3.2:latest", "stream": True, "messages": user("x")}
+    )
     await resp.content.readuntil(b"abcd")  # the stream is flowing, and Ollama is still generating
     assert recorder.released == [True, False]
     resume.set()
@@ -85,7 +87,9 @@ async def test_each_chat_holds_the_ollama_lease_until_the_response_ends(env):
 async def test_lease_comes_back_after_errors(env):
     fake = FakeOllama(responder=lambda body: Reply(content="abc", error="boom", error_after=1))
     client, sdk, _, recorder = await env(fake)
-    resp = await client.post("/v1/chat/completions", json={"model": "m0 llama3.2:latest", "stream": True, "messages": user("x")})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "m0 llama3.2:latest", "stream": True, "messages": user("x")}
+    )
     await resp.read()
     fake.responder = lambda body: Reply(status=500, error="crash")
     with pytest.raises(openai.InternalServerError):
@@ -123,7 +127,9 @@ async def test_unload_that_never_finishes_is_a_503_after_the_stop_timeout(env):
     assert "llama3.2:latest" in err.value.message and "CHAT_PROXY_OLLAMA_STOP_TIMEOUT_S" in err.value.message
 
 
-async def test_unreachable_ollama_holds_nothing(aiohttp_client, registry_file, make_config, make_app, unused_tcp_port_factory):
+async def test_unreachable_ollama_holds_nothing(
+    aiohttp_client, registry_file, make_config, make_app, unused_tcp_port_factory
+):
     registry_file([ollama_entry(f"http://127.0.0.1:{unused_tcp_port_factory()}")])
     client = await aiohttp_client(make_app(make_config()))
     adapter = keys.models(client.app).adapters["ollama"]

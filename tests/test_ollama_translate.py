@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.adapters.ollama.translate import (
     ChunkTranslator,
     NdjsonSplitter,
@@ -18,6 +17,7 @@ from imageworks_proxy.adapters.ollama.translate import (
     parse_num_ctx,
     to_ollama_request,
 )
+from imageworks_proxy.errors import ProxyError
 from tests.openai_schemas import validate_chunk, validate_completion
 
 PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
@@ -44,7 +44,9 @@ def test_num_ctx_comes_from_extra_args(args, expected):
     assert parse_num_ctx(args) == expected
 
 
-@pytest.mark.parametrize(("raw", "expected"), [("10m", "10m"), ("-1", -1), ("0", 0), ("3600", 3600), ("", None), (None, None)])
+@pytest.mark.parametrize(
+    ("raw", "expected"), [("10m", "10m"), ("-1", -1), ("0", 0), ("3600", 3600), ("", None), (None, None)]
+)
 def test_keep_alive_numbers_are_sent_as_numbers(raw, expected):
     assert keep_alive_value(raw) == expected
 
@@ -53,15 +55,28 @@ def test_sampling_options_map_onto_ollama_options():
     payload = translate(
         {
             "messages": [{"role": "user", "content": "hi"}],
-            "temperature": 0.2, "top_p": 0.9, "top_k": 30, "seed": 7, "stop": "END",
-            "max_tokens": 99, "frequency_penalty": 0.5, "presence_penalty": 0.25,
+            "temperature": 0.2,
+            "top_p": 0.9,
+            "top_k": 30,
+            "seed": 7,
+            "stop": "END",
+            "max_tokens": 99,
+            "frequency_penalty": 0.5,
+            "presence_penalty": 0.25,
         },
         num_ctx=8192,
         keep_alive="10m",
     )
     assert payload["options"] == {
-        "temperature": 0.2, "top_p": 0.9, "top_k": 30, "seed": 7, "stop": ["END"], "num_predict": 99,
-        "frequency_penalty": 0.5, "presence_penalty": 0.25, "num_ctx": 8192,
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "top_k": 30,
+        "seed": 7,
+        "stop": ["END"],
+        "num_predict": 99,
+        "frequency_penalty": 0.5,
+        "presence_penalty": 0.25,
+        "num_ctx": 8192,
     }
     assert payload["keep_alive"] == "10m"
     assert payload["stream"] is False and payload["model"] == "llama3.2:latest"
@@ -69,8 +84,14 @@ def test_sampling_options_map_onto_ollama_options():
 
 def test_max_completion_tokens_wins_and_request_num_ctx_overrides_registry():
     payload = translate(
-        {"messages": [{"role": "user", "content": "x"}], "max_tokens": 10, "max_completion_tokens": 20,
-         "num_ctx": 2048, "repeat_penalty": 1.1, "stop": ["a", "b"]},
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 10,
+            "max_completion_tokens": 20,
+            "num_ctx": 2048,
+            "repeat_penalty": 1.1,
+            "stop": ["a", "b"],
+        },
         num_ctx=8192,
     )
     assert payload["options"]["num_predict"] == 20
@@ -84,7 +105,12 @@ def test_response_format_becomes_format():
     msgs = [{"role": "user", "content": "x"}]
     assert translate({"messages": msgs, "response_format": {"type": "json_object"}})["format"] == "json"
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
-    fmt = translate({"messages": msgs, "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}})
+    fmt = translate(
+        {
+            "messages": msgs,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+        }
+    )
     assert fmt["format"] == schema
     assert "format" not in translate({"messages": msgs, "response_format": {"type": "text"}})
 
@@ -103,13 +129,16 @@ def test_messages_text_parts_joined_images_stripped_developer_is_system():
         {
             "messages": [
                 {"role": "developer", "content": "Be brief."},
-                {"role": "user", "content": [
-                    {"type": "text", "text": "What is"},
-                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG_B64}"}},
-                    {"type": "text", "text": "in these?"},
-                    {"type": "image_url", "image_url": "https://example.test/cat.jpg"},
-                    {"type": "file", "file": {"filename": "a.pdf"}},
-                ]},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is"},
+                        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG_B64}"}},
+                        {"type": "text", "text": "in these?"},
+                        {"type": "image_url", "image_url": "https://example.test/cat.jpg"},
+                        {"type": "file", "file": {"filename": "a.pdf"}},
+                    ],
+                },
             ]
         },
         fetched={"https://example.test/cat.jpg": "Q0FU"},
@@ -121,64 +150,121 @@ def test_messages_text_parts_joined_images_stripped_developer_is_system():
 
 
 def test_image_urls_lists_each_http_url_once():
-    body = {"messages": [
-        {"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "http://a.test/1.png"}},
-            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG_B64}"}},
-            {"type": "image_url", "image_url": {"url": "http://a.test/1.png"}},
-        ]},
-        {"role": "user", "content": [{"type": "image_url", "image_url": "https://b.test/2.png"}]},
-    ]}
+    body = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": "http://a.test/1.png"}},
+                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG_B64}"}},
+                    {"type": "image_url", "image_url": {"url": "http://a.test/1.png"}},
+                ],
+            },
+            {"role": "user", "content": [{"type": "image_url", "image_url": "https://b.test/2.png"}]},
+        ]
+    }
     assert image_urls(body) == ["http://a.test/1.png", "https://b.test/2.png"]
 
 
 def test_non_base64_data_url_is_invalid_image():
     with pytest.raises(ProxyError) as err:
-        translate({"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/svg+xml,<svg/>"}}]}]})
+        translate(
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "data:image/svg+xml,<svg/>"}}],
+                    }
+                ]
+            }
+        )
     assert (err.value.status, err.value.code) == (400, "invalid_image")
 
 
 def test_tool_round_trip_messages_carry_objects_and_tool_names():
-    payload = translate({
-        "messages": [
-            {"role": "user", "content": "time in Paris?"},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": "{\"tz\": \"Europe/Paris\"}"}},
-                {"id": "call_2", "type": "function", "function": {"name": "noop", "arguments": ""}},
-            ]},
-            {"role": "tool", "tool_call_id": "call_1", "content": "12:00"},
-            {"role": "tool", "tool_call_id": "call_2", "content": [{"type": "text", "text": "done"}]},
-        ],
-        "tools": [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}],
-    })
+    payload = translate(
+        {
+            "messages": [
+                {"role": "user", "content": "time in Paris?"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "get_time", "arguments": '{"tz": "Europe/Paris"}'},
+                        },
+                        {"id": "call_2", "type": "function", "function": {"name": "noop", "arguments": ""}},
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "call_1", "content": "12:00"},
+                {"role": "tool", "tool_call_id": "call_2", "content": [{"type": "text", "text": "done"}]},
+            ],
+            "tools": [
+                {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+            ],
+        }
+    )
     assistant, tool1, tool2 = payload["messages"][1:]
-    assert assistant == {"role": "assistant", "content": "", "tool_calls": [
-        {"id": "call_1", "function": {"index": 0, "name": "get_time", "arguments": {"tz": "Europe/Paris"}}},
-        {"id": "call_2", "function": {"index": 1, "name": "noop", "arguments": {}}},
-    ]}
+    assert assistant == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "function": {"index": 0, "name": "get_time", "arguments": {"tz": "Europe/Paris"}},
+            },
+            {"id": "call_2", "function": {"index": 1, "name": "noop", "arguments": {}}},
+        ],
+    }
     assert tool1 == {"role": "tool", "content": "12:00", "tool_call_id": "call_1", "tool_name": "get_time"}
     assert tool2["tool_name"] == "noop" and tool2["content"] == "done"
-    assert payload["tools"] == [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    assert payload["tools"] == [
+        {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    ]
 
 
 def test_tool_choice_none_sends_no_tools_and_bad_arguments_are_400():
     tools = [{"type": "function", "function": {"name": "f"}}]
-    assert "tools" not in translate({"messages": [{"role": "user", "content": "x"}], "tools": tools, "tool_choice": "none"})
+    assert "tools" not in translate(
+        {"messages": [{"role": "user", "content": "x"}], "tools": tools, "tool_choice": "none"}
+    )
     two = [*tools, {"type": "function", "function": {"name": "g"}}]
-    named = translate({"messages": [{"role": "user", "content": "x"}], "tools": two,
-                       "tool_choice": {"type": "function", "function": {"name": "g"}}})
+    named = translate(
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": two,
+            "tool_choice": {"type": "function", "function": {"name": "g"}},
+        }
+    )
     assert named["tools"] == [{"type": "function", "function": {"name": "g"}}]
     with pytest.raises(ProxyError) as err:
-        translate({"messages": [{"role": "assistant", "tool_calls": [
-            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1, 2]"}}]}]})
+        translate(
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1, 2]"}}
+                        ],
+                    }
+                ]
+            }
+        )
     assert (err.value.status, err.value.code) == (400, "invalid_request")
 
 
 def test_non_streamed_reply_becomes_a_valid_completion():
     completion = completion_from_ollama(
-        {"model": "llama3.2:latest", "message": {"role": "assistant", "content": "Hi!", "thinking": "hmm"},
-         "done": True, "done_reason": "length", "prompt_eval_count": 12, "eval_count": 3},
+        {
+            "model": "llama3.2:latest",
+            "message": {"role": "assistant", "content": "Hi!", "thinking": "hmm"},
+            "done": True,
+            "done_reason": "length",
+            "prompt_eval_count": 12,
+            "eval_count": 3,
+        },
         model="llama3.2 3b",
     )
     validate_completion(completion)
@@ -190,10 +276,18 @@ def test_non_streamed_reply_becomes_a_valid_completion():
 
 def test_tool_calls_get_ids_and_json_string_arguments():
     completion = completion_from_ollama(
-        {"message": {"role": "assistant", "content": "", "tool_calls": [
-            {"function": {"name": "a", "arguments": {"x": [1, "é"]}}},
-            {"id": "call_kept", "function": {"name": "b", "arguments": {}}},
-        ]}, "done": True, "done_reason": "stop"},
+        {
+            "message": {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {"function": {"name": "a", "arguments": {"x": [1, "é"]}}},
+                    {"id": "call_kept", "function": {"name": "b", "arguments": {}}},
+                ],
+            },
+            "done": True,
+            "done_reason": "stop",
+        },
         model="m",
     )
     validate_completion(completion)
@@ -214,9 +308,20 @@ def _line(content="", **kw):
 def test_stream_lines_become_chunks_role_first_then_deltas_finish_and_usage():
     tr = ChunkTranslator(model="llama3.2 3b", include_usage=True)
     chunks = []
-    for line in (_line(thinking="Let"), _line(thinking=" me"), _line("He"), _line("llo"),
-                 {"model": "t", "message": {"role": "assistant", "content": ""}, "done": True,
-                  "done_reason": "stop", "prompt_eval_count": 5, "eval_count": 2}):
+    for line in (
+        _line(thinking="Let"),
+        _line(thinking=" me"),
+        _line("He"),
+        _line("llo"),
+        {
+            "model": "t",
+            "message": {"role": "assistant", "content": ""},
+            "done": True,
+            "done_reason": "stop",
+            "prompt_eval_count": 5,
+            "eval_count": 2,
+        },
+    ):
         chunks.extend(tr.feed(line))
     for c in chunks:
         validate_chunk(c)
@@ -226,7 +331,11 @@ def test_stream_lines_become_chunks_role_first_then_deltas_finish_and_usage():
     assert [d.get("reasoning_content") for d in deltas[1:3]] == ["Let", " me"]
     assert "".join(d.get("content", "") for d in deltas) == "Hello"
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {
+        "prompt_tokens": 5,
+        "completion_tokens": 2,
+        "total_tokens": 7,
+    }
     assert tr.finished
 
 
@@ -238,7 +347,10 @@ def test_streamed_tool_calls_are_indexed_and_finish_with_tool_calls():
     for c in chunks:
         validate_chunk(c)
     calls = [tc for c in chunks for tc in c["choices"][0]["delta"].get("tool_calls", [])]
-    assert [(tc["index"], tc["type"], tc["function"]["name"]) for tc in calls] == [(0, "function", "a"), (1, "function", "b")]
+    assert [(tc["index"], tc["type"], tc["function"]["name"]) for tc in calls] == [
+        (0, "function", "a"),
+        (1, "function", "b"),
+    ]
     assert calls[0]["id"] != calls[1]["id"]
     assert json.loads(calls[0]["function"]["arguments"]) == {"q": 1}
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
@@ -260,7 +372,7 @@ def test_ndjson_splitter_handles_split_and_very_long_lines():
     data = (json.dumps({"a": 1}) + "\n" + json.dumps({"b": big}) + "\n" + json.dumps({"c": 3})).encode()
     out = []
     for i in range(0, len(data), 1000):
-        out += sp.feed(data[i:i + 1000])
+        out += sp.feed(data[i : i + 1000])
     out += sp.close()
     assert [decode_line(line) for line in out] == [{"a": 1}, {"b": big}, {"c": 3}]
     with pytest.raises(ProxyError) as err:

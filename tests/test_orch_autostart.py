@@ -11,9 +11,9 @@ import sys
 import pytest
 
 from imageworks_proxy import keys
-from imageworks_proxy.upstream.autostart import AUTOSTART, ensure_started
 from imageworks_proxy.config import ConfigError, load_config
 from imageworks_proxy.upstream import process
+from imageworks_proxy.upstream.autostart import AUTOSTART, ensure_started
 from tests.chat_helpers import sse_events, user
 from tests.fakes.orch import FAKE_VLLM, free_port, orch_settings, started
 from tests.openai_schemas import validate_error

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from imageworks_proxy.catalogue.registry import parse_entry
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.vllm.command import build_command, flag_value
-from imageworks_proxy.catalogue.registry import parse_entry
 
 
 def entry(**bc):

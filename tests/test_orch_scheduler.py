@@ -345,7 +345,7 @@ async def _scenario(plan: list[tuple[str, int, int, bool]], seed: int) -> tuple[
         arrivals.append(key)
         try:
             lease = await sched.acquire(t, Call())
-        except BaseException as exc:  # noqa: BLE001 - recorded for the assertions
+        except BaseException as exc:
             results[i] = exc
             raise
         try:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from imageworks_proxy.catalogue.registry import parse_entry
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.pipeline.stage import ChatContext
-from imageworks_proxy.catalogue.registry import parse_entry
 from imageworks_proxy.pipeline.template import TemplateStage, template_source
 
 

@@ -98,7 +98,7 @@ async def _models(client) -> dict[str, dict]:
 
 def test_installed_distribution_registers_the_four_builtin_adapters_as_entry_points():
     eps = {ep.name: ep for ep in md.entry_points(group="imageworks_proxy")}
-    assert BUILTINS <= set(eps)
+    assert set(eps) >= BUILTINS
     for name in BUILTINS:
         assert eps[name].value == BUILTIN_ADAPTERS[name]
         assert eps[name].dist.name == "imageworks-proxy"
@@ -109,7 +109,7 @@ def test_installed_distribution_registers_the_four_builtin_adapters_as_entry_poi
 @pytest.mark.parametrize("load_entrypoints", [True, False])
 def test_manager_has_the_builtins_with_or_without_entry_points(load_entrypoints):
     pm = make_plugin_manager(load_entrypoints=load_entrypoints)
-    assert BUILTINS <= set(pm.infos)
+    assert set(pm.infos) >= BUILTINS
     for name in BUILTINS:
         info = pm.infos[name]
         assert info.builtin and info.distribution == "imageworks-proxy"
@@ -145,7 +145,7 @@ async def test_broken_entry_point_is_reported_by_name_and_the_app_still_serves(
     listing = await _plugins(client)
     assert [f["name"] for f in listing["errors"]] == ["exploding-plugin"]
     assert "ModuleNotFoundError" in listing["errors"][0]["error"]
-    assert BUILTINS <= {p["name"] for p in listing["data"]}
+    assert {p["name"] for p in listing["data"]} >= BUILTINS
     health = await (await client.get("/v1/health")).json()
     assert health["plugins"]["errors"] == listing["errors"]
     assert set(await _models(client)) == {"ext"}
@@ -168,7 +168,9 @@ async def test_hook_register_backends_raising_is_reported_and_the_app_still_serv
     registry_file([{"name": "ext", "backend": "openai", "backend_config": EXTERNAL}])
     client = await proxy_client(make_config(), plugins=(BrokenHookPlugin(),))
     listing = await _plugins(client)
-    assert listing["errors"] == [{"name": "BrokenHookPlugin", "error": "RuntimeError: adapter registry exploded"}]
+    assert listing["errors"] == [
+        {"name": "BrokenHookPlugin", "error": "RuntimeError: adapter registry exploded"}
+    ]
     assert set(await _models(client)) == {"ext"}
 
 
@@ -196,15 +198,18 @@ def test_registering_something_that_is_not_an_adapter_is_an_error(make_app, make
 
 # -- register_backends: routing to third-party adapters ---------------------------------------------------------
 
+
 async def test_hook_register_backends_third_party_adapter_claims_a_new_backend(
     make_config, registry_file, proxy_client
 ):
     MyAdapter.events = []
-    registry_file([
-        {"name": "mine", "backend": "mybackend", "backend_config": {"host": "127.0.0.1", "port": 9}},
-        {"name": "mine-missing", "backend": "mybackend", "metadata": {"installed_here": False}},
-        {"name": "other", "backend": "sglang", "backend_config": EXTERNAL},
-    ])
+    registry_file(
+        [
+            {"name": "mine", "backend": "mybackend", "backend_config": {"host": "127.0.0.1", "port": 9}},
+            {"name": "mine-missing", "backend": "mybackend", "metadata": {"installed_here": False}},
+            {"name": "other", "backend": "sglang", "backend_config": EXTERNAL},
+        ]
+    )
     client = await proxy_client(make_config(SUPPRESS_DECORATIONS="0"), plugins=(MyAdapterPlugin(),))
     assert MyAdapter.events == ["start"]
     models = await _models(client)
@@ -215,17 +220,27 @@ async def test_hook_register_backends_third_party_adapter_claims_a_new_backend(
 
     listing = await _plugins(client)
     mine = next(p for p in listing["data"] if p["name"] == "MyAdapterPlugin")
-    assert mine["adapters"] == [{"name": "my-adapter", "backends": ["mybackend"], "description": "a third-party adapter"}]
+    assert mine["adapters"] == [
+        {"name": "my-adapter", "backends": ["mybackend"], "description": "a third-party adapter"}
+    ]
     assert mine["builtin"] is False
     await client.close()
     assert MyAdapter.events == ["start", "close"]
 
 
-async def test_third_party_adapter_wins_over_the_builtin_for_a_backend(make_config, registry_file, proxy_client):
-    registry_file([
-        {"name": "o", "backend": "openai", "backend_config": EXTERNAL},
-        {"name": "pinned", "backend": "openai", "backend_config": {**EXTERNAL, "adapter": "openai-passthrough"}},
-    ])
+async def test_third_party_adapter_wins_over_the_builtin_for_a_backend(
+    make_config, registry_file, proxy_client
+):
+    registry_file(
+        [
+            {"name": "o", "backend": "openai", "backend_config": EXTERNAL},
+            {
+                "name": "pinned",
+                "backend": "openai",
+                "backend_config": {**EXTERNAL, "adapter": "openai-passthrough"},
+            },
+        ]
+    )
     client = await proxy_client(make_config(SUPPRESS_DECORATIONS="0"), plugins=(BetterOpenAIPlugin(),))
     models = await _models(client)
     assert models["o"]["extensions"]["adapter"] == "better-openai"
@@ -234,13 +249,16 @@ async def test_third_party_adapter_wins_over_the_builtin_for_a_backend(make_conf
 
 @pytest.mark.parametrize(("single_port", "expected"), [("1", "vllm-orchestrated"), ("0", "vllm-external")])
 async def test_builtin_vllm_routing(make_config, registry_file, proxy_client, single_port, expected):
-    registry_file([
-        {"name": "local", "backend": "vllm", "backend_config": {"model_path": "org/model"}},
-        {"name": "remote", "backend": "vllm", "backend_config": EXTERNAL},
-        {"name": "ollama-one", "backend": "ollama", "served_model_id": "x:1b"},
-    ])
-    client = await proxy_client(make_config(SUPPRESS_DECORATIONS="0", INCLUDE_NON_INSTALLED="1",
-                                            VLLM_SINGLE_PORT=single_port))
+    registry_file(
+        [
+            {"name": "local", "backend": "vllm", "backend_config": {"model_path": "org/model"}},
+            {"name": "remote", "backend": "vllm", "backend_config": EXTERNAL},
+            {"name": "ollama-one", "backend": "ollama", "served_model_id": "x:1b"},
+        ]
+    )
+    client = await proxy_client(
+        make_config(SUPPRESS_DECORATIONS="0", INCLUDE_NON_INSTALLED="1", VLLM_SINGLE_PORT=single_port)
+    )
     models = await _models(client)
     assert models["local"]["extensions"]["adapter"] == expected
     assert models["remote"]["extensions"]["adapter"] == "vllm-external"
@@ -248,6 +266,7 @@ async def test_builtin_vllm_routing(make_config, registry_file, proxy_client, si
 
 
 # -- register_stages ------------------------------------------------------------------------------------------
+
 
 class ShoutStage(Stage):
     name = "shout"
@@ -280,11 +299,14 @@ def test_hook_register_stages_duplicate_names_stop_startup(make_app, make_config
             register(type("Shout2", (Stage,), {"name": "shout", "order": 160}))
 
     registry_file([])
-    with pytest.raises(PluginError, match="stage 'shout' is registered by both plugin 'StagePlugin' and plugin 'Other'"):
+    with pytest.raises(
+        PluginError, match="stage 'shout' is registered by both plugin 'StagePlugin' and plugin 'Other'"
+    ):
         make_app(make_config(), plugins=(StagePlugin(), Other()))
 
 
 # -- startup -------------------------------------------------------------------------------------------------------
+
 
 class RoutePlugin:
     @hookimpl
@@ -309,7 +331,9 @@ async def test_hook_startup_can_add_routes(make_config, registry_file, proxy_cli
     assert resp.headers["X-Request-Id"]  # the proxy's middlewares wrap plugin routes too
 
 
-async def test_hook_startup_failure_is_reported_and_others_still_run(make_config, registry_file, proxy_client):
+async def test_hook_startup_failure_is_reported_and_others_still_run(
+    make_config, registry_file, proxy_client
+):
     registry_file([])
     client = await proxy_client(make_config(), plugins=(BrokenStartupPlugin(), RoutePlugin()))
     listing = await _plugins(client)
@@ -319,24 +343,34 @@ async def test_hook_startup_failure_is_reported_and_others_still_run(make_config
 
 # -- the command line ----------------------------------------------------------------------------------------------
 
+
 def test_list_plugins_command(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_PROXY_")}
     env["CHAT_PROXY_REGISTRY"] = str(ROOT / "examples" / "registry.json")
     result = subprocess.run(
         [str(Path(sys.executable).parent / "imageworks-chat-proxy"), "--list-plugins"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     version = md.version("imageworks-proxy")
-    for name, backend in [("ollama", "ollama"), ("vllm-orchestrated", "vllm"), ("vllm-external", "vllm"),
-                          ("openai-passthrough", "openai")]:
+    for name, backend in [
+        ("ollama", "ollama"),
+        ("vllm-orchestrated", "vllm"),
+        ("vllm-external", "vllm"),
+        ("openai-passthrough", "openai"),
+    ]:
         assert re.search(rf"^{re.escape(name)}\s+imageworks-proxy {re.escape(version)}$", out, re.M), out
         assert f"adapters: {name} ({backend})" in out
     assert "FAILED" not in out
 
 
 # -- guard: every hookspec is tested here and documented in the README ----------------------------------------------
+
 
 def test_every_hookspec_has_a_test_and_a_readme_entry():
     source = Path(__file__).read_text()

@@ -65,16 +65,31 @@ def test_run_command_serves_the_example_models_with_clean_names(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_PROXY_")}
-    env.update(CHAT_PROXY_REGISTRY=str(ROOT / "examples" / "registry.json"), CHAT_PROXY_PORT=str(port),
-               CHAT_PROXY_LOG_PATH=str(tmp_path / "chat.jsonl"), CHAT_PROXY_VLLM_STATE_PATH=str(tmp_path / "s.json"))
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "imageworks-chat-proxy")], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env.update(
+        CHAT_PROXY_REGISTRY=str(ROOT / "examples" / "registry.json"),
+        CHAT_PROXY_PORT=str(port),
+        CHAT_PROXY_LOG_PATH=str(tmp_path / "chat.jsonl"),
+        CHAT_PROXY_VLLM_STATE_PATH=str(tmp_path / "s.json"),
+    )
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "imageworks-chat-proxy")],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         body = wait_for_json(proc, f"http://127.0.0.1:{port}/v1/models")
         ids = {m["id"] for m in body["data"]}
         # The Ollama entry is listed only when a local Ollama has the tag pulled.
         assert {"qwen2.5-vl-7b-instruct (AWQ)", "gpt-oss-20b (MXFP4)", "internvl2-8b"} <= ids
-        assert ids <= {"qwen2.5-vl-7b-instruct (AWQ)", "gpt-oss-20b (MXFP4)", "internvl2-8b", "llama 10.7b (Q4 K M)"}
+        assert ids <= {
+            "qwen2.5-vl-7b-instruct (AWQ)",
+            "gpt-oss-20b (MXFP4)",
+            "internvl2-8b",
+            "llama 10.7b (Q4 K M)",
+        }
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

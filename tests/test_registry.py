@@ -57,11 +57,23 @@ def test_served_model_id_null_empty_or_none_string_mean_absent(tmp_path, absent)
 
 
 def test_capability_synonyms_and_vision_probe_override(tmp_path):
-    path = _write(tmp_path / "r.json", [
-        {"name": "a", "backend": "vllm", "capabilities": {"multimodal": True, "thinking": True, "tools": False}},
-        {"name": "b", "backend": "vllm", "capabilities": ["vision"], "probes": {"vision": {"vision_ok": False}}},
-        {"name": "c", "backend": "vllm", "capabilities": [], "probes": {"vision": {"vision_ok": True}}},
-    ])
+    path = _write(
+        tmp_path / "r.json",
+        [
+            {
+                "name": "a",
+                "backend": "vllm",
+                "capabilities": {"multimodal": True, "thinking": True, "tools": False},
+            },
+            {
+                "name": "b",
+                "backend": "vllm",
+                "capabilities": ["vision"],
+                "probes": {"vision": {"vision_ok": False}},
+            },
+            {"name": "c", "backend": "vllm", "capabilities": [], "probes": {"vision": {"vision_ok": True}}},
+        ],
+    )
     by = load_registry(path).by_name
     assert by["a"].capabilities == {"vision", "reasoning"}
     assert not by["b"].vision
@@ -69,28 +81,43 @@ def test_capability_synonyms_and_vision_probe_override(tmp_path):
 
 
 def test_layered_directory_deep_merges_curated_over_discovered(tmp_path):
-    _write(tmp_path / "model_registry.discovered.json", [
-        {"name": "m", "backend": "vllm", "quantization": "awq", "family": "discovered-family",
-         "backend_config": {"model_path": "/weights/m", "port": 8000, "extra_args": ["--a"]},
-         "metadata": {"ollama_family": "x", "testing": False}},
-        {"name": "only-discovered", "backend": "ollama"},
-    ])
-    _write(tmp_path / "model_registry.curated.json", [
-        {"name": "m", "family": None, "display_name": "My Model",
-         "backend_config": {"port": 9000, "extra_args": ["--b"], "model_path": None},
-         "metadata": {"testing": True, "ollama_family": None}},
-        {"name": "only-curated", "backend": "openai"},
-    ])
+    _write(
+        tmp_path / "model_registry.discovered.json",
+        [
+            {
+                "name": "m",
+                "backend": "vllm",
+                "quantization": "awq",
+                "family": "discovered-family",
+                "backend_config": {"model_path": "/weights/m", "port": 8000, "extra_args": ["--a"]},
+                "metadata": {"ollama_family": "x", "testing": False},
+            },
+            {"name": "only-discovered", "backend": "ollama"},
+        ],
+    )
+    _write(
+        tmp_path / "model_registry.curated.json",
+        [
+            {
+                "name": "m",
+                "family": None,
+                "display_name": "My Model",
+                "backend_config": {"port": 9000, "extra_args": ["--b"], "model_path": None},
+                "metadata": {"testing": True, "ollama_family": None},
+            },
+            {"name": "only-curated", "backend": "openai"},
+        ],
+    )
     reg = load_registry(tmp_path)
     by = reg.by_name
     assert set(by) == {"m", "only-discovered", "only-curated"}
     m = by["m"]
-    assert m.display_name == "My Model"                       # curated adds
-    assert m.family == "discovered-family"                    # curated null never erases
-    assert m.backend == "vllm" and m.quantization == "awq"    # discovered kept
-    assert m.backend_config.port == 9000                      # nested scalar replaced
-    assert m.backend_config.model_path == "/weights/m"        # nested null never erases
-    assert m.backend_config.extra_args == ("--b",)            # lists replace, not append
+    assert m.display_name == "My Model"  # curated adds
+    assert m.family == "discovered-family"  # curated null never erases
+    assert m.backend == "vllm" and m.quantization == "awq"  # discovered kept
+    assert m.backend_config.port == 9000  # nested scalar replaced
+    assert m.backend_config.model_path == "/weights/m"  # nested null never erases
+    assert m.backend_config.extra_args == ("--b",)  # lists replace, not append
     assert m.metadata == {"ollama_family": "x", "testing": True}
 
 
@@ -113,9 +140,14 @@ def test_deep_merge_is_pure():
 
 
 def test_duplicate_name_is_an_error_naming_both(tmp_path):
-    path = _write(tmp_path / "r.json", [
-        {"name": "x", "backend": "ollama"}, {"name": "y", "backend": "ollama"}, {"name": "x", "backend": "vllm"},
-    ])
+    path = _write(
+        tmp_path / "r.json",
+        [
+            {"name": "x", "backend": "ollama"},
+            {"name": "y", "backend": "ollama"},
+            {"name": "x", "backend": "vllm"},
+        ],
+    )
     with pytest.raises(RegistryError) as info:
         load_registry(path)
     assert "duplicate name 'x'" in str(info.value)
@@ -133,10 +165,10 @@ def test_duplicate_name_within_a_layer_is_an_error(tmp_path):
     [
         ('[{"name": "a", "backend": "ollama"', "invalid JSON"),
         ('{"name": "a"}', "expected a JSON list"),
-        ('[{"backend": "ollama"}]', "\"name\""),
-        ('[{"name": "a"}]', "missing \"backend\""),
+        ('[{"backend": "ollama"}]', '"name"'),
+        ('[{"name": "a"}]', 'missing "backend"'),
         ('[{"name": "a", "backend": "vllm", "backend_config": {"port": "high"}}]', "must be an integer"),
-        ('[42]', "entry object"),
+        ("[42]", "entry object"),
     ],
 )
 def test_bad_registry_is_an_error_naming_the_file(tmp_path, content, expected):
@@ -153,6 +185,7 @@ def test_missing_registry_says_how_to_point_at_one(tmp_path):
 
 
 # -- hot reload through the running app -----------------------------------------------------------------
+
 
 async def _ids(client) -> list[str]:
     resp = await client.get("/v1/models")
@@ -211,7 +244,9 @@ async def test_replacing_the_file_atomically_is_picked_up(make_config, registry_
     assert await _poll(swapped)
 
 
-async def test_broken_edit_keeps_last_good_registry_then_recovers(make_config, registry_file, proxy_client, caplog):
+async def test_broken_edit_keeps_last_good_registry_then_recovers(
+    make_config, registry_file, proxy_client, caplog
+):
     path = registry_file([ENTRY_A])
     client = await proxy_client(make_config(REGISTRY=str(path)))
     assert (await _health(client))["registry"]["error"] is None
@@ -269,7 +304,9 @@ async def test_layered_directory_reloads_when_a_layer_changes(make_config, tmp_p
     assert await _poll(merged)
 
 
-async def test_broken_registry_at_startup_serves_an_empty_list_and_says_why(make_config, registry_file, proxy_client):
+async def test_broken_registry_at_startup_serves_an_empty_list_and_says_why(
+    make_config, registry_file, proxy_client
+):
     path = registry_file([ENTRY_A])
     path.write_text("not json")
     client = await proxy_client(make_config(REGISTRY=str(path)))

@@ -154,13 +154,19 @@ def test_redaction_replaces_inline_image_audio_and_file_data_and_keeps_text():
     png = "data:image/png;base64," + "A" * 998 + "=="
     messages = [
         {"role": "system", "content": "be brief"},
-        {"role": "user", "content": [
-            {"type": "text", "text": "what is this?"},
-            {"type": "image_url", "image_url": {"url": png, "detail": "low"}},
-            {"type": "image_url", "image_url": {"url": "https://example.org/cat.jpg"}},
-            {"type": "input_audio", "input_audio": {"data": "B" * 400, "format": "wav"}},
-            {"type": "file", "file": {"file_data": "data:application/pdf;base64," + "C" * 40, "filename": "a.pdf"}},
-        ]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": {"url": png, "detail": "low"}},
+                {"type": "image_url", "image_url": {"url": "https://example.org/cat.jpg"}},
+                {"type": "input_audio", "input_audio": {"data": "B" * 400, "format": "wav"}},
+                {
+                    "type": "file",
+                    "file": {"file_data": "data:application/pdf;base64," + "C" * 40, "filename": "a.pdf"},
+                },
+            ],
+        },
     ]
     out = redact_messages(messages)
     parts = out[1]["content"]

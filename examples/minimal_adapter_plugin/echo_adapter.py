@@ -36,14 +36,18 @@ class EchoAdapter(Adapter):
             # Only the essentials: the proxy fills in id, created, model and the other required fields.
             words = len(reply.split())
             return {
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}
+                ],
                 "usage": {"prompt_tokens": 0, "completion_tokens": words, "total_tokens": words},
             }
         return self._chunks(reply)
 
     async def _chunks(self, reply: str) -> AsyncIterator[dict[str, Any]]:
         # Release locks, leases or connections in a ``finally`` here: the proxy always closes the iterator.
-        yield {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+        yield {
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+        }
         for word in reply.split(" "):
             yield {"choices": [{"index": 0, "delta": {"content": word + " "}, "finish_reason": None}]}
         yield {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}

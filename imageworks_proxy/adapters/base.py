@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import attrs
 
 from imageworks_proxy import keys
-from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.catalogue.registry import Entry
+from imageworks_proxy.errors import ProxyError
 
 if TYPE_CHECKING:
     import aiohttp

@@ -13,12 +13,12 @@ import aiohttp
 import orjson
 
 from imageworks_proxy.adapters.base import Adapter, ChatCall, ChunkStream, Completion
+from imageworks_proxy.catalogue.registry import Entry
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.hookspecs import hookimpl
-from imageworks_proxy.catalogue.registry import Entry
+from imageworks_proxy.upstream.errors import in_band_error, upstream_error
 from imageworks_proxy.upstream.sse import EventTooLong, SSEParser
 from imageworks_proxy.upstream.urls import apply_loopback_alias, entry_base_url
-from imageworks_proxy.upstream.errors import in_band_error, upstream_error
 
 log = logging.getLogger("imageworks_proxy.passthrough")
 
@@ -51,7 +51,9 @@ class OpenAIPassthroughAdapter(Adapter):
             if key:
                 headers["Authorization"] = f"Bearer {key}"
             else:
-                log.warning("model %s: api_key_env %s is not set; calling upstream without a key", entry.name, env)
+                log.warning(
+                    "model %s: api_key_env %s is not set; calling upstream without a key", entry.name, env
+                )
         return headers
 
     async def chat(self, call: ChatCall) -> Completion | ChunkStream:
@@ -66,7 +68,9 @@ class OpenAIPassthroughAdapter(Adapter):
     def where(self, call: ChatCall) -> str:
         return f"Backend for {call.entry.name!r}"
 
-    async def forward(self, call: ChatCall, base_url: str, headers: dict[str, str] | None = None) -> Completion | ChunkStream:
+    async def forward(
+        self, call: ChatCall, base_url: str, headers: dict[str, str] | None = None
+    ) -> Completion | ChunkStream:
         """POST the request to ``{base_url}/chat/completions`` and return the completion or chunk stream."""
         cfg = self.config
         url = base_url.rstrip("/") + "/chat/completions"
@@ -86,7 +90,9 @@ class OpenAIPassthroughAdapter(Adapter):
                 data.seek(0)
             try:
                 async with asyncio.timeout(cfg.backend_timeout_ms / 1000):
-                    resp = await self.http.post(url, data=data, headers=hdrs, timeout=timeout, read_bufsize=READ_BUFSIZE)
+                    resp = await self.http.post(
+                        url, data=data, headers=hdrs, timeout=timeout, read_bufsize=READ_BUFSIZE
+                    )
                     try:
                         if resp.status >= 400:
                             raise upstream_error(resp.status, await resp.read(), where)
@@ -100,25 +106,40 @@ class OpenAIPassthroughAdapter(Adapter):
             except aiohttp.ClientConnectorError as exc:
                 if attempt == 0 and await self.on_unreachable(call):
                     continue
-                raise ProxyError(503, "backend_unavailable", f"{where} is unreachable at {base_url}: {exc.os_error or exc}",
-                                 headers={"Retry-After": "5"}) from None
+                raise ProxyError(
+                    503,
+                    "backend_unavailable",
+                    f"{where} is unreachable at {base_url}: {exc.os_error or exc}",
+                    headers={"Retry-After": "5"},
+                ) from None
             except aiohttp.ConnectionTimeoutError:
                 # Nothing accepted the connection: as unreachable as a refused one (aiohttp's timeout
                 # errors are TimeoutErrors too, so they are told apart before the generic case below).
-                raise ProxyError(503, "backend_unavailable",
-                                 f"{where} did not accept a connection at {base_url} within {timeout.sock_connect:g} s.",
-                                 headers={"Retry-After": "5"}) from None
+                raise ProxyError(
+                    503,
+                    "backend_unavailable",
+                    f"{where} did not accept a connection at {base_url} within {timeout.sock_connect:g} s.",
+                    headers={"Retry-After": "5"},
+                ) from None
             except aiohttp.ServerTimeoutError:
                 # sock_read, set for streams only: the idle timeout bounds upstream silence from the start
-                raise ProxyError(504, "backend_timeout",
-                                 f"{where} sent nothing for {cfg.stream_idle_timeout_ms} ms "
-                                 "(CHAT_PROXY_STREAM_IDLE_TIMEOUT_MS).") from None
+                raise ProxyError(
+                    504,
+                    "backend_timeout",
+                    f"{where} sent nothing for {cfg.stream_idle_timeout_ms} ms "
+                    "(CHAT_PROXY_STREAM_IDLE_TIMEOUT_MS).",
+                ) from None
             except TimeoutError:
-                raise ProxyError(504, "backend_timeout",
-                                 f"{where} did not answer within {cfg.backend_timeout_ms} ms "
-                                 "(CHAT_PROXY_BACKEND_TIMEOUT_MS).") from None
+                raise ProxyError(
+                    504,
+                    "backend_timeout",
+                    f"{where} did not answer within {cfg.backend_timeout_ms} ms "
+                    "(CHAT_PROXY_BACKEND_TIMEOUT_MS).",
+                ) from None
             except aiohttp.ClientError as exc:
-                raise ProxyError(502, "backend_error", f"{where} failed: {type(exc).__name__}: {exc}") from None
+                raise ProxyError(
+                    502, "backend_error", f"{where} failed: {type(exc).__name__}: {exc}"
+                ) from None
         if sse:
             return self._events(resp, where)
         resp.release()
@@ -150,7 +171,11 @@ class OpenAIPassthroughAdapter(Adapter):
         return chunk
 
     async def _events(self, resp: aiohttp.ClientResponse, where: str) -> AsyncIterator[dict[str, Any]]:
-        adjust = self.adjust_chunk if type(self).adjust_chunk is not OpenAIPassthroughAdapter.adjust_chunk else None
+        adjust = (
+            self.adjust_chunk
+            if type(self).adjust_chunk is not OpenAIPassthroughAdapter.adjust_chunk
+            else None
+        )
         parser = SSEParser()
         try:
             # Each network read is split into events in one pass (no per-line awaits).
@@ -166,16 +191,19 @@ class OpenAIPassthroughAdapter(Adapter):
                         ) from None
                     if not isinstance(obj, dict):
                         continue
-                    if "error" in obj and obj["error"]:
+                    if obj.get("error"):
                         raise in_band_error(obj, where)
                     yield adjust(obj) if adjust else obj
         except aiohttp.ServerTimeoutError:
             raise ProxyError(
-                504, "stream_idle_timeout",
+                504,
+                "stream_idle_timeout",
                 f"{where} sent nothing for {self.config.stream_idle_timeout_ms} ms (CHAT_PROXY_STREAM_IDLE_TIMEOUT_MS).",
             ) from None
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            raise ProxyError(502, "backend_error", f"{where} closed the stream early: {type(exc).__name__}") from None
+            raise ProxyError(
+                502, "backend_error", f"{where} closed the stream early: {type(exc).__name__}"
+            ) from None
         except EventTooLong as exc:
             raise ProxyError(502, "backend_error", f"{where} sent {exc}.") from None
         finally:
@@ -187,9 +215,20 @@ class OpenAIPassthroughAdapter(Adapter):
         for i, choice in enumerate(completion.get("choices") or ()):
             msg = dict(choice.get("message") or {})
             msg.pop("refusal", None) if msg.get("refusal") is None else None
-            yield {**base, "choices": [{"index": choice.get("index", i), "delta": msg, "finish_reason": None}]}
-            yield {**base, "choices": [{"index": choice.get("index", i), "delta": {},
-                                        "finish_reason": choice.get("finish_reason") or "stop"}]}
+            yield {
+                **base,
+                "choices": [{"index": choice.get("index", i), "delta": msg, "finish_reason": None}],
+            }
+            yield {
+                **base,
+                "choices": [
+                    {
+                        "index": choice.get("index", i),
+                        "delta": {},
+                        "finish_reason": choice.get("finish_reason") or "stop",
+                    }
+                ],
+            }
         if completion.get("usage"):
             yield {**base, "choices": [], "usage": completion["usage"]}
 

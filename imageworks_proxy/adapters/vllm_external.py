@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from imageworks_proxy.adapters.openai_passthrough import OpenAIPassthroughAdapter
-from imageworks_proxy.hookspecs import hookimpl
 from imageworks_proxy.catalogue.registry import Entry
+from imageworks_proxy.hookspecs import hookimpl
 from imageworks_proxy.upstream.urls import apply_loopback_alias, entry_base_url
 
 
@@ -33,7 +33,10 @@ class VllmExternalAdapter(OpenAIPassthroughAdapter):
         if call.stream:
             opts = call.body.get("stream_options")
             if not (isinstance(opts, dict) and opts.get("include_usage")):
-                call.body["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+                call.body["stream_options"] = {
+                    **(opts if isinstance(opts, dict) else {}),
+                    "include_usage": True,
+                }
         return await super().forward(call, base_url, headers)
 
     def adjust_completion(self, completion: dict[str, Any]) -> dict[str, Any]:

@@ -23,15 +23,15 @@ from aiohttp import web
 from imageworks_proxy import keys
 from imageworks_proxy.adapters.base import ChatCall, ChunkStream, Completion
 from imageworks_proxy.adapters.vllm_external import VllmExternalAdapter
+from imageworks_proxy.catalogue.registry import Entry, Registry
 from imageworks_proxy.config import Config
 from imageworks_proxy.errors import ProxyError
-from imageworks_proxy.hookspecs import hookimpl
-from imageworks_proxy.vllm.command import build_command
 from imageworks_proxy.gpu.scheduler import GpuScheduler
-from imageworks_proxy.vllm.supervisor import Instance, VllmSupervisor
-from imageworks_proxy.catalogue.registry import Entry, Registry
-from imageworks_proxy.pipeline.template import check_template
 from imageworks_proxy.gpu.tenancy import Lease, Tenant, tenancy
+from imageworks_proxy.hookspecs import hookimpl
+from imageworks_proxy.pipeline.template import check_template
+from imageworks_proxy.vllm.command import build_command
+from imageworks_proxy.vllm.supervisor import Instance, VllmSupervisor
 
 log = logging.getLogger("imageworks_proxy.orchestrator")
 

@@ -7,14 +7,16 @@ from collections.abc import Iterable
 
 import attrs
 
-from imageworks_proxy.errors import model_not_found
 from imageworks_proxy.catalogue.registry import Entry
+from imageworks_proxy.errors import model_not_found
 
 _FORMAT_WORDS = "gguf safetensors awq gptq fp8 fp16 bf16 f16 f32 fp32 int4 int8 nf4 mxfp4 exl2"
 # Format words and quant tokens (q4_k_m, iq2_xxs, q8_0, w4a16), dropped *before* "_" becomes "-" so a
 # q4_k_m never leaves "k-m" behind; bounded by anything that is not a letter or digit (".gguf" too).
 _DROP = re.compile(
-    r"(?<![a-z0-9])(?:" + "|".join(_FORMAT_WORDS.split()) + r"|i?q\d+(?:_[a-z0-9]{1,3})*|w\d+a\d+)(?![a-z0-9])"
+    r"(?<![a-z0-9])(?:"
+    + "|".join(_FORMAT_WORDS.split())
+    + r"|i?q\d+(?:_[a-z0-9]{1,3})*|w\d+a\d+)(?![a-z0-9])"
 )
 _SIZE_TOKEN = re.compile(r"^\d+(?:\.\d+)?[bm]$")
 _NORMALISE = re.compile(r"[^a-z0-9]")
@@ -108,8 +110,12 @@ class Catalogue:
             return matches[0]
         if len(matches) > 1:
             names = ", ".join(sorted(e.name for e in matches))
-            raise model_not_found(f"Model {requested!r} is ambiguous; it matches: {names}. Use one of these names.")
-        raise model_not_found(f"Model {requested!r} is not served by this proxy. GET /v1/models lists the models.")
+            raise model_not_found(
+                f"Model {requested!r} is ambiguous; it matches: {names}. Use one of these names."
+            )
+        raise model_not_found(
+            f"Model {requested!r} is not served by this proxy. GET /v1/models lists the models."
+        )
 
     def id_of(self, entry: Entry) -> str:
         """The id ``entry`` is listed under (its logical name when it is not listed)."""

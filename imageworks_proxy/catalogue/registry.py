@@ -236,9 +236,11 @@ def _by_name(items: list[Any], path: Path) -> dict[str, Mapping[str, Any]]:
     out: dict[str, Mapping[str, Any]] = {}
     for i, obj in enumerate(items):
         if not isinstance(obj, Mapping) or not isinstance(obj.get("name"), str):
-            raise RegistryError(f"{path}: item {i} is not an entry object with a \"name\"")
+            raise RegistryError(f'{path}: item {i} is not an entry object with a "name"')
         if obj["name"] in out:
-            raise RegistryError(f"{path}: duplicate name {obj['name']!r} (items {list(out).index(obj['name'])} and {i})")
+            raise RegistryError(
+                f"{path}: duplicate name {obj['name']!r} (items {list(out).index(obj['name'])} and {i})"
+            )
         out[obj["name"]] = obj
     return out
 

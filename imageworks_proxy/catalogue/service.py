@@ -8,11 +8,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from imageworks_proxy.adapters.base import Adapter, default_installed
-from imageworks_proxy.config import Config
-from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.catalogue.naming import Catalogue, build_catalogue
 from imageworks_proxy.catalogue.registry import Entry, Registry, RegistryStore
 from imageworks_proxy.catalogue.templates import find_chat_template
+from imageworks_proxy.config import Config
+from imageworks_proxy.errors import ProxyError
 
 _INSTALLED_TTL_S = 2.0
 
@@ -111,7 +111,8 @@ class ModelService:
         cfg = self.config
         if self._by_adapter:
             await asyncio.gather(
-                *(a.prepare_listing(entries) for a, entries in self._by_adapter.items()), return_exceptions=True
+                *(a.prepare_listing(entries) for a, entries in self._by_adapter.items()),
+                return_exceptions=True,
             )
         await self._refresh_fs_facts()
         created = int(self.store.registry.loaded_at) or int(time.time())
@@ -133,7 +134,11 @@ class ModelService:
         self, public_id: str, entry: Entry, adapter: Adapter | None, created: int, has_template: bool | None
     ) -> dict[str, Any]:
         fmt = entry.download_format or ("gguf" if entry.backend == "ollama" else None)
-        modalities = ["text"] + (["image"] if entry.vision else []) + (["audio"] if "audio" in entry.capabilities else [])
+        modalities = (
+            ["text"]
+            + (["image"] if entry.vision else [])
+            + (["audio"] if "audio" in entry.capabilities else [])
+        )
         ext: dict[str, Any] = {
             "logical_id": entry.name,
             "display_name": public_id,

@@ -22,10 +22,10 @@ import aiohttp
 import orjson
 
 from imageworks_proxy.adapters.base import default_installed
-from imageworks_proxy.config import Config, ConfigError, load_config
-from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.catalogue.naming import build_catalogue
 from imageworks_proxy.catalogue.registry import Entry, RegistryError, load_registry
+from imageworks_proxy.config import Config, ConfigError, load_config
+from imageworks_proxy.errors import ProxyError
 
 OK, FAILED, USAGE = 0, 1, 2
 
@@ -186,13 +186,13 @@ async def _unload_ollama(config: Config, session: aiohttp.ClientSession) -> None
             async with session.get(f"{base}/api/ps", timeout=timeout) as resp:
                 loaded = (await resp.json(content_type=None)).get("models", [])
             await asyncio.sleep(0.2)
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError):
+    except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError):
         return
 
 
 async def direct(config: Config, args: argparse.Namespace) -> int:
-    from imageworks_proxy.vllm.supervisor import VllmSupervisor
     from imageworks_proxy.pipeline.template import check_template
+    from imageworks_proxy.vllm.supervisor import VllmSupervisor
 
     entry: Entry | None = None
     if args.command == "activate-model" and not args.stop:

@@ -26,7 +26,7 @@ class _Formatter(logging.Formatter):
         self._second = -1
         self._text = ""
 
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         second = int(record.created)
         if second != self._second:
             self._second, self._text = second, super().formatTime(record, datefmt).rsplit(",", 1)[0]

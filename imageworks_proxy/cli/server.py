@@ -11,8 +11,8 @@ import sys
 from aiohttp import web
 
 from imageworks_proxy import __version__
-from imageworks_proxy.config import ConfigError, describe_config, load_config
 from imageworks_proxy.cli.logs import configure_logging
+from imageworks_proxy.config import ConfigError, describe_config, load_config
 from imageworks_proxy.plugins import PluginError
 
 log = logging.getLogger("imageworks_proxy")
@@ -24,8 +24,12 @@ def _parser() -> argparse.ArgumentParser:
         description="OpenAI-compatible chat proxy over an ImageWorks model registry. "
         "Settings come from CHAT_PROXY_* environment variables (see --print-config).",
     )
-    p.add_argument("--print-config", action="store_true", help="print each setting, its value and its source, then exit")
-    p.add_argument("--list-plugins", action="store_true", help="list the loaded plugins and their adapters, then exit")
+    p.add_argument(
+        "--print-config", action="store_true", help="print each setting, its value and its source, then exit"
+    )
+    p.add_argument(
+        "--list-plugins", action="store_true", help="list the loaded plugins and their adapters, then exit"
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -43,8 +47,10 @@ def exposure_warning(host: str, api_keys: tuple[str, ...]) -> str | None:
     """The loud start-up warning for a proxy reachable beyond this machine without API keys."""
     if is_loopback(host) or api_keys:
         return None
-    return (f"!!! Listening on {host} without API keys: anyone who can reach this port can use your models. "
-            "Set CHAT_PROXY_API_KEYS or bind CHAT_PROXY_HOST=127.0.0.1. !!!")
+    return (
+        f"!!! Listening on {host} without API keys: anyone who can reach this port can use your models. "
+        "Set CHAT_PROXY_API_KEYS or bind CHAT_PROXY_HOST=127.0.0.1. !!!"
+    )
 
 
 def _print_plugins(app: web.Application) -> None:
@@ -107,11 +113,27 @@ def main(argv: list[str] | None = None) -> int:
         loop = uvloop.new_event_loop()
     except ImportError:
         pass
-    log.info("imageworks-chat-proxy %s on http://%s:%d (registry %s)", __version__, config.host, config.port, config.registry)
+    log.info(
+        "imageworks-chat-proxy %s on http://%s:%d (registry %s)",
+        __version__,
+        config.host,
+        config.port,
+        config.registry,
+    )
     try:
-        web.run_app(app, host=config.host, port=config.port, access_log=None, print=None, loop=loop,
-                    handler_cancellation=True)
+        web.run_app(
+            app,
+            host=config.host,
+            port=config.port,
+            access_log=None,
+            print=None,
+            loop=loop,
+            handler_cancellation=True,
+        )
     except OSError as exc:
-        print(f"imageworks-chat-proxy: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
+        print(
+            f"imageworks-chat-proxy: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
         return 1
     return 0

@@ -57,7 +57,7 @@ class _Waiter:
 class _Lease:
     """A lease on the active tenant; :meth:`release` is idempotent."""
 
-    __slots__ = ("_scheduler", "_generation", "_released", "tenant")
+    __slots__ = ("_generation", "_released", "_scheduler", "tenant")
 
     def __init__(self, scheduler: GpuScheduler, tenant: Tenant, generation: int) -> None:
         self._scheduler = scheduler

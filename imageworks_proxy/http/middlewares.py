@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from imageworks_proxy import keys
-from imageworks_proxy.keys import REQUEST_ID
 from imageworks_proxy.errors import ProxyError
+from imageworks_proxy.keys import REQUEST_ID
 
 log = logging.getLogger("imageworks_proxy.http")
 access_log = logging.getLogger("imageworks_proxy.access")
@@ -45,9 +45,13 @@ def request_id(request: web.Request) -> str:
 def _http_exception_error(exc: web.HTTPException) -> ProxyError:
     status = exc.status
     if status == 404:
-        return ProxyError(404, "not_found", "Unknown route. The proxy serves /v1/models, /v1/chat/completions, /v1/health.")
+        return ProxyError(
+            404, "not_found", "Unknown route. The proxy serves /v1/models, /v1/chat/completions, /v1/health."
+        )
     if status == 405:
-        return ProxyError(405, "method_not_allowed", f"Method not allowed here; allowed: {exc.headers.get('Allow', '')}")
+        return ProxyError(
+            405, "method_not_allowed", f"Method not allowed here; allowed: {exc.headers.get('Allow', '')}"
+        )
     if status == 413:
         return ProxyError(413, "payload_too_large", f"Request body too large: {exc.text or ''}".strip())
     return ProxyError(status, "http_error", exc.reason or str(status))
@@ -70,7 +74,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             resp.headers["Allow"] = exc.headers["Allow"]
     except Exception:
         log.exception("unhandled error in %s %s (request %s)", request.method, request.path, rid)
-        resp = ProxyError(500, "internal_error", f"Internal error; see the proxy log for request {rid}.").response(rid)
+        resp = ProxyError(
+            500, "internal_error", f"Internal error; see the proxy log for request {rid}."
+        ).response(rid)
     if not resp.prepared:
         resp.headers["X-Request-Id"] = rid
     return resp
@@ -143,9 +149,13 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
             model = getattr(ctx, "model", None)
             error = getattr(ctx, "error_code", None)
             access_log.log(
-                level, "%s %s%s status=%d%s %.1fms rid=%s",
-                request.method, _clean(request.path, 200),
+                level,
+                "%s %s%s status=%d%s %.1fms rid=%s",
+                request.method,
+                _clean(request.path, 200),
                 f' model="{_clean(model, 120)}"' if model else "",
-                status, f" error={error}" if error else "",
-                (time.perf_counter() - started) * 1000, rid,
+                status,
+                f" error={error}" if error else "",
+                (time.perf_counter() - started) * 1000,
+                rid,
             )

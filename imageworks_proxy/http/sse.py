@@ -19,15 +19,19 @@ _PIECE_CHARS = 8 * 1024  # worst case JSON escaping is 6 bytes/char: 48 KiB < MA
 _SPLIT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
 
 
-def _piece(chunk: dict[str, Any], choice: dict[str, Any], delta: dict[str, Any], last: bool) -> dict[str, Any]:
+def _piece(
+    chunk: dict[str, Any], choice: dict[str, Any], delta: dict[str, Any], last: bool
+) -> dict[str, Any]:
     """One piece of a split chunk: finish_reason and usage stay on the last piece."""
     out = {k: v for k, v in chunk.items() if k != "choices" and (last or k != "usage")}
-    out["choices"] = [{**choice, "delta": delta, "finish_reason": choice.get("finish_reason") if last else None}]
+    out["choices"] = [
+        {**choice, "delta": delta, "finish_reason": choice.get("finish_reason") if last else None}
+    ]
     return out
 
 
 def _cut(text: str) -> list[str]:
-    return [text[i:i + _PIECE_CHARS] for i in range(0, len(text), _PIECE_CHARS)]
+    return [text[i : i + _PIECE_CHARS] for i in range(0, len(text), _PIECE_CHARS)]
 
 
 def _split_delta(chunk: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -43,15 +47,19 @@ def _split_delta(chunk: dict[str, Any]) -> list[dict[str, Any]] | None:
         if isinstance(text, str) and len(text) > _PIECE_CHARS:
             pieces = _cut(text)
             last = len(pieces) - 1
-            return [_piece(chunk, choice, {**delta, field: p} if n == 0 else {field: p}, n == last)
-                    for n, p in enumerate(pieces)]
+            return [
+                _piece(chunk, choice, {**delta, field: p} if n == 0 else {field: p}, n == last)
+                for n, p in enumerate(pieces)
+            ]
     calls = delta.get("tool_calls")
     if not isinstance(calls, list) or not calls:
         return None
     if len(calls) > 1:  # parallel calls sent whole in one delta: one chunk per call, then split each
         last = len(calls) - 1
-        return [_piece(chunk, choice, {**delta, "tool_calls": [c]} if n == 0 else {"tool_calls": [c]}, n == last)
-                for n, c in enumerate(calls)]
+        return [
+            _piece(chunk, choice, {**delta, "tool_calls": [c]} if n == 0 else {"tool_calls": [c]}, n == last)
+            for n, c in enumerate(calls)
+        ]
     call = calls[0]
     fn = call.get("function") if isinstance(call, dict) else None
     args = fn.get("arguments") if isinstance(fn, dict) else None
@@ -59,12 +67,24 @@ def _split_delta(chunk: dict[str, Any]) -> list[dict[str, Any]] | None:
         return None
     pieces = _cut(args)
     last = len(pieces) - 1
-    out = [_piece(chunk, choice, {**delta, "tool_calls": [{**call, "function": {**fn, "arguments": pieces[0]}}]},
-                  last == 0)]
+    out = [
+        _piece(
+            chunk,
+            choice,
+            {**delta, "tool_calls": [{**call, "function": {**fn, "arguments": pieces[0]}}]},
+            last == 0,
+        )
+    ]
     index = call.get("index", 0)
     for n in range(1, len(pieces)):
-        out.append(_piece(chunk, choice, {"tool_calls": [{"index": index, "function": {"arguments": pieces[n]}}]},
-                          n == last))
+        out.append(
+            _piece(
+                chunk,
+                choice,
+                {"tool_calls": [{"index": index, "function": {"arguments": pieces[n]}}]},
+                n == last,
+            )
+        )
     return out
 
 

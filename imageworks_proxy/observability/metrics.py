@@ -32,7 +32,7 @@ NAN = float("nan")
 class _Counts:
     """Counters of one group (overall, one model or one backend) in one slot."""
 
-    __slots__ = ("requests", "errors", "by_code", "prompt_tokens", "completion_tokens", "gen_tokens", "gen_s")
+    __slots__ = ("by_code", "completion_tokens", "errors", "gen_s", "gen_tokens", "prompt_tokens", "requests")
 
     def __init__(self) -> None:
         self.requests = 0
@@ -48,7 +48,7 @@ class _Slot:
     """One time slot: counters per group, and a reservoir of at most ``cap`` request samples
     (latency, TTFT, model id, backend id in parallel arrays; NaN/-1 where a value is absent)."""
 
-    __slots__ = ("index", "overall", "by_model", "by_backend", "latency", "ttft", "model", "backend", "seen")
+    __slots__ = ("backend", "by_backend", "by_model", "index", "latency", "model", "overall", "seen", "ttft")
 
     def __init__(self, index: int) -> None:
         self.index = index

@@ -97,7 +97,7 @@ class _Present:
 class _Histogram:
     """Cumulative bucket counts, kept by hand: an update is a bisect and two additions, no lock."""
 
-    __slots__ = ("bounds", "counts", "sum", "count")
+    __slots__ = ("bounds", "count", "counts", "sum")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
@@ -122,8 +122,15 @@ class _Histogram:
 class _Series:
     """Everything counted for one (model, backend) label pair since the app started."""
 
-    __slots__ = ("by_class", "by_code", "duration", "ttft", "queue_wait", "prompt_tokens",
-                 "completion_tokens")
+    __slots__ = (
+        "by_class",
+        "by_code",
+        "completion_tokens",
+        "duration",
+        "prompt_tokens",
+        "queue_wait",
+        "ttft",
+    )
 
     def __init__(self) -> None:
         self.by_class: dict[str, int] = {}

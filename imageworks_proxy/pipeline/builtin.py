@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from imageworks_proxy.pipeline.conformance import Conformance
 from imageworks_proxy.hookspecs import hookimpl
+from imageworks_proxy.pipeline.conformance import Conformance
 from imageworks_proxy.pipeline.images import ImageLimits
 from imageworks_proxy.pipeline.observe import ObserveStage
-from imageworks_proxy.pipeline.request import DefaultSystemPrompt, GenerationDefaults, ResolveModel, ValidateRequest
+from imageworks_proxy.pipeline.request import (
+    DefaultSystemPrompt,
+    GenerationDefaults,
+    ResolveModel,
+    ValidateRequest,
+)
 from imageworks_proxy.pipeline.template import TemplateStage
 from imageworks_proxy.pipeline.toolcalls import ToolCallSynthesis
 from imageworks_proxy.pipeline.truncation import VisionHistoryTruncation

@@ -35,7 +35,7 @@ def fix_usage(usage: Any) -> dict[str, Any] | None:
 
 
 class _Ids:
-    __slots__ = ("_id", "created", "role_sent", "choices", "finished", "held_usage")
+    __slots__ = ("_id", "choices", "created", "finished", "held_usage", "role_sent")
 
     def __init__(self) -> None:
         self._id: str | None = None  # made only when the upstream sent none (a random id costs a syscall)

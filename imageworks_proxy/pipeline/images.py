@@ -48,8 +48,12 @@ def split_data_url(url: str) -> tuple[str, str] | None:
         return None
     head, sep, payload = url.partition(",")
     if not sep or not head.endswith(";base64"):
-        raise ProxyError(400, "invalid_image", "Image data URLs must be base64 encoded (data:<type>;base64,...).",
-                         param="messages")
+        raise ProxyError(
+            400,
+            "invalid_image",
+            "Image data URLs must be base64 encoded (data:<type>;base64,...).",
+            param="messages",
+        )
     return head[5:-7] or "application/octet-stream", payload
 
 
@@ -122,7 +126,9 @@ class ImageLimits(Stage):
                 continue
             split = split_data_url(url)
             if split is None:
-                raise ProxyError(400, "invalid_image", "Image URLs must be data: URLs or http(s) URLs.", param="messages")
+                raise ProxyError(
+                    400, "invalid_image", "Image URLs must be data: URLs or http(s) URLs.", param="messages"
+                )
             _mime, payload = split
             size = decoded_size(payload)
             if size > limit:
@@ -133,4 +139,6 @@ class ImageLimits(Stage):
                     param="messages",
                 )
             if not is_base64(payload):
-                raise ProxyError(400, "invalid_image", "An image's base64 data cannot be decoded.", param="messages")
+                raise ProxyError(
+                    400, "invalid_image", "An image's base64 data cannot be decoded.", param="messages"
+                )

@@ -16,8 +16,8 @@ from typing import Any
 
 from imageworks_proxy import keys
 from imageworks_proxy.observability.metrics import Sample
-from imageworks_proxy.pipeline.stage import ChatContext, Stage
 from imageworks_proxy.observability.requestlog import redact_messages
+from imageworks_proxy.pipeline.stage import ChatContext, Stage
 
 log = logging.getLogger("imageworks_proxy.observe")
 
@@ -28,7 +28,7 @@ CHARS_PER_TOKEN = 4
 class _Reply:
     """What the stage gathers from a streamed reply (choice 0)."""
 
-    __slots__ = ("chars", "parts", "reasoning", "calls", "usage")
+    __slots__ = ("calls", "chars", "parts", "reasoning", "usage")
 
     def __init__(self) -> None:
         self.chars = 0

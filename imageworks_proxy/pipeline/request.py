@@ -21,7 +21,9 @@ class ValidateRequest(Stage):
         body = ctx.body
         model = body.get("model")
         if not isinstance(model, str) or not model.strip():
-            raise invalid_request("'model' must be a non-empty string naming a model from GET /v1/models.", "model")
+            raise invalid_request(
+                "'model' must be a non-empty string naming a model from GET /v1/models.", "model"
+            )
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise invalid_request("'messages' must be a non-empty list of message objects.", "messages")
@@ -39,7 +41,9 @@ class ValidateRequest(Stage):
                 msg["role"] = "system"
             content = msg.get("content")
             if content is not None and not isinstance(content, (str, list)):
-                raise invalid_request(f"messages[{i}].content must be a string or a list of parts.", f"messages[{i}].content")
+                raise invalid_request(
+                    f"messages[{i}].content must be a string or a list of parts.", f"messages[{i}].content"
+                )
         stream = body.get("stream", False)
         if stream is not None and not isinstance(stream, bool):
             raise invalid_request("'stream' must be true or false.", "stream")
@@ -110,5 +114,9 @@ class GenerationDefaults(Stage):
             if value is not None and body.get(dst) is None:
                 body[dst] = value
         max_tokens = entry.generation_defaults.get("max_tokens")
-        if max_tokens is not None and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+        if (
+            max_tokens is not None
+            and body.get("max_tokens") is None
+            and body.get("max_completion_tokens") is None
+        ):
             body["max_tokens"] = max_tokens

@@ -15,8 +15,8 @@ import attrs
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from imageworks_proxy.config import Config
     from imageworks_proxy.catalogue.registry import Entry
+    from imageworks_proxy.config import Config
 
 
 @attrs.define

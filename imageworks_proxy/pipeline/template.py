@@ -11,11 +11,11 @@ import asyncio
 import time
 
 from imageworks_proxy import keys
-from imageworks_proxy.errors import ProxyError
-from imageworks_proxy.vllm.command import has_flag
-from imageworks_proxy.pipeline.stage import ChatContext, Stage
 from imageworks_proxy.catalogue.registry import Entry
 from imageworks_proxy.catalogue.templates import find_chat_template
+from imageworks_proxy.errors import ProxyError
+from imageworks_proxy.pipeline.stage import ChatContext, Stage
+from imageworks_proxy.vllm.command import has_flag
 
 _CACHE_TTL_S = 5.0
 ORCHESTRATED = "vllm-orchestrated"

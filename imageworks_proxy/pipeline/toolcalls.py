@@ -68,7 +68,13 @@ def calls_from_content(content: str, names: frozenset[str]) -> list[dict[str, An
         if name not in names:
             return None
         args = fn.get("arguments", fn.get("parameters", {}))
-        calls.append({"id": new_call_id(), "type": "function", "function": {"name": name, "arguments": json_arguments(args)}})
+        calls.append(
+            {
+                "id": new_call_id(),
+                "type": "function",
+                "function": {"name": name, "arguments": json_arguments(args)},
+            }
+        )
     return calls or None
 
 
@@ -96,8 +102,13 @@ def normalise_message(message: dict[str, Any], names: frozenset[str]) -> bool:
         if not isinstance(cid, str) or not cid or cid in seen:
             cid = new_call_id()
         seen.add(cid)
-        fixed.append({"id": cid, "type": "function",
-                      "function": {"name": fn.get("name") or "", "arguments": json_arguments(fn.get("arguments"))}})
+        fixed.append(
+            {
+                "id": cid,
+                "type": "function",
+                "function": {"name": fn.get("name") or "", "arguments": json_arguments(fn.get("arguments"))},
+            }
+        )
     message["tool_calls"] = fixed
     return bool(fixed)
 
@@ -135,8 +146,20 @@ def call_prefix(text: str) -> int:
 
 
 class _StreamState:
-    __slots__ = ("index_by_id", "index_at_pos", "announced", "named", "next_index", "saw_calls", "buffering",
-                 "buffer", "decided", "looks_like_call", "template", "finish_seen")
+    __slots__ = (
+        "announced",
+        "buffer",
+        "buffering",
+        "decided",
+        "finish_seen",
+        "index_at_pos",
+        "index_by_id",
+        "looks_like_call",
+        "named",
+        "next_index",
+        "saw_calls",
+        "template",
+    )
 
     def __init__(self) -> None:
         self.index_by_id: dict[str, int] = {}
@@ -243,7 +266,10 @@ class ToolCallSynthesis(Stage):
                     st.named.add(index)
                 out["id"] = cid or new_call_id()
                 out["type"] = "function"
-                out["function"] = {"name": name or "", "arguments": "" if args is None else json_arguments(args)}
+                out["function"] = {
+                    "name": name or "",
+                    "arguments": "" if args is None else json_arguments(args),
+                }
             elif name and index not in st.named:
                 # the name came after the id: clients concatenate it onto the "" sent first
                 st.named.add(index)
@@ -280,7 +306,9 @@ class ToolCallSynthesis(Stage):
             return [chunk]  # what else it carries (role, finish, usage) still goes out
         return []
 
-    def _flush_buffer(self, ctx: ChatContext, st: _StreamState, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+    def _flush_buffer(
+        self, ctx: ChatContext, st: _StreamState, chunk: dict[str, Any]
+    ) -> list[dict[str, Any]]:
         st.buffering, st.decided = False, True
         text = "".join(st.buffer)
         st.buffer.clear()
@@ -289,7 +317,9 @@ class ToolCallSynthesis(Stage):
         if calls:
             st.saw_calls = True
             deltas = [{"index": i, **c} for i, c in enumerate(calls)]
-            return [{**base, "choices": [{"index": 0, "delta": {"tool_calls": deltas}, "finish_reason": None}]}]
+            return [
+                {**base, "choices": [{"index": 0, "delta": {"tool_calls": deltas}, "finish_reason": None}]}
+            ]
         return [{**base, "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}]
 
     def stream_end(self, ctx: ChatContext) -> list[dict[str, Any]]:
@@ -298,5 +328,7 @@ class ToolCallSynthesis(Stage):
             return []
         out = self._flush_buffer(ctx, st, {}) if st.buffering else []
         if st.saw_calls and not st.finish_seen:  # the upstream never said why it stopped
-            out.append({**(st.template or {}), "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+            out.append(
+                {**(st.template or {}), "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}
+            )
         return out

@@ -65,7 +65,9 @@ class VisionHistoryTruncation(Stage):
         if not cfg.vision_truncate_history or not ctx.images or ctx.entry is None or not ctx.entry.vision:
             return
         kept, dropped = truncate_history(
-            ctx.body["messages"], keep_system=cfg.vision_keep_system, keep_last_n_turns=cfg.vision_keep_last_n_turns
+            ctx.body["messages"],
+            keep_system=cfg.vision_keep_system,
+            keep_last_n_turns=cfg.vision_keep_last_n_turns,
         )
         if dropped:
             ctx.body["messages"] = kept

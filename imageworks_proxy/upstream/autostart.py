@@ -24,11 +24,11 @@ import aiohttp
 from aiohttp import web
 
 from imageworks_proxy import keys
+from imageworks_proxy.catalogue.registry import Entry
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.upstream import process
-from imageworks_proxy.vllm.supervisor import safe_name
-from imageworks_proxy.catalogue.registry import Entry
 from imageworks_proxy.upstream.urls import apply_loopback_alias, entry_base_url
+from imageworks_proxy.vllm.supervisor import safe_name
 
 if TYPE_CHECKING:
     from imageworks_proxy.config import Config
@@ -189,7 +189,7 @@ class Autostarter:
             async with session.get(url, timeout=timeout) as resp:
                 await resp.read()
                 return resp.status < 500
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
     def check_map(self) -> None:

@@ -18,7 +18,12 @@ def _error_fields(body: Any) -> tuple[str | None, str | None, str | None, Any]:
         if isinstance(err, str):
             return err, None, None, None
         if "message" in body:  # vLLM's flat {"object":"error","message":...,"code":400}
-            return str(body.get("message") or "") or None, body.get("type"), body.get("param"), body.get("code")
+            return (
+                str(body.get("message") or "") or None,
+                body.get("type"),
+                body.get("param"),
+                body.get("code"),
+            )
         detail = body.get("detail")
         if isinstance(detail, str):
             return detail, None, None, None
@@ -39,7 +44,11 @@ def upstream_error(status: int, raw: bytes, where: str) -> ProxyError:
     """An upstream error answer: 4xx keep status, message and (string) code; 5xx become 502."""
     message, etype, param, code = parse_error_body(raw)
     if 400 <= status < 500:
-        code_str = code if isinstance(code, str) and code else ("model_not_found" if status == 404 else "backend_rejected")
+        code_str = (
+            code
+            if isinstance(code, str) and code
+            else ("model_not_found" if status == 404 else "backend_rejected")
+        )
         return ProxyError(
             status,
             code_str,
@@ -53,5 +62,8 @@ def upstream_error(status: int, raw: bytes, where: str) -> ProxyError:
 def in_band_error(obj: dict[str, Any], where: str) -> ProxyError:
     """An ``{"error": ...}`` event inside an upstream stream."""
     message, _etype, _param, code = _error_fields(obj)
-    return ProxyError(502, code if isinstance(code, str) and code else "backend_error",
-                      f"{where} reported an error mid-stream: {message or 'unknown error'}")
+    return ProxyError(
+        502,
+        code if isinstance(code, str) and code else "backend_error",
+        f"{where} reported an error mid-stream: {message or 'unknown error'}",
+    )

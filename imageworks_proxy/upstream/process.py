@@ -281,7 +281,7 @@ async def wait_ready(
     *,
     deadline: float,
     try_timeout: float,
-    exited: Callable[[], int | None | bool],
+    exited: Callable[[], int | bool | None],
     log_path: str | None,
 ) -> None:
     """Poll ``url`` until it answers 200, the process exits (``StartFailed`` with the explaining log
@@ -306,7 +306,7 @@ async def wait_ready(
                 await resp.read()
                 if resp.status == 200:
                     return
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             pass
         await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         delay = min(delay * 1.5, 0.5)

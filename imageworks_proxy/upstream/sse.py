@@ -24,7 +24,7 @@ class SSEParser:
     the stream, as a line reader would drop it).
     """
 
-    __slots__ = ("_pending", "_data")
+    __slots__ = ("_data", "_pending")
 
     def __init__(self) -> None:
         self._pending = b""

@@ -26,7 +26,9 @@ def apply_loopback_alias(url: str, alias: str | None) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-def entry_base_url(entry: Entry, *, default_port: int | None, default_url: str | None, path: str = "") -> str | None:
+def entry_base_url(
+    entry: Entry, *, default_port: int | None, default_url: str | None, path: str = ""
+) -> str | None:
     """The entry's upstream root: ``base_url`` wins; ``host`` may be a full URL; else host:port + ``path``.
 
     Returns ``default_url`` when the entry names no location, or ``None`` when there is no default either.

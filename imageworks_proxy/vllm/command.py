@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 import attrs
 
+from imageworks_proxy.catalogue.registry import Entry
 from imageworks_proxy.config import Config
 from imageworks_proxy.errors import ProxyError
-from imageworks_proxy.catalogue.registry import Entry
 
 
 @attrs.frozen

@@ -18,13 +18,13 @@ from typing import Any
 import aiohttp
 import attrs
 
+from imageworks_proxy.catalogue.registry import Entry
 from imageworks_proxy.config import Config
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.gpu.nvml import Gpu
 from imageworks_proxy.upstream import process
 from imageworks_proxy.vllm.command import VllmCommand, build_command
 from imageworks_proxy.vllm.state import StateFile, VllmState
-from imageworks_proxy.catalogue.registry import Entry
 
 log = logging.getLogger("imageworks_proxy.orchestrator")
 
@@ -266,7 +266,7 @@ class VllmSupervisor:
             async with self._session().get(inst.root_url + "/health", timeout=timeout) as resp:
                 await resp.read()
                 return resp.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
     def _warn_gpu_memory(self, entry: Entry, cmd: VllmCommand) -> None:
@@ -358,7 +358,7 @@ class VllmSupervisor:
         )
 
     async def _wait_ready(self, inst: Instance, deadline: float) -> None:
-        def exited() -> int | None | bool:
+        def exited() -> int | bool | None:
             return False if inst.poll() else inst.returncode
 
         try:

@@ -85,7 +85,9 @@ class FakeOllama:
     ) -> None:
         #: Installed tags -> capabilities (``completion``, ``vision``, ``tools``, ``thinking``).
         self.models: dict[str, tuple[str, ...]] = dict(
-            models if models is not None else {"llama3.2:latest": ("completion", "tools", "vision", "thinking")}
+            models
+            if models is not None
+            else {"llama3.2:latest": ("completion", "tools", "vision", "thinking")}
         )
         self.responder = responder
         self.chats: list[dict[str, Any]] = []
@@ -179,9 +181,23 @@ class FakeOllama:
             # load / unload requests
             if keep_alive == 0:
                 self._schedule_unload(tag)
-                return web.json_response({"model": tag, "done": True, "done_reason": "unload", "message": {"role": "assistant", "content": ""}})
+                return web.json_response(
+                    {
+                        "model": tag,
+                        "done": True,
+                        "done_reason": "unload",
+                        "message": {"role": "assistant", "content": ""},
+                    }
+                )
             self.loaded[tag] = float("inf")
-            return web.json_response({"model": tag, "done": True, "done_reason": "load", "message": {"role": "assistant", "content": ""}})
+            return web.json_response(
+                {
+                    "model": tag,
+                    "done": True,
+                    "done_reason": "load",
+                    "message": {"role": "assistant", "content": ""},
+                }
+            )
         reply = self.responder(body)
         if reply.delay_s:
             await self._pause(reply.delay_s)
@@ -222,13 +238,17 @@ class FakeOllama:
         lines: list[dict[str, Any]] = []
 
         def line(**message: Any) -> dict[str, Any]:
-            return {"model": tag, "created_at": "2026-01-05T10:00:00.1Z",
-                    "message": {"role": "assistant", "content": "", **message}, "done": False}
+            return {
+                "model": tag,
+                "created_at": "2026-01-05T10:00:00.1Z",
+                "message": {"role": "assistant", "content": "", **message},
+                "done": False,
+            }
 
         for i in range(0, len(reply.thinking), reply.piece):
-            lines.append(line(thinking=reply.thinking[i:i + reply.piece]))
+            lines.append(line(thinking=reply.thinking[i : i + reply.piece]))
         for i in range(0, len(reply.content), reply.piece):
-            lines.append(line(content=reply.content[i:i + reply.piece]))
+            lines.append(line(content=reply.content[i : i + reply.piece]))
         if reply.tool_calls:
             lines.append(line(tool_calls=reply.tool_calls))  # Ollama sends each call whole, in one line
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
@@ -279,21 +299,45 @@ class FakeOllama:
         return web.json_response({"model": tag, "response": "ok", "done": True, "done_reason": "stop"})
 
     async def tags(self, request: web.Request) -> web.Response:
-        return web.json_response({"models": [
-            {"name": tag, "model": tag, "modified_at": "2026-01-01T00:00:00Z", "size": 2_000_000_000,
-             "digest": "sha256:" + "0" * 64,
-             "details": {"format": "gguf", "family": tag.split(":")[0], "parameter_size": "3.2B",
-                         "quantization_level": "Q4_K_M"},
-             "capabilities": list(caps)}
-            for tag, caps in self.models.items()
-        ]})
+        return web.json_response(
+            {
+                "models": [
+                    {
+                        "name": tag,
+                        "model": tag,
+                        "modified_at": "2026-01-01T00:00:00Z",
+                        "size": 2_000_000_000,
+                        "digest": "sha256:" + "0" * 64,
+                        "details": {
+                            "format": "gguf",
+                            "family": tag.split(":")[0],
+                            "parameter_size": "3.2B",
+                            "quantization_level": "Q4_K_M",
+                        },
+                        "capabilities": list(caps),
+                    }
+                    for tag, caps in self.models.items()
+                ]
+            }
+        )
 
     async def ps(self, request: web.Request) -> web.Response:
-        return web.json_response({"models": [
-            {"name": tag, "model": tag, "size": 3_000_000_000, "size_vram": 3_000_000_000,
-             "digest": "sha256:" + "0" * 64, "expires_at": "2026-01-05T10:05:00Z", "context_length": 4096}
-            for tag in self._loaded_now()
-        ]})
+        return web.json_response(
+            {
+                "models": [
+                    {
+                        "name": tag,
+                        "model": tag,
+                        "size": 3_000_000_000,
+                        "size_vram": 3_000_000_000,
+                        "digest": "sha256:" + "0" * 64,
+                        "expires_at": "2026-01-05T10:05:00Z",
+                        "context_length": 4096,
+                    }
+                    for tag in self._loaded_now()
+                ]
+            }
+        )
 
     async def version(self, request: web.Request) -> web.Response:
         return web.json_response({"version": "0.33.0"})

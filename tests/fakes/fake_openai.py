@@ -34,16 +34,33 @@ def _last_user_text(body: dict[str, Any]) -> str:
 
 
 def _chunk(model: str, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
-    obj = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1767225600, "model": model,
-           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+    obj = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 1767225600,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        **extra,
+    }
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
 def _completion(model: str, message: dict[str, Any], finish: str = "stop") -> dict[str, Any]:
-    return {"id": "chatcmpl-fake", "object": "chat.completion", "created": 1767225600, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "refusal": None, **message},
-                         "logprobs": None, "finish_reason": finish}],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": 1767225600,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "refusal": None, **message},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+        ],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+    }
 
 
 async def _sse(request: web.Request) -> web.StreamResponse:
@@ -60,24 +77,58 @@ async def chat(request: web.Request) -> web.StreamResponse:
     usage = (body.get("stream_options") or {}).get("include_usage")
 
     if body.get("stream_options") and not stream:
-        return web.json_response({"error": {"message": "Stream options can only be defined when `stream=True`.",
-                                            "type": "BadRequestError", "param": "stream_options", "code": 400}},
-                                 status=400)
+        return web.json_response(
+            {
+                "error": {
+                    "message": "Stream options can only be defined when `stream=True`.",
+                    "type": "BadRequestError",
+                    "param": "stream_options",
+                    "code": 400,
+                }
+            },
+            status=400,
+        )
     if mode == "slow_headers":
         await asyncio.sleep(DELAY)
     if mode in request.app[SCRIPTS]:
         return await _scripted(request, mode, request.app[SCRIPTS][mode])
     if mode == "error400_flat":
-        return web.json_response({"object": "error", "message": "max_tokens is too large", "type": "BadRequestError",
-                                  "param": None, "code": 400}, status=400)
+        return web.json_response(
+            {
+                "object": "error",
+                "message": "max_tokens is too large",
+                "type": "BadRequestError",
+                "param": None,
+                "code": 400,
+            },
+            status=400,
+        )
     if mode == "error404":
-        return web.json_response({"error": {"message": "The model `x` does not exist.", "type": "NotFoundError",
-                                            "param": None, "code": 404}}, status=404)
+        return web.json_response(
+            {
+                "error": {
+                    "message": "The model `x` does not exist.",
+                    "type": "NotFoundError",
+                    "param": None,
+                    "code": 404,
+                }
+            },
+            status=404,
+        )
     if mode == "error500":
-        return web.json_response({"error": {"message": "CUDA out of memory", "type": "InternalServerError"}}, status=500)
+        return web.json_response(
+            {"error": {"message": "CUDA out of memory", "type": "InternalServerError"}}, status=500
+        )
     if mode == "error200":  # an error body with HTTP 200, whatever was asked
-        return web.json_response({"object": "error", "message": "prompt is too long", "type": "BadRequestError",
-                                  "param": None, "code": 400})
+        return web.json_response(
+            {
+                "object": "error",
+                "message": "prompt is too long",
+                "type": "BadRequestError",
+                "param": None,
+                "code": 400,
+            }
+        )
     if mode == "json_for_stream":  # ignores stream: true and answers with a completion
         return web.json_response(_completion(mode, {"content": "whole answer"}))
     if mode == "not_json":
@@ -87,13 +138,37 @@ async def chat(request: web.Request) -> web.StreamResponse:
     if not stream:
         if mode in ("tools", "tools_object_args"):
             args: Any = {"city": "Paris"} if mode == "tools_object_args" else '{"city": "Paris"}'
-            return web.json_response(_completion(mode, {"content": None, "tool_calls": [
-                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": args}}]}, "tool_calls"))
+            return web.json_response(
+                _completion(
+                    mode,
+                    {
+                        "content": None,
+                        "tool_calls": [
+                            {
+                                "id": "call_1",
+                                "type": "function",
+                                "function": {"name": "get_weather", "arguments": args},
+                            }
+                        ],
+                    },
+                    "tool_calls",
+                )
+            )
         if mode == "legacy":
-            return web.json_response(_completion(mode, {"content": None, "function_call": {
-                "name": "get_weather", "arguments": '{"city": "Paris"}'}}, "function_call"))
+            return web.json_response(
+                _completion(
+                    mode,
+                    {
+                        "content": None,
+                        "function_call": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    },
+                    "function_call",
+                )
+            )
         if mode == "json_tool":
-            return web.json_response(_completion(mode, {"content": '{"name": "get_weather", "arguments": {"city": "Paris"}}'}))
+            return web.json_response(
+                _completion(mode, {"content": '{"name": "get_weather", "arguments": {"city": "Paris"}}'})
+            )
         if mode == "reasoning":
             return web.json_response(_completion(mode, {"content": "42", "reasoning": "think hard"}))
         if mode == "minimal":
@@ -105,15 +180,47 @@ async def chat(request: web.Request) -> web.StreamResponse:
         if mode == "slow_first_chunk":
             await asyncio.sleep(DELAY)
         if mode in ("tools", "tools_object_args"):
-            await resp.write(_chunk(mode, {"role": "assistant", "content": None, "tool_calls": [
-                {"index": 0, "id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]}))
+            await resp.write(
+                _chunk(
+                    mode,
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {
+                                "index": 0,
+                                "id": "call_a",
+                                "type": "function",
+                                "function": {"name": "get_weather", "arguments": ""},
+                            }
+                        ],
+                    },
+                )
+            )
             for frag in ('{"city"', ': "Par', 'is"}'):
-                await resp.write(_chunk(mode, {"tool_calls": [{"index": 0, "function": {"arguments": frag}}]}))
-            await resp.write(_chunk(mode, {"tool_calls": [
-                {"index": 1, "id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]}))
+                await resp.write(
+                    _chunk(mode, {"tool_calls": [{"index": 0, "function": {"arguments": frag}}]})
+                )
+            await resp.write(
+                _chunk(
+                    mode,
+                    {
+                        "tool_calls": [
+                            {
+                                "index": 1,
+                                "id": "call_b",
+                                "type": "function",
+                                "function": {"name": "get_time", "arguments": "{}"},
+                            }
+                        ]
+                    },
+                )
+            )
             await resp.write(_chunk(mode, {}, "tool_calls"))
         elif mode == "legacy":
-            await resp.write(_chunk(mode, {"role": "assistant", "function_call": {"name": "get_weather", "arguments": ""}}))
+            await resp.write(
+                _chunk(mode, {"role": "assistant", "function_call": {"name": "get_weather", "arguments": ""}})
+            )
             await resp.write(_chunk(mode, {"function_call": {"arguments": '{"city": "Paris"}'}}))
             await resp.write(_chunk(mode, {}, "function_call"))
         elif mode == "json_tool":
@@ -130,7 +237,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
             await resp.write(_chunk(mode, {}, "stop"))
         elif mode == "midstream_error":
             await resp.write(_chunk(mode, {"role": "assistant", "content": "partial"}))
-            await resp.write(b'data: {"error": {"message": "engine died", "type": "InternalServerError", "code": 500}}\n\n')
+            await resp.write(
+                b'data: {"error": {"message": "engine died", "type": "InternalServerError", "code": 500}}\n\n'
+            )
             return resp
         elif mode == "hang":
             await resp.write(_chunk(mode, {"role": "assistant", "content": "partial"}))
@@ -151,10 +260,20 @@ async def chat(request: web.Request) -> web.StreamResponse:
                 await resp.write(_chunk(mode, {"content": word + " "}))
             await resp.write(_chunk(mode, {}, "stop"))
         if usage:
-            await resp.write(b"data: " + json.dumps({"id": "chatcmpl-fake", "object": "chat.completion.chunk",
-                                                     "created": 1767225600, "model": mode, "choices": [],
-                                                     "usage": {"prompt_tokens": 5, "completion_tokens": 3,
-                                                               "total_tokens": 8}}).encode() + b"\n\n")
+            await resp.write(
+                b"data: "
+                + json.dumps(
+                    {
+                        "id": "chatcmpl-fake",
+                        "object": "chat.completion.chunk",
+                        "created": 1767225600,
+                        "model": mode,
+                        "choices": [],
+                        "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+                    }
+                ).encode()
+                + b"\n\n"
+            )
         await resp.write(b"data: [DONE]\n\n")
     except asyncio.CancelledError:
         request.app[CANCELLED].append(mode)
@@ -169,8 +288,13 @@ async def _scripted(request: web.Request, mode: str, events: list[Any]) -> web.S
             if isinstance(event, bytes):
                 await resp.write(event)
             else:
-                obj = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1767225600, "model": mode,
-                       **event}
+                obj = {
+                    "id": "chatcmpl-fake",
+                    "object": "chat.completion.chunk",
+                    "created": 1767225600,
+                    "model": mode,
+                    **event,
+                }
                 await resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
     except asyncio.CancelledError:
@@ -181,8 +305,13 @@ async def _scripted(request: web.Request, mode: str, events: list[Any]) -> web.S
 
 def scripted_entry(base_url: str, name: str, vision: bool = False) -> dict[str, Any]:
     """A registry entry ``m-<name>`` whose served id selects the script ``name``."""
-    return {"name": f"m-{name}", "backend": "openai", "backend_config": {"base_url": base_url},
-            "served_model_id": name, "capabilities": ["vision", "tools"] if vision else ["tools"]}
+    return {
+        "name": f"m-{name}",
+        "backend": "openai",
+        "backend_config": {"base_url": base_url},
+        "served_model_id": name,
+        "capabilities": ["vision", "tools"] if vision else ["tools"],
+    }
 
 
 async def health(request: web.Request) -> web.Response:
@@ -204,15 +333,42 @@ def make_fake_openai() -> web.Application:
     return app
 
 
-MODES = ("echo", "tools", "tools_object_args", "legacy", "json_tool", "reasoning", "minimal", "huge", "slow_headers",
-         "slow_first_chunk", "hang", "drop", "error400_flat", "error404", "error500", "error200", "midstream_error",
-         "slow_stream", "not_json", "json_for_stream")
+MODES = (
+    "echo",
+    "tools",
+    "tools_object_args",
+    "legacy",
+    "json_tool",
+    "reasoning",
+    "minimal",
+    "huge",
+    "slow_headers",
+    "slow_first_chunk",
+    "hang",
+    "drop",
+    "error400_flat",
+    "error404",
+    "error500",
+    "error200",
+    "midstream_error",
+    "slow_stream",
+    "not_json",
+    "json_for_stream",
+)
 
 
 def registry_for(base_url: str, backend: str = "openai", vision: bool = False) -> list[dict[str, Any]]:
     """One registry entry per mode, named ``m-<mode>``, served id ``<mode>``."""
-    return [{"name": f"m-{mode}", "backend": backend, "backend_config": {"base_url": base_url},
-             "served_model_id": mode, "capabilities": ["vision", "tools"] if vision else ["tools"]} for mode in MODES]
+    return [
+        {
+            "name": f"m-{mode}",
+            "backend": backend,
+            "backend_config": {"base_url": base_url},
+            "served_model_id": mode,
+            "capabilities": ["vision", "tools"] if vision else ["tools"],
+        }
+        for mode in MODES
+    ]
 
 
 def now() -> float:

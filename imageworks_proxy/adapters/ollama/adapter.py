@@ -14,9 +14,6 @@ import aiohttp
 import orjson
 
 from imageworks_proxy.adapters.base import Adapter, ChatCall, ChunkStream, Completion, default_installed
-from imageworks_proxy.errors import ProxyError, backend_unavailable
-from imageworks_proxy.upstream.autostart import ensure_started
-from imageworks_proxy.hookspecs import hookimpl
 from imageworks_proxy.adapters.ollama.images import fetch_images_base64
 from imageworks_proxy.adapters.ollama.translate import (
     ChunkTranslator,
@@ -30,7 +27,10 @@ from imageworks_proxy.adapters.ollama.translate import (
     to_ollama_request,
 )
 from imageworks_proxy.catalogue.registry import Entry
+from imageworks_proxy.errors import ProxyError, backend_unavailable
 from imageworks_proxy.gpu.tenancy import Lease, NoLease, Tenant, tenancy
+from imageworks_proxy.hookspecs import hookimpl
+from imageworks_proxy.upstream.autostart import ensure_started
 from imageworks_proxy.upstream.urls import apply_loopback_alias, entry_base_url
 
 log = logging.getLogger("imageworks_proxy.ollama")
@@ -92,7 +92,7 @@ class OllamaAdapter(Adapter):
                 for m in data.get("models", [])
                 if isinstance(m, dict) and (m.get("name") or m.get("model"))
             )
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError) as exc:
+        except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError) as exc:
             log.debug("ollama /api/tags at %s unavailable: %s", base, exc)
             tags = None
         self._tags[base] = (time.monotonic(), tags)
@@ -153,12 +153,18 @@ class OllamaAdapter(Adapter):
                 return await self._send(call, base, tag, payload)
             except ProxyError as exc:
                 # Connection refused: an autostart command for this entry may bring Ollama up; retry once.
-                if attempt == 0 and exc.code == "backend_unavailable" and await ensure_started(self.app, entry, call):
+                if (
+                    attempt == 0
+                    and exc.code == "backend_unavailable"
+                    and await ensure_started(self.app, entry, call)
+                ):
                     continue
                 raise
         raise AssertionError("unreachable")
 
-    async def _send(self, call: ChatCall, base: str, tag: str, payload: dict[str, Any]) -> Completion | ChunkStream:
+    async def _send(
+        self, call: ChatCall, base: str, tag: str, payload: dict[str, Any]
+    ) -> Completion | ChunkStream:
         lease = await self._acquire(call)
         if not call.stream:
             try:
@@ -263,10 +269,14 @@ class OllamaAdapter(Adapter):
         except aiohttp.ClientConnectorError as exc:
             raise self._unreachable(base, exc) from None
         except aiohttp.ClientError as exc:
-            raise ProxyError(502, "backend_error", f"talking to Ollama at {base} failed: {_describe(exc)}") from None
+            raise ProxyError(
+                502, "backend_error", f"talking to Ollama at {base} failed: {_describe(exc)}"
+            ) from None
 
     def _unreachable(self, base: str, exc: BaseException) -> ProxyError:
-        return backend_unavailable(f"Ollama at {base} is unreachable ({_describe(exc)}); is `ollama serve` running?")
+        return backend_unavailable(
+            f"Ollama at {base} is unreachable ({_describe(exc)}); is `ollama serve` running?"
+        )
 
     def _http_error(self, status: int, raw: bytes, call: ChatCall, tag: str, base: str) -> ProxyError:
         message = error_from_body(raw)
@@ -288,7 +298,9 @@ class OllamaAdapter(Adapter):
         from imageworks_proxy import keys
 
         bases = {self.base_url(e) for e in keys.models(self.app).entries_for(self)}
-        return sorted(bases) or [apply_loopback_alias(self.config.ollama_base_url, self.config.loopback_alias)]
+        return sorted(bases) or [
+            apply_loopback_alias(self.config.ollama_base_url, self.config.loopback_alias)
+        ]
 
     async def _ps(self, base: str) -> list[str] | None:
         """Names of the models loaded in the Ollama at ``base``; ``None`` when it cannot be asked."""
@@ -348,13 +360,14 @@ class OllamaAdapter(Adapter):
         body = orjson.dumps({"model": name, "keep_alive": 0})
         try:
             timeout = aiohttp.ClientTimeout(total=max(deadline - time.monotonic(), 0.1))
-            async with self.http.post(f"{base}/api/generate", data=body, headers=_JSON, timeout=timeout) as resp:
+            async with self.http.post(
+                f"{base}/api/generate", data=body, headers=_JSON, timeout=timeout
+            ) as resp:
                 await resp.read()
                 if resp.status >= 400:
                     log.warning("Ollama at %s refused to unload %s: HTTP %s", base, name, resp.status)
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("unloading %s from Ollama at %s failed: %s", name, base, _describe(exc))
-
 
 
 def _describe(exc: BaseException) -> str:
@@ -372,7 +385,13 @@ class OllamaChunkStream:
     """
 
     def __init__(
-        self, resp: aiohttp.ClientResponse, translator: ChunkTranslator, *, base: str, idle_s: float, lease: Lease
+        self,
+        resp: aiohttp.ClientResponse,
+        translator: ChunkTranslator,
+        *,
+        base: str,
+        idle_s: float,
+        lease: Lease,
     ) -> None:
         self._resp = resp
         self._translator = translator
@@ -410,7 +429,9 @@ class OllamaChunkStream:
         if self._lines:
             self._pending.extend(self._translator.feed(decode_line(self._lines.popleft())))
         elif self._eof:
-            raise ProxyError(502, "backend_error", f"Ollama at {self._base} ended the stream before it was done")
+            raise ProxyError(
+                502, "backend_error", f"Ollama at {self._base} ended the stream before it was done"
+            )
         else:
             await self._read(idle_s)
 
@@ -425,7 +446,9 @@ class OllamaChunkStream:
                 f"Ollama at {self._base} sent nothing for {idle_s * 1000:.0f} ms (CHAT_PROXY_STREAM_IDLE_TIMEOUT_MS)",
             ) from None
         except aiohttp.ClientError as exc:
-            raise ProxyError(502, "backend_error", f"the stream from Ollama at {self._base} broke: {_describe(exc)}") from None
+            raise ProxyError(
+                502, "backend_error", f"the stream from Ollama at {self._base} broke: {_describe(exc)}"
+            ) from None
         if data:
             self._lines.extend(self._splitter.feed(data))
         else:

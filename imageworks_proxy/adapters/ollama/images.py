@@ -41,7 +41,10 @@ async def fetch_image(session: aiohttp.ClientSession, url: str, *, max_bytes: in
             async with session.get(url, allow_redirects=True) as resp:
                 if resp.status != 200:
                     raise ProxyError(
-                        400, "invalid_image", f"fetching image {_short(url)} failed: HTTP {resp.status}", param="messages"
+                        400,
+                        "invalid_image",
+                        f"fetching image {_short(url)} failed: HTTP {resp.status}",
+                        param="messages",
                     )
                 if resp.content_length is not None and resp.content_length > max_bytes:
                     raise too_large
@@ -52,11 +55,17 @@ async def fetch_image(session: aiohttp.ClientSession, url: str, *, max_bytes: in
                         raise too_large
     except TimeoutError:
         raise ProxyError(
-            400, "invalid_image", f"fetching image {_short(url)} took longer than {timeout_s:g} s", param="messages"
+            400,
+            "invalid_image",
+            f"fetching image {_short(url)} took longer than {timeout_s:g} s",
+            param="messages",
         ) from None
     except aiohttp.ClientError as exc:
         raise ProxyError(
-            400, "invalid_image", f"fetching image {_short(url)} failed: {type(exc).__name__}: {exc}", param="messages"
+            400,
+            "invalid_image",
+            f"fetching image {_short(url)} failed: {type(exc).__name__}: {exc}",
+            param="messages",
         ) from None
     if not data:
         raise ProxyError(400, "invalid_image", f"image at {_short(url)} is empty", param="messages")
@@ -70,7 +79,9 @@ async def fetch_images_base64(
     urls = list(urls)
     if not urls:
         return {}
-    tasks = [asyncio.ensure_future(fetch_image(session, u, max_bytes=max_bytes, timeout_s=timeout_s)) for u in urls]
+    tasks = [
+        asyncio.ensure_future(fetch_image(session, u, max_bytes=max_bytes, timeout_s=timeout_s)) for u in urls
+    ]
     try:
         blobs = await asyncio.gather(*tasks)
     finally:

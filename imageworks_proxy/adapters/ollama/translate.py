@@ -30,11 +30,27 @@ _OPTION_FIELDS = {
     "min_p": "min_p",
 }
 #: Ollama-only options a client may send as top-level fields (OpenWebUI "custom params" do this).
-_OLLAMA_OPTIONS = frozenset({
-    "num_ctx", "num_predict", "num_keep", "num_batch", "num_gpu", "num_thread", "repeat_penalty",
-    "repeat_last_n", "typical_p", "mirostat", "mirostat_tau", "mirostat_eta", "penalize_newline",
-    "use_mmap", "numa", "low_vram", "main_gpu",
-})
+_OLLAMA_OPTIONS = frozenset(
+    {
+        "num_ctx",
+        "num_predict",
+        "num_keep",
+        "num_batch",
+        "num_gpu",
+        "num_thread",
+        "repeat_penalty",
+        "repeat_last_n",
+        "typical_p",
+        "mirostat",
+        "mirostat_tau",
+        "mirostat_eta",
+        "penalize_newline",
+        "use_mmap",
+        "numa",
+        "low_vram",
+        "main_gpu",
+    }
+)
 _REASONING_EFFORT = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high"}
 _NUM_CTX_FLAGS = ("--num-ctx", "--num_ctx")
 
@@ -58,7 +74,7 @@ def parse_num_ctx(extra_args: Sequence[str]) -> int | None:
         else:
             for flag in _NUM_CTX_FLAGS:
                 if arg.startswith(flag + "="):
-                    value = arg[len(flag) + 1:]
+                    value = arg[len(flag) + 1 :]
         if value is not None:
             try:
                 n = int(value)
@@ -111,7 +127,9 @@ def _data_url_base64(url: str) -> str:
     """The base64 payload of a ``data:<mime>;base64,<data>`` URL (what Ollama's ``images`` wants)."""
     header, sep, data = url.partition(",")
     if not sep or not header.lower().endswith(";base64"):
-        raise ProxyError(400, "invalid_image", "image data URLs must be base64 (data:<mime>;base64,...)", param="messages")
+        raise ProxyError(
+            400, "invalid_image", "image data URLs must be base64 (data:<mime>;base64,...)", param="messages"
+        )
     data = data.strip()
     if not data:
         raise ProxyError(400, "invalid_image", "image data URL has no data", param="messages")
@@ -124,7 +142,9 @@ def _text_and_images(content: Any, fetched: Mapping[str, str], where: str) -> tu
     if isinstance(content, str):
         return content, []
     if not isinstance(content, list):
-        raise ProxyError(400, "invalid_request", f"{where}.content must be a string or a list of parts", param=where)
+        raise ProxyError(
+            400, "invalid_request", f"{where}.content must be a string or a list of parts", param=where
+        )
     texts: list[str] = []
     images: list[str] = []
     for part in content:
@@ -137,7 +157,9 @@ def _text_and_images(content: Any, fetched: Mapping[str, str], where: str) -> tu
             elif url in fetched:
                 images.append(fetched[url])
             else:
-                raise ProxyError(400, "invalid_image", "image URLs must be data: or http(s) URLs", param=where)
+                raise ProxyError(
+                    400, "invalid_image", "image URLs must be data: or http(s) URLs", param=where
+                )
         elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
             texts.append(part["text"])  # text, input_text
         elif isinstance(part, Mapping) and isinstance(part.get("refusal"), str):
@@ -189,7 +211,9 @@ def _translate_messages(messages: Any, fetched: Mapping[str, str]) -> list[dict[
             for j, call in enumerate(msg.get("tool_calls") or ()):
                 fn = call.get("function") if isinstance(call, Mapping) else None
                 if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
-                    raise ProxyError(400, "invalid_request", f"{where}.tool_calls[{j}] needs function.name", param=where)
+                    raise ProxyError(
+                        400, "invalid_request", f"{where}.tool_calls[{j}] needs function.name", param=where
+                    )
                 item: dict[str, Any] = {
                     "function": {
                         "index": j,
@@ -203,8 +227,15 @@ def _translate_messages(messages: Any, fetched: Mapping[str, str]) -> list[dict[
                 calls.append(item)
             legacy = msg.get("function_call")
             if not calls and isinstance(legacy, Mapping) and isinstance(legacy.get("name"), str):
-                calls.append({"function": {"index": 0, "name": legacy["name"],
-                                           "arguments": _arguments_object(legacy.get("arguments"), where)}})
+                calls.append(
+                    {
+                        "function": {
+                            "index": 0,
+                            "name": legacy["name"],
+                            "arguments": _arguments_object(legacy.get("arguments"), where),
+                        }
+                    }
+                )
             if calls:
                 new["tool_calls"] = calls
         elif role == "tool":
@@ -220,11 +251,23 @@ def _translate_messages(messages: Any, fetched: Mapping[str, str]) -> list[dict[
 
 
 def _tools(body: Mapping[str, Any]) -> list[dict[str, Any]]:
-    tools = [t for t in body.get("tools") or () if isinstance(t, Mapping) and isinstance(t.get("function"), Mapping)]
-    out = [{"type": "function", "function": dict(t["function"])} for t in tools if t.get("type", "function") == "function"]
+    tools = [
+        t
+        for t in body.get("tools") or ()
+        if isinstance(t, Mapping) and isinstance(t.get("function"), Mapping)
+    ]
+    out = [
+        {"type": "function", "function": dict(t["function"])}
+        for t in tools
+        if t.get("type", "function") == "function"
+    ]
     if not out:
         # legacy ``functions``
-        out = [{"type": "function", "function": dict(f)} for f in body.get("functions") or () if isinstance(f, Mapping)]
+        out = [
+            {"type": "function", "function": dict(f)}
+            for f in body.get("functions") or ()
+            if isinstance(f, Mapping)
+        ]
     return out
 
 
@@ -363,7 +406,8 @@ def completion_from_ollama(
     message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
     if calls:
         message["tool_calls"] = [
-            {"id": cid, "type": "function", "function": {"name": name, "arguments": args}} for cid, name, args in calls
+            {"id": cid, "type": "function", "function": {"name": name, "arguments": args}}
+            for cid, name, args in calls
         ]
         if not content:
             message["content"] = None
@@ -436,21 +480,28 @@ class ChunkTranslator:
             index = self._tool_calls
             self._tool_calls += 1
             call_id, name, args = _tool_call(call)
-            first = {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
+            first = {
+                "index": index,
+                "id": call_id,
+                "type": "function",
+                "function": {"name": name, "arguments": args},
+            }
             out.append(self._chunk({"tool_calls": [first]}))
         if line.get("done"):
             self.finished = True
             self.usage = usage_from(line)
             out.append(self._chunk({}, _finish_reason(line.get("done_reason"), self._tool_calls > 0)))
             if self.include_usage:
-                out.append({
-                    "id": self.id,
-                    "object": "chat.completion.chunk",
-                    "created": self.created,
-                    "model": self.model,
-                    "choices": [],
-                    "usage": self.usage,
-                })
+                out.append(
+                    {
+                        "id": self.id,
+                        "object": "chat.completion.chunk",
+                        "created": self.created,
+                        "model": self.model,
+                        "choices": [],
+                        "usage": self.usage,
+                    }
+                )
         return out
 
 
@@ -466,7 +517,7 @@ class NdjsonSplitter:
         if end < 0:
             return []
         complete = bytes(self._buf[:end])
-        del self._buf[:end + 1]
+        del self._buf[: end + 1]
         return [line for line in complete.split(b"\n") if line.strip()]
 
     def close(self) -> list[bytes]:
@@ -480,7 +531,9 @@ def decode_line(line: bytes) -> Any:
     try:
         return orjson.loads(line)
     except orjson.JSONDecodeError:
-        raise ProxyError(502, "backend_error", f"Ollama sent a line that is not JSON: {line[:200]!r}") from None
+        raise ProxyError(
+            502, "backend_error", f"Ollama sent a line that is not JSON: {line[:200]!r}"
+        ) from None
 
 
 def error_text(value: Any) -> str:

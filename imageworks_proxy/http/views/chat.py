@@ -14,10 +14,10 @@ from aiohttp import web
 from imageworks_proxy import keys
 from imageworks_proxy.adapters.base import ChatCall
 from imageworks_proxy.errors import ProxyError, invalid_request
-from imageworks_proxy.http.responses import json_response
 from imageworks_proxy.http.middlewares import request_id
-from imageworks_proxy.pipeline.stage import ChatContext
+from imageworks_proxy.http.responses import json_response
 from imageworks_proxy.http.sse import ClientGone, SSEWriter
+from imageworks_proxy.pipeline.stage import ChatContext
 
 log = logging.getLogger("imageworks_proxy.chat")
 
@@ -94,7 +94,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         ctx.status, ctx.error_code = 500, "internal_error"
         if writer is not None and writer.committed:
             log.exception("unhandled error while streaming (request %s)", rid)
-            await _send_error(writer, ProxyError(500, "internal_error", f"Internal error; see the proxy log for request {rid}."))
+            await _send_error(
+                writer,
+                ProxyError(500, "internal_error", f"Internal error; see the proxy log for request {rid}."),
+            )
             return writer.response  # type: ignore[return-value]
         raise
     finally:

@@ -11,10 +11,10 @@ from imageworks_proxy import __version__, keys
 from imageworks_proxy.config import Config
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.http.responses import json_response
+from imageworks_proxy.http.views.info import vllm_state
 from imageworks_proxy.observability.metrics import RollingMetrics, orchestrator_stats, swap_summary
 from imageworks_proxy.observability.prometheus import PromMetrics
 from imageworks_proxy.observability.requestlog import RequestLog, lifetime
-from imageworks_proxy.http.views.info import vllm_state
 
 ORCHESTRATED = "vllm-orchestrated"
 

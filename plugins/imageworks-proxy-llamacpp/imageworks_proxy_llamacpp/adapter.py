@@ -15,10 +15,9 @@ from typing import Any
 
 from imageworks_proxy.adapters.base import ChatCall, ChunkStream, Completion
 from imageworks_proxy.adapters.openai_passthrough import OpenAIPassthroughAdapter
-from imageworks_proxy.hookspecs import hookimpl
 from imageworks_proxy.catalogue.registry import Entry
 from imageworks_proxy.gpu.tenancy import Tenant, tenancy
-
+from imageworks_proxy.hookspecs import hookimpl
 from imageworks_proxy_llamacpp.server import LlamaCppSettings, LlamaServerSlot
 
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import aiohttp
 import attrs
 
+from imageworks_proxy.catalogue.registry import Entry
 from imageworks_proxy.config import Config
 from imageworks_proxy.errors import ProxyError
-from imageworks_proxy.catalogue.registry import Entry
 
 log = logging.getLogger("imageworks_proxy_llamacpp")
 
@@ -104,7 +104,11 @@ def model_file(entry: Entry) -> Path:
 
 def projector_file(entry: Entry, model: Path) -> Path | None:
     """A vision entry's ``mmproj*.gguf`` beside the model, unless ``extra_args`` already names one."""
-    if not entry.vision or "--mmproj" in entry.backend_config.extra_args or "-mm" in entry.backend_config.extra_args:
+    if (
+        not entry.vision
+        or "--mmproj" in entry.backend_config.extra_args
+        or "-mm" in entry.backend_config.extra_args
+    ):
         return None
     found = sorted(model.parent.glob("mmproj*.gguf"))
     return found[0] if found else None
@@ -218,9 +222,11 @@ class LlamaServerSlot:
             if proc.returncode is None:
                 try:  # the exit may not have been reaped yet
                     await asyncio.wait_for(proc.wait(), 0.5)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     return False
-            log.warning("llama-server for %s exited with code %s; starting it again", entry.name, proc.returncode)
+            log.warning(
+                "llama-server for %s exited with code %s; starting it again", entry.name, proc.returncode
+            )
             await self._stop_locked()
             await self._start_locked(entry)
             return True
@@ -254,7 +260,9 @@ class LlamaServerSlot:
         argv = build_argv(self.settings, entry)
         log_path = self.settings.log_dir / f"{entry.name.replace('/', '_')}.log"
         started = time.perf_counter()
-        log.info("starting llama-server for %s on port %d: %s", entry.name, self.settings.port, shlex.join(argv))
+        log.info(
+            "starting llama-server for %s on port %d: %s", entry.name, self.settings.port, shlex.join(argv)
+        )
         try:
             self._proc = await _spawn(argv, log_path)
         except FileNotFoundError:
@@ -272,8 +280,12 @@ class LlamaServerSlot:
             await self._stop_locked()
             raise
         self._ready = True
-        log.info("llama-server for %s ready in %.1f s (pid %d)",
-                 entry.name, time.perf_counter() - started, self._proc.pid)
+        log.info(
+            "llama-server for %s ready in %.1f s (pid %d)",
+            entry.name,
+            time.perf_counter() - started,
+            self._proc.pid,
+        )
 
     async def _wait_ready(self, entry: Entry, log_path: Path) -> None:
         assert self._proc is not None
@@ -298,7 +310,8 @@ class LlamaServerSlot:
                     line = explaining_line(log_path)
                     raise start_failed(
                         f"llama-server for model {entry.name!r} exited with code {exited.result()} while starting"
-                        + (f": {line}" if line else "") + f" (log: {log_path})"
+                        + (f": {line}" if line else "")
+                        + f" (log: {log_path})"
                     )
                 interval = min(interval * 2, _POLL_MAX_S)
         finally:
@@ -313,7 +326,7 @@ class LlamaServerSlot:
                 self.settings.root_url + "/health", timeout=aiohttp.ClientTimeout(total=timeout)
             ) as resp:
                 return resp.status == 200  # llama-server answers 503 while it loads the model
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
     async def _stop_locked(self) -> None:
@@ -325,8 +338,10 @@ class LlamaServerSlot:
         _signal_group(proc.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(proc.wait(), self.settings.stop_timeout_s)
-        except asyncio.TimeoutError:
-            log.warning("llama-server for %s ignored SIGTERM for %g s; killing it", name, self.settings.stop_timeout_s)
+        except TimeoutError:
+            log.warning(
+                "llama-server for %s ignored SIGTERM for %g s; killing it", name, self.settings.stop_timeout_s
+            )
             _signal_group(proc.pid, signal.SIGKILL)
             await proc.wait()
         log.info("stopped llama-server for %s in %.1f s", name, time.perf_counter() - started)
@@ -342,7 +357,10 @@ async def _spawn(argv: list[str], log_path: Path) -> asyncio.subprocess.Process:
     logf = await asyncio.to_thread(_open_log, log_path)
     try:
         return await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=asyncio.subprocess.STDOUT,
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=logf,
+            stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
         )
     finally:

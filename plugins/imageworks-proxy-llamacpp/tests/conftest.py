@@ -10,13 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import imageworks_proxy_llamacpp.adapter as llamacpp_plugin
+import pytest
+from llamacpp_testlib import FAKE_SERVER, free_port
+
 from imageworks_proxy import create_app, keys
 from imageworks_proxy.config import load_config
 from imageworks_proxy.plugins import make_plugin_manager
-from llamacpp_testlib import FAKE_SERVER, free_port
 
 
 @pytest.fixture

@@ -52,11 +52,15 @@ def main() -> None:
 
     async def health(request: web.Request) -> web.Response:
         if first == "hang" or time.monotonic() < ready_at:
-            return web.json_response({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}, status=503)
+            return web.json_response(
+                {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}, status=503
+            )
         return web.json_response({"status": "ok"})
 
     async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": alias, "object": "model", "owned_by": "llamacpp"}]})
+        return web.json_response(
+            {"object": "list", "data": [{"id": alias, "object": "model", "owned_by": "llamacpp"}]}
+        )
 
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -65,23 +69,39 @@ def main() -> None:
         created = int(time.time())
         usage = {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
         if not body.get("stream"):
-            return web.json_response({
-                "id": "chatcmpl-fake", "object": "chat.completion", "created": created, "model": alias,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                "usage": usage,
-            })
+            return web.json_response(
+                {
+                    "id": "chatcmpl-fake",
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": alias,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": text},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": usage,
+                }
+            )
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
 
         async def send(delta: dict, finish: str | None = None) -> None:
-            chunk = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": created, "model": alias,
-                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            chunk = {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": alias,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
 
         await send({"role": "assistant", "content": ""})
         gate = os.environ.get("FAKE_LLAMA_GATE")
         for i in range(0, len(text), 16):
-            await send({"content": text[i:i + 16]})
+            await send({"content": text[i : i + 16]})
             while gate and not os.path.exists(gate):  # hold the stream open until the test says go
                 await asyncio.sleep(0.02)
             await asyncio.sleep(float(os.environ.get("FAKE_LLAMA_CHUNK_DELAY_S", "0")))

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from imageworks_proxy_llamacpp.server import LlamaCppSettings, build_argv, explaining_line
 
+from imageworks_proxy.catalogue.registry import parse_entry
 from imageworks_proxy.config import load_config
 from imageworks_proxy.errors import ProxyError
-from imageworks_proxy.catalogue.registry import parse_entry
-from imageworks_proxy_llamacpp.server import LlamaCppSettings, build_argv, explaining_line
 
 
 def settings(**env: str) -> LlamaCppSettings:
@@ -30,17 +30,38 @@ def touch(path: Path) -> Path:
 
 def test_command_has_model_single_port_alias_and_extra_args_verbatim(tmp_path):
     model = touch(tmp_path / "m.gguf")
-    e = parse_entry({"name": "m", "backend": "gguf", "served_model_id": "served-m",
-                     "backend_config": {"model_path": str(model), "extra_args": ["-ngl", "99", "--ctx-size", "8192"]}})
+    e = parse_entry(
+        {
+            "name": "m",
+            "backend": "gguf",
+            "served_model_id": "served-m",
+            "backend_config": {"model_path": str(model), "extra_args": ["-ngl", "99", "--ctx-size", "8192"]},
+        }
+    )
     assert build_argv(settings(), e) == [
-        "llama-server", "-m", str(model), "--host", "127.0.0.1", "--port", "24555", "--alias", "served-m",
-        "-ngl", "99", "--ctx-size", "8192",
+        "llama-server",
+        "-m",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "24555",
+        "--alias",
+        "served-m",
+        "-ngl",
+        "99",
+        "--ctx-size",
+        "8192",
     ]
 
 
 def test_launcher_prefix_and_log_dir_come_from_the_environment(tmp_path):
     s = settings(IMAGEWORKS_LLAMACPP_COMMAND="/opt/llama.cpp/bin/llama-server --verbose")
-    assert build_argv(s, entry(touch(tmp_path / "m.gguf")))[:3] == ["/opt/llama.cpp/bin/llama-server", "--verbose", "-m"]
+    assert build_argv(s, entry(touch(tmp_path / "m.gguf")))[:3] == [
+        "/opt/llama.cpp/bin/llama-server",
+        "--verbose",
+        "-m",
+    ]
     assert settings().log_dir == Path("/var/log/px/llamacpp")  # beside the vLLM logs by default
     assert settings(IMAGEWORKS_LLAMACPP_LOG_DIR="/tmp/x").log_dir == Path("/tmp/x")
 
@@ -55,8 +76,14 @@ def test_a_folder_resolves_to_its_first_shard_and_a_vision_model_gets_its_projec
     assert argv[argv.index("--mmproj") + 1] == str(projector)
     # no projector for a text-only entry, nor when extra_args already names one
     assert "--mmproj" not in build_argv(settings(), entry(folder))
-    own = parse_entry({"name": "m", "backend": "gguf", "capabilities": ["vision"],
-                       "backend_config": {"model_path": str(folder), "extra_args": ["--mmproj", "/x.gguf"]}})
+    own = parse_entry(
+        {
+            "name": "m",
+            "backend": "gguf",
+            "capabilities": ["vision"],
+            "backend_config": {"model_path": str(folder), "extra_args": ["--mmproj", "/x.gguf"]},
+        }
+    )
     assert build_argv(settings(), own).count("--mmproj") == 1
 
 

@@ -30,7 +30,9 @@ print(json.dumps({"adapter": models.adapter_for(entry).name,
 @pytest.fixture
 def registry_env(tmp_path: Path) -> dict[str, str]:
     registry = tmp_path / "registry.json"
-    registry.write_text(json.dumps([{"name": "tiny", "backend": "gguf", "backend_config": {"model_path": "/m/tiny.gguf"}}]))
+    registry.write_text(
+        json.dumps([{"name": "tiny", "backend": "gguf", "backend_config": {"model_path": "/m/tiny.gguf"}}])
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_PROXY_")}
     env.update(CHAT_PROXY_REGISTRY=str(registry), CHAT_PROXY_LOG_LEVEL="ERROR")
     return env

@@ -10,9 +10,9 @@ import signal
 
 import openai
 import pytest
+from llamacpp_testlib import adapter_of, gguf_entry, pid_alive, read_pid
 
 from imageworks_proxy import keys
-from llamacpp_testlib import adapter_of, gguf_entry, pid_alive, read_pid
 
 
 def loaded(reply: str) -> dict:
@@ -25,16 +25,24 @@ async def statuses(client) -> dict[str, str]:
     return {m["extensions"]["logical_id"]: m["extensions"]["status"] for m in (await resp.json())["data"]}
 
 
-async def test_first_chat_starts_llama_server_with_the_entry_and_its_extra_args(sdk, make_proxy, fake_llama, gguf, pid_dir):
+async def test_first_chat_starts_llama_server_with_the_entry_and_its_extra_args(
+    sdk, make_proxy, fake_llama, gguf, pid_dir
+):
     model = gguf("tiny-q4_k_m.gguf")
     client = await make_proxy([gguf_entry("tiny", model, extra_args=["--ctx-size", "4096", "--jinja"])])
     assert (await statuses(client))["tiny"] == "stopped"
 
-    reply = await sdk(client).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+    reply = await sdk(client).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}]
+    )
 
     text = reply.choices[0].message.content
-    assert loaded(text) == {"alias": "tiny", "model": "tiny-q4_k_m.gguf", "extra": ["--ctx-size", "4096", "--jinja"],
-                            "mmproj": None}
+    assert loaded(text) == {
+        "alias": "tiny",
+        "model": "tiny-q4_k_m.gguf",
+        "extra": ["--ctx-size", "4096", "--jinja"],
+        "mmproj": None,
+    }
     assert text.endswith("you said: hi")
     assert reply.model == "tiny"
     assert (await statuses(client))["tiny"] == "loaded"
@@ -50,7 +58,9 @@ async def test_first_chat_starts_llama_server_with_the_entry_and_its_extra_args(
 async def test_streamed_chat_arrives_in_chunks_through_the_sdk(sdk, make_proxy, fake_llama, gguf):
     client = await make_proxy([gguf_entry("tiny", gguf("tiny.gguf"))])
     stream = await sdk(client).chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "stream please"}], stream=True,
+        model="tiny",
+        messages=[{"role": "user", "content": "stream please"}],
+        stream=True,
         stream_options={"include_usage": True},
     )
     parts = [c.choices[0].delta.content async for c in stream if c.choices and c.choices[0].delta.content]
@@ -58,19 +68,33 @@ async def test_streamed_chat_arrives_in_chunks_through_the_sdk(sdk, make_proxy, 
     assert "".join(parts).endswith("you said: stream please")
 
 
-async def test_concurrent_first_requests_share_one_server_start(sdk, make_proxy, fake_llama, gguf, monkeypatch):
+async def test_concurrent_first_requests_share_one_server_start(
+    sdk, make_proxy, fake_llama, gguf, monkeypatch
+):
     monkeypatch.setenv("FAKE_LLAMA_LOAD_S", "0.5")  # /health says "Loading model" for a while
     client = await make_proxy([gguf_entry("tiny", gguf("tiny.gguf"))])
     api = sdk(client)
-    replies = await asyncio.gather(*(
-        api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"q{i}"}]) for i in range(4)
-    ))
-    assert sorted(r.choices[0].message.content.rsplit(" ", 1)[-1] for r in replies) == ["q0", "q1", "q2", "q3"]
+    replies = await asyncio.gather(
+        *(
+            api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"q{i}"}])
+            for i in range(4)
+        )
+    )
+    assert sorted(r.choices[0].message.content.rsplit(" ", 1)[-1] for r in replies) == [
+        "q0",
+        "q1",
+        "q2",
+        "q3",
+    ]
     assert (fake_llama / "tiny.log").read_text().count("fake llama-server: loading") == 1
 
 
-async def test_asking_for_another_gguf_model_switches_the_single_server(sdk, make_proxy, fake_llama, gguf, pid_dir):
-    client = await make_proxy([gguf_entry("alpha", gguf("alpha.gguf")), gguf_entry("beta", gguf("beta.gguf"))])
+async def test_asking_for_another_gguf_model_switches_the_single_server(
+    sdk, make_proxy, fake_llama, gguf, pid_dir
+):
+    client = await make_proxy(
+        [gguf_entry("alpha", gguf("alpha.gguf")), gguf_entry("beta", gguf("beta.gguf"))]
+    )
     api = sdk(client)
     first = await api.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "a"}])
     alpha_pid = read_pid(pid_dir, "alpha")
@@ -88,16 +112,21 @@ async def test_a_switch_waits_for_the_stream_on_the_previous_model(
 ):
     gate = tmp_path / "go"
     monkeypatch.setenv("FAKE_LLAMA_GATE", str(gate))
-    client = await make_proxy([gguf_entry("alpha", gguf("alpha.gguf")), gguf_entry("beta", gguf("beta.gguf"))])
+    client = await make_proxy(
+        [gguf_entry("alpha", gguf("alpha.gguf")), gguf_entry("beta", gguf("beta.gguf"))]
+    )
     api = sdk(client)
-    stream = await api.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "long answer"}],
-                                               stream=True)
+    stream = await api.chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": "long answer"}], stream=True
+    )
     text = ""
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             text += chunk.choices[0].delta.content
             break  # alpha is mid-answer
-    switch = asyncio.ensure_future(api.chat.completions.create(model="beta", messages=[{"role": "user", "content": "b"}]))
+    switch = asyncio.ensure_future(
+        api.chat.completions.create(model="beta", messages=[{"role": "user", "content": "b"}])
+    )
     await asyncio.sleep(0.3)
     assert not switch.done() and pid_alive(read_pid(pid_dir, "alpha"))  # beta waits for alpha's stream
 
@@ -109,7 +138,9 @@ async def test_a_switch_waits_for_the_stream_on_the_previous_model(
     assert not pid_alive(read_pid(pid_dir, "alpha"))
 
 
-async def test_a_model_that_fails_to_load_is_503_with_the_explaining_log_line(sdk, make_proxy, fake_llama, gguf):
+async def test_a_model_that_fails_to_load_is_503_with_the_explaining_log_line(
+    sdk, make_proxy, fake_llama, gguf
+):
     client = await make_proxy([gguf_entry("bad", gguf("bad.gguf", content="broken"))])
     with pytest.raises(openai.APIStatusError) as info:
         await sdk(client).chat.completions.create(model="bad", messages=[{"role": "user", "content": "hi"}])
@@ -120,8 +151,12 @@ async def test_a_model_that_fails_to_load_is_503_with_the_explaining_log_line(sd
     assert (await statuses(client))["bad"] == "stopped"
 
 
-async def test_a_model_not_ready_in_time_is_504_and_its_process_is_stopped(sdk, make_proxy, fake_llama, gguf, pid_dir):
-    client = await make_proxy([gguf_entry("slow", gguf("slow.gguf", content="hang"))], vllm_start_timeout_s="1")
+async def test_a_model_not_ready_in_time_is_504_and_its_process_is_stopped(
+    sdk, make_proxy, fake_llama, gguf, pid_dir
+):
+    client = await make_proxy(
+        [gguf_entry("slow", gguf("slow.gguf", content="hang"))], vllm_start_timeout_s="1"
+    )
     with pytest.raises(openai.APIStatusError) as info:
         await sdk(client).chat.completions.create(model="slow", messages=[{"role": "user", "content": "hi"}])
     assert info.value.status_code == 504
@@ -129,17 +164,23 @@ async def test_a_model_not_ready_in_time_is_504_and_its_process_is_stopped(sdk, 
     assert not pid_alive(read_pid(pid_dir, "slow"))
 
 
-async def test_without_llama_server_installed_the_error_says_how_to_fix_it(make_proxy, fake_llama, gguf, monkeypatch, tmp_path):
+async def test_without_llama_server_installed_the_error_says_how_to_fix_it(
+    make_proxy, fake_llama, gguf, monkeypatch, tmp_path
+):
     monkeypatch.setenv("IMAGEWORKS_LLAMACPP_COMMAND", str(tmp_path / "no-such-llama-server"))
     client = await make_proxy([gguf_entry("tiny", gguf("tiny.gguf"))])
-    resp = await client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]}
+    )
     assert resp.status == 503
     body = await resp.json()
     assert body["error"]["code"] == "model_start_failed"
     assert "IMAGEWORKS_LLAMACPP_COMMAND" in body["error"]["message"]
 
 
-async def test_a_server_that_crashed_is_started_again_by_the_next_request(sdk, make_proxy, fake_llama, gguf, pid_dir):
+async def test_a_server_that_crashed_is_started_again_by_the_next_request(
+    sdk, make_proxy, fake_llama, gguf, pid_dir
+):
     client = await make_proxy([gguf_entry("tiny", gguf("tiny.gguf"))])
     api = sdk(client)
     await api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "1"}])
@@ -193,8 +234,9 @@ async def test_each_request_holds_a_gpu_tenancy_lease_until_its_stream_ends(
     monkeypatch.setenv("FAKE_LLAMA_GATE", str(gate))
     tenancy = RecordingTenancy()
     client = await make_proxy([gguf_entry("tiny", gguf("tiny.gguf"))], tenancy=tenancy)
-    stream = await sdk(client).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
-                                                       stream=True)
+    stream = await sdk(client).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "x"}], stream=True
+    )
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             break  # the first words arrived; the server holds the rest back
@@ -211,7 +253,9 @@ async def test_each_request_holds_a_gpu_tenancy_lease_until_its_stream_ends(
     assert (await statuses(client))["tiny"] == "stopped"
 
 
-async def test_a_refused_connection_restarts_a_dead_server_but_not_a_live_one(sdk, make_proxy, fake_llama, gguf, pid_dir):
+async def test_a_refused_connection_restarts_a_dead_server_but_not_a_live_one(
+    sdk, make_proxy, fake_llama, gguf, pid_dir
+):
     client = await make_proxy([gguf_entry("tiny", gguf("tiny.gguf"))])
     await sdk(client).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "1"}])
     adapter = adapter_of(client)
