@@ -31,7 +31,6 @@ from imageworks_proxy.plugins import (
     unique_by_name,
 )
 from imageworks_proxy.upstream.autostart import autostart_ctx
-from imageworks_proxy.vllm import admin
 
 log = logging.getLogger("imageworks_proxy")
 
@@ -144,7 +143,6 @@ def create_app(
     app.router.add_get("/v1/models", info.list_models, name="models")
     app.router.add_get("/v1/plugins", info.list_plugins, name="plugins")
     app.router.add_post("/v1/chat/completions", chat.chat_completions, name="chat")
-    admin.add_routes(app)
     app.cleanup_ctx.append(_resources)
     app.cleanup_ctx.append(autostart_ctx)
     call_each(pm, "startup", app=app)

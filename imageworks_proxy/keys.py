@@ -10,7 +10,8 @@ if TYPE_CHECKING:
     from imageworks_proxy.catalogue.service import ModelService
     from imageworks_proxy.config import Config
     from imageworks_proxy.gpu.nvml import Gpu
-    from imageworks_proxy.gpu.tenancy import Tenancy
+    from imageworks_proxy.gpu.scheduler import GpuScheduler
+    from imageworks_proxy.observability.swaps import SwapMetrics
     from imageworks_proxy.observability.metrics import RollingMetrics
     from imageworks_proxy.observability.prometheus import PromMetrics
     from imageworks_proxy.observability.requestlog import RequestLog
@@ -24,9 +25,11 @@ PIPELINE: web.AppKey[Pipeline] = web.AppKey("pipeline")
 HTTP: web.AppKey[ClientSession] = web.AppKey("http")
 GPU: web.AppKey[Gpu] = web.AppKey("gpu")
 STARTED_AT: web.AppKey[float] = web.AppKey("started_at")
-TENANCY: web.AppKey[Tenancy] = web.AppKey("tenancy")
+#: The GPU scheduler; plugins reach it through :func:`imageworks_proxy.tenancy` (the ``Tenancy`` protocol).
+TENANCY: web.AppKey[GpuScheduler] = web.AppKey("tenancy")
 METRICS: web.AppKey[RollingMetrics] = web.AppKey("metrics")
 REQUEST_LOG: web.AppKey[RequestLog] = web.AppKey("request_log")
+SWAPS: web.AppKey[SwapMetrics] = web.AppKey("swaps")
 #: Present only when CHAT_PROXY_ENABLE_METRICS=1.
 PROMETHEUS: web.AppKey[PromMetrics] = web.AppKey("prometheus")
 
@@ -62,6 +65,10 @@ def http(app: web.Application) -> ClientSession:
 
 def gpu(app: web.Application) -> Gpu:
     return app[GPU]
+
+
+def scheduler(app: web.Application) -> GpuScheduler:
+    return app[TENANCY]
 
 
 def metrics(app: web.Application) -> RollingMetrics:

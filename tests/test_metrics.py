@@ -1,13 +1,13 @@
-"""Rolling-window metrics: percentiles, grouping, expiry, tokens/s, orchestrator figures (SPEC §10)."""
+"""Rolling-window metrics: percentiles, grouping, expiry, tokens/s, model switches."""
 
 from __future__ import annotations
 
 import random
 
-import attrs
 import pytest
 
-from imageworks_proxy.observability.metrics import RollingMetrics, Sample, orchestrator_stats, swap_summary
+from imageworks_proxy.observability.metrics import RollingMetrics, Sample
+from imageworks_proxy.observability.swaps import SwapMetrics
 
 
 class Clock:
@@ -116,88 +116,18 @@ def test_in_flight_is_reported():
     assert m.snapshot()["in_flight"] == 3
 
 
-@attrs.define
-class AttrsStats:
-    swaps: int
-    swap_failures: int
-    swap_durations_s: list[float]
-    queue_depth: int
-
-
-class MethodStats:
-    def stats(self):
-        return {"swaps": {"count": 4, "failures": 1, "durations_ms": [1000, 3000, 2000]}, "queued": [1, 2]}
-
-
-class BrokenStats:
-    def stats(self):
-        raise RuntimeError("boom")
-
-
-@pytest.mark.parametrize(
-    ("adapter", "expected"),
-    [
-        (None, (None, None, (), None)),
-        (object(), (None, None, (), None)),
-        (
-            type(
-                "A",
-                (),
-                {
-                    "stats": {
-                        "swaps": 2,
-                        "swap_failures": 0,
-                        "recent_swaps": [{"duration_s": 12.5}, {"duration_ms": 500}],
-                        "queue_depth": 5,
-                    }
-                },
-            )(),
-            (2, 0, (12.5, 0.5), 5),
-        ),
-        (type("A", (), {"stats": AttrsStats(3, 1, [4.0, 5.0, 6.0], 0)})(), (3, 1, (4.0, 5.0, 6.0), 0)),
-        (MethodStats(), (4, 1, (1.0, 3.0, 2.0), 2)),
-        # the shape of the built-in orchestrator's stats(): cumulative "queued" must not be read as the depth
-        (
-            type(
-                "A",
-                (),
-                {
-                    "stats": lambda self: {
-                        "swaps": 2,
-                        "swap_failures": 1,
-                        "queued": 40,
-                        "queue_depth": 3,
-                        "swap_seconds_total": 12.5,
-                        "recent_swaps": [
-                            {"from": None, "to": "vllm:a", "ok": True, "total_s": 10.0},
-                            {
-                                "from": "vllm:a",
-                                "to": "vllm:b",
-                                "ok": False,
-                                "error": "model_start_failed",
-                                "total_s": 4.0,
-                            },
-                            {"from": "vllm:a", "to": "ollama", "ok": True, "total_s": 2.5},
-                        ],
-                    }
-                },
-            )(),
-            (2, 1, (10.0, 2.5), 3),
-        ),
-        (BrokenStats(), (None, None, (), None)),
-        (type("A", (), {"stats": {"swaps": "many", "queue_depth": "x"}})(), (None, None, (), None)),
-    ],
-)
-def test_orchestrator_stats_are_read_defensively(adapter, expected):
-    s = orchestrator_stats(adapter)
-    assert (s.swaps, s.failures, s.durations_s, s.queue_depth) == expected
-
-
-def test_swap_summary():
-    s = orchestrator_stats(MethodStats())
-    assert swap_summary(s) == {
-        "count": 4,
+def test_swap_metrics_count_switches_and_failures_from_scheduler_events():
+    swaps = SwapMetrics()
+    seen: list[float] = []
+    swaps.observers.append(seen.append)
+    assert swaps.summary() == {"count": 0, "failures": 0, "duration_s": None}
+    for total in (1.0, 3.0, 2.0):
+        swaps.on_event({"event": "swap", "from": None, "to": "vllm:a", "ok": True, "total_s": total})
+    swaps.on_event({"event": "swap", "to": "vllm:b", "ok": False, "error": "model_start_failed", "total_s": 4.0})
+    swaps.on_event({"event": "vacate", "from": "vllm:a", "to": None, "stop_s": 0.5})
+    assert swaps.summary() == {
+        "count": 3,
         "failures": 1,
         "duration_s": {"p50": 2.0, "p95": 3.0, "p99": 3.0, "last": 2.0, "samples": 3},
     }
-    assert swap_summary(orchestrator_stats(None)) == {"count": None, "failures": None, "duration_s": None}
+    assert seen == [1.0, 3.0, 2.0]  # failed switches are counted, not timed

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from imageworks_proxy import keys
+from imageworks_proxy import ProxyError, Tenant, keys
 from tests.chat_helpers import sse_events, user
 from tests.fakes.fake_openai import make_fake_openai, registry_for
 from tests.openai_schemas import validate_error
@@ -381,40 +381,50 @@ async def test_v1_metrics_reports_the_window_by_model_and_backend(env):
     assert "nope" not in m["by_model"]
     assert m["by_backend"]["openai-passthrough"]["requests"] == 5
     assert m["in_flight"] == 0 and m["queue_depth"] == 0
-    assert m["swaps"]["count"] in (None, 0) and m["swaps"]["failures"] in (None, 0)  # 0: orchestrator, idle
+    assert m["swaps"]["count"] == 0 and m["swaps"]["failures"] == 0
     assert m["swaps"]["duration_s"] is None
     assert m["vllm"]["active_model"] is None
     assert isinstance(m["gpu"], list)
     assert m["request_log"]["written"] == 6 and m["request_log"]["dropped"] == 0
 
 
-async def test_orchestrator_swap_figures_are_read_from_its_stats(env):
+async def test_swap_figures_come_from_the_scheduler_whoever_the_tenants_are(env):
+    """Switch figures are fed by the GPU scheduler's listener hook, not read from a plugin's stats: a
+    third-party tenant's switches count like vLLM's."""
     client = await env(enable_metrics="1")
-    orchestrator = keys.models(client.app).adapters["vllm-orchestrated"]
-    orchestrator.stats = lambda: {
-        "swaps": 3,
-        "swap_failures": 1,
-        "swap_durations_s": [10.0, 20.0, 30.0],
-        "queue_depth": 2,
-    }
+    sched = keys.scheduler(client.app)
+
+    async def start_fails() -> None:
+        raise ProxyError(503, "model_start_failed", "no GPU memory")
+
+    async def started() -> None:
+        return None
+
+    async def stopped() -> None:
+        return None
+
+    for name in ("a", "b"):
+        tenant = Tenant(f"plugin:{name}", name, start=started, stop=stopped, exclusive=True, model=name)
+        (await sched.acquire(tenant, None)).release()
+    with pytest.raises(ProxyError):
+        await sched.acquire(Tenant("plugin:c", "c", start=start_fails, exclusive=True, model="c"), None)
     m = await (await client.get("/v1/metrics")).json()
-    assert m["queue_depth"] == 2
-    assert m["swaps"]["count"] == 3 and m["swaps"]["failures"] == 1
-    assert m["swaps"]["duration_s"]["p50"] == 20.0 and m["swaps"]["duration_s"]["last"] == 30.0
+    assert m["queue_depth"] == 0 and m["active_model"] is None  # the failed switch stopped "b"
+    assert m["swaps"]["count"] == 2 and m["swaps"]["failures"] == 1
+    assert m["swaps"]["duration_s"]["samples"] == 2
+    text = await (await client.get("/metrics")).text()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    swaps = {s.name: s.value for s in families["imageworks_proxy_model_swap_duration_seconds"].samples}
+    assert swaps["imageworks_proxy_model_swap_duration_seconds_count"] == 2
+    assert families["imageworks_proxy_model_swaps"].samples[0].value == 2
+    assert families["imageworks_proxy_model_swap_failures"].samples[0].value == 1
+    assert families["imageworks_proxy_switch_queue_depth"].samples[0].value == 0
+    (await sched.acquire(Tenant("plugin:a", "a", start=started, exclusive=True, model="a"), None)).release()
     text = await (await client.get("/metrics")).text()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     swaps = {s.name: s.value for s in families["imageworks_proxy_model_swap_duration_seconds"].samples}
     assert swaps["imageworks_proxy_model_swap_duration_seconds_count"] == 3
-    assert swaps["imageworks_proxy_model_swap_duration_seconds_sum"] == 60
-    assert families["imageworks_proxy_switch_queue_depth"].samples[0].value == 2
-    assert families["imageworks_proxy_model_swaps"].samples[0].value == 3
-    # a later scrape only adds the swaps that happened since
-    orchestrator.stats = lambda: {"swaps": 4, "swap_durations_s": [20.0, 30.0, 5.0]}
-    text = await (await client.get("/metrics")).text()
-    families = {f.name: f for f in text_string_to_metric_families(text)}
-    swaps = {s.name: s.value for s in families["imageworks_proxy_model_swap_duration_seconds"].samples}
-    assert swaps["imageworks_proxy_model_swap_duration_seconds_count"] == 4
-    assert swaps["imageworks_proxy_model_swap_duration_seconds_sum"] == 65
+    assert [s.labels["model"] for s in families["imageworks_proxy_active_model"].samples] == ["a"]
 
 
 async def test_prometheus_text_parses_back_with_bounded_labels(env):

@@ -23,6 +23,10 @@ class RecordingTenancy:
 
     tenants: list[Tenant] = attrs.Factory(list)
     released: list[bool] = attrs.Factory(list)
+    residents: list[Tenant] = attrs.Factory(list)
+
+    def add_resident(self, tenant):
+        self.residents.append(tenant)
 
     async def acquire(self, tenant, call):
         self.tenants.append(tenant)
@@ -80,8 +84,11 @@ async def test_each_chat_holds_the_ollama_lease_until_the_response_ends(env):
     assert events[-1] == "[DONE]" and "error" not in events[-2]
     assert recorder.released == [True, True]
     assert [t.key for t in recorder.tenants] == ["ollama", "ollama"]
-    assert recorder.tenants[0].stop == adapter.unload_all  # evicting Ollama unloads its models
     assert recorder.tenants[0].start is None
+    assert fake.loaded  # the chats loaded the model; evicting Ollama unloads it
+    await recorder.tenants[0].stop()
+    assert fake.unloads == ["llama3.2:latest"] and not fake.loaded
+    assert [t.key for t in recorder.residents] == ["ollama"]  # it may hold the GPU from before
 
 
 async def test_lease_comes_back_after_errors(env):

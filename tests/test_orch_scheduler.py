@@ -46,6 +46,7 @@ class World:
         fail: str | None = None,
         revision: str | None = None,
         gate: bool = False,
+        exclusive: bool | None = None,
     ) -> Tenant:
         async def start() -> None:
             if self.alive:
@@ -62,7 +63,9 @@ class World:
             self.stops.append(key)
             self.alive.discard(key)
 
-        return Tenant(key, key, start=start, stop=stop, revision=revision)
+        # servers the proxy launches are exclusive tenants; Ollama is not
+        exclusive = key != "ollama" if exclusive is None else exclusive
+        return Tenant(key, key, start=start, stop=stop, revision=revision, exclusive=exclusive)
 
     def using(self, key: str) -> None:
         if self.alive != {key}:
@@ -286,7 +289,7 @@ async def test_gpu_exclusive_evicts_a_resident_ollama_before_a_vllm_start(sched)
     assert w.stops == ["ollama", "vllm:a"] and w.violations == []
 
 
-async def test_without_gpu_exclusive_only_vllm_models_are_scheduled():
+async def test_without_gpu_exclusive_only_exclusive_tenants_are_scheduled():
     w = World()
     sched = GpuScheduler(max_queue=4, exclusive=False)
     try:
@@ -294,6 +297,10 @@ async def test_without_gpu_exclusive_only_vllm_models_are_scheduled():
         lease = await sched.acquire(w.tenant("vllm:a"), Call())
         (await sched.acquire(w.tenant("ollama"), Call())).release()  # no switch, no wait
         assert w.stops == [] and w.starts == ["vllm:a"]
+        lease.release()
+        # any exclusive tenant, whatever its name (a plugin's llama.cpp server), takes its turn
+        lease = await sched.acquire(w.tenant("llamacpp:b"), Call())
+        assert w.stops == ["vllm:a"] and w.starts == ["vllm:a", "llamacpp:b"] and w.violations == []
         lease.release()
     finally:
         await sched.close()

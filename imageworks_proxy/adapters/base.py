@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 Completion = dict[str, Any]
 #: A streamed answer: ``chat.completion.chunk`` objects, in order.
 ChunkStream = AsyncIterator[dict[str, Any]]
+#: In :attr:`Adapter.backends`: claims every registry backend that no other adapter claims.
+ANY_BACKEND = "*"
 
 
 @attrs.define
@@ -52,11 +54,22 @@ class Adapter:
     """
 
     name: ClassVar[str] = ""
+    #: Registry ``backend`` values this adapter serves. :data:`ANY_BACKEND` (``"*"``) claims the backends
+    #: no other adapter claims: that adapter is the fallback (the built-in openai-passthrough).
     backends: ClassVar[tuple[str, ...]] = ()
-    #: The adapter used for registry backends nobody claims (openai-passthrough).
-    fallback: ClassVar[bool] = False
     #: Shown in ``/v1/plugins``.
     description: ClassVar[str] = ""
+
+    # -- optional capabilities: the core asks for these, never for an adapter by name -------------------
+    #: Key under which :meth:`public_state` appears in ``/v1/health`` and ``/v1/metrics`` (the vLLM
+    #: orchestrator uses ``"vllm"``); ``None``: the adapter has no state to show.
+    state_key: ClassVar[str | None] = None
+    #: Whether ``CHAT_PROXY_AUTOSTART_MAP`` commands apply to this adapter's entries. An adapter that
+    #: starts its own servers (the vLLM orchestrator) says no.
+    uses_autostart: ClassVar[bool] = True
+    #: Whether the chat-template rule (``CHAT_PROXY_REQUIRE_TEMPLATE``) applies: the model is served by a
+    #: server this adapter launches, which cannot serve chat without a template.
+    requires_chat_template: ClassVar[bool] = False
 
     def __init__(self, app: web.Application, config: Config) -> None:
         self.app = app
@@ -88,6 +101,11 @@ class Adapter:
 
     def model_status(self, entry: Entry) -> str | None:
         """``loaded`` / ``loading`` / ``stopped`` for models this adapter starts itself, else ``None``."""
+        return None
+
+    def public_state(self) -> dict[str, Any] | None:
+        """What ``/v1/health`` shows under :attr:`state_key` (JSON-ready, no I/O, called per health
+        request). Default: ``None`` (nothing to show)."""
         return None
 
     async def chat(self, call: ChatCall) -> Completion | ChunkStream:

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from imageworks_proxy.adapters.base import Adapter, ChatCall, ChunkStream, Completion
+from imageworks_proxy.adapters.base import ANY_BACKEND, Adapter, ChatCall, ChunkStream, Completion
 from imageworks_proxy.catalogue.registry import Entry
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.hookspecs import hookimpl
@@ -29,8 +29,7 @@ BIG_BODY = 512 * 1024
 
 class OpenAIPassthroughAdapter(Adapter):
     name = "openai-passthrough"
-    backends = ("openai",)
-    fallback = True
+    backends = ("openai", ANY_BACKEND)
     description = "Any OpenAI-compatible server (base_url or http://host:port/v1)"
 
     def base_url(self, entry: Entry) -> str:

@@ -17,7 +17,6 @@ class VllmExternalAdapter(OpenAIPassthroughAdapter):
 
     name = "vllm-external"
     backends = ("vllm",)
-    fallback = False
     description = "A vLLM server started elsewhere (OpenAI API plus vLLM's quirks)"
 
     def accepts(self, entry: Entry) -> bool:

@@ -1,7 +1,7 @@
 """Built-in adapter plugin: vLLM models started and switched on demand on one port (SPEC §8, §11).
 
-Each chat request takes a lease on the GPU tenant ``vllm:<logical name>`` from the app's scheduler
-(``app[keys.TENANCY]``); the scheduler drains, stops and starts models, and this adapter's
+Each chat request takes a lease on the (exclusive) GPU tenant ``vllm:<logical name>`` from the app's
+scheduler; the scheduler drains, stops and starts models, and this adapter's
 :class:`~imageworks_proxy.vllm.supervisor.VllmSupervisor` does the process work. With the lease
 held, the request is forwarded exactly like ``vllm-external`` to ``http://<VLLM_HOST>:<VLLM_PORT>/v1``;
 the lease is given back when the response, stream included, is over.
@@ -27,7 +27,7 @@ from imageworks_proxy.catalogue.registry import Entry, Registry
 from imageworks_proxy.config import Config
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.gpu.scheduler import GpuScheduler
-from imageworks_proxy.gpu.tenancy import Lease, Tenant, tenancy
+from imageworks_proxy.gpu.tenancy import Lease, Tenant
 from imageworks_proxy.hookspecs import hookimpl
 from imageworks_proxy.pipeline.template import check_template
 from imageworks_proxy.vllm.command import build_command
@@ -61,6 +61,9 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
     name = "vllm-orchestrated"
     backends = ("vllm",)
     description = "vLLM started by the proxy, one model at a time on CHAT_PROXY_VLLM_PORT"
+    state_key = "vllm"
+    uses_autostart = False  # it starts vLLM itself
+    requires_chat_template = True  # vLLM refuses chat without a template
 
     def __init__(self, app: web.Application, config: Config) -> None:
         super().__init__(app, config)
@@ -84,40 +87,22 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
 
     # -- lifecycle -----------------------------------------------------------------------------
     @property
-    def scheduler(self) -> GpuScheduler | None:
-        sched = tenancy(self.app)
-        return sched if isinstance(sched, GpuScheduler) else None
+    def scheduler(self) -> GpuScheduler:
+        return keys.scheduler(self.app)
 
     async def start(self) -> None:
         await super().start()
         if not self.config.vllm_single_port:
             return  # nothing is routed here; leave any recorded vLLM alone
         sched = self.scheduler
-        if sched is not None and self.config.gpu_exclusive:
-            self._add_ollama_resident(sched)
         inst = await self.supervisor.adopt()
-        if inst is not None and sched is not None:
+        if inst is not None:
             tenant = self._tenant_for_name(inst.logical_name)
             # healthy: serve it at once; still loading: the first request's start waits for its readiness
             if not (inst.ready and sched.adopt(tenant)):
                 sched.add_resident(tenant)
         self.supervisor.start_monitor()
         keys.models(self.app).store.on_change.append(self._registry_changed)
-
-    def _add_ollama_resident(self, sched: GpuScheduler) -> None:
-        """Ollama may hold GPU memory from before this proxy started: have it unload before the first vLLM
-        start (only when the registry routes models to Ollama; otherwise the proxy never talks to it)."""
-        models = keys.models(self.app)
-        ollama = models.adapters.get("ollama")
-        unload = getattr(ollama, "unload_all", None)
-        if ollama is None or not callable(unload):
-            return
-
-        async def stop() -> None:
-            if models.entries_for(ollama):
-                await unload()
-
-        sched.add_resident(Tenant("ollama", "Ollama", stop=stop))
 
     async def close(self) -> None:
         with contextlib.suppress(ValueError):
@@ -133,7 +118,7 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
         requests finish) so the edit applies without restarting the proxy."""
         inst = self.supervisor.instance
         sched = self.scheduler
-        if inst is None or not inst.ready or sched is None:
+        if inst is None or not inst.ready:
             return
         entry = registry.by_name.get(inst.logical_name)
         if entry is None:
@@ -171,6 +156,8 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
             start=start,
             stop=self._stop,
             revision=revision,
+            exclusive=True,  # one vLLM at a time: they share the port and most of the GPU memory
+            model=entry.name,
         )
 
     def _tenant_for_name(self, name: str) -> Tenant:
@@ -180,26 +167,21 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
                 return self.tenant(entry)
             except ProxyError:
                 pass
-        return Tenant(TENANT_PREFIX + name, f"vLLM model {name!r}", stop=self._stop)
+        return Tenant(TENANT_PREFIX + name, f"vLLM model {name!r}", stop=self._stop, exclusive=True, model=name)
 
     async def _stop(self) -> None:
         await self.supervisor.stop("GPU needed by another model")
 
     def _on_exit(self, inst: Instance, code: int | None, line: str | None) -> None:
-        sched = self.scheduler
-        if sched is not None:
-            sched.lost(TENANT_PREFIX + inst.logical_name)
+        self.scheduler.lost(TENANT_PREFIX + inst.logical_name)
 
     async def acquire(self, entry: Entry, call: Any, *, force: bool = False) -> Lease:
         """A lease on ``entry``'s vLLM (started or switched to first); the wait is added to
         ``call.queue_ms``."""
         tenant = self.tenant(entry)
-        sched = self.scheduler
         started = time.perf_counter()
         try:
-            if sched is not None:
-                return await sched.acquire(tenant, call, force=force)
-            return await tenancy(self.app).acquire(tenant, call)
+            return await self.scheduler.acquire(tenant, call, force=force)
         finally:
             call.queue_ms += (time.perf_counter() - started) * 1000
 
@@ -287,11 +269,7 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
 
     async def deactivate(self) -> dict[str, Any]:
         """Stop the active vLLM model once its in-flight requests are done. Returns :meth:`public_state`."""
-        sched = self.scheduler
-        if sched is not None:
-            await sched.vacate(is_vllm_tenant)
-        else:
-            await self.supervisor.stop("requested")
+        await self.scheduler.vacate(is_vllm_tenant)
         return self.public_state()
 
     # -- state ---------------------------------------------------------------------------------
@@ -312,8 +290,7 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
             elif not inst.ready:
                 state = "loading"
             elif (
-                sched is not None
-                and sched.phase == "draining"
+                sched.phase == "draining"
                 and sched.active is not None
                 and sched.active.key == TENANT_PREFIX + inst.logical_name
             ):
@@ -330,18 +307,14 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
             "adopted": inst.adopted if inst is not None else False,
             "last_error": sup.last_error,
         }
-        if sched is not None:
-            out["queue_depth"] = sched.queue_depth
-            out["inflight"] = (
-                sched.inflight if sched.active is not None and is_vllm_tenant(sched.active) else 0
-            )
+        out["queue_depth"] = sched.queue_depth
+        out["inflight"] = sched.inflight if sched.active is not None and is_vllm_tenant(sched.active) else 0
         return out
 
     def stats(self) -> dict[str, Any]:
         """Metrics for observability: the scheduler's counters (swaps, failures, recent swap durations,
         queue depth, in-flight) plus vLLM launches and the public state."""
-        sched = self.scheduler
-        out: dict[str, Any] = dict(sched.stats()) if sched is not None else {}
+        out: dict[str, Any] = dict(self.scheduler.stats())
         out["vllm_launches"] = self.supervisor.launches
         out["vllm"] = self.public_state()
         return out
@@ -356,3 +329,11 @@ def orchestrator(app: web.Application) -> VllmOrchestratedAdapter | None:
 @hookimpl
 def register_backends(register):
     register(VllmOrchestratedAdapter)
+
+
+@hookimpl
+def startup(app: web.Application) -> None:
+    """The admin API of the orchestrator (``/v1/admin/vllm``), used by ``imageworks-loader``."""
+    from imageworks_proxy.adapters import vllm_admin
+
+    vllm_admin.add_routes(app)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
 from typing import Any
 
-from imageworks_proxy.adapters.base import Adapter, default_installed
+from imageworks_proxy.adapters.base import ANY_BACKEND, Adapter, default_installed
 from imageworks_proxy.catalogue.naming import Catalogue, build_catalogue
 from imageworks_proxy.catalogue.registry import Entry, Registry, RegistryStore
 from imageworks_proxy.catalogue.templates import find_chat_template
@@ -49,17 +48,17 @@ class ModelService:
         self._fs_checked_at = float("-inf")
 
     def _route(self, entry: Entry) -> Adapter | None:
+        """The routing rule: ``backend_config.adapter`` names the adapter; else an adapter that claims the
+        entry's ``backend`` and accepts the entry; else one that claims :data:`ANY_BACKEND` (the
+        fallback). Among several, a third-party adapter wins over a built-in one."""
         wanted = entry.backend_config.adapter
         if wanted:
             return self.adapters.get(wanted)
-        claimed = [a for a in self.adapters.values() if entry.backend in a.backends and a.accepts(entry)]
-        if claimed:
-            # A third-party adapter that claims a backend wins over the built-in one.
-            claimed.sort(key=lambda a: type(a).__module__.startswith("imageworks_proxy."))
-            return claimed[0]
-        for adapter in self.adapters.values():
-            if adapter.fallback:
-                return adapter
+        for backend in (entry.backend, ANY_BACKEND):
+            claimed = [a for a in self.adapters.values() if backend in a.backends and a.accepts(entry)]
+            if claimed:
+                claimed.sort(key=lambda a: type(a).__module__.startswith("imageworks_proxy."))
+                return claimed[0]
         return None
 
     def adapter_for(self, entry: Entry) -> Adapter:
@@ -80,6 +79,16 @@ class ModelService:
 
     def entries_for(self, adapter: Adapter) -> list[Entry]:
         return list(self._by_adapter.get(adapter, ()))
+
+    def adapter_states(self) -> dict[str, dict[str, Any]]:
+        """Each adapter's :meth:`~Adapter.public_state`, under its ``state_key`` (for health and metrics)."""
+        out: dict[str, dict[str, Any]] = {}
+        for adapter in self.adapters.values():
+            if adapter.state_key:
+                state = adapter.public_state()
+                if state is not None:
+                    out[adapter.state_key] = state
+        return out
 
     # -- listing -------------------------------------------------------------------------------
     @staticmethod
@@ -165,5 +174,3 @@ class ModelService:
             "extensions": ext,
         }
 
-    def known_backends(self) -> Iterable[str]:
-        return sorted({e.backend for e in self.store.registry.entries})

@@ -10,7 +10,7 @@ import sys
 
 from aiohttp import web
 
-from imageworks_proxy import __version__
+from imageworks_proxy._version import __version__
 from imageworks_proxy.cli.logs import configure_logging
 from imageworks_proxy.config import ConfigError, describe_config, load_config
 from imageworks_proxy.plugins import PluginError

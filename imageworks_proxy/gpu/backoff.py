@@ -37,10 +37,6 @@ class StartBackoff:
     def clear(self, key: str) -> None:
         self._failures.pop(key, None)
 
-    def last_error(self, key: str) -> ProxyError | None:
-        f = self._failures.get(key)
-        return f.error if f is not None else None
-
     def error_for(self, tenant: Tenant) -> ProxyError | None:
         """The error to answer with while ``tenant`` is backing off, else ``None`` (it may start)."""
         f = self._failures.get(tenant.key)

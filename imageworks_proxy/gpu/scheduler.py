@@ -1,7 +1,7 @@
-"""GPU tenancy scheduler: who may use the GPU, and when to switch (SPEC §11).
+"""GPU tenancy scheduler: who may use the GPU, and when to switch.
 
-Tenants are vLLM models (``vllm:<name>``, always exclusive among themselves: there is one port) and, with
-``CHAT_PROXY_GPU_EXCLUSIVE=1``, every other GPU user (``ollama``, plugin servers). The policy:
+Tenants marked ``exclusive`` (servers the proxy launches: vLLM models, llama.cpp) are always scheduled;
+with ``CHAT_PROXY_GPU_EXCLUSIVE=1`` every other GPU user (``ollama``, plugin servers) is too. The policy:
 
 - requests for the active tenant run concurrently (a lease each);
 - a request for another tenant waits, and from then on new requests for the active tenant queue too;
@@ -19,39 +19,36 @@ One background task (the driver) makes every decision, so there is never a race 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
 from collections.abc import Callable
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
-
-import attrs
 
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.gpu.backoff import StartBackoff
 from imageworks_proxy.gpu.swaplog import SwapLog
 from imageworks_proxy.gpu.tenancy import Lease, NoLease, Tenant
+from imageworks_proxy.gpu.waiters import Waiter, WaitQueue
 
 if TYPE_CHECKING:
     from imageworks_proxy.adapters.base import ChatCall
 
 log = logging.getLogger("imageworks_proxy.orchestrator")
 
-IDLE, STARTING, READY, DRAINING, STOPPING = "idle", "starting", "ready", "draining", "stopping"
+
+class Phase(StrEnum):
+    """What the scheduler is doing with the GPU."""
+
+    IDLE = "idle"  # no active tenant
+    STARTING = "starting"  # the active tenant is being started
+    READY = "ready"  # the active tenant serves requests
+    DRAINING = "draining"  # another tenant waits: no new leases, in-flight requests finish
+    STOPPING = "stopping"  # tenants are being evicted
 
 
-@attrs.define(eq=False)
-class _Waiter:
-    tenant: Tenant | None  # None: vacate the GPU (stop every tenant matching ``vacate``)
-    future: asyncio.Future[Any]
-    enqueued: float
-    force: bool = False
-    vacate: Callable[[Tenant], bool] | None = None
-
-    @property
-    def key(self) -> str | None:
-        return self.tenant.key if self.tenant is not None else None
+IDLE, STARTING, READY, DRAINING, STOPPING = Phase
 
 
 class _Lease:
@@ -75,13 +72,12 @@ def _all(tenant: Tenant) -> bool:
     return True
 
 
-
 class GpuScheduler:
     """The GPU tenancy implementation installed as ``app[keys.TENANCY]``
     (see :mod:`imageworks_proxy.gpu.tenancy`).
 
-    ``exclusive`` is ``CHAT_PROXY_GPU_EXCLUSIVE``: when false only ``vllm:`` tenants are scheduled (they
-    share one port) and other tenants pass straight through.
+    ``exclusive`` is ``CHAT_PROXY_GPU_EXCLUSIVE``: when false only tenants marked ``exclusive`` are
+    scheduled (servers the proxy launches: vLLM, llama.cpp) and the others pass straight through.
     """
 
     def __init__(
@@ -100,7 +96,7 @@ class GpuScheduler:
         self._phase = IDLE
         self._inflight = 0
         self._generation = 0
-        self._waiters: collections.deque[_Waiter] = collections.deque()
+        self._waiters = WaitQueue()
         #: Tenants that may hold GPU memory although they are not active (adopted vLLM, Ollama at start-up).
         self._residents: dict[str, Tenant] = {}
         self._kick = asyncio.Event()
@@ -115,7 +111,7 @@ class GpuScheduler:
     # -- public API ----------------------------------------------------------------------------
     def schedules(self, tenant: Tenant) -> bool:
         """Whether ``tenant`` goes through the scheduler (else it always gets a lease at once)."""
-        return self.exclusive or tenant.key.startswith("vllm:")
+        return self.exclusive or tenant.exclusive
 
     async def acquire(self, tenant: Tenant, call: ChatCall | None = None, *, force: bool = False) -> Lease:
         """Wait until ``tenant`` is the active GPU tenant and return a lease on it.
@@ -144,14 +140,14 @@ class GpuScheduler:
                 f"(CHAT_PROXY_VLLM_MAX_QUEUE={self.max_queue}); try again shortly.",
                 headers={"Retry-After": "5"},
             )
-        waiter = _Waiter(tenant, asyncio.get_running_loop().create_future(), self._clock(), force)
+        waiter = Waiter(tenant, asyncio.get_running_loop().create_future(), self._clock(), force)
         return await self._wait(waiter, call)
 
     async def vacate(self, predicate: Callable[[Tenant], bool]) -> None:
         """Queue a request to stop every active or resident tenant matching ``predicate`` (after the
         waiters ahead of it were served and in-flight requests drained). Returns when done."""
         self._check_open()
-        waiter = _Waiter(None, asyncio.get_running_loop().create_future(), self._clock(), vacate=predicate)
+        waiter = Waiter(None, asyncio.get_running_loop().create_future(), self._clock(), vacate=predicate)
         await self._wait(waiter, None)
 
     def add_resident(self, tenant: Tenant) -> None:
@@ -182,9 +178,6 @@ class GpuScheduler:
             self._generation += 1
             self._kick.set()
 
-    def forget_failure(self, key: str) -> None:
-        self.backoff.clear(key)
-
     @property
     def active(self) -> Tenant | None:
         return self._active
@@ -200,13 +193,10 @@ class GpuScheduler:
 
     @property
     def queue_depth(self) -> int:
-        return sum(1 for w in self._waiters if not w.future.done())
+        return self._waiters.depth()
 
     def waiting_for(self, key: str) -> int:
-        return sum(1 for w in self._waiters if w.key == key and not w.future.done())
-
-    def failure(self, key: str) -> ProxyError | None:
-        return self.backoff.last_error(key)
+        return self._waiters.waiting_for(key)
 
     def stats(self) -> dict[str, Any]:
         """Counters and recent swaps for metrics: ``swaps`` (successful switches), ``swap_failures``,
@@ -235,10 +225,7 @@ class GpuScheduler:
         err = ProxyError(
             503, "backend_unavailable", "The proxy is shutting down.", headers={"Retry-After": "5"}
         )
-        for w in self._waiters:
-            if not w.future.done():
-                w.future.set_exception(err)
-        self._waiters.clear()
+        self._waiters.fail_all(err)
 
     # -- internals -----------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -296,7 +283,7 @@ class GpuScheduler:
         if err is not None:
             raise err
 
-    async def _wait(self, waiter: _Waiter, call: ChatCall | None) -> Lease:
+    async def _wait(self, waiter: Waiter, call: ChatCall | None) -> Lease:
         self._waiters.append(waiter)
         self._stats["queued"] += 1
         self._kick.set()
@@ -309,11 +296,10 @@ class GpuScheduler:
             raise
         return result
 
-    def _abandon(self, waiter: _Waiter) -> None:
+    def _abandon(self, waiter: Waiter) -> None:
         """The waiting request went away (disconnect, cancel): leave the queue, or give back a lease
         that was granted in the same instant."""
-        with contextlib.suppress(ValueError):
-            self._waiters.remove(waiter)
+        self._waiters.remove(waiter)
         fut = waiter.future
         if fut.done() and not fut.cancelled() and fut.exception() is None:
             lease = fut.result()
@@ -324,29 +310,14 @@ class GpuScheduler:
             self._stats["cancelled_waits"] += 1
         self._kick.set()
 
-    def _prune(self) -> None:
-        if any(w.future.done() for w in self._waiters):
-            self._waiters = collections.deque(w for w in self._waiters if not w.future.done())
-
     def _admit(self, key: str) -> None:
         """Admit every queued request for ``key`` (the active, ready tenant) together."""
-        keep: collections.deque[_Waiter] = collections.deque()
-        for w in self._waiters:
-            if w.key == key and not w.future.done():
-                assert self._active is not None
-                w.future.set_result(self._grant(self._active))
-            elif not w.future.done():
-                keep.append(w)
-        self._waiters = keep
+        active = self._active
+        assert active is not None
+        self._waiters.settle(key, lambda w: w.future.set_result(self._grant(active)))
 
     def _fail(self, key: str, error: ProxyError) -> None:
-        keep: collections.deque[_Waiter] = collections.deque()
-        for w in self._waiters:
-            if w.key == key and not w.future.done():
-                w.future.set_exception(error)
-            elif not w.future.done():
-                keep.append(w)
-        self._waiters = keep
+        self._waiters.settle(key, lambda w: w.future.set_exception(error))
 
     async def _run(self) -> None:
         while True:
@@ -360,12 +331,12 @@ class GpuScheduler:
                 log.exception("GPU scheduler step failed")
 
     async def _step(self) -> None:
-        self._prune()
+        self._waiters.prune()
         if not self._waiters:
             if self._phase == DRAINING:
                 self._phase = READY
             return
-        head = self._waiters[0]
+        head = self._waiters.head
         active = self._active
         if head.tenant is None and (active is None or not (head.vacate or _all)(active)):
             await self._switch(head)  # nothing in flight needs to drain for this vacate
@@ -401,9 +372,7 @@ class GpuScheduler:
         if tenant.stop is not None:
             try:
                 await tenant.stop()
-            except asyncio.CancelledError:
-                raise
-            except ProxyError:
+            except (asyncio.CancelledError, ProxyError):
                 raise
             except Exception as exc:
                 log.exception("stopping GPU tenant %s failed", tenant.key)
@@ -416,15 +385,10 @@ class GpuScheduler:
         self._stats["stops"] += 1
         return self._clock() - t0
 
-    async def _switch(self, head: _Waiter) -> None:
-        began = self._switch_started if self._switch_started is not None else self._clock()
-        self._switch_started = None
-        drain_s = self._clock() - began
-        target = head.tenant
-        old = self._active
-        record: dict[str, Any] = {"from": old.key if old else None, "to": target.key if target else None}
-        # 1. evict: the active tenant and every resident that is not the target
-        self._phase = STOPPING
+    def _to_evict(self, head: Waiter) -> list[Tenant]:
+        """The tenants ``head`` needs gone: the active one and every resident that is not the target
+        (for a vacate, only those its predicate matches)."""
+        target, old = head.tenant, self._active
         evict = [old] if old is not None and (target is None or old.key != target.key) else []
         evict += [
             t
@@ -434,8 +398,22 @@ class GpuScheduler:
         if target is None:
             predicate = head.vacate or _all
             evict = [t for t in evict if predicate(t)]
+        return evict
+
+    async def _switch(self, head: Waiter) -> None:
+        """Serve the head of the queue: evict what is in the way, then start its tenant (or, for a
+        vacate, just evict). Runs only in the driver, with nothing in flight on what it evicts."""
+        began = self._switch_started if self._switch_started is not None else self._clock()
+        self._switch_started = None
+        target = head.tenant
+        record: dict[str, Any] = {
+            "from": self._active.key if self._active else None,
+            "to": target.key if target else None,
+            "drain_s": round(self._clock() - began, 3),
+        }
+        self._phase = STOPPING
         stop_s = 0.0
-        for tenant in evict:
+        for tenant in self._to_evict(head):
             self._residents.pop(tenant.key, None)
             if self._active is tenant:
                 self._active = None
@@ -443,50 +421,40 @@ class GpuScheduler:
             try:
                 stop_s += await self._stop_tenant(tenant)
             except ProxyError as error:
-                # It may still hold the GPU: never start the next tenant into it. Its waiters get the reason;
-                # the tenant stays resident so the next switch tries to stop it again.
+                # It may still hold the GPU: never start the next tenant into it. It stays resident so
+                # the next switch tries to stop it again.
                 self._residents[tenant.key] = tenant
                 self._phase = READY if self._active is not None else IDLE  # a vacate may keep the active one
-                self._stats["swap_failures"] += 1
-                record.update(
-                    ok=False,
-                    error=error.code,
-                    drain_s=round(drain_s, 3),
-                    stop_s=round(stop_s, 3),
-                    start_s=0.0,
-                    total_s=round(self._clock() - began, 3),
-                )
-                self.swaplog.swap(record)
-                log.warning(
-                    "GPU: could not stop %s before switching to %s: %s",
-                    tenant.key,
-                    record["to"],
-                    error.message,
-                )
-                if target is None:
-                    if not head.future.done():
-                        head.future.set_exception(error)
-                else:
-                    self._fail(target.key, error)
+                log.warning("GPU: could not stop %s before switching to %s: %s",
+                            tenant.key, record["to"], error.message)
+                self._switch_failed(head, record, error, began, stop_s=stop_s)
                 return
+        record["stop_s"] = round(stop_s, 3)
         if target is None:
-            if self._active is not None and not predicate(self._active):
-                self._phase = READY
-            else:
-                self._active, self._phase = None, IDLE
-            if not head.future.done():
-                head.future.set_result(None)
-            self._waiters.popleft() if self._waiters and self._waiters[0] is head else None
-            self.swaplog.emit({"event": "vacate", **record, "stop_s": round(stop_s, 3)})
-            return
+            self._vacated(head, record)
+        else:
+            await self._start(head, target, record, began)
+
+    def _vacated(self, head: Waiter, record: dict[str, Any]) -> None:
+        """A vacate request is done: the GPU is free of every tenant it named."""
+        predicate = head.vacate or _all
+        if self._active is not None and not predicate(self._active):
+            self._phase = READY
+        else:
+            self._active, self._phase = None, IDLE
+        if not head.future.done():
+            head.future.set_result(None)
+        self._waiters.remove(head)
+        self.swaplog.emit({"event": "vacate", **record})
+
+    async def _start(self, head: Waiter, target: Tenant, record: dict[str, Any], began: float) -> None:
+        """Start ``target`` (its waiters share this one start) and admit them, or fail them all."""
         self._active, self._phase = None, IDLE
-        # 2. a tenant that failed a moment ago is not started again (unless forced)
-        if not head.force:
+        if not head.force:  # a tenant that failed a moment ago is not started again (unless forced)
             err = self.backoff.error_for(target)
             if err is not None:
                 self._fail(target.key, err)
                 return
-        # 3. start it; everyone waiting for it shares this one start
         self._active, self._phase = target, STARTING
         self._residents.pop(target.key, None)
         t0 = self._clock()
@@ -497,57 +465,52 @@ class GpuScheduler:
             self._active, self._phase = None, IDLE
             raise
         except Exception as exc:
-            error = (
-                exc
-                if isinstance(exc, ProxyError)
-                else ProxyError(
-                    503,
-                    "model_start_failed",
-                    f"{target.label} could not be started: {type(exc).__name__}: {exc}",
-                )
+            error = exc if isinstance(exc, ProxyError) else ProxyError(
+                503, "model_start_failed", f"{target.label} could not be started: {type(exc).__name__}: {exc}"
             )
             if not isinstance(exc, ProxyError):
                 log.exception("starting GPU tenant %s failed", target.key)
+            log.warning("GPU: starting %s failed after %.1fs: %s", target.key, self._clock() - t0, error.message)
             self.backoff.record(target, error)
             self._active, self._phase = None, IDLE
             self._generation += 1
-            self._stats["swap_failures"] += 1
-            record.update(
-                ok=False,
-                error=error.code,
-                drain_s=round(drain_s, 3),
-                stop_s=round(stop_s, 3),
-                start_s=round(self._clock() - t0, 3),
-                total_s=round(self._clock() - began, 3),
-            )
-            self.swaplog.swap(record)
-            log.warning(
-                "GPU: starting %s failed after %.1fs: %s", target.key, self._clock() - t0, error.message
-            )
-            self._fail(target.key, error)
+            self._switch_failed(head, record, error, began, start_s=self._clock() - t0)
             return
+        self._started(target, record, began, self._clock() - t0)
+
+    def _started(self, target: Tenant, record: dict[str, Any], began: float, start_s: float) -> None:
         self.backoff.clear(target.key)
         self._phase = READY
         self._generation += 1
         self._stats["starts"] += 1
         self._stats["swaps"] += 1
-        start_s = self._clock() - t0
-        record.update(
-            ok=True,
-            drain_s=round(drain_s, 3),
-            stop_s=round(stop_s, 3),
-            start_s=round(start_s, 3),
-            total_s=round(self._clock() - began, 3),
-        )
+        record.update(ok=True, start_s=round(start_s, 3), total_s=round(self._clock() - began, 3))
         self.swaplog.swap(record)
         log.info(
             "GPU: switched %s -> %s in %.2fs (drain %.2fs, stop %.2fs, start %.2fs); admitting %d request(s)",
-            record["from"],
-            target.key,
-            record["total_s"],
-            drain_s,
-            stop_s,
-            start_s,
+            record["from"], target.key, record["total_s"], record["drain_s"], record["stop_s"], start_s,
             self.waiting_for(target.key),
         )
         self._admit(target.key)
+
+    def _switch_failed(
+        self,
+        head: Waiter,
+        record: dict[str, Any],
+        error: ProxyError,
+        began: float,
+        *,
+        stop_s: float | None = None,
+        start_s: float = 0.0,
+    ) -> None:
+        """Record a failed switch and hand ``error`` to whoever waited for it."""
+        self._stats["swap_failures"] += 1
+        if stop_s is not None:
+            record["stop_s"] = round(stop_s, 3)
+        record.update(ok=False, error=error.code, start_s=round(start_s, 3),
+                      total_s=round(self._clock() - began, 3))
+        self.swaplog.swap(record)
+        if head.tenant is not None:
+            self._fail(head.tenant.key, error)
+        elif not head.future.done():
+            head.future.set_exception(error)

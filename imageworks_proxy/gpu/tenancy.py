@@ -28,6 +28,11 @@ class Tenant:
     ``ProxyError`` on failure; ``stop`` evicts it (stop the process, unload the models). Either may be None.
     ``revision`` identifies what ``start`` would launch (e.g. a hash of the command line): after a failed
     start the tenant is not started again for a backoff period unless its revision changed.
+    ``exclusive`` tenants always take the GPU one at a time, even with ``CHAT_PROXY_GPU_EXCLUSIVE=0``:
+    servers the proxy launches that claim most of the GPU memory or bind the shared port (vLLM,
+    llama.cpp). With ``CHAT_PROXY_GPU_EXCLUSIVE=1`` every tenant is scheduled that way.
+    ``model`` is the logical name of the registry entry the tenant serves, when it serves one model
+    (shown as the active model in the metrics).
     """
 
     key: str
@@ -35,6 +40,8 @@ class Tenant:
     start: Callable[[], Awaitable[None]] | None = attrs.field(default=None, eq=False)
     stop: Callable[[], Awaitable[None]] | None = attrs.field(default=None, eq=False)
     revision: str | None = attrs.field(default=None, eq=False)
+    exclusive: bool = attrs.field(default=False, eq=False)
+    model: str | None = attrs.field(default=None, eq=False)
 
 
 class Lease(Protocol):
@@ -49,6 +56,11 @@ class Tenancy(Protocol):
         Awaits ``call.waiting()`` before any wait. Raises ``ProxyError`` (429 ``queue_full``,
         503 ``model_start_failed``, 504 ``model_start_timeout``, ...).
         """
+        ...
+
+    def add_resident(self, tenant: Tenant) -> None:
+        """Record that ``tenant`` may hold GPU memory although it is not active (e.g. a server that ran
+        before the proxy started): its ``stop`` runs before another tenant is started."""
         ...
 
 

@@ -19,11 +19,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.utils import floatToGoString
 
-from imageworks_proxy.observability.metrics import SwapStats
-
 if TYPE_CHECKING:
     from imageworks_proxy.observability.metrics import RollingMetrics, Sample
     from imageworks_proxy.observability.requestlog import RequestLog
+    from imageworks_proxy.observability.swaps import SwapMetrics
 
 NS = "imageworks_proxy"
 
@@ -59,17 +58,14 @@ class _Present:
         state = prom.scrape_state if prom.scrape_state is not None else prom.read_state()
         yield GaugeMetricFamily(f"{NS}_in_flight_requests", "Chat requests being served now",
                                 value=prom.rolling.in_flight)
-        stats: SwapStats = state.get("swaps") or SwapStats()
-        if stats.queue_depth is not None:
-            yield GaugeMetricFamily(f"{NS}_switch_queue_depth", "Requests waiting for a model switch",
-                                    value=stats.queue_depth)
-        if stats.swaps is not None:
-            yield CounterMetricFamily(f"{NS}_model_swaps", "vLLM model starts and switches",
-                                      value=stats.swaps)
-        if stats.failures is not None:
-            yield CounterMetricFamily(f"{NS}_model_swap_failures", "vLLM model starts that failed",
-                                      value=stats.failures)
-        active = GaugeMetricFamily(f"{NS}_active_model", "1 for the vLLM model the orchestrator serves now",
+        yield GaugeMetricFamily(f"{NS}_switch_queue_depth", "Requests waiting for a model switch",
+                                value=state.get("queue_depth") or 0)
+        swaps = prom.swaps
+        yield CounterMetricFamily(f"{NS}_model_swaps", "Model switches on the GPU (starts included)",
+                                  value=swaps.swaps)
+        yield CounterMetricFamily(f"{NS}_model_swap_failures", "Model switches that failed",
+                                  value=swaps.failures)
+        active = GaugeMetricFamily(f"{NS}_active_model", "1 for the model that holds the GPU now",
                                    labels=["model"])
         if state.get("active_model"):
             active.add_metric([str(state["active_model"])], 1)
@@ -177,7 +173,7 @@ class _Requests:
             tokens.add_metric([model, backend, "completion"], series.completion_tokens)
         yield from (requests, errors, duration, ttft, queue_wait, tokens)
         swaps = self.prom.swap_duration
-        swap = HistogramMetricFamily(f"{NS}_model_swap_duration_seconds", "vLLM model start/switch duration")
+        swap = HistogramMetricFamily(f"{NS}_model_swap_duration_seconds", "Model switch duration")
         swap.add_metric([], swaps.buckets(), swaps.sum)
         yield swap
 
@@ -186,46 +182,32 @@ class PromMetrics:
     """The app's Prometheus registry, and the cumulative figures it exposes.
 
     ``record`` runs once per finished chat request and only updates plain counters; the exposition is
-    built by ``prometheus_client`` collectors when ``/metrics`` is scraped. ``read_state`` is a no-argument
-    callable returning ``{"swaps": SwapStats, "active_model": str | None, "gpu": [device dicts]}``, called
-    once per scrape.
+    built by ``prometheus_client`` collectors when ``/metrics`` is scraped. ``swaps`` is the app's
+    :class:`~imageworks_proxy.observability.swaps.SwapMetrics`; every switch it sees lands in the duration
+    histogram. ``read_state`` is a no-argument callable
+    returning ``{"queue_depth": int, "active_model": str | None, "gpu": [device dicts]}``, called once
+    per scrape.
     """
 
     def __init__(
-        self, rolling: RollingMetrics, request_log: RequestLog, read_state: Callable[[], dict[str, Any]]
+        self,
+        rolling: RollingMetrics,
+        request_log: RequestLog,
+        swaps: SwapMetrics,
+        read_state: Callable[[], dict[str, Any]],
     ) -> None:
         self.rolling = rolling
         self.request_log = request_log
-        self.read_state = self._tracking_swaps(read_state)
+        self.swaps = swaps
+        self.read_state = read_state
         self.series: dict[tuple[str, str], _Series] = {}
         self.swap_duration = _Histogram(SWAP_BUCKETS)
-        self._swaps_seen: int | None = None
-        #: The state read at the start of the current scrape (so the swap histogram is already fed).
+        swaps.observers.append(self.swap_duration.observe)
+        #: The state read at the start of the current scrape.
         self.scrape_state: dict[str, Any] | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Requests(self))
         self.registry.register(_Present(self))
-
-    def _tracking_swaps(self, read_state: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
-        def read() -> dict[str, Any]:
-            state = read_state()
-            stats = state.get("swaps")
-            if isinstance(stats, SwapStats):
-                self.observe_new_swaps(stats)
-            return state
-        return read
-
-    def observe_new_swaps(self, stats: SwapStats) -> None:
-        """Feed the swap histogram with the durations of swaps not seen at the previous read."""
-        if stats.swaps is None:
-            return
-        seen = self._swaps_seen
-        self._swaps_seen = stats.swaps
-        new = stats.swaps if seen is None else stats.swaps - seen  # first read: the history still there
-        if new <= 0 or not stats.durations_s:
-            return
-        for d in stats.durations_s[-min(new, len(stats.durations_s)):]:
-            self.swap_duration.observe(d)
 
     def record(self, sample: Sample) -> None:
         key = (sample.model or "", sample.backend or "")

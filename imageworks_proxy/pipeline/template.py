@@ -18,7 +18,6 @@ from imageworks_proxy.pipeline.stage import ChatContext, Stage
 from imageworks_proxy.vllm.command import has_flag
 
 _CACHE_TTL_S = 5.0
-ORCHESTRATED = "vllm-orchestrated"
 
 
 def template_source(entry: Entry) -> str | None:
@@ -68,7 +67,7 @@ class TemplateStage(Stage):
             adapter = keys.models(self.app).adapter_for(entry)
         except ProxyError:
             return  # no adapter: dispatch reports that
-        if adapter.name != ORCHESTRATED:
+        if not adapter.requires_chat_template:
             return
         now = time.monotonic()
         bc = entry.backend_config

@@ -27,8 +27,8 @@ from imageworks_proxy import keys
 from imageworks_proxy.catalogue.registry import Entry
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.upstream import process
+from imageworks_proxy.upstream.process import safe_name
 from imageworks_proxy.upstream.urls import apply_loopback_alias, entry_base_url
-from imageworks_proxy.vllm.supervisor import safe_name
 
 if TYPE_CHECKING:
     from imageworks_proxy.config import Config
@@ -108,8 +108,8 @@ class Autostarter:
             adapter = keys.models(self.app).adapter_for(entry)
         except ProxyError:
             return command
-        if adapter.name == "vllm-orchestrated":
-            return None  # the orchestrator starts these (seed: the map is ignored for them)
+        if not adapter.uses_autostart:
+            return None  # the adapter starts its own servers (the vLLM orchestrator): the map does not apply
         return command
 
     async def ensure(self, entry: Entry, call: Any) -> bool:
@@ -206,8 +206,8 @@ class Autostarter:
                 )
             elif self.command_for(entry) is None:
                 log.info(
-                    "autostart: ignoring the command for %r: orchestrated vLLM models are started by the "
-                    "orchestrator",
+                    "autostart: ignoring the command for %r: its adapter starts its own servers "
+                    "(orchestrated vLLM models are started by the orchestrator)",
                     name,
                 )
 

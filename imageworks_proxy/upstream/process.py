@@ -38,6 +38,14 @@ _POINTERS = re.compile(
 )
 
 
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(name: str) -> str:
+    """A logical model name usable as a log file name."""
+    return _UNSAFE_NAME.sub("_", name).strip("._") or "model"
+
+
 # -- spawning ------------------------------------------------------------------------------------
 def spawn(
     argv: Sequence[str], log_path: str, env: dict[str, str] | None = None, header: str | None = None

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import shlex
 import time
 from collections.abc import Callable
@@ -23,13 +22,13 @@ from imageworks_proxy.config import Config
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.gpu.nvml import Gpu
 from imageworks_proxy.upstream import process
+from imageworks_proxy.upstream.process import safe_name
 from imageworks_proxy.vllm.command import VllmCommand, build_command
 from imageworks_proxy.vllm.state import StateFile, VllmState
 
 log = logging.getLogger("imageworks_proxy.orchestrator")
 
 MONITOR_S = 0.25
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 @attrs.define(eq=False)
@@ -101,11 +100,6 @@ class Instance:
             "command": list(self.command),
             "log_path": self.log_path,
         }
-
-
-def safe_name(name: str) -> str:
-    """A logical name usable as a file name."""
-    return _UNSAFE.sub("_", name).strip("._") or "model"
 
 
 def log_path_for(config: Config, name: str) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from imageworks_proxy import keys
 from imageworks_proxy.adapters.base import Adapter, ChatCall, ChunkStream, Completion, default_installed
 from imageworks_proxy.adapters.ollama.images import fetch_images_base64
 from imageworks_proxy.adapters.ollama.translate import (
@@ -62,7 +63,7 @@ class OllamaAdapter(Adapter):
         # base url -> (fetched_at, tags or None when unreachable)
         self._tags: dict[str, tuple[float, frozenset[str] | None]] = {}
         self._refreshing: dict[str, asyncio.Task[None]] = {}
-        self.tenant = Tenant("ollama", "Ollama", start=None, stop=self.unload_all)
+        self.tenant = Tenant("ollama", "Ollama", start=None, stop=self._free_gpu)
         self._backend_s = config.backend_timeout_ms / 1000
         self._idle_s = config.stream_idle_timeout_ms / 1000
         self._connect_s = min(CONNECT_TIMEOUT_S, self._backend_s)
@@ -72,6 +73,18 @@ class OllamaAdapter(Adapter):
     def base_url(self, entry: Entry) -> str:
         url = entry_base_url(entry, default_port=11434, default_url=self.config.ollama_base_url)
         return apply_loopback_alias(url or self.config.ollama_base_url, self.config.loopback_alias)
+
+    async def start(self) -> None:
+        if self.config.gpu_exclusive:
+            # Ollama may hold GPU memory from before this proxy started: it must unload before another
+            # tenant (a vLLM start) takes the GPU.
+            tenancy(self.app).add_resident(self.tenant)
+
+    async def _free_gpu(self) -> None:
+        """The tenant's ``stop``: unload Ollama's models, if the registry routes any model here (otherwise
+        the proxy never talks to Ollama)."""
+        if keys.models(self.app).entries_for(self):
+            await self.unload_all()
 
     async def close(self) -> None:
         for task in self._refreshing.values():
@@ -295,8 +308,6 @@ class OllamaAdapter(Adapter):
 
     # -- GPU tenancy primitives ----------------------------------------------------------------
     def _bases_in_use(self) -> list[str]:
-        from imageworks_proxy import keys
-
         bases = {self.base_url(e) for e in keys.models(self.app).entries_for(self)}
         return sorted(bases) or [
             apply_loopback_alias(self.config.ollama_base_url, self.config.loopback_alias)

@@ -7,15 +7,9 @@ from typing import Any
 
 from aiohttp import web
 
-from imageworks_proxy import __version__, keys
+from imageworks_proxy import keys
+from imageworks_proxy._version import __version__
 from imageworks_proxy.http.responses import json_response
-
-
-def vllm_state(app: web.Application) -> dict[str, Any]:
-    """The orchestrator's public state, or an idle one when no orchestrator runs."""
-    adapter = keys.models(app).adapters.get("vllm-orchestrated")
-    state = getattr(adapter, "public_state", None)
-    return state() if callable(state) else {"active": None, "state": "stopped"}
 
 
 async def health(request: web.Request) -> web.Response:
@@ -34,7 +28,7 @@ async def health(request: web.Request) -> web.Response:
             "loaded_at": store.registry.loaded_at or None,
             "error": store.error,
         },
-        "vllm": vllm_state(app),
+        **models.adapter_states(),
         "gpu": keys.gpu(app).devices(),
         "plugins": {"errors": [{"name": f.name, "error": f.error} for f in pm.failures]},
     }

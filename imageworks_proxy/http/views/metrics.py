@@ -7,16 +7,15 @@ from typing import Any
 
 from aiohttp import web
 
-from imageworks_proxy import __version__, keys
+from imageworks_proxy import keys
+from imageworks_proxy._version import __version__
 from imageworks_proxy.config import Config
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.http.responses import json_response
-from imageworks_proxy.http.views.info import vllm_state
-from imageworks_proxy.observability.metrics import RollingMetrics, orchestrator_stats, swap_summary
+from imageworks_proxy.observability.metrics import RollingMetrics
 from imageworks_proxy.observability.prometheus import PromMetrics
 from imageworks_proxy.observability.requestlog import RequestLog, lifetime
-
-ORCHESTRATED = "vllm-orchestrated"
+from imageworks_proxy.observability.swaps import SwapMetrics
 
 
 def _disabled() -> ProxyError:
@@ -26,19 +25,13 @@ def _disabled() -> ProxyError:
     )
 
 
-def _active_name(active: Any) -> str | None:
-    if isinstance(active, dict):
-        active = active.get("logical_name") or active.get("name") or active.get("model")
-    return str(active) if active else None
-
-
 def present_state(app: web.Application) -> dict[str, Any]:
-    """What the orchestrator and the GPU say right now (read on each metrics request, never per chat)."""
-    vllm = vllm_state(app)
+    """What the GPU scheduler and the GPU say right now (read on each metrics request, never per chat)."""
+    sched = keys.scheduler(app)
+    active = sched.active
     return {
-        "swaps": orchestrator_stats(keys.models(app).adapters.get(ORCHESTRATED)),
-        "vllm": vllm,
-        "active_model": _active_name(vllm.get("active")),
+        "queue_depth": sched.queue_depth,
+        "active_model": active.model if active is not None and sched.phase != "starting" else None,
         "gpu": keys.gpu(app).devices(),
     }
 
@@ -51,16 +44,21 @@ def snapshot(app: web.Application) -> dict[str, Any]:
     state = prom.read_state() if prom is not None else present_state(app)
     rlog = keys.request_log(app)
     window = rolling.snapshot()
-    swaps = state["swaps"]
+    # each adapter's own state (e.g. "vllm"), reduced to its active model and state
+    adapters = {
+        key: {"active_model": st.get("active"), "state": st.get("state")}
+        for key, st in keys.models(app).adapter_states().items()
+    }
     return {
         "object": "metrics",
         "version": __version__,
         "schema_version": config.schema_version,
         "uptime_s": round(time.monotonic() - app[keys.STARTED_AT], 3),
         **window,
-        "queue_depth": swaps.queue_depth if swaps.queue_depth is not None else 0,
-        "swaps": swap_summary(swaps),
-        "vllm": {"active_model": state["active_model"], "state": state["vllm"].get("state")},
+        "queue_depth": state["queue_depth"],
+        "swaps": app[keys.SWAPS].summary(),
+        "active_model": state["active_model"],
+        **adapters,
         "gpu": state["gpu"],
         "request_log": {
             "enabled": rlog.enabled,
@@ -93,10 +91,13 @@ def install(app: web.Application, config: Config) -> None:
     and add the two routes. The request log's writer starts and stops with the app."""
     rolling = RollingMetrics(config.metrics_window_s)
     rlog = RequestLog(config.log_path, config.max_log_bytes)
+    swaps = SwapMetrics()
+    keys.scheduler(app).listeners.append(swaps.on_event)
     app[keys.METRICS] = rolling
     app[keys.REQUEST_LOG] = rlog
+    app[keys.SWAPS] = swaps
     if config.enable_metrics:
-        app[keys.PROMETHEUS] = PromMetrics(rolling, rlog, lambda: present_state(app))
+        app[keys.PROMETHEUS] = PromMetrics(rolling, rlog, swaps, lambda: present_state(app))
     app.router.add_get("/v1/metrics", metrics_json, name="metrics")
     app.router.add_get("/metrics", prometheus_text, name="prometheus")
     app.cleanup_ctx.append(lifetime)

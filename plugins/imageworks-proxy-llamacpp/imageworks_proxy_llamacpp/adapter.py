@@ -32,7 +32,6 @@ class LlamaCppAdapter(OpenAIPassthroughAdapter):
 
     name = "llamacpp"
     backends = ("gguf",)
-    fallback = False  # OpenAIPassthroughAdapter is the fallback; this subclass is not
     description = "GGUF models served by llama.cpp's llama-server on CHAT_PROXY_VLLM_PORT"
 
     def __init__(self, app, config) -> None:
