@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from imageworks_proxy import create_app
-from imageworks_proxy.config import Config, load_config
+from imageworks_proxy import Config, create_app, load_config
 
 
 async def index(request: web.Request) -> web.Response:

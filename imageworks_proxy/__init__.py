@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from imageworks_proxy import keys
 from imageworks_proxy._version import __version__
-from imageworks_proxy.adapters.base import Adapter, ChatCall, ChunkStream, Completion
+from imageworks_proxy.adapters.base import ANY_BACKEND, Adapter, ChatCall, ChunkStream, Completion
+from imageworks_proxy.adapters.openai_passthrough import OpenAIPassthroughAdapter
 from imageworks_proxy.catalogue.registry import Entry
 from imageworks_proxy.config import Config, ConfigError, load_config
 from imageworks_proxy.errors import ProxyError
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from imageworks_proxy.app import create_app
 
 __all__ = [
+    "ANY_BACKEND",
     "Adapter",
     "ChatCall",
     "ChatContext",
@@ -34,6 +36,7 @@ __all__ = [
     "ConfigError",
     "Entry",
     "Lease",
+    "OpenAIPassthroughAdapter",
     "ProxyError",
     "Stage",
     "Tenant",

@@ -11,10 +11,10 @@ if TYPE_CHECKING:
     from imageworks_proxy.config import Config
     from imageworks_proxy.gpu.nvml import Gpu
     from imageworks_proxy.gpu.scheduler import GpuScheduler
-    from imageworks_proxy.observability.swaps import SwapMetrics
     from imageworks_proxy.observability.metrics import RollingMetrics
     from imageworks_proxy.observability.prometheus import PromMetrics
     from imageworks_proxy.observability.requestlog import RequestLog
+    from imageworks_proxy.observability.swaps import SwapMetrics
     from imageworks_proxy.pipeline.stage import Pipeline
     from imageworks_proxy.plugins import PluginManager
 

@@ -264,6 +264,35 @@ async def test_undecodable_image_is_400_invalid_image(env):
     )
 
 
+async def test_input_image_parts_obey_the_same_image_rules(env):
+    """Responses-style ``input_image`` parts (a bare URL string) get the same limits, vision check and
+    placeholder as ``image_url`` parts."""
+    client, fake = await env(vision=True, max_image_bytes=1000)
+    big = base64.b64encode(b"\0" * 1001).decode()
+
+    def ask(model: str, part: dict) -> dict:
+        return {
+            "model": model,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "?"}, part]}],
+        }
+
+    over = {"type": "input_image", "image_url": f"data:image/png;base64,{big}"}
+    await error_of(
+        await client.post("/v1/chat/completions", json=ask("m-echo", over)), 413, "payload_too_large"
+    )
+    bad = {"type": "input_image", "image_url": "data:image/png;base64,@@@"}
+    await error_of(await client.post("/v1/chat/completions", json=ask("m-echo", bad)), 400, "invalid_image")
+    client, fake = await env()  # a model without vision
+    plain = {"type": "input_image", "image_url": "data:image/png;base64,YWJj"}
+    await error_of(
+        await client.post("/v1/chat/completions", json=ask("m-echo", plain)), 409, "capability_mismatch"
+    )
+    resp = await client.post("/v1/chat/completions", json=ask("m-echo", {**plain, "alt": "a cat"}))
+    assert resp.status == 200
+    sent = fake[fake_openai.REQUESTS][-1]["body"]["messages"][0]["content"]
+    assert sent[1] == {"type": "text", "text": "[image omitted: model does not support images] (alt: a cat)"}
+
+
 async def test_body_over_the_cap_is_413(env):
     client, _ = await env(max_body_bytes=2000)
     resp = await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": user("x" * 5000)})

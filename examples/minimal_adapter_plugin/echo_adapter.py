@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from imageworks_proxy.adapters.base import Adapter, ChatCall
-from imageworks_proxy.hookspecs import hookimpl
+from imageworks_proxy import Adapter, ChatCall, hookimpl
 
 
 def last_user_text(messages: list[dict[str, Any]]) -> str:

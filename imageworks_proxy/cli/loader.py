@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import logging
 import sys
-import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -21,11 +20,13 @@ from typing import Any
 import aiohttp
 import orjson
 
+from imageworks_proxy import keys
 from imageworks_proxy.adapters.base import default_installed
 from imageworks_proxy.catalogue.naming import build_catalogue
 from imageworks_proxy.catalogue.registry import Entry, RegistryError, load_registry
 from imageworks_proxy.config import Config, ConfigError, load_config
 from imageworks_proxy.errors import ProxyError
+from imageworks_proxy.vllm.supervisor import Instance
 
 OK, FAILED, USAGE = 0, 1, 2
 
@@ -75,11 +76,6 @@ def cmd_list(config: Config) -> int:
     ]
     _print(rows)
     return OK
-
-
-def _resolve(config: Config, name: str) -> Entry:
-    registry = load_registry(config.registry)
-    return build_catalogue(registry.entries).resolve(name)
 
 
 # -- admin API -----------------------------------------------------------------------------------
@@ -157,47 +153,39 @@ def via_api(config: Config, base: str, args: argparse.Namespace) -> int:
 
 
 # -- direct (no proxy running) -------------------------------------------------------------------
-def _orchestrated(config: Config, entry: Entry) -> bool:
-    return (
-        entry.backend == "vllm"
-        and config.vllm_single_port
-        and not entry.backend_config.base_url
-        and not entry.backend_config.adapter
-    )
-
-
-async def _unload_ollama(config: Config, session: aiohttp.ClientSession) -> None:
-    """GPU exclusivity without the proxy: ask the default Ollama to unload its models (best effort)."""
-    base = config.ollama_base_url
-    timeout = aiohttp.ClientTimeout(total=3)
-    try:
-        async with session.get(f"{base}/api/ps", timeout=timeout) as resp:
-            loaded = [
-                m.get("name") or m.get("model")
-                for m in (await resp.json(content_type=None)).get("models", [])
-            ]
-        for name in filter(None, loaded):
-            async with session.post(
-                f"{base}/api/generate", json={"model": name, "keep_alive": 0}, timeout=timeout
-            ) as r:
-                await r.read()
-        deadline = time.monotonic() + config.ollama_stop_timeout_s
-        while loaded and time.monotonic() < deadline:
-            async with session.get(f"{base}/api/ps", timeout=timeout) as resp:
-                loaded = (await resp.json(content_type=None)).get("models", [])
-            await asyncio.sleep(0.2)
-    except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError):
-        return
+def _current(inst: Instance, state: str) -> dict[str, Any]:
+    return {
+        "logical_name": inst.logical_name,
+        "state": state,
+        "served_model_id": inst.served_model_id,
+        "pid": inst.pid,
+        "port": inst.port,
+        "started_at": inst.started_at,
+        "log_path": inst.log_path,
+        "source": "state-file",
+    }
 
 
 async def direct(config: Config, args: argparse.Namespace) -> int:
+    """Act on the state file and processes without a proxy, through the same objects a proxy builds
+    (its routing, its orchestrator's supervisor, its Ollama adapter); nothing is started but vLLM."""
+    from imageworks_proxy.adapters.ollama.adapter import OllamaAdapter
+    from imageworks_proxy.adapters.vllm_orchestrated import VllmOrchestratedAdapter
+    from imageworks_proxy.app import create_app
     from imageworks_proxy.pipeline.template import check_template
-    from imageworks_proxy.vllm.supervisor import VllmSupervisor
 
+    app = create_app(config)
+    models = keys.models(app)
+    orchestrator = next((a for a in models.adapters.values() if isinstance(a, VllmOrchestratedAdapter)), None)
+    if orchestrator is None:
+        _err("the vLLM orchestrator adapter is not loaded")
+        return FAILED
     entry: Entry | None = None
     if args.command == "activate-model" and not args.stop:
-        entry = _resolve(config, args.name)
-        if not _orchestrated(config, entry):
+        if models.store.error:
+            raise RegistryError(models.store.error)
+        entry = models.resolve(args.name)
+        if models.adapter_for(entry) is not orchestrator:
             _err(
                 f"{entry.name!r} is not an orchestrated vLLM model (backend {entry.backend!r}); "
                 "nothing to activate"
@@ -205,56 +193,32 @@ async def direct(config: Config, args: argparse.Namespace) -> int:
             return FAILED
         if config.require_template:
             check_template(entry)
+    gpu = keys.gpu(app)
     async with aiohttp.ClientSession() as session:
-        from imageworks_proxy.gpu.nvml import Gpu
-
-        gpu = Gpu()
+        app[keys.HTTP] = session
         await asyncio.to_thread(gpu.open)
-        sup = VllmSupervisor(config, lambda: session, gpu)
+        sup = orchestrator.supervisor
         try:
             inst = await sup.adopt()
             if args.command == "current-model":
-                if inst is None:
-                    _print(None)
-                else:
-                    _print(
-                        {
-                            "logical_name": inst.logical_name,
-                            "state": "loaded" if inst.ready else "loading",
-                            "served_model_id": inst.served_model_id,
-                            "pid": inst.pid,
-                            "port": inst.port,
-                            "started_at": inst.started_at,
-                            "source": "state-file",
-                        }
-                    )
-                await sup.close(keep=True)
-                return OK
-            if args.stop:
+                _print(None if inst is None else _current(inst, "loaded" if inst.ready else "loading"))
+            elif args.stop:
                 if inst is not None:
                     print(f"stopping {inst.logical_name!r} (pid {inst.pid}) ...", file=sys.stderr)
                 await sup.stop("imageworks-loader activate-model --stop")
                 _print(None)
                 return OK
-            assert entry is not None
-            if config.gpu_exclusive:
-                await _unload_ollama(config, session)
-            print(
-                f"activating {entry.name!r} (no proxy reachable; starting it directly) ...", file=sys.stderr
-            )
-            inst = await sup.ensure(entry)
-            _print(
-                {
-                    "logical_name": inst.logical_name,
-                    "state": "loaded",
-                    "served_model_id": inst.served_model_id,
-                    "pid": inst.pid,
-                    "port": inst.port,
-                    "started_at": inst.started_at,
-                    "log_path": inst.log_path,
-                    "source": "state-file",
-                }
-            )
+            else:
+                assert entry is not None
+                if config.gpu_exclusive:
+                    for adapter in models.adapters.values():
+                        if isinstance(adapter, OllamaAdapter):
+                            await adapter.free_gpu()
+                print(
+                    f"activating {entry.name!r} (no proxy reachable; starting it directly) ...",
+                    file=sys.stderr,
+                )
+                _print(_current(await sup.ensure(entry), "loaded"))
             await sup.close(keep=True)
             return OK
         finally:

@@ -7,7 +7,6 @@ import asyncio
 import hmac
 import logging
 import re
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 
@@ -16,6 +15,7 @@ from aiohttp import web
 from imageworks_proxy import keys
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.keys import REQUEST_ID
+from imageworks_proxy.wire import ids
 
 log = logging.getLogger("imageworks_proxy.http")
 access_log = logging.getLogger("imageworks_proxy.access")
@@ -29,15 +29,11 @@ QUIET_ROUTES = frozenset({"health", "metrics", "prometheus"})
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f\"\\]")
 
 
-def new_request_id() -> str:
-    return "req_" + secrets.token_hex(12)
-
-
 def request_id(request: web.Request) -> str:
     rid = request.get(REQUEST_ID)
     if rid is None:
         incoming = request.headers.get("X-Request-Id", "")
-        rid = incoming if _SANE_ID.match(incoming) else new_request_id()
+        rid = incoming if _SANE_ID.match(incoming) else ids.request_id()
         request[REQUEST_ID] = rid
     return rid
 

@@ -21,6 +21,14 @@ from typing import Any, BinaryIO
 import orjson
 from aiohttp import web
 
+from imageworks_proxy.wire.content import (
+    decoded_size,
+    describe_data_url,
+    image_url_of,
+    is_image_part,
+    with_image_url,
+)
+
 log = logging.getLogger("imageworks_proxy.observability.requestlog")
 
 #: Records waiting for the writer before new ones are dropped (about 10 MB of typical records).
@@ -252,46 +260,26 @@ async def lifetime(app: web.Application) -> AsyncIterator[None]:
 # --- prompt redaction ----------------------------------------------------------------------------
 
 
-def _data_url_summary(url: str) -> str | None:
-    """``<image/png 123456 bytes>`` for a ``data:`` URL (size from the base64 length, no decoding)."""
-    if not url.startswith("data:"):
-        return None
-    head, _, payload = url.partition(",")
-    mime = head[5:].split(";", 1)[0] or "application/octet-stream"
-    if ";base64" in head:
-        n = len(payload) - payload.count("\n") - payload.count("\r")
-        size = n * 3 // 4 - (2 if payload.endswith("==") else 1 if payload.endswith("=") else 0)
-    else:
-        size = len(payload)
-    return f"<{mime} {max(size, 0)} bytes>"
-
-
 def _redact_part(part: Any) -> Any:
     if not isinstance(part, dict):
         return part
     kind = part.get("type")
-    if kind == "image_url":
-        image = part.get("image_url")
-        url = image.get("url") if isinstance(image, dict) else image
-        if isinstance(url, str):
-            summary = _data_url_summary(url)
-            if summary is not None:
-                new_image = {**image, "url": summary} if isinstance(image, dict) else summary
-                return {**part, "image_url": new_image}
-        return part
+    if is_image_part(part):
+        url = image_url_of(part)
+        summary = describe_data_url(url) if url else None
+        return with_image_url(part, summary) if summary is not None else part
     if kind == "input_audio":
         audio = part.get("input_audio")
         if isinstance(audio, dict) and isinstance(audio.get("data"), str):
-            data = audio["data"]
             fmt = audio.get("format") or "audio"
-            size = len(data) * 3 // 4 - (2 if data.endswith("==") else 1 if data.endswith("=") else 0)
-            return {**part, "input_audio": {**audio, "data": f"<audio/{fmt} {max(size, 0)} bytes>"}}
+            size = decoded_size(audio["data"])
+            return {**part, "input_audio": {**audio, "data": f"<audio/{fmt} {size} bytes>"}}
         return part
     if kind == "file":
         file = part.get("file")
         if isinstance(file, dict) and isinstance(file.get("file_data"), str):
             data = file["file_data"]
-            summary = _data_url_summary(data) or f"<file {len(data)} chars>"
+            summary = describe_data_url(data) or f"<file {len(data)} chars>"
             return {**part, "file": {**file, "file_data": summary}}
     return part
 
@@ -312,8 +300,11 @@ def redact_messages(messages: Any) -> Any:
                 msg = {**msg, "content": [_redact_part(p) for p in content]}
             images = msg.get("images")  # Ollama-style base64 list, should one arrive
             if isinstance(images, list) and images:
-                msg = {**msg, "images": [
-                    f"<image {len(i) * 3 // 4} bytes>" if isinstance(i, str) else i for i in images
-                ]}
+                msg = {
+                    **msg,
+                    "images": [
+                        f"<image {decoded_size(i)} bytes>" if isinstance(i, str) else i for i in images
+                    ],
+                }
         out.append(msg)
     return out

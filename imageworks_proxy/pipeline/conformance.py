@@ -4,11 +4,11 @@ finish reason."""
 
 from __future__ import annotations
 
-import secrets
 import time
 from typing import Any
 
 from imageworks_proxy.pipeline.stage import ChatContext, Stage
+from imageworks_proxy.wire.ids import completion_id
 
 _FINISH = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
 
@@ -50,7 +50,7 @@ class _Ids:
     @property
     def id(self) -> str:
         if self._id is None:
-            self._id = "chatcmpl-" + secrets.token_hex(12)
+            self._id = completion_id()
         return self._id
 
     @id.setter

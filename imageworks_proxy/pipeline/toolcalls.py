@@ -4,16 +4,12 @@ reply whose whole content is a JSON tool call becomes a structured call. Streams
 
 from __future__ import annotations
 
-import secrets
 from typing import Any
 
 import orjson
 
 from imageworks_proxy.pipeline.stage import ChatContext, Stage
-
-
-def new_call_id() -> str:
-    return "call_" + secrets.token_hex(12)
+from imageworks_proxy.wire.ids import tool_call_id
 
 
 def json_arguments(value: Any) -> str:
@@ -70,7 +66,7 @@ def calls_from_content(content: str, names: frozenset[str]) -> list[dict[str, An
         args = fn.get("arguments", fn.get("parameters", {}))
         calls.append(
             {
-                "id": new_call_id(),
+                "id": tool_call_id(),
                 "type": "function",
                 "function": {"name": name, "arguments": json_arguments(args)},
             }
@@ -100,7 +96,7 @@ def normalise_message(message: dict[str, Any], names: frozenset[str]) -> bool:
         fn = call.get("function") if isinstance(call.get("function"), dict) else {}
         cid = call.get("id")
         if not isinstance(cid, str) or not cid or cid in seen:
-            cid = new_call_id()
+            cid = tool_call_id()
         seen.add(cid)
         fixed.append(
             {
@@ -264,7 +260,7 @@ class ToolCallSynthesis(Stage):
                 st.announced.add(index)
                 if name:
                     st.named.add(index)
-                out["id"] = cid or new_call_id()
+                out["id"] = cid or tool_call_id()
                 out["type"] = "function"
                 out["function"] = {
                     "name": name or "",

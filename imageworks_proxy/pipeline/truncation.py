@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from imageworks_proxy.pipeline.images import image_parts
 from imageworks_proxy.pipeline.stage import ChatContext, Stage
+from imageworks_proxy.wire.content import image_parts
 
 
 def truncate_history(

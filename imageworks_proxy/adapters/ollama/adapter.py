@@ -63,7 +63,7 @@ class OllamaAdapter(Adapter):
         # base url -> (fetched_at, tags or None when unreachable)
         self._tags: dict[str, tuple[float, frozenset[str] | None]] = {}
         self._refreshing: dict[str, asyncio.Task[None]] = {}
-        self.tenant = Tenant("ollama", "Ollama", start=None, stop=self._free_gpu)
+        self.tenant = Tenant("ollama", "Ollama", start=None, stop=self.free_gpu)
         self._backend_s = config.backend_timeout_ms / 1000
         self._idle_s = config.stream_idle_timeout_ms / 1000
         self._connect_s = min(CONNECT_TIMEOUT_S, self._backend_s)
@@ -80,7 +80,7 @@ class OllamaAdapter(Adapter):
             # tenant (a vLLM start) takes the GPU.
             tenancy(self.app).add_resident(self.tenant)
 
-    async def _free_gpu(self) -> None:
+    async def free_gpu(self) -> None:
         """The tenant's ``stop``: unload Ollama's models, if the registry routes any model here (otherwise
         the proxy never talks to Ollama)."""
         if keys.models(self.app).entries_for(self):

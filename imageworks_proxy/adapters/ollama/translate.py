@@ -1,4 +1,4 @@
-"""OpenAI Chat Completions <-> Ollama native ``/api/chat``: pure translation, no I/O (SPEC §8, PROTOCOLS §4.6).
+"""OpenAI Chat Completions <-> Ollama native ``/api/chat``: pure translation, no I/O.
 
 Request side: :func:`to_ollama_request` turns an OpenAI body into an ``/api/chat`` payload (images from
 ``http(s)`` URLs must be fetched first and passed in as ``fetched``). Response side:
@@ -10,7 +10,6 @@ Request side: :func:`to_ollama_request` turns an OpenAI body into an ``/api/chat
 from __future__ import annotations
 
 import re
-import secrets
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,6 +17,8 @@ from typing import Any
 import orjson
 
 from imageworks_proxy.errors import ProxyError
+from imageworks_proxy.wire import ids
+from imageworks_proxy.wire.content import image_parts, image_url_of, is_image_part, is_remote, parse_data_url
 
 #: OpenAI request fields that map one-to-one onto an Ollama ``options`` key.
 _OPTION_FIELDS = {
@@ -55,17 +56,10 @@ _REASONING_EFFORT = {"none": False, "minimal": "low", "low": "low", "medium": "m
 _NUM_CTX_FLAGS = ("--num-ctx", "--num_ctx")
 
 
-def new_completion_id() -> str:
-    return "chatcmpl-" + secrets.token_hex(12)
-
-
-def new_tool_call_id() -> str:
-    return "call_" + secrets.token_hex(12)
-
-
 # -- request -------------------------------------------------------------------------------------
 def parse_num_ctx(extra_args: Sequence[str]) -> int | None:
-    """``--num-ctx N`` (or ``--num-ctx=N``) from an entry's ``extra_args``; ``None`` when absent or not a number."""
+    """``--num-ctx N`` (or ``--num-ctx=N``) from an entry's ``extra_args``; ``None`` when absent or not
+    a number."""
     args = list(extra_args)
     for i, arg in enumerate(args):
         value: str | None = None
@@ -97,43 +91,20 @@ def keep_alive_value(raw: str | None) -> str | int | float | None:
 
 
 def _image_url(part: Mapping[str, Any]) -> str:
-    value = part.get("image_url")
-    if isinstance(value, Mapping):
-        value = value.get("url")
-    if not isinstance(value, str) or not value:
-        raise ProxyError(400, "invalid_image", "image_url part without a url", param="messages")
-    return value
-
-
-def _is_image_part(part: Any) -> bool:
-    return isinstance(part, Mapping) and part.get("type") in ("image_url", "input_image")
+    url = image_url_of(part)
+    if url is None:
+        raise ProxyError(400, "invalid_image", "An image part has no url.", param="messages")
+    return url
 
 
 def image_urls(body: Mapping[str, Any]) -> list[str]:
     """The distinct ``http(s)`` image URLs in the request, in order: what the proxy must fetch."""
     seen: dict[str, None] = {}
-    for msg in body.get("messages") or ():
-        content = msg.get("content") if isinstance(msg, Mapping) else None
-        if isinstance(content, list):
-            for part in content:
-                if _is_image_part(part):
-                    url = _image_url(part)
-                    if url.startswith(("http://", "https://")):
-                        seen.setdefault(url, None)
+    for _msg, _i, part in image_parts(body.get("messages")):
+        url = _image_url(part)
+        if is_remote(url):
+            seen.setdefault(url, None)
     return list(seen)
-
-
-def _data_url_base64(url: str) -> str:
-    """The base64 payload of a ``data:<mime>;base64,<data>`` URL (what Ollama's ``images`` wants)."""
-    header, sep, data = url.partition(",")
-    if not sep or not header.lower().endswith(";base64"):
-        raise ProxyError(
-            400, "invalid_image", "image data URLs must be base64 (data:<mime>;base64,...)", param="messages"
-        )
-    data = data.strip()
-    if not data:
-        raise ProxyError(400, "invalid_image", "image data URL has no data", param="messages")
-    return data
 
 
 def _text_and_images(content: Any, fetched: Mapping[str, str], where: str) -> tuple[str, list[str]]:
@@ -150,10 +121,11 @@ def _text_and_images(content: Any, fetched: Mapping[str, str], where: str) -> tu
     for part in content:
         if isinstance(part, str):
             texts.append(part)
-        elif _is_image_part(part):
+        elif is_image_part(part):
             url = _image_url(part)
-            if url.startswith("data:"):
-                images.append(_data_url_base64(url))
+            data = parse_data_url(url)
+            if data is not None:
+                images.append(data.payload)  # Ollama takes the base64 text without the data: prefix
             elif url in fetched:
                 images.append(fetched[url])
             else:
@@ -392,14 +364,15 @@ def _tool_call(call: Any) -> tuple[str, str, str]:
     fn = fn if isinstance(fn, Mapping) else {}
     call_id = call.get("id") if isinstance(call, Mapping) else None
     if not isinstance(call_id, str) or not call_id:
-        call_id = new_tool_call_id()
+        call_id = ids.tool_call_id()
     return call_id, str(fn.get("name") or ""), _arguments_json(fn.get("arguments"))
 
 
 def completion_from_ollama(
     data: Mapping[str, Any], *, model: str, completion_id: str | None = None, created: int | None = None
 ) -> dict[str, Any]:
-    """A ``chat.completion`` for a non-streamed ``/api/chat`` reply; ``model`` is the id the client asked for."""
+    """A ``chat.completion`` for a non-streamed ``/api/chat`` reply; ``model`` is the id the client
+    asked for."""
     msg = data.get("message") if isinstance(data.get("message"), Mapping) else {}
     content = msg.get("content") if isinstance(msg.get("content"), str) else ""
     calls = [_tool_call(c) for c in msg.get("tool_calls") or ()]
@@ -415,7 +388,7 @@ def completion_from_ollama(
     if isinstance(thinking, str) and thinking:
         message["reasoning_content"] = thinking
     return {
-        "id": completion_id or new_completion_id(),
+        "id": completion_id or ids.completion_id(),
         "object": "chat.completion",
         "created": created if created is not None else int(time.time()),
         "model": model,
@@ -436,14 +409,14 @@ class ChunkTranslator:
 
     Feed every decoded line to :meth:`feed`; it returns the chunks to send (role first; content and
     reasoning deltas; each tool call as one delta with index, id, type, name and its JSON arguments, since
-    Ollama sends calls whole; on ``done`` the finish chunk and, with ``include_usage``, the usage chunk). Raises
-    :class:`ProxyError` for an ``{"error": ...}`` line.
+    Ollama sends calls whole; on ``done`` the finish chunk and, with ``include_usage``, the usage chunk).
+    Raises :class:`ProxyError` for an ``{"error": ...}`` line.
     """
 
     def __init__(self, *, model: str, include_usage: bool = False) -> None:
         self.model = model
         self.include_usage = include_usage
-        self.id = new_completion_id()
+        self.id = ids.completion_id()
         self.created = int(time.time())
         self.finished = False
         self.usage: dict[str, int] | None = None

@@ -13,11 +13,16 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from imageworks_proxy.adapters.base import ChatCall, ChunkStream, Completion
-from imageworks_proxy.adapters.openai_passthrough import OpenAIPassthroughAdapter
-from imageworks_proxy.catalogue.registry import Entry
-from imageworks_proxy.gpu.tenancy import Tenant, tenancy
-from imageworks_proxy.hookspecs import hookimpl
+from imageworks_proxy import (
+    ChatCall,
+    ChunkStream,
+    Completion,
+    Entry,
+    OpenAIPassthroughAdapter,
+    Tenant,
+    hookimpl,
+    tenancy,
+)
 from imageworks_proxy_llamacpp.server import LlamaCppSettings, LlamaServerSlot
 
 
@@ -56,6 +61,10 @@ class LlamaCppAdapter(OpenAIPassthroughAdapter):
             f"llama.cpp {entry.name}",
             start=functools.partial(self.slot.ensure_started, entry),
             stop=functools.partial(self.slot.stop, entry.name),
+            # llama-server binds the shared port and fills the GPU: one at a time, like vLLM, whatever
+            # CHAT_PROXY_GPU_EXCLUSIVE says about the other tenants
+            exclusive=True,
+            model=entry.name,
         )
 
     def where(self, call: ChatCall) -> str:

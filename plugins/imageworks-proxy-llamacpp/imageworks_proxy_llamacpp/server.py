@@ -22,9 +22,7 @@ from pathlib import Path
 import aiohttp
 import attrs
 
-from imageworks_proxy.catalogue.registry import Entry
-from imageworks_proxy.config import Config
-from imageworks_proxy.errors import ProxyError
+from imageworks_proxy import Config, Entry, ProxyError
 
 log = logging.getLogger("imageworks_proxy_llamacpp")
 
