@@ -1,4 +1,4 @@
-"""The application factory (SPEC §1): ``create_app(config)`` builds a self-contained aiohttp app."""
+"""The application factory: ``create_app(config)`` builds a self-contained aiohttp app."""
 
 from __future__ import annotations
 
@@ -115,7 +115,9 @@ def create_app(
     Raises :class:`~imageworks_proxy.plugins.PluginError` when plugins register clashing names.
     """
     config = config if config is not None else load_config()
-    pm = plugin_manager if plugin_manager is not None else make_plugin_manager(load_entrypoints=load_entrypoints)
+    if plugin_manager is None:
+        plugin_manager = make_plugin_manager(load_entrypoints=load_entrypoints)
+    pm = plugin_manager
     app = web.Application(
         # Without API keys the auth middleware would only pass every request on: leave the layer out.
         middlewares=[access_log_middleware, error_middleware]

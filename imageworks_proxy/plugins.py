@@ -17,14 +17,24 @@ from imageworks_proxy import hookspecs
 
 log = logging.getLogger("imageworks_proxy.plugins")
 
-#: Built-in adapter plugins, by entry-point name. Normally loaded through the core's own entry points;
-#: listed here so a manager built without entry-point scanning (tests) still has them.
-BUILTIN_ADAPTERS: dict[str, str] = {
-    "openai-passthrough": "imageworks_proxy.adapters.openai_passthrough",
-    "vllm-external": "imageworks_proxy.adapters.vllm_external",
-    "vllm-orchestrated": "imageworks_proxy.adapters.vllm_orchestrated",
-    "ollama": "imageworks_proxy.adapters.ollama.adapter",
-}
+OWN_DISTRIBUTION = "imageworks-proxy"
+
+
+def builtin_adapters() -> dict[str, str]:
+    """The built-in adapter plugins, entry-point name -> module: this distribution's own entry points
+    (``pyproject.toml`` is the one list). Read from its metadata alone, so a manager built without
+    scanning every installed distribution (tests) still has them. Raises :class:`PluginError` when the
+    package is not installed (run ``pip install -e .``)."""
+    try:
+        eps = md.distribution(OWN_DISTRIBUTION).entry_points
+    except md.PackageNotFoundError:
+        raise PluginError(
+            f"{OWN_DISTRIBUTION} is not installed, so its built-in adapters cannot be found "
+            "(run `pip install -e .` in the checkout)"
+        ) from None
+    return {ep.name: ep.value for ep in eps if ep.group == hookspecs.PROJECT}
+
+
 #: Core plugins registered directly (the shared pipeline stages).
 CORE_PLUGINS: tuple[str, ...] = ("imageworks_proxy.pipeline.builtin",)
 
@@ -62,15 +72,16 @@ def make_plugin_manager(
     """Build the plugin manager: hookspecs, core plugins, adapters from entry points, then ``plugins``.
 
     ``load_entrypoints=False`` skips entry-point scanning (tests); the built-in adapters are then
-    registered from :data:`BUILTIN_ADAPTERS` directly. A plugin that fails to import is recorded in
+    registered from :func:`builtin_adapters` directly. A plugin that fails to import is recorded in
     ``failures`` and logged with its name; the others still load.
     """
     pm = PluginManager()
     pm.add_hookspecs(hookspecs)
-    own_version = md.version("imageworks-proxy") if _installed("imageworks-proxy") else None
+    builtins = builtin_adapters()
+    own_version = md.version(OWN_DISTRIBUTION)
     for modname in CORE_PLUGINS:
         pm.register(importlib.import_module(modname), name=modname)
-        pm.infos[modname] = PluginInfo(modname, "imageworks-proxy", own_version, True)
+        pm.infos[modname] = PluginInfo(modname, OWN_DISTRIBUTION, own_version, True)
     if load_entrypoints:
         for ep in md.entry_points(group=hookspecs.PROJECT):
             dist = getattr(ep, "dist", None)
@@ -93,9 +104,9 @@ def make_plugin_manager(
                 _fail(pm, ep.name, exc)
                 continue
             _register(pm, ep.name, plugin, dist.name if dist else None, dist.version if dist else None)
-    for name, modname in BUILTIN_ADAPTERS.items():
+    for name, modname in builtins.items():
         if not pm.has_plugin(name):
-            _register(pm, name, importlib.import_module(modname), "imageworks-proxy", own_version)
+            _register(pm, name, importlib.import_module(modname), OWN_DISTRIBUTION, own_version, builtin=True)
     for plugin in plugins:
         name = getattr(plugin, "__name__", None) or type(plugin).__name__
         _register(pm, name, plugin, None, None)
@@ -103,22 +114,15 @@ def make_plugin_manager(
     return pm
 
 
-def _installed(dist: str) -> bool:
-    try:
-        md.distribution(dist)
-        return True
-    except md.PackageNotFoundError:
-        return False
-
-
-def _register(pm: PluginManager, name: str, plugin: Any, dist: str | None, version: str | None) -> None:
+def _register(
+    pm: PluginManager, name: str, plugin: Any, dist: str | None, version: str | None, *, builtin: bool = False
+) -> None:
     try:
         pm.register(plugin, name=name)
     except Exception as exc:  # pluggy validation errors: unknown hook, bad signature
         _fail(pm, name, exc)
         return
-    builtin = name in BUILTIN_ADAPTERS and dist == "imageworks-proxy"
-    pm.infos[name] = PluginInfo(name, dist, version, builtin)
+    pm.infos[name] = PluginInfo(name, dist, version, builtin or dist == OWN_DISTRIBUTION)
 
 
 def _fail(

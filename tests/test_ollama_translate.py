@@ -1,4 +1,4 @@
-"""OpenAI <-> Ollama native translation, without HTTP (imageworks_proxy/adapters/ollama/translate.py)."""
+"""OpenAI <-> Ollama native translation, without HTTP (adapters/ollama/request.py and response.py)."""
 
 from __future__ import annotations
 
@@ -6,18 +6,16 @@ import json
 
 import pytest
 
-from imageworks_proxy.adapters.ollama.translate import (
-    ChunkTranslator,
-    NdjsonSplitter,
-    completion_from_ollama,
-    decode_line,
-    error_from_body,
+from imageworks_proxy.adapters.ollama.request import (
     image_urls,
     keep_alive_value,
     parse_num_ctx,
     to_ollama_request,
 )
+from imageworks_proxy.adapters.ollama.response import ChunkTranslator, completion_from_ollama
 from imageworks_proxy.errors import ProxyError
+from imageworks_proxy.upstream.errors import json_error_message as error_from_body
+from imageworks_proxy.upstream.ndjson import NdjsonSplitter, decode_line
 from tests.openai_schemas import validate_chunk, validate_completion
 
 PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="

@@ -20,7 +20,7 @@ from imageworks_proxy import create_app, hookspecs
 from imageworks_proxy.adapters.base import Adapter
 from imageworks_proxy.hookspecs import hookimpl
 from imageworks_proxy.pipeline.stage import Stage
-from imageworks_proxy.plugins import BUILTIN_ADAPTERS, PluginError, make_plugin_manager
+from imageworks_proxy.plugins import PluginError, builtin_adapters, make_plugin_manager
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILTINS = {"ollama", "vllm-orchestrated", "vllm-external", "openai-passthrough"}
@@ -100,7 +100,7 @@ def test_installed_distribution_registers_the_four_builtin_adapters_as_entry_poi
     eps = {ep.name: ep for ep in md.entry_points(group="imageworks_proxy")}
     assert set(eps) >= BUILTINS
     for name in BUILTINS:
-        assert eps[name].value == BUILTIN_ADAPTERS[name]
+        assert eps[name].value == builtin_adapters()[name]
         assert eps[name].dist.name == "imageworks-proxy"
         module = eps[name].load()
         assert hasattr(module, "register_backends")

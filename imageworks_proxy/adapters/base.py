@@ -1,4 +1,4 @@
-"""The adapter contract every backend plugin implements (SPEC §1, §8)."""
+"""The adapter contract every backend plugin implements."""
 
 from __future__ import annotations
 

@@ -197,7 +197,8 @@ class OpenAIPassthroughAdapter(Adapter):
             raise ProxyError(
                 504,
                 "stream_idle_timeout",
-                f"{where} sent nothing for {self.config.stream_idle_timeout_ms} ms (CHAT_PROXY_STREAM_IDLE_TIMEOUT_MS).",
+                f"{where} sent nothing for {self.config.stream_idle_timeout_ms} ms "
+                "(CHAT_PROXY_STREAM_IDLE_TIMEOUT_MS).",
             ) from None
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             raise ProxyError(

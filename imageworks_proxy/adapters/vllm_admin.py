@@ -1,4 +1,4 @@
-"""Orchestrator control for ``imageworks-loader`` (SPEC §5, §12): ``GET /v1/admin/vllm``,
+"""Orchestrator control for ``imageworks-loader``: ``GET /v1/admin/vllm``,
 ``POST /v1/admin/vllm/activate {"model"}``, ``POST /v1/admin/vllm/stop``.
 
 Loopback clients only, unless API keys are set (then the auth middleware requires a key, like every

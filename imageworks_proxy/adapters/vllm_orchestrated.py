@@ -1,4 +1,4 @@
-"""Built-in adapter plugin: vLLM models started and switched on demand on one port (SPEC §8, §11).
+"""Built-in adapter plugin: vLLM models started and switched on demand on one port.
 
 Each chat request takes a lease on the (exclusive) GPU tenant ``vllm:<logical name>`` from the app's
 scheduler; the scheduler drains, stops and starts models, and this adapter's
@@ -167,7 +167,9 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
                 return self.tenant(entry)
             except ProxyError:
                 pass
-        return Tenant(TENANT_PREFIX + name, f"vLLM model {name!r}", stop=self._stop, exclusive=True, model=name)
+        return Tenant(
+            TENANT_PREFIX + name, f"vLLM model {name!r}", stop=self._stop, exclusive=True, model=name
+        )
 
     async def _stop(self) -> None:
         await self.supervisor.stop("GPU needed by another model")
@@ -195,7 +197,7 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
         return f"http://{url_host(self.config.vllm_host)}:{self.config.vllm_port}/v1"
 
     async def on_unreachable(self, call: ChatCall) -> bool:
-        """Orchestrated entries never autostart (SPEC §11); a refused connection is handled in
+        """Orchestrated entries never autostart; a refused connection is handled in
         :meth:`chat`."""
         return False
 

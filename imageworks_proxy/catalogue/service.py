@@ -1,4 +1,4 @@
-"""The live model catalogue: registry snapshot, public ids, adapter routing and ``/v1/models`` (SPEC §4, §5)."""
+"""The live model catalogue: registry snapshot, public ids, adapter routing and ``/v1/models``."""
 
 from __future__ import annotations
 

@@ -470,7 +470,9 @@ class GpuScheduler:
             )
             if not isinstance(exc, ProxyError):
                 log.exception("starting GPU tenant %s failed", target.key)
-            log.warning("GPU: starting %s failed after %.1fs: %s", target.key, self._clock() - t0, error.message)
+            log.warning(
+                "GPU: starting %s failed after %.1fs: %s", target.key, self._clock() - t0, error.message
+            )
             self.backoff.record(target, error)
             self._active, self._phase = None, IDLE
             self._generation += 1

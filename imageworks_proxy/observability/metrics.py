@@ -1,4 +1,4 @@
-"""Rolling request metrics for ``GET /v1/metrics`` (SPEC §10).
+"""Rolling request metrics for ``GET /v1/metrics``.
 
 The window (``CHAT_PROXY_METRICS_WINDOW_S``) is cut into :data:`SLOTS` time slots. Each slot keeps,
 overall and per model (logical name) and per backend (the adapter that served the request): request and
@@ -112,12 +112,13 @@ def percentiles(values: _Values | None, qs: tuple[int, ...] = PERCENTILES) -> di
     total = sum(w for _, w in weighted)
     out: dict[str, float] = {}
     for q in qs:
-        target, acc = q / 100 * total, 0.0
+        target, acc, chosen = q / 100 * total, 0.0, weighted[-1][0]
         for value, w in weighted:
             acc += w
             if acc >= target - 1e-9:
+                chosen = value
                 break
-        out[f"p{q}"] = round(value, 1)
+        out[f"p{q}"] = round(chosen, 1)
     return out
 
 

@@ -1,4 +1,4 @@
-"""The template rule (SPEC §6.6): an orchestrated vLLM model needs a chat template, or the request is
+"""The template rule: an orchestrated vLLM model needs a chat template, or the request is
 refused with 409 ``template_required`` before anything is started (``CHAT_PROXY_REQUIRE_TEMPLATE=1``).
 
 vLLM itself would start (minutes) and then answer every chat request with a 400 ("default chat template

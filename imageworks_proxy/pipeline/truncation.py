@@ -1,4 +1,4 @@
-"""Vision history truncation (SPEC §6.5): keep system messages, the last N turns and the current turn."""
+"""Vision history truncation: keep system messages, the last N turns and the current turn."""
 
 from __future__ import annotations
 

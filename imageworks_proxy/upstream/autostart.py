@@ -1,4 +1,4 @@
-"""Autostart for backends the proxy does not orchestrate (SPEC §11, seed "Logging & autostart").
+"""Autostart for backends the proxy does not orchestrate.
 
 With ``CHAT_PROXY_AUTOSTART_ENABLED=1`` and ``CHAT_PROXY_AUTOSTART_MAP`` naming a command for a logical
 model, an adapter that finds its upstream unreachable calls :func:`ensure_started`: the command runs once

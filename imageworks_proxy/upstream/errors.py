@@ -1,4 +1,4 @@
-"""Upstream failures → the proxy's error contract (SPEC §9), including vLLM's error shapes (§8)."""
+"""Upstream failures → the proxy's error contract, including vLLM's error shapes."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import orjson
 from imageworks_proxy.errors import ProxyError
 
 
-def _error_fields(body: Any) -> tuple[str | None, str | None, str | None, Any]:
-    """(message, type, param, code) from OpenAI-style nested, vLLM flat, FastAPI ``detail`` or Ollama bodies."""
+def error_fields(body: Any) -> tuple[str | None, str | None, str | None, Any]:
+    """(message, type, param, code) from OpenAI-style nested, vLLM flat, FastAPI ``detail`` or Ollama
+    bodies."""
     if isinstance(body, dict):
         err = body.get("error")
         if isinstance(err, dict):
@@ -34,10 +35,20 @@ def _error_fields(body: Any) -> tuple[str | None, str | None, str | None, Any]:
 
 def parse_error_body(raw: bytes) -> tuple[str | None, str | None, str | None, Any]:
     try:
-        return _error_fields(orjson.loads(raw))
+        return error_fields(orjson.loads(raw))
     except orjson.JSONDecodeError:
         text = raw.decode("utf-8", "replace").strip()
         return (text[:500] or None), None, None, None
+
+
+def json_error_message(raw: bytes) -> str | None:
+    """The error message of a JSON error body (OpenAI, vLLM, FastAPI or Ollama shape), else ``None``
+    (not JSON, or JSON that is not an error: an HTML 404 page is not a "model not found")."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return error_fields(body)[0]
 
 
 def upstream_error(status: int, raw: bytes, where: str) -> ProxyError:
@@ -61,7 +72,7 @@ def upstream_error(status: int, raw: bytes, where: str) -> ProxyError:
 
 def in_band_error(obj: dict[str, Any], where: str) -> ProxyError:
     """An ``{"error": ...}`` event inside an upstream stream."""
-    message, _etype, _param, code = _error_fields(obj)
+    message, _etype, _param, code = error_fields(obj)
     return ProxyError(
         502,
         code if isinstance(code, str) and code else "backend_error",

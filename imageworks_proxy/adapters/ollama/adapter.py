@@ -1,4 +1,4 @@
-"""Built-in adapter plugin: Ollama through its native ``/api/chat`` (SPEC §8)."""
+"""Built-in adapter plugin: Ollama through its native ``/api/chat``."""
 
 from __future__ import annotations
 
@@ -16,22 +16,20 @@ import orjson
 from imageworks_proxy import keys
 from imageworks_proxy.adapters.base import Adapter, ChatCall, ChunkStream, Completion, default_installed
 from imageworks_proxy.adapters.ollama.images import fetch_images_base64
-from imageworks_proxy.adapters.ollama.translate import (
-    ChunkTranslator,
-    NdjsonSplitter,
-    completion_from_ollama,
-    decode_line,
-    error_from_body,
+from imageworks_proxy.adapters.ollama.request import (
     image_urls,
     keep_alive_value,
     parse_num_ctx,
     to_ollama_request,
 )
+from imageworks_proxy.adapters.ollama.response import ChunkTranslator, completion_from_ollama
 from imageworks_proxy.catalogue.registry import Entry
 from imageworks_proxy.errors import ProxyError, backend_unavailable
 from imageworks_proxy.gpu.tenancy import Lease, NoLease, Tenant, tenancy
 from imageworks_proxy.hookspecs import hookimpl
 from imageworks_proxy.upstream.autostart import ensure_started
+from imageworks_proxy.upstream.errors import json_error_message
+from imageworks_proxy.upstream.ndjson import NdjsonSplitter, decode_line
 from imageworks_proxy.upstream.urls import apply_loopback_alias, entry_base_url
 
 log = logging.getLogger("imageworks_proxy.ollama")
@@ -194,7 +192,7 @@ class OllamaAdapter(Adapter):
         self, call: ChatCall, base: str, tag: str, payload: dict[str, Any], lease: Lease
     ) -> ChunkStream:
         """Open the stream; if Ollama is slow to start it (loading the model), commit the SSE response and
-        send keep-alives meanwhile (SPEC §7). Fast failures stay JSON error responses."""
+        send keep-alives meanwhile. Fast failures stay JSON error responses."""
         opening = asyncio.ensure_future(self._open_stream(call, base, tag, payload, lease))
         try:
             done, _ = await asyncio.wait({opening}, timeout=self.stream_commit_after_s)
@@ -234,13 +232,14 @@ class OllamaAdapter(Adapter):
         if not isinstance(data, dict):
             raise ProxyError(502, "backend_error", f"Ollama at {base} sent a reply that is not a JSON object")
         if data.get("error"):
-            raise ProxyError(502, "backend_error", f"Ollama error: {error_from_body(raw)}")
+            raise ProxyError(502, "backend_error", f"Ollama error: {json_error_message(raw)}")
         return completion_from_ollama(data, model=call.model)
 
     async def _open_stream(
         self, call: ChatCall, base: str, tag: str, payload: dict[str, Any], lease: Lease
     ) -> ChunkStream:
-        # No total timeout: the backend timeout covers the wait for the first line, the idle timeout each later read.
+        # No total timeout: the backend timeout covers the wait for the first line, the idle timeout each
+        # later read.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_s)
         # Always translate Ollama's eval counts into a usage chunk: the request log gets real token counts,
         # and the conformance stage passes the chunk on only when the client asked for include_usage.
@@ -267,7 +266,7 @@ class OllamaAdapter(Adapter):
 
     @contextlib.contextmanager
     def _upstream_errors(self, base: str) -> Iterator[None]:
-        """Map transport failures talking to Ollama to the §9 errors."""
+        """Map transport failures talking to Ollama to the proxy's errors (docs/errors.md)."""
         try:
             yield
         except aiohttp.ConnectionTimeoutError as exc:
@@ -292,7 +291,7 @@ class OllamaAdapter(Adapter):
         )
 
     def _http_error(self, status: int, raw: bytes, call: ChatCall, tag: str, base: str) -> ProxyError:
-        message = error_from_body(raw)
+        message = json_error_message(raw)
         if status == 404 and message is not None:
             return ProxyError(
                 404,
@@ -361,13 +360,15 @@ class OllamaAdapter(Adapter):
                     503,
                     "model_start_failed",
                     f"Ollama at {base} still has {', '.join(remaining)} loaded after "
-                    f"{self.config.ollama_stop_timeout_s:g} s (CHAT_PROXY_OLLAMA_STOP_TIMEOUT_S); the GPU is not free",
+                    f"{self.config.ollama_stop_timeout_s:g} s (CHAT_PROXY_OLLAMA_STOP_TIMEOUT_S); "
+                    "the GPU is not free",
                     headers={"Retry-After": "10"},
                 )
             await asyncio.sleep(min(UNLOAD_POLL_S, left))
 
     async def _unload(self, base: str, name: str, deadline: float) -> None:
-        # /api/generate with no prompt unloads any model, embedding-only ones included (/api/chat refuses those).
+        # /api/generate with no prompt unloads any model, embedding-only ones included (/api/chat refuses
+        # those).
         body = orjson.dumps({"model": name, "keep_alive": 0})
         try:
             timeout = aiohttp.ClientTimeout(total=max(deadline - time.monotonic(), 0.1))
@@ -438,7 +439,7 @@ class OllamaChunkStream:
     async def _advance(self, idle_s: float | None) -> None:
         # One line at a time, so an error line only counts for what came before it.
         if self._lines:
-            self._pending.extend(self._translator.feed(decode_line(self._lines.popleft())))
+            self._pending.extend(self._translator.feed(decode_line(self._lines.popleft(), "Ollama")))
         elif self._eof:
             raise ProxyError(
                 502, "backend_error", f"Ollama at {self._base} ended the stream before it was done"
@@ -454,7 +455,8 @@ class OllamaChunkStream:
             raise ProxyError(
                 504,
                 "stream_idle_timeout",
-                f"Ollama at {self._base} sent nothing for {idle_s * 1000:.0f} ms (CHAT_PROXY_STREAM_IDLE_TIMEOUT_MS)",
+                f"Ollama at {self._base} sent nothing for {idle_s * 1000:.0f} ms "
+                "(CHAT_PROXY_STREAM_IDLE_TIMEOUT_MS)",
             ) from None
         except aiohttp.ClientError as exc:
             raise ProxyError(

@@ -1,4 +1,4 @@
-"""Fetching ``http(s)`` image URLs for backends that only take image bytes (SPEC §8, §12).
+"""Fetching ``http(s)`` image URLs for backends that only take image bytes.
 
 Fetches go through the app's shared client session, only over http(s), capped at
 ``CHAT_PROXY_MAX_IMAGE_BYTES`` (checked on ``Content-Length`` and again while reading) and limited in time.
@@ -88,4 +88,4 @@ async def fetch_images_base64(
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    return {u: base64.b64encode(b).decode("ascii") for u, b in zip(urls, blobs)}
+    return {u: base64.b64encode(b).decode("ascii") for u, b in zip(urls, blobs, strict=True)}

@@ -1,4 +1,4 @@
-"""``POST /v1/chat/completions``: the pipeline around the adapter call, JSON or SSE out (SPEC §6-§7)."""
+"""``POST /v1/chat/completions``: the pipeline around the adapter call, JSON or SSE out."""
 
 from __future__ import annotations
 

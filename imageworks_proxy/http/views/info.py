@@ -1,4 +1,4 @@
-"""``/v1/health``, ``/v1/models`` and ``/v1/plugins`` (SPEC §5)."""
+"""``/v1/health``, ``/v1/models`` and ``/v1/plugins``."""
 
 from __future__ import annotations
 

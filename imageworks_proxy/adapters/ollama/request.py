@@ -1,23 +1,19 @@
-"""OpenAI Chat Completions <-> Ollama native ``/api/chat``: pure translation, no I/O.
+"""OpenAI Chat Completions -> Ollama native ``/api/chat``: the request translation, pure (no I/O).
 
-Request side: :func:`to_ollama_request` turns an OpenAI body into an ``/api/chat`` payload (images from
-``http(s)`` URLs must be fetched first and passed in as ``fetched``). Response side:
-:func:`completion_from_ollama` builds a ``chat.completion`` from a non-streamed reply, and
-:class:`ChunkTranslator` turns NDJSON stream lines (split by :class:`NdjsonSplitter`) into
-``chat.completion.chunk`` dicts.
+:func:`to_ollama_request` turns an OpenAI body into an ``/api/chat`` payload; images from ``http(s)``
+URLs must be fetched first (:func:`image_urls` lists them) and passed in as ``fetched``. The answer's
+way back is :mod:`.response`.
 """
 
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
 
 from imageworks_proxy.errors import ProxyError
-from imageworks_proxy.wire import ids
 from imageworks_proxy.wire.content import image_parts, image_url_of, is_image_part, is_remote, parse_data_url
 
 #: OpenAI request fields that map one-to-one onto an Ollama ``options`` key.
@@ -337,191 +333,3 @@ def to_ollama_request(
     elif keep_alive is not None:
         payload["keep_alive"] = keep_alive
     return payload
-
-
-# -- response ------------------------------------------------------------------------------------
-def _arguments_json(raw: Any) -> str:
-    if isinstance(raw, str):
-        return raw if raw.strip() else "{}"
-    return orjson.dumps(raw if raw is not None else {}).decode()
-
-
-def _finish_reason(done_reason: Any, tool_calls: bool) -> str:
-    if tool_calls:
-        return "tool_calls"
-    return "length" if done_reason == "length" else "stop"
-
-
-def usage_from(data: Mapping[str, Any]) -> dict[str, int]:
-    prompt = int(data.get("prompt_eval_count") or 0)
-    completion = int(data.get("eval_count") or 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _tool_call(call: Any) -> tuple[str, str, str]:
-    """(id, name, JSON arguments) of one Ollama tool call."""
-    fn = call.get("function") if isinstance(call, Mapping) else None
-    fn = fn if isinstance(fn, Mapping) else {}
-    call_id = call.get("id") if isinstance(call, Mapping) else None
-    if not isinstance(call_id, str) or not call_id:
-        call_id = ids.tool_call_id()
-    return call_id, str(fn.get("name") or ""), _arguments_json(fn.get("arguments"))
-
-
-def completion_from_ollama(
-    data: Mapping[str, Any], *, model: str, completion_id: str | None = None, created: int | None = None
-) -> dict[str, Any]:
-    """A ``chat.completion`` for a non-streamed ``/api/chat`` reply; ``model`` is the id the client
-    asked for."""
-    msg = data.get("message") if isinstance(data.get("message"), Mapping) else {}
-    content = msg.get("content") if isinstance(msg.get("content"), str) else ""
-    calls = [_tool_call(c) for c in msg.get("tool_calls") or ()]
-    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
-    if calls:
-        message["tool_calls"] = [
-            {"id": cid, "type": "function", "function": {"name": name, "arguments": args}}
-            for cid, name, args in calls
-        ]
-        if not content:
-            message["content"] = None
-    thinking = msg.get("thinking")
-    if isinstance(thinking, str) and thinking:
-        message["reasoning_content"] = thinking
-    return {
-        "id": completion_id or ids.completion_id(),
-        "object": "chat.completion",
-        "created": created if created is not None else int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "logprobs": None,
-                "finish_reason": _finish_reason(data.get("done_reason"), bool(calls)),
-            }
-        ],
-        "usage": usage_from(data),
-    }
-
-
-class ChunkTranslator:
-    """Turns ``/api/chat`` NDJSON lines into ``chat.completion.chunk`` dicts for one stream.
-
-    Feed every decoded line to :meth:`feed`; it returns the chunks to send (role first; content and
-    reasoning deltas; each tool call as one delta with index, id, type, name and its JSON arguments, since
-    Ollama sends calls whole; on ``done`` the finish chunk and, with ``include_usage``, the usage chunk).
-    Raises :class:`ProxyError` for an ``{"error": ...}`` line.
-    """
-
-    def __init__(self, *, model: str, include_usage: bool = False) -> None:
-        self.model = model
-        self.include_usage = include_usage
-        self.id = ids.completion_id()
-        self.created = int(time.time())
-        self.finished = False
-        self.usage: dict[str, int] | None = None
-        self._started = False
-        self._tool_calls = 0
-
-    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
-        }
-
-    def feed(self, line: Any) -> list[dict[str, Any]]:
-        if not isinstance(line, Mapping):
-            raise ProxyError(502, "backend_error", "Ollama sent a stream line that is not a JSON object")
-        if "error" in line:
-            raise ProxyError(502, "backend_error", f"Ollama error: {error_text(line['error'])}")
-        out: list[dict[str, Any]] = []
-        if not self._started:
-            self._started = True
-            out.append(self._chunk({"role": "assistant", "content": ""}))
-        msg = line.get("message") if isinstance(line.get("message"), Mapping) else {}
-        # Oversized deltas are cut into pieces by the SSE writer (sse.py), so each field goes out whole here.
-        thinking = msg.get("thinking")
-        if isinstance(thinking, str) and thinking:
-            out.append(self._chunk({"reasoning_content": thinking}))
-        content = msg.get("content")
-        if isinstance(content, str) and content:
-            out.append(self._chunk({"content": content}))
-        for call in msg.get("tool_calls") or ():
-            index = self._tool_calls
-            self._tool_calls += 1
-            call_id, name, args = _tool_call(call)
-            first = {
-                "index": index,
-                "id": call_id,
-                "type": "function",
-                "function": {"name": name, "arguments": args},
-            }
-            out.append(self._chunk({"tool_calls": [first]}))
-        if line.get("done"):
-            self.finished = True
-            self.usage = usage_from(line)
-            out.append(self._chunk({}, _finish_reason(line.get("done_reason"), self._tool_calls > 0)))
-            if self.include_usage:
-                out.append(
-                    {
-                        "id": self.id,
-                        "object": "chat.completion.chunk",
-                        "created": self.created,
-                        "model": self.model,
-                        "choices": [],
-                        "usage": self.usage,
-                    }
-                )
-        return out
-
-
-class NdjsonSplitter:
-    """Splits a byte stream into NDJSON lines without aiohttp's line-length cap (PROTOCOLS §6.4)."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> list[bytes]:
-        self._buf += data
-        end = self._buf.rfind(b"\n")
-        if end < 0:
-            return []
-        complete = bytes(self._buf[:end])
-        del self._buf[: end + 1]
-        return [line for line in complete.split(b"\n") if line.strip()]
-
-    def close(self) -> list[bytes]:
-        """Whatever followed the last newline (a final line without ``\\n``)."""
-        rest, self._buf = bytes(self._buf), bytearray()
-        return [rest] if rest.strip() else []
-
-
-def decode_line(line: bytes) -> Any:
-    """One NDJSON line; :class:`ProxyError` 502 when it is not JSON."""
-    try:
-        return orjson.loads(line)
-    except orjson.JSONDecodeError:
-        raise ProxyError(
-            502, "backend_error", f"Ollama sent a line that is not JSON: {line[:200]!r}"
-        ) from None
-
-
-def error_text(value: Any) -> str:
-    """Ollama's error is a string; tolerate an OpenAI-style object too."""
-    if isinstance(value, Mapping):
-        value = value.get("message") or value
-    return str(value)
-
-
-def error_from_body(raw: bytes) -> str | None:
-    """The ``error`` string of an Ollama error body, or ``None`` when the body is not one."""
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    if isinstance(data, Mapping) and data.get("error"):
-        return error_text(data["error"])
-    return None
