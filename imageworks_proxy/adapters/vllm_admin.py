@@ -15,7 +15,6 @@ from aiohttp import web
 from imageworks_proxy import keys
 from imageworks_proxy.adapters.vllm_orchestrated import VllmOrchestratedAdapter, orchestrator
 from imageworks_proxy.errors import ProxyError, invalid_request
-from imageworks_proxy.http.responses import json_response
 
 
 def _is_loopback(remote: str | None) -> bool:
@@ -25,6 +24,10 @@ def _is_loopback(remote: str | None) -> bool:
         return ipaddress.ip_address(remote.split("%")[0]).is_loopback
     except ValueError:
         return False
+
+
+def json_response(data: object) -> web.Response:
+    return web.Response(body=orjson.dumps(data), content_type="application/json")
 
 
 def _guard(request: web.Request) -> VllmOrchestratedAdapter:

@@ -30,7 +30,7 @@ from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.gpu.backoff import StartBackoff
 from imageworks_proxy.gpu.swaplog import SwapLog
 from imageworks_proxy.gpu.tenancy import Lease, NoLease, Tenant
-from imageworks_proxy.gpu.waiters import Waiter, WaitQueue
+from imageworks_proxy.gpu.waiters import GrantedLease, Waiter, WaitQueue, everything
 
 if TYPE_CHECKING:
     from imageworks_proxy.adapters.base import ChatCall
@@ -49,27 +49,6 @@ class Phase(StrEnum):
 
 
 IDLE, STARTING, READY, DRAINING, STOPPING = Phase
-
-
-class _Lease:
-    """A lease on the active tenant; :meth:`release` is idempotent."""
-
-    __slots__ = ("_generation", "_released", "_scheduler", "tenant")
-
-    def __init__(self, scheduler: GpuScheduler, tenant: Tenant, generation: int) -> None:
-        self._scheduler = scheduler
-        self._generation = generation
-        self._released = False
-        self.tenant = tenant
-
-    def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self._scheduler._release(self._generation)
-
-
-def _all(tenant: Tenant) -> bool:
-    return True
 
 
 class GpuScheduler:
@@ -262,10 +241,10 @@ class GpuScheduler:
         self._generation += 1
         return True
 
-    def _grant(self, tenant: Tenant) -> _Lease:
+    def _grant(self, tenant: Tenant) -> GrantedLease:
         self._inflight += 1
         self._stats["admitted"] += 1
-        return _Lease(self, self._active or tenant, self._generation)
+        return GrantedLease(self._release, self._active or tenant, self._generation)
 
     def _release(self, generation: int) -> None:
         if generation != self._generation:
@@ -338,7 +317,7 @@ class GpuScheduler:
             return
         head = self._waiters.head
         active = self._active
-        if head.tenant is None and (active is None or not (head.vacate or _all)(active)):
+        if head.tenant is None and (active is None or not (head.vacate or everything)(active)):
             await self._switch(head)  # nothing in flight needs to drain for this vacate
             self._kick.set()
             return
@@ -396,7 +375,7 @@ class GpuScheduler:
             if (target is None or k != target.key) and (old is None or k != old.key)
         ]
         if target is None:
-            predicate = head.vacate or _all
+            predicate = head.vacate or everything
             evict = [t for t in evict if predicate(t)]
         return evict
 
@@ -437,7 +416,7 @@ class GpuScheduler:
 
     def _vacated(self, head: Waiter, record: dict[str, Any]) -> None:
         """A vacate request is done: the GPU is free of every tenant it named."""
-        predicate = head.vacate or _all
+        predicate = head.vacate or everything
         if self._active is not None and not predicate(self._active):
             self._phase = READY
         else:

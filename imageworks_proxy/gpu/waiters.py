@@ -1,4 +1,5 @@
-"""The queue of requests waiting for the GPU scheduler (:mod:`imageworks_proxy.gpu.scheduler`)."""
+"""The queue of requests waiting for the GPU scheduler (:mod:`imageworks_proxy.gpu.scheduler`), and the
+leases it grants."""
 
 from __future__ import annotations
 
@@ -81,3 +82,26 @@ class WaitQueue:
             if not w.future.done():
                 w.future.set_exception(error)
         self._items.clear()
+
+
+class GrantedLease:
+    """A lease on the active tenant; :meth:`release` is idempotent. ``generation`` identifies the tenant's
+    run: a lease on a run that is over (the tenant was lost and restarted) releases nothing."""
+
+    __slots__ = ("_generation", "_release", "_released", "tenant")
+
+    def __init__(self, release: Callable[[int], None], tenant: Tenant, generation: int) -> None:
+        self._release = release
+        self._generation = generation
+        self._released = False
+        self.tenant = tenant
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._release(self._generation)
+
+
+def everything(tenant: Tenant) -> bool:
+    """The vacate predicate that matches every tenant."""
+    return True
