@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import importlib.metadata as md
 import logging
-import sys
 from collections.abc import Iterable
 from types import ModuleType
 from typing import Any
@@ -171,7 +170,3 @@ def unique_by_name(pairs: list[tuple[str, type]], what: str) -> dict[str, tuple[
             )
         out[name] = (plugin_name, cls)
     return out
-
-
-def python_info() -> str:
-    return sys.version.split()[0]

@@ -12,7 +12,6 @@ import os
 import shlex
 import time
 from collections.abc import Callable
-from typing import Any
 
 import aiohttp
 import attrs
@@ -85,21 +84,6 @@ class Instance:
             self.prefix_len,
             self.log_path,
         )
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "logical_name": self.logical_name,
-            "served_model_id": self.served_model_id,
-            "host": self.host,
-            "port": self.port,
-            "pid": self.pid,
-            "pgid": self.pgid,
-            "started_at": self.started_at,
-            "ready": self.ready,
-            "adopted": self.adopted,
-            "command": list(self.command),
-            "log_path": self.log_path,
-        }
 
 
 def log_path_for(config: Config, name: str) -> str:
