@@ -82,7 +82,8 @@ def make_plugin_manager(
                         pm,
                         f"{ep.name} ({theirs or '?'})",
                         PluginError(
-                            f"entry point name {ep.name!r} is already used by {first.distribution or '?'}; skipped"
+                            f"entry point name {ep.name!r} is already used by "
+                            f"{first.distribution or '?'}; skipped"
                         ),
                     )
                 continue

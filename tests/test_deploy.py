@@ -258,7 +258,8 @@ def _healthcheck_shell(kind: str) -> str:
 
 
 def test_container_command_serves_health_on_all_interfaces_and_passes_the_image_healthchecks(tmp_path):
-    """What `docker run` does: imageworks-chat-proxy with the image's environment (CHAT_PROXY_HOST=0.0.0.0)."""
+    """What `docker run` does: imageworks-chat-proxy with the image's environment
+    (CHAT_PROXY_HOST=0.0.0.0)."""
     port = _free_port()
     bin_dir = Path(sys.executable).parent
     registry = tmp_path / "configs"
@@ -267,7 +268,8 @@ def test_container_command_serves_health_on_all_interfaces_and_passes_the_image_
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_PROXY_")}
     env.update(env_of(DOCKERFILES["slim"]))
     env.update(CHAT_PROXY_PORT=str(port), PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}")
-    # Relative defaults (configs/, logs/, _staging/) resolve in the working directory, as under /srv/imageworks.
+    # Relative defaults (configs/, logs/, _staging/) resolve in the working directory, as under
+    # /srv/imageworks.
     proc = subprocess.Popen(
         ["imageworks-chat-proxy"],
         env=env,

@@ -270,7 +270,7 @@ async def test_ollama_decorated_label_matches_the_seed(make_config, registry_fil
     ]
 
 
-# -- property: every listed id resolves to the entry it is listed for ------------------------------------------
+# -- property: every listed id resolves to the entry it is listed for ----------------------------------------
 
 _words = st.sampled_from(
     [

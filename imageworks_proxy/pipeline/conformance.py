@@ -147,7 +147,8 @@ class Conformance(Stage):
                 ctx.usage = chunk["usage"]
         if repeated:
             # drop what only repeated a finish; keep anything else the chunk carries (text, usage)
-            chunk["choices"] = choices = [c for c in choices if c["delta"] or c["finish_reason"] or c.get("logprobs")]
+            choices = [c for c in choices if c["delta"] or c["finish_reason"] or c.get("logprobs")]
+            chunk["choices"] = choices
             if not choices and not chunk.get("usage"):
                 return []
         if not choices and chunk.get("usage") and not ctx.client_wants_usage:
