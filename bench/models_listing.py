@@ -1,4 +1,4 @@
-"""Measure GET /v1/models with a generated 500-entry registry (SPEC §5: < 20 ms).
+"""Measure GET /v1/models with a generated 500-entry registry (target: under 20 ms).
 
 Starts the proxy in-process on loopback with a fake Ollama (/api/tags), then times sequential
 requests from an aiohttp client. Prints figures; asserts nothing.

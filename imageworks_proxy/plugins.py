@@ -1,4 +1,4 @@
-"""The plugin manager factory and what the loaded plugins registered (SPEC §1)."""
+"""The plugin manager factory and what the loaded plugins registered (docs/plugins.md)."""
 
 from __future__ import annotations
 

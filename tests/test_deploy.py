@@ -1,5 +1,5 @@
 """Deployment files, checked without a Docker engine (none runs here): the compose file parses and wires the
-seed's setup, the Dockerfiles copy files that exist and install the proxy from the repository, and the
+OpenWebUI setup, the Dockerfiles copy files that exist and install the proxy from the repository, and the
 container's command serves /v1/health when run directly."""
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def test_compose_proxy_environment_is_the_seeds(compose):
         "CHAT_PROXY_SUPPRESS_DECORATIONS": "1",
         "CHAT_PROXY_LOOPBACK_ALIAS": "host.docker.internal",
     }
-    # Seed defaults that the user may override from the shell before `docker compose up`.
+    # Defaults that the user may override from the shell before `docker compose up`.
     assert env["CHAT_PROXY_INCLUDE_NON_INSTALLED"] == "${CHAT_PROXY_INCLUDE_NON_INSTALLED:-0}"
     assert env["CHAT_PROXY_VLLM_SINGLE_PORT"] == "${CHAT_PROXY_VLLM_SINGLE_PORT:-1}"
     unknown = {k for k in env if k.startswith("CHAT_PROXY_")} - KNOWN_SETTINGS
@@ -151,7 +151,8 @@ def test_openwebui_waits_for_a_healthy_proxy_and_uses_it_as_its_only_backend(com
     assert env["ENABLE_OLLAMA_API"] == "false"
     assert env["OLLAMA_BASE_URLS"] == "" and env["OLLAMA_API_CONFIGS"] == ""
     assert env["RESET_CONFIG_ON_START"] == "true"
-    assert env["OPENAI_API_KEY"] == "${CHAT_PROXY_API_KEYS:-EMPTY}"  # the seed's EMPTY unless keys are set
+    # OpenWebUI needs some key: EMPTY unless keys are set
+    assert env["OPENAI_API_KEY"] == "${CHAT_PROXY_API_KEYS:-EMPTY}"
 
 
 # -- Dockerfiles ----------------------------------------------------------------------------------------

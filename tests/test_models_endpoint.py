@@ -1,4 +1,4 @@
-"""/v1/models, /v1/health and the HTTP envelope (SPEC §5, §9): what a client of the running proxy sees."""
+"""/v1/models, /v1/health and the HTTP envelope: what a client of the running proxy sees."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The orchestrator admin API: state, activate, stop; loopback only unless API keys are set (SPEC §5, §12)."""
+"""The orchestrator admin API: state, activate, stop; loopback only unless API keys are set."""
 
 from __future__ import annotations
 

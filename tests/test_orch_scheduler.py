@@ -1,4 +1,4 @@
-"""The GPU tenancy scheduler's policy (SPEC §11), with in-process tenants: fast and exhaustive.
+"""The GPU tenancy scheduler's policy, with in-process tenants: fast and exhaustive.
 
 The same policy is exercised end to end with a real fake-vLLM subprocess in test_orch_vllm.py.
 """

@@ -1,4 +1,4 @@
-"""The plugin system (SPEC §1): entry points, the manager factory, failures, clashes, third-party adapters.
+"""The plugin system: entry points, the manager factory, failures, clashes, third-party adapters.
 
 Each hookspec in ``hookspecs.HOOKSPECS`` has a ``test_hook_<name>_...`` test here (a guard test checks it).
 """

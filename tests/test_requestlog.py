@@ -1,4 +1,4 @@
-"""The JSONL request log writer: queueing, rotation, disk errors, redaction (SPEC §10)."""
+"""The JSONL request log writer: queueing, rotation, disk errors, redaction."""
 
 from __future__ import annotations
 

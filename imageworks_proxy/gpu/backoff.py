@@ -1,4 +1,4 @@
-"""Start-failure backoff: a tenant that failed to start is not relaunched in a tight loop (SPEC §11)."""
+"""Start-failure backoff: a tenant that failed to start is not relaunched in a tight loop."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""GPU tenancy: who may use the GPU right now (SPEC §11).
+"""GPU tenancy: who may use the GPU right now.
 
 Adapters whose backend occupies the GPU (orchestrated vLLM, Ollama when ``CHAT_PROXY_GPU_EXCLUSIVE=1``,
 plugin-managed servers) take a lease for a :class:`Tenant` around each request. The implementation that

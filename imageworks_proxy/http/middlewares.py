@@ -1,5 +1,5 @@
 """aiohttp middlewares for HTTP concerns only: the access log, request ids, the error envelope and API keys
-(SPEC §9, §10, §12)."""
+(docs/security.md)."""
 
 from __future__ import annotations
 

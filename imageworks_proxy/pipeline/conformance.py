@@ -1,5 +1,5 @@
-"""Conformance fill-in (SPEC §6.10): whatever the backend sent, what leaves the proxy validates against the
-OpenAI schemas — required fields are filled in, the first delta carries the role, a stream ends with a
+"""Conformance fill-in: whatever the backend sent, what leaves the proxy validates against the OpenAI
+schemas — required fields are filled in, the first delta carries the role, a stream ends with a
 finish reason."""
 
 from __future__ import annotations

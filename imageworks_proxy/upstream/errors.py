@@ -1,4 +1,5 @@
-"""Upstream failures → the proxy's error contract (SPEC §9), including vLLM's error shapes (§8)."""
+"""Upstream failures → the proxy's OpenAI-shaped errors, read from OpenAI, vLLM, FastAPI and Ollama
+error bodies."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The one vLLM process on ``CHAT_PROXY_VLLM_PORT``: launch, readiness, stop, adoption and crash
-detection (SPEC §11). Scheduling (who may use it, when to switch) is :mod:`.scheduler`'s job; this class
-only makes "model X is running and healthy" or "nothing is running" true, one operation at a time.
+detection. Scheduling (who may use it, when to switch) is :mod:`imageworks_proxy.gpu.scheduler`'s job;
+this class only makes "model X is running and healthy" or "nothing is running" true, one operation at a
+time.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Regenerate openai_schemas.json from the official OpenAPI file (needs PyYAML).
 
-Usage: python tests/data/extract_schemas.py ../shared/openai-openapi/openapi.yaml
+Usage: python tests/data/extract_schemas.py PATH/TO/openapi.yaml
+
+(``openapi.yaml`` from a checkout of github.com/openai/openai-openapi, at the commit named in the output.)
 """
 
 import json
