@@ -32,7 +32,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def targets(results: dict) -> list[tuple[str, str, str, str, str, bool | None]]:
-    """Rows (what, proxy, reference, ratio, goal, met) for the SPEC §14 targets."""
+    """Rows (what, proxy, reference, ratio, goal, met) for the performance targets; met None: not measured."""
     idx = _index(results.get("chat", []))
     rows = []
     for mode in ("non-stream", "stream"):
@@ -130,7 +130,7 @@ def markdown(results: dict) -> str:
     for target, why in results.get("skipped", {}).items():
         lines += [f"> **{target} chat not measured**: {why}", ""]
     lines += [
-        "## Targets (SPEC §14)",
+        "## Targets",
         "",
         "| target | proxy | reference | ratio | goal | met |",
         "|---|---:|---:|---:|---|---|",

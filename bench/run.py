@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark the proxy against a direct upstream and a reference passthrough, in one run (SPEC §14).
+"""Benchmark the proxy against a direct upstream and a reference passthrough, in one run.
 
 Starts the upstream stub, the reference passthrough and ``imageworks-chat-proxy`` (request log and
 metrics on, a generated 500-entry registry), drives all three with the same load (wrk, or

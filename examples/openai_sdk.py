@@ -1,7 +1,9 @@
 """Talk to a running imageworks-chat-proxy with the official ``openai`` SDK: a plain reply, a streamed
 reply, a tool call round trip and a question about an image.
 
-    python examples/openai_sdk.py [BASE_URL] [--model ID] [--vision-model ID] [--steps plain,stream,tools,image]
+    python examples/openai_sdk.py [BASE_URL] [--model ID] [--vision-model ID] [--steps LIST]
+
+LIST is a comma-separated choice of plain, stream, tools and image (default: all four).
 
 BASE_URL defaults to $IMAGEWORKS_PROXY_URL, then $OPENAI_BASE_URL, then http://127.0.0.1:8100/v1. The API key
 is $OPENAI_API_KEY (one of CHAT_PROXY_API_KEYS when the proxy has keys; anything otherwise). Without --model

@@ -1,4 +1,4 @@
-"""Configuration: environment > optional TOML file > defaults (SPEC §2).
+"""Configuration: environment > optional TOML file > defaults (every setting: docs/configuration.md).
 
 ``load_config`` is a pure function of the environment mapping (and the TOML file it may name), so tests
 build configs in code and two apps in one process can run with different settings.
@@ -19,7 +19,10 @@ PREFIX = "CHAT_PROXY_"
 
 
 class ConfigError(ValueError):
-    """A setting has a value we cannot use; the message names the variable, the value and what was expected."""
+    """A setting has a value we cannot use.
+
+    The message names the variable, the value and what was expected, on one line.
+    """
 
 
 def _default_vllm_command() -> str:
@@ -136,6 +139,9 @@ def _autostart_map(raw: str) -> dict[str, tuple[str, ...] | str]:
 
 @attrs.frozen
 class Setting:
+    """One setting: its environment variable, its :class:`Config` attribute, the parser for its text form,
+    its default (None: unset, or resolved in :func:`load_config`) and a one-line meaning."""
+
     env: str
     attr: str
     parse: Callable[[str], Any]
@@ -236,7 +242,10 @@ _BY_ATTR = {s.attr: s for s in SETTINGS}
 
 @attrs.frozen
 class Config:
-    """The effective configuration. Build it with :func:`load_config`; change it with ``attrs.evolve``."""
+    """The effective configuration. Build it with :func:`load_config`; change it with ``attrs.evolve``.
+
+    The fields have no defaults on purpose: :data:`SETTINGS` is the one place defaults live.
+    """
 
     host: str
     port: int
@@ -268,23 +277,23 @@ class Config:
     gpu_exclusive: bool
     autostart_enabled: bool
     autostart_map: Mapping[str, Any] = attrs.field(eq=False)
-    autostart_grace_period_s: float = 120.0
-    vllm_single_port: bool = True
-    vllm_port: int = 24001
-    vllm_host: str = "127.0.0.1"
-    vllm_command: str = ""
-    vllm_state_path: str = "_staging/active_vllm.json"
-    vllm_log_dir: str = "logs/vllm"
-    vllm_start_timeout_s: float = 180.0
-    vllm_stop_timeout_s: float = 30.0
-    vllm_health_timeout_s: float = 120.0
-    vllm_gpu_memory_utilization: float = 0.75
-    vllm_max_model_len: int | None = None
-    vllm_max_queue: int = 64
-    vllm_failure_backoff_s: float = 10.0
-    vllm_keep_on_exit: bool = False
-    api_keys: tuple[str, ...] = attrs.field(default=(), repr=False)
-    config_file: str | None = None
+    autostart_grace_period_s: float
+    vllm_single_port: bool
+    vllm_port: int
+    vllm_host: str
+    vllm_command: str
+    vllm_state_path: str
+    vllm_log_dir: str
+    vllm_start_timeout_s: float
+    vllm_stop_timeout_s: float
+    vllm_health_timeout_s: float
+    vllm_gpu_memory_utilization: float
+    vllm_max_model_len: int | None
+    vllm_max_queue: int
+    vllm_failure_backoff_s: float
+    vllm_keep_on_exit: bool
+    api_keys: tuple[str, ...] = attrs.field(repr=False)
+    config_file: str | None
     #: Which source set each setting: "env", "file" or "default".
     sources: Mapping[str, str] = attrs.field(factory=dict, eq=False, repr=False)
 
@@ -313,9 +322,10 @@ def _file_value_to_text(value: Any) -> str:
 
 
 def load_config(environ: Mapping[str, str] | None = None) -> Config:
-    """Build the effective :class:`Config` from ``environ`` (default ``os.environ``) and the TOML file it names.
+    """Build the effective :class:`Config` from ``environ`` and the TOML file it names.
 
-    Raises :class:`ConfigError` naming the variable, the value and what was expected.
+    ``environ`` None means ``os.environ``. Raises :class:`ConfigError` naming the variable, the value and
+    what was expected.
     """
     env = dict(os.environ if environ is None else environ)
     file_path = (env.get(PREFIX + "CONFIG_FILE") or "").strip() or None
@@ -358,8 +368,11 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
     return Config(**values, sources=sources)
 
 
-def describe_config(config: Config) -> list[tuple[str, str, str]]:
-    """Rows of (variable, effective value, source) for ``--print-config``; API keys are masked."""
+def describe_config(config: Config) -> list[tuple[str, str, str, str]]:
+    """Rows of (variable, effective value, source, meaning) for ``--print-config``; API keys are masked.
+
+    An unset value is shown as "".
+    """
     rows = []
     for s in SETTINGS:
         value = getattr(config, s.attr)
@@ -370,11 +383,11 @@ def describe_config(config: Config) -> list[tuple[str, str, str]]:
         elif value is None or (isinstance(value, (dict, tuple, list)) and not value):
             shown = ""  # unset
         elif isinstance(value, float):
-            # 120, not 120.0: the same spelling as the README and the seed
+            # 120, not 120.0: the spelling the configuration table in the docs uses
             shown = str(int(value)) if value.is_integer() else repr(value)
         elif isinstance(value, (dict, tuple, list)):
             shown = orjson.dumps(value).decode()
         else:
             shown = str(value)
-        rows.append((s.env, shown, config.sources.get(s.attr, "default")))
+        rows.append((s.env, shown, config.sources.get(s.attr, "default"), s.help))
     return rows

@@ -1,4 +1,4 @@
-"""The OpenAI error shape and the proxy's error codes (SPEC §9)."""
+"""The OpenAI error shape and the proxy's error codes."""
 
 from __future__ import annotations
 

@@ -37,8 +37,8 @@ def register_stages(register: Callable[[type], None]) -> None:
     """Register chat pipeline stage classes.
 
     Runs once per app while it is built. Call ``register(StageClass)`` for each stage; the class must
-    subclass :class:`imageworks_proxy.pipeline.stage.Stage` with a unique ``name`` and an ``order`` (the built-in
-    stages use 100-1100 in steps of 100; pick a number between them to run in between).
+    subclass :class:`imageworks_proxy.pipeline.stage.Stage` with a unique ``name`` and an ``order`` (the
+    built-in stages use 100-1100 in steps of 100; pick a number between them to run in between).
     """
 
 

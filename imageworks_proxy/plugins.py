@@ -1,11 +1,10 @@
-"""The plugin manager factory and what the loaded plugins registered (SPEC §1)."""
+"""The plugin manager factory and what the loaded plugins registered (docs/plugins.md)."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
 import logging
-import sys
 from collections.abc import Iterable
 from types import ModuleType
 from typing import Any
@@ -94,7 +93,8 @@ def make_plugin_manager(
                         pm,
                         f"{ep.name} ({theirs or '?'})",
                         PluginError(
-                            f"entry point name {ep.name!r} is already used by {first.distribution or '?'}; skipped"
+                            f"entry point name {ep.name!r} is already used by "
+                            f"{first.distribution or '?'}; skipped"
                         ),
                     )
                 continue
@@ -175,7 +175,3 @@ def unique_by_name(pairs: list[tuple[str, type]], what: str) -> dict[str, tuple[
             )
         out[name] = (plugin_name, cls)
     return out
-
-
-def python_info() -> str:
-    return sys.version.split()[0]

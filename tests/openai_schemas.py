@@ -1,7 +1,8 @@
 """Validate proxy output against the official OpenAI schemas (subset in tests/data/openai_schemas.json).
 
-The file is OpenAPI 3.1 but still uses 3.0's ``nullable: true``; it is rewritten to ``anyOf [.., null]``
-before validation (see shared/PROTOCOLS.md §3.9).
+The file is OpenAPI 3.1 but still uses 3.0's ``nullable: true``, which JSON Schema 2020-12 does not know
+(a validator ignores it and rejects every ``null``); it is rewritten to ``anyOf [.., null]`` before
+validation.
 """
 
 from __future__ import annotations

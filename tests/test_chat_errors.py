@@ -1,4 +1,5 @@
-"""Failures a client of the proxy can see: every one in the OpenAI error shape with the spec's status and code."""
+"""Failures a client of the proxy can see: every one in the OpenAI error shape with its documented status
+and code."""
 
 from __future__ import annotations
 

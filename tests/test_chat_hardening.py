@@ -462,7 +462,7 @@ async def test_big_vllm_reasoning_is_split_under_64k_in_both_fields(env):
     assert text_of(chunks) == "42" and finishes(chunks) == [(0, "stop")]
 
 
-# -- errors and disconnects from adapters ---------------------------------------------------------------------
+# -- errors and disconnects from adapters --------------------------------------------------------------------
 
 
 class Events:
@@ -542,7 +542,8 @@ async def odd(registry_file, make_config, proxy_client):
 @pytest.fixture(params=["test-server", "embedded"])
 async def odd_served(request, registry_file, make_config, make_app, proxy_client):
     """The test adapter behind the test server (aiohttp cancels a handler whose client left) and behind an
-    ``AppRunner`` the way ``web.run_app(parent)`` serves an embedding app (it does not: the proxy must notice)."""
+    ``AppRunner`` the way ``web.run_app(parent)`` serves an embedding app (it does not: the proxy must
+    notice)."""
     events = Events()
     registry_file([{"name": m, "backend": "odd"} for m in ODD_MODES])
     if request.param == "test-server":

@@ -1,4 +1,4 @@
-"""Configuration (SPEC §2): seed defaults, precedence, error messages, --print-config, README coverage."""
+"""Configuration: defaults, precedence, error messages, --print-config, documentation coverage."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from imageworks_proxy.config import SETTINGS, Config, ConfigError, describe_conf
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The seed's "Environment variables" table (shared/seed/chat-proxy-readme.md), copied when this test
-# was written so CI does not depend on ../shared. "" means the seed says *(unset)*.
-SEED_DEFAULTS = [
+# The defaults users and deployments rely on, written out so that changing one in SETTINGS is a deliberate
+# change here too. "" means unset.
+DOCUMENTED_DEFAULTS = [
     ("CHAT_PROXY_HOST", "127.0.0.1"),
     ("CHAT_PROXY_PORT", "8100"),
     ("CHAT_PROXY_SUPPRESS_DECORATIONS", "1"),
@@ -44,14 +44,10 @@ SEED_DEFAULTS = [
     ("CHAT_PROXY_VLLM_HEALTH_TIMEOUT_S", "120"),
     ("CHAT_PROXY_VLLM_GPU_MEMORY_UTILIZATION", "0.75"),
     ("CHAT_PROXY_VLLM_MAX_MODEL_LEN", ""),
-    # named in the seed's prose (vision history management) and SPEC §2 with these defaults
     ("CHAT_PROXY_VISION_TRUNCATE_HISTORY", "1"),
     ("CHAT_PROXY_VISION_KEEP_SYSTEM", "1"),
     ("CHAT_PROXY_VISION_KEEP_LAST_N_TURNS", "0"),
-]
-
-# SPEC §2 additions (the registry default depends on IMAGEWORKS_REGISTRY_DIR, tested separately).
-SPEC_DEFAULTS = [
+    # (the registry default depends on IMAGEWORKS_REGISTRY_DIR and is tested separately)
     ("CHAT_PROXY_INCLUDE_TEST_MODELS", "0"),
     ("CHAT_PROXY_OLLAMA_BASE_URL", "http://127.0.0.1:11434"),
     ("CHAT_PROXY_GPU_EXCLUSIVE", "1"),
@@ -64,7 +60,7 @@ SPEC_DEFAULTS = [
 
 
 def _shown(config: Config) -> dict[str, tuple[str, str]]:
-    return {env: (value, source) for env, value, source in describe_config(config)}
+    return {env: (value, source) for env, value, source, _meaning in describe_config(config)}
 
 
 def _cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -84,16 +80,14 @@ def _cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProc
     )
 
 
-@pytest.mark.parametrize(
-    ("env", "default"), SEED_DEFAULTS + SPEC_DEFAULTS, ids=[e for e, _ in SEED_DEFAULTS + SPEC_DEFAULTS]
-)
+@pytest.mark.parametrize(("env", "default"), DOCUMENTED_DEFAULTS, ids=[e for e, _ in DOCUMENTED_DEFAULTS])
 def test_every_documented_variable_exists_with_its_default(env, default):
     shown = _shown(load_config({}))
     assert env in shown, f"{env} is not a setting"
     assert shown[env] == (default, "default")
 
 
-def test_typed_defaults_match_the_seed():
+def test_typed_defaults_are_the_documented_ones():
     cfg = load_config({})
     assert (cfg.host, cfg.port) == ("127.0.0.1", 8100)
     assert cfg.suppress_decorations is True and cfg.include_non_installed is False
@@ -228,7 +222,7 @@ def test_cli_bad_port_exits_nonzero_with_one_line_on_stderr(tmp_path):
     assert result.stdout == ""
 
 
-def test_cli_print_config_shows_value_and_source_and_masks_keys(tmp_path):
+def test_cli_print_config_shows_value_source_and_meaning_and_masks_keys(tmp_path):
     toml = tmp_path / "proxy.toml"
     toml.write_text("schema_version = 3\n")
     result = _cli(
@@ -241,17 +235,20 @@ def test_cli_print_config_shows_value_and_source_and_masks_keys(tmp_path):
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
-    rows = {}
+    rows, meanings = {}, {}
     for line in result.stdout.splitlines():
-        m = re.match(r"^(CHAT_PROXY_\w+)\s+(.*?)\s*\(([^()]*(?:\([^()]*\))?)\)$", line)
+        m = re.match(r"^(CHAT_PROXY_\w+)\s+(.*?)\s*\(([^()]*(?:\([^()]*\))?)\)\s+(\S.*)$", line)
         assert m, f"unparsable line: {line!r}"
         rows[m.group(1)] = (m.group(2), m.group(3))
+        meanings[m.group(1)] = m.group(4)
     assert set(rows) == {s.env for s in SETTINGS}
     assert rows["CHAT_PROXY_PORT"] == ("8111", "env")
     assert rows["CHAT_PROXY_SCHEMA_VERSION"] == ("3", "file")
     assert rows["CHAT_PROXY_HOST"] == ("127.0.0.1", "default")
     assert rows["CHAT_PROXY_API_KEYS"] == ("<1 key(s)>", "env")
     assert "sk-topsecret" not in result.stdout + result.stderr
+    assert meanings["CHAT_PROXY_PORT"] == "Listen port"
+    assert meanings["CHAT_PROXY_LOG_PROMPTS"] == "Include prompt payloads in the JSONL log"
 
 
 def _docs_config_table() -> dict[str, str]:

@@ -1,5 +1,5 @@
 """Deployment files, checked without a Docker engine (none runs here): the compose file parses and wires the
-seed's setup, the Dockerfiles copy files that exist and install the proxy from the repository, and the
+OpenWebUI setup, the Dockerfiles copy files that exist and install the proxy from the repository, and the
 container's command serves /v1/health when run directly."""
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def test_compose_proxy_environment_is_the_seeds(compose):
         "CHAT_PROXY_SUPPRESS_DECORATIONS": "1",
         "CHAT_PROXY_LOOPBACK_ALIAS": "host.docker.internal",
     }
-    # Seed defaults that the user may override from the shell before `docker compose up`.
+    # Defaults that the user may override from the shell before `docker compose up`.
     assert env["CHAT_PROXY_INCLUDE_NON_INSTALLED"] == "${CHAT_PROXY_INCLUDE_NON_INSTALLED:-0}"
     assert env["CHAT_PROXY_VLLM_SINGLE_PORT"] == "${CHAT_PROXY_VLLM_SINGLE_PORT:-1}"
     unknown = {k for k in env if k.startswith("CHAT_PROXY_")} - KNOWN_SETTINGS
@@ -151,7 +151,8 @@ def test_openwebui_waits_for_a_healthy_proxy_and_uses_it_as_its_only_backend(com
     assert env["ENABLE_OLLAMA_API"] == "false"
     assert env["OLLAMA_BASE_URLS"] == "" and env["OLLAMA_API_CONFIGS"] == ""
     assert env["RESET_CONFIG_ON_START"] == "true"
-    assert env["OPENAI_API_KEY"] == "${CHAT_PROXY_API_KEYS:-EMPTY}"  # the seed's EMPTY unless keys are set
+    # OpenWebUI needs some key: EMPTY unless keys are set
+    assert env["OPENAI_API_KEY"] == "${CHAT_PROXY_API_KEYS:-EMPTY}"
 
 
 # -- Dockerfiles ----------------------------------------------------------------------------------------
@@ -258,7 +259,8 @@ def _healthcheck_shell(kind: str) -> str:
 
 
 def test_container_command_serves_health_on_all_interfaces_and_passes_the_image_healthchecks(tmp_path):
-    """What `docker run` does: imageworks-chat-proxy with the image's environment (CHAT_PROXY_HOST=0.0.0.0)."""
+    """What `docker run` does: imageworks-chat-proxy with the image's environment
+    (CHAT_PROXY_HOST=0.0.0.0)."""
     port = _free_port()
     bin_dir = Path(sys.executable).parent
     registry = tmp_path / "configs"
@@ -267,7 +269,8 @@ def test_container_command_serves_health_on_all_interfaces_and_passes_the_image_
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_PROXY_")}
     env.update(env_of(DOCKERFILES["slim"]))
     env.update(CHAT_PROXY_PORT=str(port), PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}")
-    # Relative defaults (configs/, logs/, _staging/) resolve in the working directory, as under /srv/imageworks.
+    # Relative defaults (configs/, logs/, _staging/) resolve in the working directory, as under
+    # /srv/imageworks.
     proc = subprocess.Popen(
         ["imageworks-chat-proxy"],
         env=env,

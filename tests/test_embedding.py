@@ -1,4 +1,4 @@
-"""Embedding (SPEC §1): the proxy mounted in another aiohttp app, and two proxies in one process."""
+"""Embedding: the proxy mounted in another aiohttp app, and two proxies in one process."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``imageworks-loader list`` (SPEC §11): the registry's models with id, logical name, backend, installed."""
+"""``imageworks-loader list``: the registry's models with id, logical name, backend, installed."""
 
 from __future__ import annotations
 

@@ -123,7 +123,9 @@ def test_swap_metrics_count_switches_and_failures_from_scheduler_events():
     assert swaps.summary() == {"count": 0, "failures": 0, "duration_s": None}
     for total in (1.0, 3.0, 2.0):
         swaps.on_event({"event": "swap", "from": None, "to": "vllm:a", "ok": True, "total_s": total})
-    swaps.on_event({"event": "swap", "to": "vllm:b", "ok": False, "error": "model_start_failed", "total_s": 4.0})
+    swaps.on_event(
+        {"event": "swap", "to": "vllm:b", "ok": False, "error": "model_start_failed", "total_s": 4.0}
+    )
     swaps.on_event({"event": "vacate", "from": "vllm:a", "to": None, "stop_s": 0.5})
     assert swaps.summary() == {
         "count": 3,

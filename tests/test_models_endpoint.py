@@ -1,4 +1,4 @@
-"""/v1/models, /v1/health and the HTTP envelope (SPEC §5, §9): what a client of the running proxy sees."""
+"""/v1/models, /v1/health and the HTTP envelope: what a client of the running proxy sees."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ async def test_models_are_listed_in_logical_name_order(make_config, registry_fil
     assert [m["extensions"]["logical_id"] for m in await _models(client)] == ["a", "b", "c"]
 
 
-# -- installed-only rules ---------------------------------------------------------------------------------------
+# -- installed-only rules ------------------------------------------------------------------------------------
 
 
 async def test_installed_only_follows_download_path(make_config, registry_file, proxy_client, tmp_path):
@@ -161,7 +161,7 @@ async def test_testing_models_hidden_unless_asked(make_config, registry_file, pr
     assert await _logical_ids(await proxy_client(make_config(INCLUDE_TEST_MODELS="1"))) == {"n", "t"}
 
 
-# -- Ollama's /api/tags ------------------------------------------------------------------------------------------
+# -- Ollama's /api/tags --------------------------------------------------------------------------------------
 
 
 def _fake_ollama(
@@ -259,7 +259,7 @@ async def test_ollama_installed_rule_ignored_with_include_non_installed(
     assert await _logical_ids(client) == {"present", "latest", "absent", "absent-with-files"}
 
 
-# -- health ------------------------------------------------------------------------------------------------------------
+# -- health --------------------------------------------------------------------------------------------------
 
 
 async def test_health_shape(make_config, registry_file, proxy_client):
@@ -300,7 +300,7 @@ async def test_health_is_open_when_api_keys_are_set_and_models_is_not(
     assert (await client.get("/v1/models", headers={"Authorization": "Bearer sk-3"})).status == 401
 
 
-# -- HTTP envelope ---------------------------------------------------------------------------------------------------------
+# -- HTTP envelope -------------------------------------------------------------------------------------------
 
 
 async def test_unknown_route_is_a_json_404_in_the_error_shape(make_config, registry_file, proxy_client):

@@ -1,4 +1,4 @@
-"""Public model ids and resolution (SPEC §4), through the pure functions and through /v1/models."""
+"""Public model ids and resolution, through the pure functions and through /v1/models."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def entry(**fields):
     return parse_entry(fields)
 
 
-# -- the spec's examples, exactly ---------------------------------------------------------------------
+# -- the documented examples, exactly ------------------------------------------------------------------
 
 @pytest.mark.parametrize(
     ("fields", "expected"),
@@ -32,7 +32,7 @@ def entry(**fields):
     ],
     ids=["ollama-llama", "vllm-qwen-awq", "vllm-gpt-oss", "florence-unknown-quant", "ollama-trailing-size"],
 )
-def test_spec_examples(fields, expected):
+def test_documented_examples_get_these_names(fields, expected):
     assert simplified_name(entry(**fields)) == expected
 
 
@@ -251,7 +251,7 @@ async def test_decorations_change_labels_not_ids(make_config, registry_file, pro
     assert decorated_models["internvl2-8b"]["name"] == "internvl2-8b · lmdeploy"
 
 
-async def test_ollama_decorated_label_matches_the_seed(make_config, registry_file, proxy_client):
+async def test_ollama_decorated_label_adds_backend_and_format(make_config, registry_file, proxy_client):
     registry_file(
         [
             {
@@ -270,7 +270,7 @@ async def test_ollama_decorated_label_matches_the_seed(make_config, registry_fil
     ]
 
 
-# -- property: every listed id resolves to the entry it is listed for ------------------------------------------
+# -- property: every listed id resolves to the entry it is listed for ----------------------------------------
 
 _words = st.sampled_from(
     [

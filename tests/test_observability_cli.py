@@ -1,4 +1,4 @@
-"""The server command's human log and request log, seen from a real process (SPEC §10)."""
+"""The server command's human log and request log, seen from a real process."""
 
 from __future__ import annotations
 

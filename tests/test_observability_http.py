@@ -1,4 +1,4 @@
-"""Observability seen from outside: the JSONL log, /v1/metrics, /metrics, request ids, access lines (SPEC §10)."""
+"""Observability seen from outside: the JSONL log, /v1/metrics, /metrics, request ids, access lines."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Observability of orchestrated vLLM: swaps, queue time and the active model in the log and the metrics.
 
-Runs once the vLLM orchestrator is present (it reads the orchestrator's ``stats()``; SPEC §10, §11)."""
+Runs once the vLLM orchestrator is present (it reads the orchestrator's ``stats()``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Which Ollama models /v1/models lists: installed-only through Ollama's /api/tags (SPEC §5)."""
+"""Which Ollama models /v1/models lists: installed-only through Ollama's /api/tags."""
 
 from __future__ import annotations
 

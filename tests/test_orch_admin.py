@@ -1,4 +1,4 @@
-"""The orchestrator admin API: state, activate, stop; loopback only unless API keys are set (SPEC §5, §12)."""
+"""The orchestrator admin API: state, activate, stop; loopback only unless API keys are set."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from unittest import mock
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
+from imageworks_proxy.adapters import vllm_admin as admin
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.upstream import process
-from imageworks_proxy.adapters import vllm_admin as admin
 from tests.fakes.orch import free_port, orch_settings, started, vllm_entry
 from tests.openai_schemas import validate_error
 

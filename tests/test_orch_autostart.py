@@ -1,4 +1,4 @@
-"""Autostart of non-orchestrated backends (SPEC §11): one start for concurrent requests, readiness within
+"""Autostart of non-orchestrated backends: one start for concurrent requests, readiness within
 the grace period, 504 with the command's log tail, failures with the command's own reason."""
 
 from __future__ import annotations

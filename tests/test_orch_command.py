@@ -1,4 +1,4 @@
-"""The vLLM command line built from a registry entry (SPEC §11)."""
+"""The vLLM command line built from a registry entry."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Orchestrated vLLM seen by an HTTP client of the proxy: keep-alives while a model starts, errors in the
-OpenAI shape, the template rule, the queue limit and disconnects (SPEC §6.6, §7, §9, §11)."""
+OpenAI shape, the template rule, the queue limit and disconnects."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """``imageworks-loader`` as a user runs it, in another process: through the admin API of a running proxy,
-or directly on the state file when no proxy runs (SPEC §11)."""
+or directly on the state file when no proxy runs."""
 
 from __future__ import annotations
 

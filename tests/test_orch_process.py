@@ -1,5 +1,5 @@
 """Process primitives: spawn in an own group, readiness, stop (SIGTERM→SIGKILL to the group, port and
-VRAM release), log lines that explain a failed start (SPEC §11)."""
+VRAM release), log lines that explain a failed start."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The GPU tenancy scheduler's policy (SPEC §11), with in-process tenants: fast and exhaustive.
+"""The GPU tenancy scheduler's policy, with in-process tenants: fast and exhaustive.
 
 The same policy is exercised end to end with a real fake-vLLM subprocess in test_orch_vllm.py.
 """
@@ -396,7 +396,7 @@ async def _scenario(plan: list[tuple[str, int, int, bool]], seed: int) -> tuple[
 def test_random_interleavings_never_overlap_always_succeed_and_switch_little(plan, seed):
     w, results, arrival_runs = asyncio.run(_scenario(plan, seed))
     assert w.violations == []
-    for (key, _gap, _hold, cancel), result in zip(plan, results):
+    for (key, _gap, _hold, cancel), result in zip(plan, results, strict=True):
         if not cancel:
             assert result == "ok", (key, result)
     # batching: never more starts than changes of model in the order the requests arrived

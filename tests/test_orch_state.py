@@ -1,4 +1,4 @@
-"""The active-vLLM state file: atomic writes, adoption checks, stale and corrupt files (SPEC §11)."""
+"""The active-vLLM state file: atomic writes, adoption checks, stale and corrupt files."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The template rule stage (SPEC §6.6) on its own: which entries need a template and where one is found."""
+"""The template rule stage on its own: which entries need a template and where one is found."""
 
 from __future__ import annotations
 

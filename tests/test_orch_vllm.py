@@ -1,4 +1,4 @@
-"""Single-port vLLM orchestration end to end, with a fake vLLM running as a real subprocess (SPEC §11)."""
+"""Single-port vLLM orchestration end to end, with a fake vLLM running as a real subprocess."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ async def test_a_cold_model_is_started_on_first_request_and_reported_loading_the
     text2, _, waited2 = await chat(client.app, "alpha")
     assert pid_of(text2) == pid_of(text) and waited2 == []
     assert len(started(tmp_path)) == 1
-    # the fake got the seed flags
+    # the fake got the flags built from the entry and the settings
     argv = started(tmp_path)[0]["argv"]
     assert argv[argv.index("--served-model-name") + 1] == "served-alpha"
     assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.75"

@@ -193,7 +193,7 @@ def test_loopback_alias_rewrites_only_loopback_hosts(url, alias, expected):
 
 def test_entry_base_url_forms():
     e = lambda bc: parse_entry({"name": "e", "backend": "openai", "backend_config": bc})  # noqa: E731
-    kw = dict(default_port=None, default_url=None, path="/v1")
+    kw = {"default_port": None, "default_url": None, "path": "/v1"}
     assert entry_base_url(e({"base_url": "http://h:1/v1/"}), **kw) == "http://h:1/v1"
     assert entry_base_url(e({"host": "h", "port": 2}), **kw) == "http://h:2/v1"
     assert entry_base_url(e({"host": "http://h:3"}), **kw) == "http://h:3/v1"

@@ -1,4 +1,4 @@
-"""The plugin system (SPEC §1): entry points, the manager factory, failures, clashes, third-party adapters.
+"""The plugin system: entry points, the manager factory, failures, clashes, third-party adapters.
 
 Each hookspec in ``hookspecs.HOOKSPECS`` has a ``test_hook_<name>_...`` test here (a guard test checks it).
 """
@@ -138,7 +138,9 @@ def _patch_entry_points(monkeypatch, *extra: md.EntryPoint) -> None:
 async def test_broken_entry_point_is_reported_by_name_and_the_app_still_serves(
     monkeypatch, make_config, registry_file, aiohttp_client, caplog
 ):
-    _patch_entry_points(monkeypatch, md.EntryPoint("exploding-plugin", "no_such_module_for_imageworks", "imageworks_proxy"))
+    _patch_entry_points(
+        monkeypatch, md.EntryPoint("exploding-plugin", "no_such_module_for_imageworks", "imageworks_proxy")
+    )
     registry_file([{"name": "ext", "backend": "openai", "backend_config": EXTERNAL}])
     client = await aiohttp_client(create_app(make_config()))  # real entry-point scan
 
@@ -196,7 +198,7 @@ def test_registering_something_that_is_not_an_adapter_is_an_error(make_app, make
         make_app(make_config(), plugins=(Plugin(),))
 
 
-# -- register_backends: routing to third-party adapters ---------------------------------------------------------
+# -- register_backends: routing to third-party adapters ------------------------------------------------------
 
 
 async def test_hook_register_backends_third_party_adapter_claims_a_new_backend(
@@ -265,7 +267,7 @@ async def test_builtin_vllm_routing(make_config, registry_file, proxy_client, si
     assert models["ollama-one"]["extensions"]["adapter"] == "ollama"
 
 
-# -- register_stages ------------------------------------------------------------------------------------------
+# -- register_stages -----------------------------------------------------------------------------------------
 
 
 class ShoutStage(Stage):
@@ -305,7 +307,7 @@ def test_hook_register_stages_duplicate_names_stop_startup(make_app, make_config
         make_app(make_config(), plugins=(StagePlugin(), Other()))
 
 
-# -- startup -------------------------------------------------------------------------------------------------------
+# -- startup -------------------------------------------------------------------------------------------------
 
 
 class RoutePlugin:
@@ -341,7 +343,7 @@ async def test_hook_startup_failure_is_reported_and_others_still_run(
     assert (await client.get("/v1/hello")).status == 200
 
 
-# -- the command line ----------------------------------------------------------------------------------------------
+# -- the command line ----------------------------------------------------------------------------------------
 
 
 def test_list_plugins_command(tmp_path):

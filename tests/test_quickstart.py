@@ -1,4 +1,5 @@
-"""The README's quick start: exactly two commands, the test one is what CI runs, the run one points at real files."""
+"""The README's quick start: exactly two commands; the test one is what CI runs and lints before it tests,
+the run one points at real files."""
 
 from __future__ import annotations
 
@@ -34,6 +35,13 @@ def test_quick_start_has_exactly_two_commands():
     run, test = _quick_start_commands()
     assert "imageworks-chat-proxy" in run
     assert "pytest" in test
+
+
+def test_test_command_lints_before_it_runs_the_tests():
+    _run, test = _quick_start_commands()
+    steps = [step.strip() for step in test.split("&&")]
+    assert ".venv/bin/ruff check ." in steps, "the test command runs ruff on the whole tree"
+    assert steps.index(".venv/bin/ruff check .") < steps.index(".venv/bin/python -m pytest -q")
 
 
 def test_ci_runs_the_readme_test_command_verbatim():

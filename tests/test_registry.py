@@ -1,4 +1,4 @@
-"""The registry (SPEC §3): file and layered formats, load errors, and hot reload through the running app."""
+"""The registry: file and layered formats, load errors, and hot reload through the running app."""
 
 from __future__ import annotations
 

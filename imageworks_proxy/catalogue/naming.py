@@ -1,4 +1,4 @@
-"""Public model ids and request-model resolution (SPEC §4)."""
+"""Public model ids and request-model resolution (the rules, with examples: docs/registry.md)."""
 
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ def _tag_key(tag: str) -> str:
 
 
 def build_catalogue(entries: Iterable[Entry]) -> Catalogue:
-    """Public ids for ``entries`` (SPEC §4) and the tables that resolve a request's ``model``.
+    """Public ids for ``entries`` and the tables that resolve a request's ``model``.
 
     Ids are handed out in logical-name order, visible entries before deprecated ones (so a hidden
     twin never takes the clean name). An id that is taken, or that is another entry's logical name

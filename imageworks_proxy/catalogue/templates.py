@@ -1,4 +1,4 @@
-"""Does a vLLM model have a chat template? (SPEC §6.6)"""
+"""Does a vLLM model have a chat template?"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``imageworks-loader``: list the registry's models and control the active vLLM model.
+"""``imageworks-loader``: list the registry's models and control the active vLLM model (docs/vllm.md).
 
 ``activate-model NAME``, ``activate-model --stop`` and ``current-model`` go through the running proxy's
 admin API when it answers; otherwise they act directly on the state file and the process it names, with

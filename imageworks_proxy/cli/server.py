@@ -25,7 +25,9 @@ def _parser() -> argparse.ArgumentParser:
         "Settings come from CHAT_PROXY_* environment variables (see --print-config).",
     )
     p.add_argument(
-        "--print-config", action="store_true", help="print each setting, its value and its source, then exit"
+        "--print-config",
+        action="store_true",
+        help="print each setting, its value, its source and what it does, then exit",
     )
     p.add_argument(
         "--list-plugins", action="store_true", help="list the loaded plugins and their adapters, then exit"
@@ -88,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         rows = describe_config(config)
         width = max(len(r[0]) for r in rows)
-        for env, value, source in rows:
-            print(f"{env:<{width}}  {value!s:<40}  ({source})")
+        source_width = max(len(r[2]) for r in rows) + 2
+        for env, value, source, meaning in rows:
+            print(f"{env:<{width}}  {value!s:<40}  {f'({source})':<{source_width}}  {meaning}")
         return 0
     configure_logging(config.log_level)
     from imageworks_proxy.app import create_app

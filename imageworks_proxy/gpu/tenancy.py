@@ -3,7 +3,7 @@
 Adapters whose backend occupies the GPU (orchestrated vLLM, Ollama when ``CHAT_PROXY_GPU_EXCLUSIVE=1``,
 plugin-managed servers) take a lease for a :class:`Tenant` around each request. The implementation that
 drains, switches and evicts tenants is installed on the app under ``keys.TENANCY``; this module holds the
-contract and a pass-through implementation used when nothing needs to be exclusive.
+contract.
 """
 
 from __future__ import annotations
@@ -69,13 +69,6 @@ class NoLease:
 
     def release(self) -> None:
         pass
-
-
-class PassThroughTenancy:
-    """No exclusivity: every tenant may use the GPU at once; ``start``/``stop`` are never called."""
-
-    async def acquire(self, tenant: Tenant, call: ChatCall) -> Lease:
-        return NoLease()
 
 
 def tenancy(app: web.Application) -> Tenancy:

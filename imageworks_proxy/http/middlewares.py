@@ -1,5 +1,5 @@
 """aiohttp middlewares for HTTP concerns only: the access log, request ids, the error envelope and API keys
-(SPEC §9, §10, §12)."""
+(docs/security.md)."""
 
 from __future__ import annotations
 
@@ -92,7 +92,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             raise ProxyError(
                 401,
                 "invalid_api_key",
-                "Missing or invalid API key. Send 'Authorization: Bearer <key>' with one of CHAT_PROXY_API_KEYS.",
+                "Missing or invalid API key. "
+                "Send 'Authorization: Bearer <key>' with one of CHAT_PROXY_API_KEYS.",
                 headers={"WWW-Authenticate": "Bearer"},
             )
     return await handler(request)

@@ -1,4 +1,4 @@
-"""Server-sent events to the client (SPEC §7): headers, framing, keep-alives, in-band errors, [DONE]."""
+"""Server-sent events to the client: headers, framing, keep-alives, in-band errors, [DONE]."""
 
 from __future__ import annotations
 

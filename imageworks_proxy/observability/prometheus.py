@@ -1,4 +1,5 @@
-"""Prometheus metrics for ``GET /metrics``, on a per-app ``CollectorRegistry``.
+"""Prometheus metrics for ``GET /metrics`` on a per-app ``CollectorRegistry`` (the metrics:
+docs/observability.md).
 
 A finished request only bumps plain counters and hand-kept histogram buckets (no locks, no label
 lookups: a few microseconds); ``prometheus_client`` collectors turn them into counters and histograms,
@@ -26,7 +27,8 @@ if TYPE_CHECKING:
 
 NS = "imageworks_proxy"
 
-#: Error codes kept as label values (the documented error codes, docs/errors.md); others count as ``other``.
+#: Error codes kept as label values (the proxy's own and those mapped from upstreams); others count as
+#: ``other``, so a misbehaving upstream cannot grow the label set.
 KNOWN_CODES = frozenset({
     "invalid_request", "invalid_image", "invalid_api_key", "model_not_found", "capability_mismatch",
     "template_required", "payload_too_large", "queue_full", "backend_rejected", "backend_error",

@@ -1,10 +1,11 @@
-"""The JSONL request log (SPEC §10): one line per chat request, written off the event loop.
+"""The JSONL request log: one line per chat request, written off the event loop (its fields:
+docs/observability.md).
 
 A request hands its record to :meth:`RequestLog.submit`, which only appends to an in-memory queue (a
 list and an :class:`asyncio.Event`) and never waits. A background task lets a batch gather for a few
 milliseconds, then takes everything queued and encodes and writes it in one call to a worker thread, so
-under load one thread hop covers many records. When
-the queue is full the record is dropped and counted; a disk error is counted and logged, never raised.
+under load one thread hop covers many records. When the queue is full the record is dropped and
+counted; a disk error is counted and logged, never raised.
 Before a line would take the file past ``max_bytes`` the file is renamed to ``<path>.1`` (replacing the
 previous generation) and a new one starts.
 """

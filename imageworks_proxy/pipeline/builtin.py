@@ -1,4 +1,5 @@
-"""Built-in plugin registering the shared pipeline stages (SPEC §6), in the spec's order."""
+"""Built-in plugin registering the shared pipeline stages (docs/architecture.md); each stage's ``order``
+decides where it runs, the comments repeat it."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Conformance fill-in (SPEC §6.10): whatever the backend sent, what leaves the proxy validates against the
-OpenAI schemas — required fields are filled in, the first delta carries the role, a stream ends with a
+"""Conformance fill-in: whatever the backend sent, what leaves the proxy validates against the OpenAI
+schemas — required fields are filled in, the first delta carries the role, a stream ends with a
 finish reason."""
 
 from __future__ import annotations
@@ -147,7 +147,8 @@ class Conformance(Stage):
                 ctx.usage = chunk["usage"]
         if repeated:
             # drop what only repeated a finish; keep anything else the chunk carries (text, usage)
-            chunk["choices"] = choices = [c for c in choices if c["delta"] or c["finish_reason"] or c.get("logprobs")]
+            choices = [c for c in choices if c["delta"] or c["finish_reason"] or c.get("logprobs")]
+            chunk["choices"] = choices
             if not choices and not chunk.get("usage"):
                 return []
         if not choices and chunk.get("usage") and not ctx.client_wants_usage:

@@ -1,4 +1,4 @@
-"""The observability stage (SPEC §6.11, §10): every chat request ends in one request-log record and one
+"""The observability stage: every chat request ends in one request-log record and one
 metrics sample, whatever happened to it.
 
 It runs last (order 1100). While a reply passes through it counts the reply's characters (for a token

@@ -1,4 +1,4 @@
-"""Request-side stages: validation, model resolution, default system prompt, generation defaults (SPEC §6)."""
+"""Request-side stages: validation, model resolution, default system prompt, generation defaults."""
 
 from __future__ import annotations
 

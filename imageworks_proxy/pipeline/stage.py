@@ -1,4 +1,4 @@
-"""The chat pipeline: stage objects run in a fixed order around the adapter call (SPEC §6).
+"""The chat pipeline: stage objects run in a fixed order around the adapter call (docs/architecture.md).
 
 A stage is a small object with plain methods, testable without HTTP. Request-side methods run in
 ascending ``order`` before dispatch; response-side methods run in the same order on the completion or

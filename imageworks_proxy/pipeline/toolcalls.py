@@ -1,4 +1,4 @@
-"""Tool-call synthesis on responses (SPEC §6.9): legacy ``function_call`` → ``tool_calls``, unique ids,
+"""Tool-call synthesis on responses: legacy ``function_call`` → ``tool_calls``, unique ids,
 JSON-string arguments, ``finish_reason: tool_calls``, and (only when the request offered ``tools``) a
 reply whose whole content is a JSON tool call becomes a structured call. Streams get the same."""
 

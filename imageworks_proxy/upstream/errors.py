@@ -1,4 +1,5 @@
-"""Upstream failures → the proxy's error contract, including vLLM's error shapes."""
+"""Upstream failures → the proxy's OpenAI-shaped errors, read from OpenAI, vLLM, FastAPI and Ollama
+error bodies."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from imageworks_proxy.errors import ProxyError
 
 
 def error_fields(body: Any) -> tuple[str | None, str | None, str | None, Any]:
-    """(message, type, param, code) from OpenAI-style nested, vLLM flat, FastAPI ``detail`` or Ollama
-    bodies."""
+    """(message, type, param, code) of an upstream error body, None where it has no such field.
+
+    Reads OpenAI-style nested, vLLM flat, FastAPI ``detail`` and Ollama bodies.
+    """
     if isinstance(body, dict):
         err = body.get("error")
         if isinstance(err, dict):

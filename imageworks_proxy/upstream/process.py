@@ -1,5 +1,5 @@
 """Process primitives for servers the proxy launches: spawn in an own process group with a log file,
-readiness polling, and a stop that really waits until the server is gone (SPEC §11).
+readiness polling, and a stop that really waits until the server is gone.
 
 Why a process group: vLLM keeps the GPU memory in a separate engine-core process; signalling only the API
 server can orphan it (the port is freed, the GPU stays full). So every signal goes to the group, and a stop

@@ -1,4 +1,4 @@
-"""Where an entry's upstream lives: base URLs and the loopback alias (SPEC §3, §8)."""
+"""Where an entry's upstream lives: base URLs and the loopback alias."""
 
 from __future__ import annotations
 

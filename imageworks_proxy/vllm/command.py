@@ -1,8 +1,8 @@
-"""The vLLM command line for a registry entry (SPEC §11).
+"""The vLLM command line for a registry entry.
 
 ``<CHAT_PROXY_VLLM_COMMAND> --model <path> --host <host> --port <port> --served-model-name <id>
 --gpu-memory-utilization <u> [--max-model-len <n>] [--chat-template <path>] <extra_args>``; a flag that
-``extra_args`` already carries is not added again, so the registry can override any seed flag.
+``extra_args`` already carries is not added again, so the registry can override any flag set here.
 """
 
 from __future__ import annotations

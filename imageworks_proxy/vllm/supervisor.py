@@ -1,6 +1,7 @@
 """The one vLLM process on ``CHAT_PROXY_VLLM_PORT``: launch, readiness, stop, adoption and crash
-detection (SPEC §11). Scheduling (who may use it, when to switch) is :mod:`.scheduler`'s job; this class
-only makes "model X is running and healthy" or "nothing is running" true, one operation at a time.
+detection. Scheduling (who may use it, when to switch) is :mod:`imageworks_proxy.gpu.scheduler`'s job;
+this class only makes "model X is running and healthy" or "nothing is running" true, one operation at a
+time.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import os
 import shlex
 import time
 from collections.abc import Callable
-from typing import Any
 
 import aiohttp
 import attrs
@@ -85,21 +85,6 @@ class Instance:
             self.prefix_len,
             self.log_path,
         )
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "logical_name": self.logical_name,
-            "served_model_id": self.served_model_id,
-            "host": self.host,
-            "port": self.port,
-            "pid": self.pid,
-            "pgid": self.pgid,
-            "started_at": self.started_at,
-            "ready": self.ready,
-            "adopted": self.adopted,
-            "command": list(self.command),
-            "log_path": self.log_path,
-        }
 
 
 def log_path_for(config: Config, name: str) -> str:

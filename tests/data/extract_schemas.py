@@ -1,6 +1,8 @@
 """Regenerate openai_schemas.json from the official OpenAPI file (needs PyYAML).
 
-Usage: python tests/data/extract_schemas.py ../shared/openai-openapi/openapi.yaml
+Usage: python tests/data/extract_schemas.py PATH/TO/openapi.yaml
+
+(``openapi.yaml`` from a checkout of github.com/openai/openai-openapi, at the commit named in the output.)
 """
 
 import json
@@ -34,9 +36,9 @@ def main(path: str) -> None:
             seen[name] = schemas[name]
             stack.extend(refs(schemas[name]))
     out = {
-        "$comment": "Subset of components.schemas from github.com/openai/openai-openapi openapi.yaml at commit "
-        "f85dbe223d40e1a31cba812ab2d755c7e98a92a3 (info.version 2.3.0), copied unchanged (MIT licence, see "
-        "OPENAI_OPENAPI_LICENSE). Extracted by tests/data/extract_schemas.py.",
+        "$comment": "Subset of components.schemas from github.com/openai/openai-openapi openapi.yaml at "
+        "commit f85dbe223d40e1a31cba812ab2d755c7e98a92a3 (info.version 2.3.0), copied unchanged "
+        "(MIT licence, see OPENAI_OPENAPI_LICENSE). Extracted by tests/data/extract_schemas.py.",
         "components": {"schemas": dict(sorted(seen.items()))},
     }
     (Path(__file__).parent / "openai_schemas.json").write_text(json.dumps(out, indent=1))

@@ -1,3 +1,4 @@
-"""imageworks-proxy-llamacpp: serve ``backend: "gguf"`` registry entries through llama.cpp's ``llama-server``."""
+"""imageworks-proxy-llamacpp: serve ``backend: "gguf"`` registry entries through llama.cpp's
+``llama-server``."""
 
 __version__ = "0.1.0"

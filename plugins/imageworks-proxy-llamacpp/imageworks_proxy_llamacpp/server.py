@@ -118,7 +118,10 @@ def served_name(entry: Entry) -> str:
 
 
 def build_argv(settings: LlamaCppSettings, entry: Entry) -> list[str]:
-    """``<command> -m <model> --host <host> --port <port> --alias <served id> [--mmproj <file>] <extra_args>``."""
+    """The ``llama-server`` argv for ``entry``.
+
+    ``<command> -m <model> --host <host> --port <port> --alias <served id> [--mmproj <file>] <extra_args>``
+    """
     model = model_file(entry)
     argv = [*settings.command, "-m", str(model), "--host", settings.host, "--port", str(settings.port)]
     argv += ["--alias", served_name(entry)]
@@ -211,7 +214,8 @@ class LlamaServerSlot:
         and a retry would not help.
         """
         if self._lock.locked():
-            # A switch is waiting for the requests in flight, this one included: waiting for it would deadlock.
+            # A switch is waiting for the requests in flight, this one included: waiting for it would
+            # deadlock.
             return False
         async with self._lock:
             proc = self._proc
@@ -299,7 +303,8 @@ class LlamaServerSlot:
                         504,
                         "model_start_timeout",
                         f"llama-server for model {entry.name!r} was not ready within "
-                        f"{self.settings.start_timeout_s:g} s (CHAT_PROXY_VLLM_START_TIMEOUT_S); log: {log_path}",
+                        f"{self.settings.start_timeout_s:g} s (CHAT_PROXY_VLLM_START_TIMEOUT_S); "
+                        f"log: {log_path}",
                     )
                 if await self._healthy(min(self.settings.health_timeout_s, remaining)):
                     return
@@ -307,7 +312,8 @@ class LlamaServerSlot:
                 if exited.done():
                     line = explaining_line(log_path)
                     raise start_failed(
-                        f"llama-server for model {entry.name!r} exited with code {exited.result()} while starting"
+                        f"llama-server for model {entry.name!r} exited with code {exited.result()} "
+                        "while starting"
                         + (f": {line}" if line else "")
                         + f" (log: {log_path})"
                     )
