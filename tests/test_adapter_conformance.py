@@ -1,8 +1,10 @@
-"""The contract every adapter must meet, seen through the proxy (parametrised over adapters).
+"""The four built-in adapters pass the conformance suite every adapter must pass
+(``imageworks_proxy.testing.AdapterConformance``), and their output validates against the OpenAI schemas.
 
-To add an adapter: write an async ``setup`` that starts its fake backend and returns a ``Backend`` whose
-``echo`` model answers "echo: <last user text>", ``tools`` model calls ``get_weather({"city": "Paris"})``,
-and ``missing`` model makes the backend say "model not found"; then add it to ``BACKENDS``.
+To add a built-in adapter: write an async ``setup`` that starts its fake backend and returns a
+``ConformanceBackend`` whose ``echo`` model answers "echo: <last user text>", ``tools`` model calls
+``get_weather({"city": "Paris"})``, and ``missing`` model makes the backend say "model not found"; then
+add it to ``BACKENDS``.
 """
 
 from __future__ import annotations
@@ -10,40 +12,36 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import attrs
-import openai
 import pytest
 
-from tests.chat_helpers import sse_events, user
-from tests.fakes.fake_ollama import FakeOllama, Reply, echo_responder
-from tests.fakes.fake_openai import make_fake_openai
+from imageworks_proxy.testing import AdapterConformance, ConformanceBackend, free_port
+from imageworks_proxy.testing.fakes.ollama import FakeOllama, Reply, echo_responder
+from imageworks_proxy.testing.fakes.openai import make_fake_openai
 from tests.openai_schemas import validate_chunk, validate_completion, validate_error
+from tests.orch_helpers import orch_settings
 
 
-@attrs.define
-class Backend:
-    entries: list[dict[str, Any]]
-    echo: str
-    tools: str
-    missing: str
-    adapter: str
-    #: make_config overrides the backend needs (e.g. the orchestrator's launcher)
-    settings: dict[str, str] = attrs.field(factory=dict)
-
-
-async def _openai_like(aiohttp_server, backend: str, adapter: str) -> Backend:
+async def _openai_like(aiohttp_server, backend: str, adapter: str) -> ConformanceBackend:
     server = await aiohttp_server(make_fake_openai())
     base = str(server.make_url("/v1"))
-    entries = [{"name": f"c-{mode}", "backend": backend, "backend_config": {"base_url": base},
-                "served_model_id": mode, "capabilities": ["tools"]} for mode in ("echo", "tools", "error404")]
-    return Backend(entries, "c-echo", "c-tools", "c-error404", adapter)
+    entries = [
+        {
+            "name": f"c-{mode}",
+            "backend": backend,
+            "backend_config": {"base_url": base},
+            "served_model_id": mode,
+            "capabilities": ["tools"],
+        }
+        for mode in ("echo", "tools", "error404")
+    ]
+    return ConformanceBackend(entries, "c-echo", "c-tools", "c-error404", adapter)
 
 
-async def openai_passthrough(aiohttp_server) -> Backend:
+async def openai_passthrough(aiohttp_server) -> ConformanceBackend:
     return await _openai_like(aiohttp_server, "openai", "openai-passthrough")
 
 
-async def vllm_external(aiohttp_server) -> Backend:
+async def vllm_external(aiohttp_server) -> ConformanceBackend:
     return await _openai_like(aiohttp_server, "vllm", "vllm-external")
 
 
@@ -55,7 +53,7 @@ def _ollama_responder(body: dict[str, Any]) -> Reply:
     return echo_responder(body)
 
 
-async def ollama(aiohttp_server) -> Backend:
+async def ollama(aiohttp_server) -> ConformanceBackend:
     fake = FakeOllama(
         {"echo:latest": ("completion",), "tools:latest": ("completion", "tools")}, responder=_ollama_responder
     )
@@ -71,12 +69,10 @@ async def ollama(aiohttp_server) -> Backend:
         }
         for mode in ("echo", "tools", "missing")
     ]
-    return Backend(entries, "c-echo", "c-tools", "c-missing", "ollama")
+    return ConformanceBackend(entries, "c-echo", "c-tools", "c-missing", "ollama")
 
 
-async def vllm_orchestrated(aiohttp_server) -> Backend:
-    from tests.fakes.orch import free_port, orch_settings
-
+async def vllm_orchestrated(aiohttp_server) -> ConformanceBackend:
     entries = [
         {
             "name": f"c-{mode}",
@@ -87,12 +83,12 @@ async def vllm_orchestrated(aiohttp_server) -> Backend:
         }
         for mode, reply in (("echo", "echo"), ("tools", "tools"), ("error404", "missing"))
     ]
-    return Backend(
+    return ConformanceBackend(
         entries, "c-echo", "c-tools", "c-error404", "vllm-orchestrated", orch_settings(free_port())
     )
 
 
-BACKENDS: dict[str, Callable[[Any], Awaitable[Backend]]] = {
+BACKENDS: dict[str, Callable[[Any], Awaitable[ConformanceBackend]]] = {
     "openai-passthrough": openai_passthrough,
     "vllm-external": vllm_external,
     "ollama": ollama,
@@ -100,81 +96,19 @@ BACKENDS: dict[str, Callable[[Any], Awaitable[Backend]]] = {
 }
 
 
-@pytest.fixture(params=sorted(BACKENDS))
-async def backend(request, aiohttp_server, registry_file, make_config, proxy_client):
-    spec = await BACKENDS[request.param](aiohttp_server)
-    registry_file(spec.entries)
-    client = await proxy_client(make_config(**spec.settings))
-    sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="x", max_retries=0)
-    yield spec, client, sdk
-    await sdk.close()
+class TestBuiltinAdapterConformance(AdapterConformance):
+    @pytest.fixture(params=sorted(BACKENDS))
+    async def conformance_backend(self, request, aiohttp_server) -> ConformanceBackend:
+        return await BACKENDS[request.param](aiohttp_server)
 
+    def check_completion(self, body: Any) -> None:
+        super().check_completion(body)
+        validate_completion(body)
 
-async def test_models_are_routed_to_the_adapter(backend):
-    spec, client, _ = backend
-    listing = await (await client.get("/v1/plugins")).json()
-    assert any(a["name"] == spec.adapter for p in listing["data"] for a in p["adapters"])
-    models = await (await client.get("/v1/models")).json()
-    assert spec.echo in {m["extensions"]["logical_id"] for m in models["data"]}
+    def check_chunk(self, chunk: Any) -> None:
+        super().check_chunk(chunk)
+        validate_chunk(chunk)
 
-
-async def test_non_streamed_completion_conforms(backend):
-    spec, client, _ = backend
-    resp = await client.post("/v1/chat/completions", json={"model": spec.echo, "messages": user("ping")})
-    body = await resp.json()
-    validate_completion(body)
-    assert body["choices"][0]["message"]["content"].strip() == "echo: ping"
-    assert body["model"] == spec.echo
-    assert body["usage"]["total_tokens"] >= body["usage"]["completion_tokens"]
-
-
-async def test_stream_conforms(backend):
-    spec, client, _ = backend
-    resp = await client.post(
-        "/v1/chat/completions",
-        json={
-            "model": spec.echo,
-            "messages": user("ping pong"),
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        },
-    )
-    assert resp.headers["Content-Type"].startswith("text/event-stream")
-    events = sse_events(await resp.read())
-    assert events[-1] == "[DONE]"
-    chunks = events[:-1]
-    for c in chunks:
-        validate_chunk(c)
-    roles = [ch["delta"].get("role") for c in chunks for ch in c["choices"] if ch["delta"].get("role")]
-    assert roles == ["assistant"] and chunks[0]["choices"][0]["delta"].get("role") == "assistant"
-    finishes = [ch["finish_reason"] for c in chunks for ch in c["choices"] if ch["finish_reason"]]
-    assert finishes == ["stop"]
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] > 0
-    text = "".join(ch["delta"].get("content") or "" for c in chunks for ch in c["choices"])
-    assert text.strip() == "echo: ping pong"
-    assert len({c["id"] for c in chunks}) == 1
-
-
-async def test_streamed_tool_call_round_trip(backend):
-    spec, _, sdk = backend
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-    async with sdk.chat.completions.stream(
-        model=spec.tools, messages=user("weather?"), tools=tools
-    ) as stream:
-        final = await stream.get_final_completion()
-    call = final.choices[0].message.tool_calls[0]
-    assert call.function.name == "get_weather"
-    assert call.id.startswith("call")
-    import json
-
-    assert json.loads(call.function.arguments) == {"city": "Paris"}
-    assert final.choices[0].finish_reason == "tool_calls"
-
-
-async def test_backend_model_not_found_is_404(backend):
-    spec, client, _ = backend
-    resp = await client.post("/v1/chat/completions", json={"model": spec.missing, "messages": user("x")})
-    assert resp.status == 404
-    body = await resp.json()
-    validate_error(body)
-    assert body["error"]["code"] == "model_not_found"
+    def check_error(self, body: Any) -> None:
+        super().check_error(body)
+        validate_error(body)

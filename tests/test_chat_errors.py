@@ -10,9 +10,9 @@ import socket
 import openai
 import pytest
 
-from tests.chat_helpers import sse_events, user
-from tests.fakes import fake_openai
-from tests.fakes.fake_openai import CANCELLED, make_fake_openai, registry_for
+from imageworks_proxy.testing import sse_events, user
+from imageworks_proxy.testing.fakes import openai as fake_openai
+from imageworks_proxy.testing.fakes.openai import CANCELLED, make_fake_openai, registry_for
 from tests.openai_schemas import validate_chunk, validate_error
 
 

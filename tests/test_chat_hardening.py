@@ -18,9 +18,15 @@ from imageworks_proxy.adapters.base import Adapter
 from imageworks_proxy.hookspecs import hookimpl
 from imageworks_proxy.http import sse
 from imageworks_proxy.pipeline.stage import Stage
-from tests.chat_helpers import sse_events, user
-from tests.fakes import fake_openai
-from tests.fakes.fake_openai import REQUESTS, SCRIPTS, make_fake_openai, registry_for, scripted_entry
+from imageworks_proxy.testing import sse_events, user
+from imageworks_proxy.testing.fakes import openai as fake_openai
+from imageworks_proxy.testing.fakes.openai import (
+    REQUESTS,
+    SCRIPTS,
+    make_fake_openai,
+    registry_for,
+    scripted_entry,
+)
 from tests.openai_schemas import validate_chunk, validate_error
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},

@@ -9,8 +9,8 @@ import openai
 import orjson
 import pytest
 
-from tests.chat_helpers import sse_events, user
-from tests.fakes.fake_openai import REQUESTS, make_fake_openai, registry_for
+from imageworks_proxy.testing import sse_events, user
+from imageworks_proxy.testing.fakes.openai import REQUESTS, make_fake_openai, registry_for
 from tests.openai_schemas import validate_chunk, validate_completion
 
 

@@ -11,8 +11,8 @@ import sys
 
 import aiohttp
 
-from tests.chat_helpers import user
-from tests.fakes.fake_openai import make_fake_openai, registry_for
+from imageworks_proxy.testing import user
+from imageworks_proxy.testing.fakes.openai import make_fake_openai, registry_for
 
 SECRET_PROMPT = "TANGERINE-SUBMARINE-7"
 

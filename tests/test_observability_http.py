@@ -11,8 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from imageworks_proxy import ProxyError, Tenant, keys
-from tests.chat_helpers import sse_events, user
-from tests.fakes.fake_openai import make_fake_openai, registry_for
+from imageworks_proxy.testing import sse_events, user
+from imageworks_proxy.testing.fakes.openai import make_fake_openai, registry_for
 from tests.openai_schemas import validate_error
 
 PNG = "data:image/png;base64,iVBORw0KGgo="  # 8 bytes

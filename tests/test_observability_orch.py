@@ -11,17 +11,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from imageworks_proxy import keys
-from tests.chat_helpers import user
+from imageworks_proxy.testing import free_port, user
+from tests import orch_helpers
 
 pytest.importorskip("imageworks_proxy.gpu.scheduler", reason="the vLLM orchestrator is not merged yet")
-orch_fakes = pytest.importorskip("tests.fakes.orch", reason="the vLLM orchestrator is not merged yet")
 
 
 async def test_switches_show_up_as_swaps_queue_time_and_the_active_model(tmp_path, make_config, registry_file,
                                                                          proxy_client):
-    registry_file([orch_fakes.vllm_entry("alpha", tmp_path), orch_fakes.vllm_entry("beta", tmp_path)])
-    client = await proxy_client(make_config(**orch_fakes.orch_settings(orch_fakes.free_port(),
-                                                                       enable_metrics="1")))
+    registry_file([orch_helpers.vllm_entry("alpha", tmp_path), orch_helpers.vllm_entry("beta", tmp_path)])
+    client = await proxy_client(make_config(**orch_helpers.orch_settings(free_port(), enable_metrics="1")))
     for model in ("alpha", "beta", "alpha"):
         resp = await client.post("/v1/chat/completions", json={"model": model, "messages": user("hi")})
         assert resp.status == 200

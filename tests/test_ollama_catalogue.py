@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.fakes.fake_ollama import FakeOllama, ollama_entry
+from imageworks_proxy.testing.fakes.ollama import FakeOllama, ollama_entry
 from tests.openai_schemas import validate_models
 
 

@@ -12,8 +12,8 @@ import pytest
 from aiohttp import web
 
 from imageworks_proxy import keys
-from tests.chat_helpers import sse_events, user
-from tests.fakes.fake_ollama import FakeOllama, Reply, ollama_entry
+from imageworks_proxy.testing import sse_events, user
+from imageworks_proxy.testing.fakes.ollama import FakeOllama, Reply, ollama_entry
 from tests.openai_schemas import validate_chunk, validate_completion, validate_error
 
 MODEL = "llama3.2 3b"

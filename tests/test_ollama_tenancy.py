@@ -11,8 +11,8 @@ import pytest
 from imageworks_proxy import keys
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.gpu.tenancy import Tenant
-from tests.chat_helpers import sse_events, user
-from tests.fakes.fake_ollama import FakeOllama, Reply, ollama_entry
+from imageworks_proxy.testing import sse_events, user
+from imageworks_proxy.testing.fakes.ollama import FakeOllama, Reply, ollama_entry
 
 MODEL = "llama3.2 3b"
 

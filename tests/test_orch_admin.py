@@ -9,9 +9,10 @@ from aiohttp.test_utils import make_mocked_request
 
 from imageworks_proxy.adapters import vllm_admin as admin
 from imageworks_proxy.errors import ProxyError
+from imageworks_proxy.testing import free_port
 from imageworks_proxy.upstream import process
-from tests.fakes.orch import free_port, orch_settings, started, vllm_entry
 from tests.openai_schemas import validate_error
+from tests.orch_helpers import orch_settings, started, vllm_entry
 
 
 @pytest.fixture

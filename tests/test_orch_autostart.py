@@ -12,17 +12,18 @@ import pytest
 
 from imageworks_proxy import keys
 from imageworks_proxy.config import ConfigError, load_config
+from imageworks_proxy.testing import free_port, sse_events, user
+from imageworks_proxy.testing.fakes import vllm as fake_vllm
 from imageworks_proxy.upstream import process
 from imageworks_proxy.upstream.autostart import AUTOSTART, ensure_started
-from tests.chat_helpers import sse_events, user
-from tests.fakes.orch import FAKE_VLLM, free_port, orch_settings, started
 from tests.openai_schemas import validate_error
+from tests.orch_helpers import orch_settings, started
 
 
 def server_command(tmp_path, port: int, served: str) -> list[str]:
     return [
         sys.executable,
-        str(FAKE_VLLM),
+        str(fake_vllm.SCRIPT),
         "--model",
         "/x",
         "--served-model-name",
@@ -174,10 +175,10 @@ def test_an_invalid_map_is_a_startup_error_naming_the_variable():
 
 async def test_an_unreachable_ollama_is_autostarted_and_the_request_retried(proxy, tmp_path):
     port = free_port()
-    fake = str(FAKE_VLLM.parent / "fake_ollama.py")
     entry = {"name": "llama", "backend": "ollama", "served_model_id": "llama3.2:latest",
              "backend_config": {"host": "127.0.0.1", "port": port}}
-    client = await proxy([entry], {"llama": [sys.executable, fake, str(port)]}, GPU_EXCLUSIVE="0")
+    fake = [sys.executable, "-m", "imageworks_proxy.testing.fakes.ollama", str(port)]
+    client = await proxy([entry], {"llama": fake}, GPU_EXCLUSIVE="0")
     resp = await client.post("/v1/chat/completions", json={"model": "llama", "messages": user("hi")})
     assert resp.status == 200, await resp.text()
     body = await resp.json()

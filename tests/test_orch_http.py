@@ -9,9 +9,9 @@ import openai
 import pytest
 
 from imageworks_proxy.adapters.vllm_orchestrated import orchestrator
-from tests.chat_helpers import sse_events, user
-from tests.fakes.orch import free_port, orch_settings, started, vllm_entry
+from imageworks_proxy.testing import free_port, sse_events, user
 from tests.openai_schemas import validate_chunk, validate_completion, validate_error
+from tests.orch_helpers import orch_settings, started, vllm_entry
 
 
 @pytest.fixture
@@ -187,7 +187,7 @@ async def test_more_waiting_requests_than_the_queue_allows_get_429(orch, tmp_pat
 async def test_ollama_and_vllm_take_turns_on_the_gpu(
     tmp_path, aiohttp_server, registry_file, make_config, proxy_client
 ):
-    from tests.fakes.fake_ollama import FakeOllama
+    from imageworks_proxy.testing.fakes.ollama import FakeOllama
 
     fake = FakeOllama({"llama3:latest": ("completion",)})
     fake.loaded["llama3:latest"] = float("inf")  # Ollama holds the GPU from before the proxy started

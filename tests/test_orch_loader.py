@@ -12,8 +12,9 @@ import pytest
 
 from imageworks_proxy import keys
 from imageworks_proxy.adapters.vllm_orchestrated import orchestrator
+from imageworks_proxy.testing import free_port
 from imageworks_proxy.upstream import process
-from tests.fakes.orch import free_port, orch_settings, started, vllm_entry
+from tests.orch_helpers import orch_settings, started, vllm_entry
 
 
 @pytest.fixture

@@ -11,8 +11,9 @@ import time
 import aiohttp
 import pytest
 
+from imageworks_proxy.testing import free_port
+from imageworks_proxy.testing.fakes import vllm as fake_vllm
 from imageworks_proxy.upstream import process
-from tests.fakes.orch import FAKE_VLLM, free_port
 
 
 def test_the_explaining_line_is_the_root_cause_not_the_pointer_to_it():
@@ -45,7 +46,7 @@ def test_log_tail_reads_the_last_lines(tmp_path):
 def _spawn_fake(tmp_path, port, *extra):
     argv = [
         sys.executable,
-        str(FAKE_VLLM),
+        str(fake_vllm.SCRIPT),
         "--model",
         "m",
         "--host",

@@ -9,8 +9,9 @@ import logging
 import aiohttp
 
 from imageworks_proxy.catalogue.registry import parse_entry
+from imageworks_proxy.testing import free_port
 from imageworks_proxy.vllm.supervisor import VllmSupervisor
-from tests.fakes.orch import free_port, orch_settings, vllm_entry
+from tests.orch_helpers import orch_settings, vllm_entry
 
 GIB = 1 << 30
 

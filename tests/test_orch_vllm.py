@@ -14,8 +14,9 @@ import pytest
 from imageworks_proxy import keys
 from imageworks_proxy.adapters.vllm_orchestrated import orchestrator
 from imageworks_proxy.errors import ProxyError
+from imageworks_proxy.testing import free_port
 from imageworks_proxy.upstream import process
-from tests.fakes.orch import chat, events, free_port, orch_settings, overlaps, started, vllm_entry
+from tests.orch_helpers import chat, events, orch_settings, overlaps, started, vllm_entry
 
 
 @pytest.fixture

@@ -1,21 +1,14 @@
-"""Helpers shared by the plugin's tests (not collected: the name does not start with ``test_``)."""
+"""Helpers shared by the plugin's tests (not collected: the name does not start with ``test_``); the
+generic ones (free ports, process checks) come from ``imageworks_proxy.testing``."""
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
 from imageworks_proxy import keys
 
 FAKE_SERVER = Path(__file__).with_name("fake_llama_server.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def gguf_entry(name: str, path: Path, **extra: Any) -> dict[str, Any]:
@@ -33,19 +26,6 @@ def gguf_entry(name: str, path: Path, **extra: Any) -> dict[str, Any]:
 
 def adapter_of(client) -> Any:
     return keys.models(client.server.app).adapters["llamacpp"]
-
-
-def pid_alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def read_pid(pid_dir: Path, alias: str) -> int:

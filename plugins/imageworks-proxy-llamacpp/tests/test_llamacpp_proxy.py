@@ -10,9 +10,10 @@ import signal
 
 import openai
 import pytest
-from llamacpp_testlib import adapter_of, gguf_entry, pid_alive, read_pid
+from llamacpp_testlib import adapter_of, gguf_entry, read_pid
 
 from imageworks_proxy import keys
+from imageworks_proxy.testing import pid_alive
 
 
 def loaded(reply: str) -> dict:
@@ -26,13 +27,13 @@ async def statuses(client) -> dict[str, str]:
 
 
 async def test_first_chat_starts_llama_server_with_the_entry_and_its_extra_args(
-    sdk, make_proxy, fake_llama, gguf, pid_dir
+    openai_sdk, make_proxy, fake_llama, gguf, pid_dir
 ):
     model = gguf("tiny-q4_k_m.gguf")
     client = await make_proxy([gguf_entry("tiny", model, extra_args=["--ctx-size", "4096", "--jinja"])])
     assert (await statuses(client))["tiny"] == "stopped"
 
-    reply = await sdk(client).chat.completions.create(
+    reply = await openai_sdk(client).chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "hi"}]
     )
 
@@ -55,9 +56,9 @@ async def test_first_chat_starts_llama_server_with_the_entry_and_its_extra_args(
     assert not pid_alive(pid)
 
 
-async def test_streamed_chat_arrives_in_chunks_through_the_sdk(sdk, make_proxy, fake_llama, gguf):
+async def test_streamed_chat_arrives_in_chunks_through_the_sdk(openai_sdk, make_proxy, fake_llama, gguf):
     client = await make_proxy([gguf_entry("tiny", gguf("tiny.gguf"))])
-    stream = await sdk(client).chat.completions.create(
+    stream = await openai_sdk(client).chat.completions.create(
         model="tiny",
         messages=[{"role": "user", "content": "stream please"}],
         stream=True,
@@ -69,11 +70,11 @@ async def test_streamed_chat_arrives_in_chunks_through_the_sdk(sdk, make_proxy, 
 
 
 async def test_concurrent_first_requests_share_one_server_start(
-    sdk, make_proxy, fake_llama, gguf, monkeypatch
+    openai_sdk, make_proxy, fake_llama, gguf, monkeypatch
 ):
     monkeypatch.setenv("FAKE_LLAMA_LOAD_S", "0.5")  # /health says "Loading model" for a while
     client = await make_proxy([gguf_entry("tiny", gguf("tiny.gguf"))])
-    api = sdk(client)
+    api = openai_sdk(client)
     replies = await asyncio.gather(
         *(
             api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"q{i}"}])
@@ -90,12 +91,12 @@ async def test_concurrent_first_requests_share_one_server_start(
 
 
 async def test_asking_for_another_gguf_model_switches_the_single_server(
-    sdk, make_proxy, fake_llama, gguf, pid_dir
+    openai_sdk, make_proxy, fake_llama, gguf, pid_dir
 ):
     client = await make_proxy(
         [gguf_entry("alpha", gguf("alpha.gguf")), gguf_entry("beta", gguf("beta.gguf"))]
     )
-    api = sdk(client)
+    api = openai_sdk(client)
     first = await api.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "a"}])
     alpha_pid = read_pid(pid_dir, "alpha")
     second = await api.chat.completions.create(model="beta", messages=[{"role": "user", "content": "b"}])
@@ -108,14 +109,14 @@ async def test_asking_for_another_gguf_model_switches_the_single_server(
 
 
 async def test_a_switch_waits_for_the_stream_on_the_previous_model(
-    sdk, make_proxy, fake_llama, gguf, pid_dir, monkeypatch, tmp_path
+    openai_sdk, make_proxy, fake_llama, gguf, pid_dir, monkeypatch, tmp_path
 ):
     gate = tmp_path / "go"
     monkeypatch.setenv("FAKE_LLAMA_GATE", str(gate))
     client = await make_proxy(
         [gguf_entry("alpha", gguf("alpha.gguf")), gguf_entry("beta", gguf("beta.gguf"))]
     )
-    api = sdk(client)
+    api = openai_sdk(client)
     stream = await api.chat.completions.create(
         model="alpha", messages=[{"role": "user", "content": "long answer"}], stream=True
     )
@@ -139,11 +140,13 @@ async def test_a_switch_waits_for_the_stream_on_the_previous_model(
 
 
 async def test_a_model_that_fails_to_load_is_503_with_the_explaining_log_line(
-    sdk, make_proxy, fake_llama, gguf
+    openai_sdk, make_proxy, fake_llama, gguf
 ):
     client = await make_proxy([gguf_entry("bad", gguf("bad.gguf", content="broken"))])
     with pytest.raises(openai.APIStatusError) as info:
-        await sdk(client).chat.completions.create(model="bad", messages=[{"role": "user", "content": "hi"}])
+        await openai_sdk(client).chat.completions.create(
+            model="bad", messages=[{"role": "user", "content": "hi"}]
+        )
     err = info.value
     assert err.status_code == 503
     assert err.body["code"] == "model_start_failed"
@@ -152,13 +155,15 @@ async def test_a_model_that_fails_to_load_is_503_with_the_explaining_log_line(
 
 
 async def test_a_model_not_ready_in_time_is_504_and_its_process_is_stopped(
-    sdk, make_proxy, fake_llama, gguf, pid_dir
+    openai_sdk, make_proxy, fake_llama, gguf, pid_dir
 ):
     client = await make_proxy(
         [gguf_entry("slow", gguf("slow.gguf", content="hang"))], vllm_start_timeout_s="1"
     )
     with pytest.raises(openai.APIStatusError) as info:
-        await sdk(client).chat.completions.create(model="slow", messages=[{"role": "user", "content": "hi"}])
+        await openai_sdk(client).chat.completions.create(
+            model="slow", messages=[{"role": "user", "content": "hi"}]
+        )
     assert info.value.status_code == 504
     assert info.value.body["code"] == "model_start_timeout"
     assert not pid_alive(read_pid(pid_dir, "slow"))
@@ -179,10 +184,10 @@ async def test_without_llama_server_installed_the_error_says_how_to_fix_it(
 
 
 async def test_a_server_that_crashed_is_started_again_by_the_next_request(
-    sdk, make_proxy, fake_llama, gguf, pid_dir
+    openai_sdk, make_proxy, fake_llama, gguf, pid_dir
 ):
     client = await make_proxy([gguf_entry("tiny", gguf("tiny.gguf"))])
-    api = sdk(client)
+    api = openai_sdk(client)
     await api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "1"}])
     old = read_pid(pid_dir, "tiny")
     os.kill(old, signal.SIGKILL)
@@ -228,13 +233,13 @@ class RecordingTenancy:
 
 
 async def test_each_request_holds_a_gpu_tenancy_lease_until_its_stream_ends(
-    sdk, make_proxy, fake_llama, gguf, pid_dir, monkeypatch, tmp_path
+    openai_sdk, make_proxy, fake_llama, gguf, pid_dir, monkeypatch, tmp_path
 ):
     gate = tmp_path / "go"
     monkeypatch.setenv("FAKE_LLAMA_GATE", str(gate))
     tenancy = RecordingTenancy()
     client = await make_proxy([gguf_entry("tiny", gguf("tiny.gguf"))], tenancy=tenancy)
-    stream = await sdk(client).chat.completions.create(
+    stream = await openai_sdk(client).chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "x"}], stream=True
     )
     async for chunk in stream:
@@ -254,10 +259,12 @@ async def test_each_request_holds_a_gpu_tenancy_lease_until_its_stream_ends(
 
 
 async def test_a_refused_connection_restarts_a_dead_server_but_not_a_live_one(
-    sdk, make_proxy, fake_llama, gguf, pid_dir
+    openai_sdk, make_proxy, fake_llama, gguf, pid_dir
 ):
     client = await make_proxy([gguf_entry("tiny", gguf("tiny.gguf"))])
-    await sdk(client).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "1"}])
+    await openai_sdk(client).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "1"}]
+    )
     adapter = adapter_of(client)
     entry = keys.models(client.server.app).store.registry.by_name["tiny"]
     live = read_pid(pid_dir, "tiny")

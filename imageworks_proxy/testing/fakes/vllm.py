@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""A fake vLLM OpenAI server, run as a real subprocess by the orchestrator tests through
-``CHAT_PROXY_VLLM_COMMAND="<python> tests/fakes/fake_vllm.py"``.
+"""A fake vLLM OpenAI server, run as a real subprocess by the orchestrator through
+``CHAT_PROXY_VLLM_COMMAND`` (:func:`command` gives the value; ``python -m
+imageworks_proxy.testing.fakes.vllm`` runs it too).
 
 Accepts vLLM's flags (``--model --host --port --served-model-name --gpu-memory-utilization
 --max-model-len --chat-template`` and any other ``--flag``), serves ``/health``, ``/v1/models`` and
@@ -28,15 +29,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fcntl
+import itertools
 import json
 import os
+import shlex
 import signal
 import sys
 import time
+from pathlib import Path
 
 from aiohttp import web
 
 PID = os.getpid()
+#: This file: run it with ``sys.executable`` followed by vLLM's flags.
+SCRIPT = Path(__file__).resolve()
+
+
+def command() -> str:
+    """The ``CHAT_PROXY_VLLM_COMMAND`` value that launches this fake with the running interpreter."""
+    return shlex.join([sys.executable, str(SCRIPT)])
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -172,7 +183,7 @@ class Fake:
         delay = float(body.get("fake_chunk_delay", 0))
         crash_after = body.get("fake_crash_after", self.args.fake_crash_after)
         cuts = [i * len(text) // n for i in range(n + 1)]
-        parts = [text[a:b] for a, b in zip(cuts, cuts[1:])]
+        parts = [text[a:b] for a, b in itertools.pairwise(cuts)]
         created = int(time.time())
         cid = f"chatcmpl-fake{PID}{int(time.monotonic() * 1000)}"
         usage = {"prompt_tokens": 5, "completion_tokens": n, "total_tokens": 5 + n}

@@ -1,7 +1,8 @@
 """A fake OpenAI/vLLM upstream (aiohttp) for tests. The requested ``model`` picks the behaviour:
 
 echo, tools, tools_object_args, legacy, json_tool, reasoning, minimal, huge, slow_headers, slow_first_chunk,
-hang, drop, error400_flat, error404, error500, error200, midstream_error, slow_stream, not_json, json_for_stream.
+hang, drop, error400_flat, error404, error500, error200, midstream_error, slow_stream, not_json,
+json_for_stream.
 Every request is recorded in ``app[REQUESTS]`` (body and headers); cancelled streams in ``app[CANCELLED]``.
 A test can also script a stream exactly: ``app[SCRIPTS][name] = [chunk dict or raw bytes, ...]`` streams those
 events (then ``[DONE]``) for ``model == name``; chunk dicts get id/object/created/model filled in.

@@ -1,4 +1,4 @@
-"""Helpers for chat tests: start a fake upstream + the proxy, read SSE the way clients do."""
+"""What a chat client sends and reads: ``user()`` messages and the ``sse_events()`` of a streamed answer."""
 
 from __future__ import annotations
 
@@ -19,4 +19,5 @@ def sse_events(raw: bytes) -> list[Any]:
 
 
 def user(text: str) -> list[dict[str, Any]]:
+    """``messages`` holding one user turn with ``text``."""
     return [{"role": "user", "content": text}]

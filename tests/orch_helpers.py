@@ -3,28 +3,16 @@
 from __future__ import annotations
 
 import json
-import socket
-import sys
 from pathlib import Path
 from typing import Any
 
-FAKE_VLLM = Path(__file__).with_name("fake_vllm.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def fake_command() -> str:
-    return f"{sys.executable} {FAKE_VLLM}"
+from imageworks_proxy.testing.fakes import vllm as fake_vllm
 
 
 def orch_settings(port: int, **overrides: Any) -> dict[str, str]:
     """make_config overrides for orchestration with the fake vLLM and small timeouts."""
     base = {
-        "VLLM_COMMAND": fake_command(),
+        "VLLM_COMMAND": fake_vllm.command(),
         "VLLM_PORT": str(port),
         "VLLM_START_TIMEOUT_S": "30",
         "VLLM_STOP_TIMEOUT_S": "2",

@@ -1,4 +1,4 @@
-"""A fake Ollama speaking the documented native API (shared/PROTOCOLS.md §4.1-4.3), for tests.
+"""A fake Ollama speaking Ollama's native API (``/api/chat``, ``/api/tags``, ``/api/ps``), for tests.
 
 Run it with ``aiohttp_server(fake.app())``. What it answers is scripted per request by
 ``fake.responder(body) -> Reply``; it validates requests the way Ollama does (content must be a string,
@@ -144,7 +144,10 @@ class FakeOllama:
         caps = self.models[tag]
         for msg in body.get("messages") or []:
             if not isinstance(msg.get("content", ""), str):
-                return "json: cannot unmarshal array into Go struct field Message.messages.content of type string"
+                return (
+                    "json: cannot unmarshal array into Go struct field Message.messages.content "
+                    "of type string"
+                )
             for img in msg.get("images") or []:
                 if not isinstance(img, str):
                     return "json: cannot unmarshal images"
@@ -370,7 +373,7 @@ def ollama_entry(
     return entry
 
 
-if __name__ == "__main__":  # a real process for autostart tests: python fake_ollama.py PORT
+if __name__ == "__main__":  # a real process: python -m imageworks_proxy.testing.fakes.ollama PORT
     import sys
 
     web.run_app(FakeOllama().app(), host="127.0.0.1", port=int(sys.argv[1]), print=None)
