@@ -167,7 +167,8 @@ def test_duplicate_name_within_a_layer_is_an_error(tmp_path):
         ('{"name": "a"}', "expected a JSON list"),
         ('[{"backend": "ollama"}]', '"name"'),
         ('[{"name": "a"}]', 'missing "backend"'),
-        ('[{"name": "a", "backend": "vllm", "backend_config": {"port": "high"}}]', "must be an integer"),
+        ('[{"name": "a", "backend": "vllm", "backend_config": {"port": "high"}}]',
+         "entry 'a': backend_config.port: expected an integer, got 'high'"),
         ("[42]", "entry object"),
     ],
 )

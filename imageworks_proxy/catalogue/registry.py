@@ -1,7 +1,9 @@
-"""The ImageWorks model registry: parsing, layered merge and hot reload (SPEC §3).
+"""The ImageWorks model registry: files, layered merge, load errors and warnings, hot reload.
 
 The proxy only ever reads the registry. :func:`load_registry` is a pure function of the files on disk;
 :class:`RegistryStore` keeps the last good snapshot and reloads it off the event loop when files change.
+Entries are built by the converter in ``catalogue/entry.py``; unknown keys are named by
+``catalogue/registry_keys.py``.
 """
 
 from __future__ import annotations
@@ -9,14 +11,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shlex
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 import orjson
+from cattrs import Converter
+from cattrs.errors import ClassValidationError
+
+from imageworks_proxy.catalogue.entry import (
+    BackendConfig,
+    Entry,
+    InvalidValue,
+    describe,
+    make_registry_converter,
+)
+from imageworks_proxy.catalogue.registry_keys import entry_warnings, known_keys
+
+__all__ = [
+    "BackendConfig",
+    "Entry",
+    "Registry",
+    "RegistryError",
+    "RegistryStore",
+    "deep_merge",
+    "load_registry",
+    "make_registry_converter",
+    "parse_entry",
+    "registry_files",
+]
 
 log = logging.getLogger("imageworks_proxy.catalogue.registry")
 
@@ -24,179 +49,45 @@ CURATED = "model_registry.curated.json"
 DISCOVERED = "model_registry.discovered.json"
 SINGLE = "model_registry.json"
 
-_CAPABILITY_SYNONYMS = {
-    "multimodal": "vision",
-    "image": "vision",
-    "images": "vision",
-    "vl": "vision",
-    "thinking": "reasoning",
-    "function_calling": "tools",
-    "tool_use": "tools",
-    "tool_calling": "tools",
-    "embeddings": "embedding",
-}
-
 
 class RegistryError(ValueError):
-    """The registry cannot be used as it is on disk (bad JSON, wrong shape, duplicate names)."""
+    """The registry cannot be used as it is on disk (bad JSON, wrong shape, bad values, duplicate names)."""
 
 
-def _absent(value: Any) -> bool:
-    return value is None or value == "" or value == "None"
+#: At most this many bad entries are named in one error; the rest are counted.
+_MAX_PROBLEMS = 5
 
 
-def _opt_str(value: Any) -> str | None:
-    return None if _absent(value) else str(value)
-
-
-@attrs.frozen
-class BackendConfig:
-    host: str | None = None
-    port: int | None = None
-    base_url: str | None = None
-    model_path: str | None = None
-    extra_args: tuple[str, ...] = ()
-    adapter: str | None = None
-    api_key_env: str | None = None
-
-
-@attrs.frozen
-class Entry:
-    """One registry entry, with the fields the proxy uses; ``raw`` keeps the whole object."""
-
-    name: str
-    backend: str
-    display_name: str | None = None
-    backend_config: BackendConfig = BackendConfig()
-    served_model_id: str | None = None
-    download_path: str | None = None
-    download_format: str | None = None
-    download_size_bytes: int | None = None
-    quantization: str | None = None
-    family: str | None = None
-    capabilities: frozenset[str] = frozenset()
-    chat_template_path: str | None = None
-    generation_defaults: Mapping[str, Any] = attrs.field(factory=dict, eq=False)
-    deprecated: bool = False
-    metadata: Mapping[str, Any] = attrs.field(factory=dict, eq=False)
-    raw: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
-
-    @property
-    def vision(self) -> bool:
-        return "vision" in self.capabilities
-
-    @property
-    def testing(self) -> bool:
-        return bool(self.metadata.get("testing"))
-
-    @property
-    def ollama_tag(self) -> str | None:
-        """The Ollama tag: the served id, else the ``ollama:/<tag>`` model path."""
-        if self.served_model_id:
-            return self.served_model_id
-        path = self.backend_config.model_path or ""
-        for prefix in ("ollama:/", "ollama://", "ollama:"):
-            if path.startswith(prefix):
-                return path[len(prefix):].lstrip("/") or None
-        return path or None
-
-    @property
-    def upstream_model(self) -> str:
-        """The model name sent upstream: the served id, else the model path, else the logical name."""
-        if self.backend == "ollama":
-            return self.ollama_tag or self.name
-        return self.served_model_id or self.backend_config.model_path or self.name
-
-
-def _capabilities(raw: Any, probes: Any) -> frozenset[str]:
-    caps: set[str] = set()
-    if isinstance(raw, Mapping):
-        names: Iterable[str] = (str(k) for k, v in raw.items() if v)
-    elif isinstance(raw, (list, tuple)):
-        names = (str(v) for v in raw)
-    elif isinstance(raw, str):
-        names = (raw,)
-    else:
-        names = ()
-    for name in names:
-        key = name.strip().lower()
-        caps.add(_CAPABILITY_SYNONYMS.get(key, key))
-    vision_probe = probes.get("vision") if isinstance(probes, Mapping) else None
-    if isinstance(vision_probe, Mapping) and vision_probe.get("vision_ok") is not None:
-        if vision_probe["vision_ok"]:
-            caps.add("vision")
-        else:
-            caps.discard("vision")
-    return frozenset(caps)
-
-
-def _extra_args(raw: Any, where: str) -> tuple[str, ...]:
-    if raw is None:
-        return ()
-    if isinstance(raw, str):
-        return tuple(shlex.split(raw))
-    if isinstance(raw, (list, tuple)):
-        return tuple(str(a) for a in raw)
-    raise RegistryError(f"{where}: backend_config.extra_args must be a list or a string")
-
-
-def _int_or_none(raw: Any, field: str, where: str) -> int | None:
-    if _absent(raw):
-        return None
-    try:
-        return int(raw)
-    except (TypeError, ValueError):
-        raise RegistryError(f"{where}: {field} must be an integer, got {raw!r}") from None
-
-
-def parse_entry(obj: Any, where: str = "registry") -> Entry:
-    """Turn one registry object into an :class:`Entry`; unknown fields are kept in ``raw`` only."""
+def _structure(converter: Converter, obj: Any) -> Entry:
+    """One entry; raises ``RegistryError("entry 'x': field.path: what is wrong")`` without the file."""
     if not isinstance(obj, Mapping):
-        raise RegistryError(f"{where}: each entry must be a JSON object")
+        raise RegistryError("each entry must be a JSON object")
     name = obj.get("name")
     if not isinstance(name, str) or not name.strip():
-        raise RegistryError(f"{where}: entry without a \"name\"")
-    where = f"{where}: entry {name!r}"
-    backend = obj.get("backend")
-    if not isinstance(backend, str) or not backend.strip():
-        raise RegistryError(f"{where}: missing \"backend\"")
-    bc = obj.get("backend_config") or {}
-    if not isinstance(bc, Mapping):
-        raise RegistryError(f"{where}: backend_config must be an object")
-    template = obj.get("chat_template")
-    template_path = template.get("path") if isinstance(template, Mapping) else None
-    gen = obj.get("generation_defaults") or {}
-    metadata = obj.get("metadata") or {}
-    return Entry(
-        name=name,
-        backend=backend.strip().lower(),
-        display_name=_opt_str(obj.get("display_name")),
-        backend_config=BackendConfig(
-            host=_opt_str(bc.get("host")),
-            port=_int_or_none(bc.get("port"), "backend_config.port", where),
-            base_url=_opt_str(bc.get("base_url")),
-            model_path=_opt_str(bc.get("model_path")),
-            extra_args=_extra_args(bc.get("extra_args"), where),
-            adapter=_opt_str(bc.get("adapter")),
-            api_key_env=_opt_str(bc.get("api_key_env")),
-        ),
-        served_model_id=_opt_str(obj.get("served_model_id")),
-        download_path=_opt_str(obj.get("download_path")),
-        download_format=_opt_str(obj.get("download_format")),
-        download_size_bytes=_int_or_none(obj.get("download_size_bytes"), "download_size_bytes", where),
-        quantization=_opt_str(obj.get("quantization")),
-        family=_opt_str(obj.get("family")),
-        capabilities=_capabilities(obj.get("capabilities"), obj.get("probes")),
-        chat_template_path=_opt_str(template_path),
-        generation_defaults=dict(gen) if isinstance(gen, Mapping) else {},
-        deprecated=bool(obj.get("deprecated")),
-        metadata=dict(metadata) if isinstance(metadata, Mapping) else {},
-        raw=dict(obj),
-    )
+        raise RegistryError('entry without a "name"')
+    try:
+        return converter.structure(obj, Entry)
+    except (ClassValidationError, InvalidValue) as exc:
+        raise RegistryError(f"entry {name!r}: " + "; ".join(describe(exc))) from None
+
+
+def parse_entry(obj: Any, where: str = "registry", converter: Converter | None = None) -> Entry:
+    """Turn one registry object into an :class:`Entry`; unknown fields are kept in ``raw`` only.
+
+    ``converter`` is :func:`make_registry_converter`'s (built here when ``None``). Raises
+    :class:`RegistryError` naming ``where``, the entry and the field path of each bad value.
+    """
+    try:
+        return _structure(converter or make_registry_converter(), obj)
+    except RegistryError as exc:
+        raise RegistryError(f"{where}: {exc}") from None
 
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """Curated-over-discovered merge: nested objects merge, other values from ``over`` replace; ``None`` never erases."""
+    """Curated-over-discovered merge: nested objects merge, other values from ``over`` replace.
+
+    ``None`` in ``over`` never erases.
+    """
     out = dict(base)
     for key, value in over.items():
         if value is None:
@@ -247,20 +138,20 @@ def _by_name(items: list[Any], path: Path) -> dict[str, Mapping[str, Any]]:
 
 @attrs.frozen
 class Registry:
+    """One loaded registry. ``warnings``: named mistakes that did not stop the load (unknown keys)."""
+
     entries: tuple[Entry, ...]
     source: str
     loaded_at: float
+    warnings: tuple[str, ...] = ()
 
     @property
     def by_name(self) -> dict[str, Entry]:
         return {e.name: e for e in self.entries}
 
 
-def load_registry(location: str | os.PathLike[str]) -> Registry:
-    """Read the registry at ``location`` (a JSON file, or a directory of ImageWorks layer files)."""
-    path = Path(location)
-    if not path.exists():
-        raise RegistryError(f"{path}: registry not found (set CHAT_PROXY_REGISTRY to a file or directory)")
+def _raw_items(path: Path) -> list[Any]:
+    """The entry objects at ``path``, layers merged, duplicates refused; not yet structured."""
     files = registry_files(path)
     if path.is_dir() and files[0].name != SINGLE:
         merged: dict[str, Mapping[str, Any]] = {}
@@ -271,12 +162,37 @@ def load_registry(location: str | os.PathLike[str]) -> Registry:
         if curated.exists():
             for name, obj in _by_name(_read_list(curated), curated).items():
                 merged[name] = deep_merge(merged[name], obj) if name in merged else dict(obj)
-        items: list[Any] = list(merged.values())
-    else:
-        items = _read_list(files[0])
-        _by_name(items, files[0])  # duplicate check with both positions named
-    entries = tuple(parse_entry(obj, str(path)) for obj in items)
-    return Registry(entries=entries, source=str(path), loaded_at=time.time())
+        return list(merged.values())
+    items = _read_list(files[0])
+    _by_name(items, files[0])  # duplicate check with both positions named
+    return items
+
+
+def load_registry(location: str | os.PathLike[str], converter: Converter | None = None) -> Registry:
+    """Read the registry at ``location`` (a JSON file, or a directory of ImageWorks layer files).
+
+    ``converter`` is :func:`make_registry_converter`'s, built here when ``None``. Raises
+    :class:`RegistryError` naming the file, and for bad values every entry and field path at fault.
+    """
+    path = Path(location)
+    if not path.exists():
+        raise RegistryError(f"{path}: registry not found (set CHAT_PROXY_REGISTRY to a file or directory)")
+    items = _raw_items(path)
+    converter = converter or make_registry_converter()
+    entries: list[Entry] = []
+    problems: list[str] = []
+    for obj in items:
+        try:
+            entries.append(_structure(converter, obj))
+        except RegistryError as exc:
+            problems.append(str(exc))
+    if problems:
+        more = len(problems) - _MAX_PROBLEMS
+        text = "; ".join(problems[:_MAX_PROBLEMS]) + (f"; and {more} more entries" if more > 0 else "")
+        raise RegistryError(f"{path}: {text}")
+    known = known_keys()
+    warnings = tuple(w for obj in items for w in entry_warnings(obj, known))
+    return Registry(entries=tuple(entries), source=str(path), loaded_at=time.time(), warnings=warnings)
 
 
 Signature = tuple[tuple[str, int, int, int], ...]
@@ -298,12 +214,14 @@ class RegistryStore:
     """The live registry: last good snapshot, last error, and a background reloader.
 
     ``on_change`` callbacks run on the event loop with the new :class:`Registry` after each
-    successful reload.
+    successful reload. Each load logs the registry's warnings once, at WARNING. ``converter`` is
+    :func:`make_registry_converter`'s, built here when ``None``.
     """
 
-    def __init__(self, location: str, poll_s: float = 1.0) -> None:
+    def __init__(self, location: str, poll_s: float = 1.0, converter: Converter | None = None) -> None:
         self.location = location
         self.poll_s = poll_s
+        self.converter = converter or make_registry_converter()
         self.registry: Registry = Registry((), location, 0.0)
         self.error: str | None = None
         self.on_change: list[Any] = []
@@ -311,7 +229,10 @@ class RegistryStore:
 
     def _load_sync(self) -> tuple[Registry, Signature]:
         sig = _signature(registry_files(self.location))
-        return load_registry(self.location), sig
+        registry = load_registry(self.location, self.converter)
+        for warning in registry.warnings:
+            log.warning("registry %s: %s", registry.source, warning)
+        return registry, sig
 
     def load_initial(self) -> None:
         """Load at startup; a broken registry is reported, not fatal (the list is then empty)."""

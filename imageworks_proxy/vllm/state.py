@@ -1,10 +1,13 @@
-"""The active-vLLM state file (``CHAT_PROXY_VLLM_STATE_PATH``, SPEC §11).
+"""The active-vLLM state file (``CHAT_PROXY_VLLM_STATE_PATH``).
 
 One JSON object describing the process the orchestrator (or ``imageworks-loader``) started: logical name,
-served id, host/port, pid/pgid, start time, command and log path. Written atomically (temp file, fsync,
-rename) so a reader never sees half a file. A proxy that starts next to a live process matching the file
-adopts it; a file naming a dead process, or a pid now running something else, is stale and cleared; a file
-that does not parse is corrupt and cleared.
+served id, host/port, pid/pgid, start time, command and log path, plus ``"format": 1``. Written atomically
+(temp file, fsync, rename) so a reader never sees half a file. A proxy that starts next to a live process
+matching the file adopts it; a file naming a dead process, or a pid now running something else, is stale
+and cleared; a file that does not parse is corrupt and cleared.
+
+The ``format`` envelope is kept apart from :class:`VllmState` (:func:`encode_state`/:func:`decode_state`),
+so a later format can hold several instances without touching how one instance is read or written.
 """
 
 from __future__ import annotations
@@ -12,20 +15,29 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
 import orjson
+from cattrs import Converter
+from cattrs.errors import ClassValidationError
+from cattrs.gen import make_dict_structure_fn, override
+from cattrs.preconf.orjson import make_converter
 
+from imageworks_proxy.catalogue.entry import InvalidValue, describe, opt_int, opt_number, opt_str
 from imageworks_proxy.upstream import process
 
 log = logging.getLogger("imageworks_proxy.orchestrator")
 
 FORMAT = 1
+DEFAULT_HOST = "127.0.0.1"
 
 
 @attrs.frozen
 class VllmState:
+    """One vLLM process as recorded in the state file."""
+
     logical_name: str
     served_model_id: str
     host: str
@@ -42,55 +54,103 @@ class VllmState:
     def flags(self) -> tuple[str, ...]:
         return self.command[self.prefix_len:]
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "logical_name": self.logical_name,
-            "served_model_id": self.served_model_id,
-            "host": self.host,
-            "port": self.port,
-            "pid": self.pid,
-            "pgid": self.pgid,
-            "started_at": self.started_at,
-            "command": list(self.command),
-            "prefix_len": self.prefix_len,
-            "log_path": self.log_path,
-        }
 
-    @classmethod
-    def from_json(cls, data: Any) -> VllmState:
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        try:
-            command = data["command"]
-            if not (isinstance(command, list) and command and all(isinstance(a, str) for a in command)):
-                raise ValueError("command must be a non-empty list of strings")
-            prefix_len = int(data.get("prefix_len") or 0)
-            if not 0 <= prefix_len < len(command):
-                raise ValueError("prefix_len out of range")
-            return cls(
-                logical_name=str(data["logical_name"]),
-                served_model_id=str(data["served_model_id"]),
-                host=str(data.get("host") or "127.0.0.1"),
-                port=int(data["port"]),
-                pid=int(data["pid"]),
-                pgid=int(data["pgid"]),
-                started_at=float(data["started_at"]),
-                command=tuple(command),
-                prefix_len=prefix_len,
-                log_path=str(data["log_path"]) if data.get("log_path") else None,
-            )
-        except KeyError as exc:
-            raise ValueError(f"missing field {exc.args[0]!r}") from None
-        except (TypeError, ValueError) as exc:
-            raise ValueError(str(exc)) from None
+def _text(value: Any, _: Any = None) -> str:
+    if isinstance(value, str) and value:
+        return value
+    raise InvalidValue(f"expected a non-empty string, got {value!r}")
+
+
+def _host(value: Any, _: Any = None) -> str:
+    return opt_str(value) or DEFAULT_HOST
+
+
+def _integer(value: Any, _: Any = None) -> int:
+    number = opt_int(value)
+    if number is None:
+        raise InvalidValue(f"expected an integer, got {value!r}")
+    return number
+
+
+def _time(value: Any, _: Any = None) -> float:
+    number = opt_number(value)
+    if number is None:
+        raise InvalidValue(f"expected a number, got {value!r}")
+    return float(number)
+
+
+def _command(value: Any, _: Any = None) -> tuple[str, ...]:
+    if isinstance(value, list) and value and all(isinstance(a, str) for a in value):
+        return tuple(value)
+    raise InvalidValue("expected a non-empty list of strings")
+
+
+def _instance(fields: Any) -> Any:
+    def structure(value: Any, cls: Any) -> VllmState:
+        if not isinstance(value, Mapping):
+            raise InvalidValue(f"expected a JSON object, got {type(value).__name__}")
+        state = fields({"host": None, **value}, cls)  # older files may lack the host
+        if not 0 <= state.prefix_len < len(state.command):
+            raise InvalidValue(f"out of range for a command of {len(state.command)} words", path="prefix_len")
+        return state
+
+    return structure
+
+
+def make_state_converter() -> Converter:
+    """Build the converter for :class:`VllmState`; build it once and pass it on (``StateFile`` holds one).
+
+    ``structure`` raises ``cattrs.ClassValidationError`` or :class:`InvalidValue` for a bad value.
+    """
+    conv = make_converter(detailed_validation=True)
+    fields = make_dict_structure_fn(
+        VllmState,
+        conv,
+        logical_name=override(struct_hook=_text),
+        served_model_id=override(struct_hook=_text),
+        host=override(struct_hook=_host),
+        port=override(struct_hook=_integer),
+        pid=override(struct_hook=_integer),
+        pgid=override(struct_hook=_integer),
+        started_at=override(struct_hook=_time),
+        command=override(struct_hook=_command),
+        prefix_len=override(struct_hook=lambda v, _: opt_int(v) or 0),
+        log_path=override(struct_hook=opt_str),
+    )
+    conv.register_structure_hook(VllmState, _instance(fields))
+    return conv
+
+
+def encode_state(converter: Converter, state: VllmState) -> bytes:
+    """The state file's bytes for ``state``: ``{"format": 1, <fields>}``, indented."""
+    return orjson.dumps({"format": FORMAT, **converter.unstructure(state)}, option=orjson.OPT_INDENT_2)
+
+
+def decode_state(converter: Converter, data: bytes) -> VllmState:
+    """The state recorded in ``data``; raises ``ValueError`` saying what is wrong (and where)."""
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON: {exc}") from None
+    if not isinstance(doc, Mapping):
+        raise ValueError(f"expected a JSON object, got {type(doc).__name__}")
+    if doc.get("format", FORMAT) != FORMAT:
+        raise ValueError(f"format {doc['format']!r} is not one this version reads ({FORMAT})")
+    try:
+        return converter.structure({k: v for k, v in doc.items() if k != "format"}, VllmState)
+    except (ClassValidationError, InvalidValue) as exc:
+        raise ValueError("; ".join(describe(exc))) from None
 
 
 class StateFile:
-    """Read, write and clear the state file at ``path``."""
+    """Read, write and clear the state file at ``path``.
 
-    def __init__(self, path: str) -> None:
+    ``converter`` is :func:`make_state_converter`'s, built here when ``None``.
+    """
+
+    def __init__(self, path: str, converter: Converter | None = None) -> None:
         self.path = path
+        self.converter = converter or make_state_converter()
 
     def read_raw(self) -> VllmState | None:
         """The recorded state, ``None`` when there is no file. Raises ``ValueError`` when it is corrupt."""
@@ -99,10 +159,7 @@ class StateFile:
                 data = fh.read()
         except FileNotFoundError:
             return None
-        try:
-            return VllmState.from_json(orjson.loads(data))
-        except orjson.JSONDecodeError as exc:
-            raise ValueError(f"invalid JSON: {exc}") from None
+        return decode_state(self.converter, data)
 
     def write(self, state: VllmState) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
@@ -110,7 +167,7 @@ class StateFile:
         fd, tmp = tempfile.mkstemp(prefix=".active_vllm.", suffix=".tmp", dir=directory)
         try:
             with os.fdopen(fd, "wb") as fh:
-                fh.write(orjson.dumps(state.to_json(), option=orjson.OPT_INDENT_2))
+                fh.write(encode_state(self.converter, state))
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)

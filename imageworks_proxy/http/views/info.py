@@ -27,6 +27,7 @@ async def health(request: web.Request) -> web.Response:
             "models": len(store.registry.entries),
             "loaded_at": store.registry.loaded_at or None,
             "error": store.error,
+            "warnings": list(store.registry.warnings),
         },
         **models.adapter_states(),
         "gpu": keys.gpu(app).devices(),
