@@ -14,8 +14,8 @@ from jsonschema import Draft202012Validator
 from imageworks_proxy.catalogue.entry import CAPABILITY_SYNONYMS, fields_read
 from imageworks_proxy.catalogue.registry import RegistryError, parse_entry
 from imageworks_proxy.catalogue.registry_keys import known_keys
-from tests.fakes.fake_ollama import ollama_entry
-from tests.fakes.orch import vllm_entry
+from imageworks_proxy.testing.fakes.ollama import ollama_entry
+from tests.orch_helpers import vllm_entry
 from tests.test_registry import ENTRY_A
 
 ROOT = Path(__file__).parent.parent

@@ -217,6 +217,10 @@ class RecordingTenancy:
     def __init__(self) -> None:
         self.events: list[str] = []
         self.tenants = {}
+        self.residents: list[str] = []
+
+    def add_resident(self, tenant) -> None:
+        self.residents.append(tenant.key)  # Ollama says it may hold GPU memory from before
 
     async def acquire(self, tenant, call):
         self.events.append(f"acquire {tenant.key}")
