@@ -139,14 +139,24 @@ async def test_keep_alives_flow_while_the_heuristic_holds_a_possible_tool_call_b
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
-@pytest.mark.parametrize("backend", ["openai", "vllm", "ollama", "lmdeploy"])
+@pytest.mark.parametrize(
+    "backend, backend_config, adapter",
+    [
+        ("openai", {"base_url": "http://h:1/v1"}, "openai-passthrough"),
+        ("lmdeploy", {"base_url": "http://h:1/v1"}, "openai-passthrough"),
+        ("vllm", {"base_url": "http://h:1/v1"}, "vllm-external"),
+        ("vllm", {"model_path": "/w/qwen"}, "vllm-orchestrated"),
+        ("ollama", {"model_path": "ollama:/qwen3:8b"}, "ollama"),
+    ],
+)
 async def test_every_built_in_adapter_parses_tool_calls_natively_unless_the_registry_says_none(
-    registry_file, make_config, proxy_client, backend
+    registry_file, make_config, proxy_client, backend, backend_config, adapter
 ):
     client = await proxy_client(make_config())
     models = keys.models(client.app)
-    native = parse_entry({"name": "a", "backend": backend, "backend_config": {"base_url": "http://h:1/v1"}})
-    declared = parse_entry({"name": "b", "backend": backend, "backend_config": {"base_url": "http://h:1/v1"},
+    native = parse_entry({"name": "a", "backend": backend, "backend_config": backend_config})
+    declared = parse_entry({"name": "b", "backend": backend, "backend_config": backend_config,
                             "metadata": {"tool_parser": "none"}})
+    assert models.adapter_for(native).name == adapter
     assert models.adapter_for(native).native_tool_parser(native) is True
     assert models.adapter_for(declared).native_tool_parser(declared) is False
