@@ -1,6 +1,6 @@
 """A proxy with one model of each kind in front of fakes, for the status page tests: an OpenAI-compatible
 server, Ollama, and two vLLM models the proxy starts (the fake vLLM) — plus a passthrough entry whose
-display name is HTML, to show the page prints it as text."""
+display name is HTML, to show the page prints it as text, and one whose adapter is not installed."""
 
 from __future__ import annotations
 
@@ -54,6 +54,8 @@ async def start(
         ollama_entry(str(ollama_server.make_url("")).rstrip("/")),
         orch_helpers.vllm_entry("alpha", tmp_path, capabilities=["vision"]),
         orch_helpers.vllm_entry("beta", tmp_path),
+        # routed to an adapter no installed plugin provides
+        {"name": "m-orphan", "backend": "gguf", "backend_config": {"adapter": "not-installed"}},
     ])
     config = make_config(**orch_helpers.orch_settings(free_port(), **settings))
     return StatusEnv(await proxy_client(config), ollama)

@@ -68,7 +68,8 @@ async def test_the_page_shows_every_model_the_active_one_and_a_request_just_made
     rows = await tab.evaluate(MODEL_ROWS)
     assert [r["id"] for r in rows] == await e.listed_ids()
     assert [r["id"] for r in rows if r["active"]] == ["alpha"]
-    assert {r["id"]: r["state"] for r in rows}["alpha"] == "loaded"
+    states = {r["id"]: r["state"] for r in rows}
+    assert (states["alpha"], states["beta"], states["m-orphan"]) == ("loaded", "stopped", "unavailable")
     assert await tab.evaluate("document.getElementById('gpu-active').textContent") == "alpha"
     # the registry's HTML display name is shown as text, never run or parsed
     assert status_helpers.HOSTILE_NAME in [r["id"] for r in rows]
@@ -131,6 +132,7 @@ async def test_with_api_keys_the_page_asks_for_a_key_then_shows_the_models(env, 
     e = await env(api_keys="sk-page")
     tab = await browser.open(str(e.client.make_url("/")))
     await tab.wait_for("!document.getElementById('key-card').hidden")
+    assert "API key" in await tab.evaluate("document.getElementById('key-why').textContent")
     assert await tab.evaluate("document.querySelectorAll('#models tbody tr').length") == 0
     await tab.evaluate("document.getElementById('key-input').value = 'sk-page'; "
                        "document.getElementById('key-form').requestSubmit()")

@@ -74,6 +74,7 @@ async def test_status_lists_every_model_with_its_backend_state_and_the_active_on
     # backends that load models on their own: the proxy does not claim a state for them
     assert rows["m-echo"]["state"] is None and rows["m-echo"]["backend"] == "openai"
     assert rows["llama3.2-3b"]["backend"] == "ollama" and rows["llama3.2-3b"]["adapter"] == "ollama"
+    assert (rows["m-orphan"]["state"], rows["m-orphan"]["adapter"]) == ("unavailable", None)
     assert status["gpu"]["active"]["model"] == "alpha" and status["gpu"]["phase"] == "ready"
     assert status["gpu"]["queue_depth"] == 0
     vllm = next(a for a in status["adapters"] if a["key"] == "vllm")
@@ -85,7 +86,7 @@ async def test_admin_actions_are_offered_to_loopback_clients_for_models_an_admin
     status = await e.status()
     assert status["admin"] == {"allowed": True}
     urls = {m["logical_id"]: m["activate"] for m in status["models"]}
-    assert urls == {"m-echo": None, "m-hostile": None, "llama3.2-3b": None,
+    assert urls == {"m-echo": None, "m-hostile": None, "llama3.2-3b": None, "m-orphan": None,
                     "alpha": "/v1/admin/vllm/activate", "beta": "/v1/admin/vllm/activate"}
     assert next(a for a in status["adapters"] if a["key"] == "vllm")["stop"] == "/v1/admin/vllm/stop"
 
@@ -169,4 +170,4 @@ async def test_with_api_keys_the_page_is_public_and_its_data_needs_a_key(env):
     assert refused.status == 401
     check_error(await refused.json())
     status = await e.status(Authorization="Bearer sk-one")
-    assert len(status["models"]) == 5 and status["admin"] == {"allowed": True}
+    assert len(status["models"]) == 6 and status["admin"] == {"allowed": True}

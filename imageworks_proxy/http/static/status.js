@@ -12,6 +12,7 @@
 
   let timer = null;
   let busy = false; // an admin action is running
+  let needKey = false; // v1/status answered 401: wait for a key before polling again
 
   // -- small DOM helpers ------------------------------------------------------------------------
   function el(tag, props, ...children) {
@@ -103,20 +104,26 @@
     try {
       const resp = await fetch(sameOrigin("v1/status"), { headers: headers(false), credentials: "omit" });
       if (resp.status === 401) {
-        $("key-card").hidden = false;
+        needKey = true;
+        askForKey("The proxy needs an API key (one of CHAT_PROXY_API_KEYS).");
         connection("API key needed", "bad");
         return; // the key form polls again
       }
       if (!resp.ok) throw new Error(await errorText(resp));
-      $("key-card").hidden = true;
+      needKey = false;
       render(await resp.json());
       connection("live", "good");
     } catch (err) {
       connection("offline", "bad");
       document.documentElement.dataset.error = String(err.message || err);
     } finally {
-      if ($("key-card").hidden) timer = setTimeout(poll, document.hidden ? POLL_MS * 5 : POLL_MS);
+      if (!needKey) timer = setTimeout(poll, document.hidden ? POLL_MS * 5 : POLL_MS);
     }
+  }
+
+  function askForKey(why) {
+    $("key-why").textContent = why;
+    $("key-card").hidden = false;
   }
 
   async function act(button, path, body, doing) {
@@ -130,6 +137,7 @@
         method: "POST", headers: headers(true), body: JSON.stringify(body), credentials: "omit",
       });
       say(resp.ok ? doing + ": done." : doing + " failed: " + (await errorText(resp)), resp.ok ? "good" : "bad");
+      if (resp.status === 401 || resp.status === 403) askForKey("Activate and Stop may need a key that allows them.");
     } catch (err) {
       say(doing + " failed: " + String(err.message || err), "bad");
     } finally {
@@ -325,6 +333,7 @@
       if (key) sessionStorage.setItem(KEY_STORE, key);
       $("key-input").value = "";
       $("key-card").hidden = true;
+      needKey = false;
       poll();
     });
     document.addEventListener("visibilitychange", () => { if (!document.hidden) poll(); });
