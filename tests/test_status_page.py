@@ -11,7 +11,7 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 
 from imageworks_proxy.http.views.status import status_json
-from imageworks_proxy.observability.recent import RecentRequests, RequestSummary
+from imageworks_proxy.observability.recent import RecentActivity, RequestSummary
 from imageworks_proxy.testing import check_error
 from tests import status_helpers
 
@@ -122,13 +122,19 @@ async def test_recent_requests_show_figures_and_never_prompt_text(env):
         "no such model", 404, "model_not_found")
 
 
-def test_the_recent_request_ring_keeps_only_the_newest():
-    ring = RecentRequests(size=3)
+def test_the_recent_rings_keep_only_the_newest_requests_and_switches():
+    recent = RecentActivity(requests=3, switches=2)
     for i in range(5):
-        ring.add(RequestSummary(ts=float(i), request_id=f"req_{i}", model="m", adapter=None, stream=False,
-                                status=200, error_code=None, duration_ms=1.0, ttft_ms=None, queue_ms=0.0,
-                                prompt_tokens=None, completion_tokens=None, tokens_estimated=False))
-    assert [r["request_id"] for r in ring.newest_first()] == ["req_4", "req_3", "req_2"]
+        recent.add_request(RequestSummary(
+            ts=float(i), request_id=f"req_{i}", model="m", adapter=None, stream=False, status=200,
+            error_code=None, duration_ms=1.0, ttft_ms=None, queue_ms=0.0, prompt_tokens=None,
+            completion_tokens=None, tokens_estimated=False,
+        ))
+    assert [r["request_id"] for r in recent.requests()] == ["req_4", "req_3", "req_2"]
+    for event in ({"event": "swap", "to": "a"}, {"event": "stop", "to": None}, {"event": "swap", "to": "b"},
+                  {"event": "vacate", "to": None}):
+        recent.on_event(event)
+    assert [(s["event"], s["to"]) for s in recent.switches()] == [("vacate", None), ("swap", "b")]
 
 
 async def test_switches_and_stops_show_with_their_durations_newest_first(env):

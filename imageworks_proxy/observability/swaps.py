@@ -2,24 +2,20 @@
 
 The scheduler (:mod:`imageworks_proxy.gpu.scheduler`) calls its listeners with one event per finished
 switch attempt (``{"event": "swap", "ok": bool, "total_s": float, ...}``). :class:`SwapMetrics` is such a
-listener: it counts switches and failed ones and keeps recent durations for ``/v1/metrics``, hands
-each duration to its ``observers`` (the Prometheus histogram), and keeps the last switches and stops
-(``vacate`` events), with the time they ended, for the status page. It never asks a plugin for figures.
+listener: it counts switches and failed ones and keeps recent durations for ``/v1/metrics``, and hands
+each duration to its ``observers`` (the Prometheus histogram). It never asks a plugin for figures.
 """
 
 from __future__ import annotations
 
 import collections
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
 #: Switch durations kept for the percentiles of ``/v1/metrics``.
 RECENT = 200
 PERCENTILES = (50, 95, 99)
-#: Switches and stops kept for the status page.
-RECENT_SWITCHES = 20
 
 
 class SwapMetrics:
@@ -31,12 +27,8 @@ class SwapMetrics:
         self.durations_s: collections.deque[float] = collections.deque(maxlen=RECENT)
         #: Called with the duration of every successful switch, in seconds.
         self.observers: list[Callable[[float], None]] = []
-        #: The last switches and stops, newest last: the scheduler's event plus ``at`` (POSIX seconds).
-        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_SWITCHES)
 
     def on_event(self, event: dict[str, Any]) -> None:
-        if event.get("event") in ("swap", "vacate"):
-            self.recent.append({**event, "at": time.time()})
         if event.get("event") != "swap":
             return
         if not event.get("ok"):

@@ -88,7 +88,7 @@ class ObserveStage(Stage):
         self.prom = app.get(keys.PROMETHEUS)
         rlog = keys.request_log(app)
         self.request_log = rlog if rlog.enabled else None
-        self.recent = app.get(keys.RECENT_REQUESTS)
+        self.recent = app.get(keys.RECENT)
 
     # --- reply side ------------------------------------------------------------------------------
 
@@ -196,7 +196,7 @@ class ObserveStage(Stage):
         arrived = time.time() - (now - ctx.started)
         if self.recent is not None:
             # figures and names only: the status page never sees prompt or reply text
-            self.recent.add(RequestSummary(
+            self.recent.add_request(RequestSummary(
                 ts=arrived, request_id=ctx.request_id, model=logical or shorten(ctx.model or None),
                 adapter=ctx.adapter_name, stream=ctx.stream, status=ctx.status, error_code=error_code,
                 duration_ms=round(duration_ms, 1), ttft_ms=round(ttft_ms, 1) if ttft_ms is not None else None,

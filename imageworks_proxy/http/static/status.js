@@ -234,7 +234,8 @@
   function renderSwitches(status) {
     const now = status.time;
     fill($("switches"), status.switches.map((s) => {
-      const result = s.event === "vacate" ? "stopped" : s.ok ? "ok" : "failed" + (s.error ? ": " + s.error : "");
+      const kind = s.kind && s.kind !== "cold" ? " · " + s.kind : ""; // e.g. a sleeping model woken
+      const result = s.event === "vacate" ? "stopped" : s.ok ? "ok" + kind : "failed" + (s.error ? ": " + s.error : "");
       const parts = [s.drain_s, s.stop_s, s.start_s].map((x) => (x === undefined ? "—" : seconds(x)));
       return el("tr", {},
         timeCell(s.at, now),

@@ -181,6 +181,7 @@ async def status_json(request: web.Request) -> web.Response:
     states = models.adapter_states()
     admin = admin_allowed(request)
     store = models.store
+    recent = app[keys.RECENT]
     body = {
         "object": "status",
         "version": __version__,
@@ -190,8 +191,8 @@ async def status_json(request: web.Request) -> web.Response:
         "models": [_model_row(app, item, states, admin) for item in listing["data"]],
         "gpu": _gpu(app),
         "adapters": _adapters(app, states, admin),
-        "switches": list(reversed(app[keys.SWAPS].recent))[:SHOWN_SWITCHES],
-        "requests": app[keys.RECENT_REQUESTS].newest_first(),
+        "switches": recent.switches()[:SHOWN_SWITCHES],
+        "requests": recent.requests(),
         "metrics": _metrics(app),
         "admin": {"allowed": admin},
     }
