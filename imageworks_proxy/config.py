@@ -26,7 +26,9 @@ class ConfigError(ValueError):
 
 
 def _default_vllm_command() -> str:
-    return f"{sys.executable} -m vllm.entrypoints.openai.api_server"
+    # `vllm serve` (the CLI's entry point run by this interpreter); the older
+    # `-m vllm.entrypoints.openai.api_server` still works but is deprecated (docs/vllm.md)
+    return f"{sys.executable} -m vllm.entrypoints.cli.main serve"
 
 
 def _bool(raw: str) -> bool:
@@ -218,7 +220,7 @@ SETTINGS: tuple[Setting, ...] = (
         "VLLM_COMMAND",
         _str,
         None,
-        "Launcher prefix for orchestrated vLLM (default: <python> -m vllm.entrypoints.openai.api_server)",
+        "Launcher prefix for orchestrated vLLM (default: <python> -m vllm.entrypoints.cli.main serve)",
     ),
     _s(
         "VLLM_STATE_PATH",

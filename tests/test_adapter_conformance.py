@@ -79,7 +79,11 @@ async def vllm_orchestrated(aiohttp_server) -> ConformanceBackend:
             "backend": "vllm",
             "served_model_id": reply,
             "capabilities": ["tools"],
-            "backend_config": {"model_path": f"fake/{mode}", "extra_args": ["--fake-reply", reply]},
+            "backend_config": {
+                "model_path": f"fake/{mode}",
+                "extra_args": ["--fake-reply", reply],
+                "tool_call_parser": "hermes",  # vLLM refuses tools without a tool-call parser
+            },
         }
         for mode, reply in (("echo", "echo"), ("tools", "tools"), ("error404", "missing"))
     ]

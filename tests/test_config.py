@@ -95,7 +95,7 @@ def test_typed_defaults_are_the_documented_ones():
     assert cfg.max_image_bytes == 6_000_000 and cfg.max_log_bytes == 25_000_000
     assert cfg.autostart_grace_period_s == 120 and cfg.vllm_gpu_memory_utilization == 0.75
     assert cfg.vllm_command.split()[0] == sys.executable
-    assert cfg.vllm_command.endswith("-m vllm.entrypoints.openai.api_server")
+    assert cfg.vllm_command.endswith("-m vllm.entrypoints.cli.main serve")
 
 
 def test_registry_default_comes_from_imageworks_registry_dir():

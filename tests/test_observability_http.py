@@ -71,6 +71,8 @@ FIELDS = {
     "images",
     "truncated_messages",
     "images_resized",
+    "capabilities",
+    "adapted",
 }
 
 
@@ -99,6 +101,7 @@ async def test_a_successful_request_is_one_record_with_the_spec_fields(env):
     assert (rec["stream"], rec["status"], rec["error_code"]) == (False, 200, None)
     assert (rec["prompt_tokens"], rec["completion_tokens"], rec["tokens_estimated"]) == (5, 3, False)
     assert rec["duration_ms"] > 0 and 0 < rec["ttft_ms"] <= rec["duration_ms"]
+    assert (rec["capabilities"], rec["adapted"]) == (["tools"], [])  # the registry entry says tools
     assert rec["queue_ms"] == 0 and rec["images"] == 0 and rec["truncated_messages"] == 0
 
 

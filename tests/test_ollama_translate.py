@@ -122,6 +122,18 @@ def test_reasoning_controls_become_think():
     assert "think" not in translate({"messages": msgs})
 
 
+@pytest.mark.parametrize(
+    ("effort", "think"),
+    [("minimal", "low"), ("low", "low"), ("medium", "medium"), ("high", "high"), ("xhigh", "max"),
+     ("max", "max")],
+)
+def test_every_reasoning_effort_becomes_a_think_value_ollama_takes(effort, think):
+    # Ollama accepts true/false and "low", "medium", "high", "max"; any other string is a 400
+    msgs = [{"role": "user", "content": "hi"}]
+    assert translate({"messages": msgs, "reasoning_effort": effort})["think"] == think
+    assert translate({"messages": msgs, "think": effort})["think"] == think
+
+
 def test_messages_text_parts_joined_images_stripped_developer_is_system():
     payload = translate(
         {

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from imageworks_proxy.catalogue.registry import parse_entry
 from imageworks_proxy.errors import ProxyError
-from imageworks_proxy.vllm.command import build_command, flag_value
+from imageworks_proxy.testing.fakes import vllm as fake_vllm
+from imageworks_proxy.vllm.command import build_command, flag_value, launch_capabilities
 
 
 def entry(**bc):
@@ -72,7 +75,7 @@ def test_a_flag_present_in_extra_args_is_not_added_again(make_config, override):
 
 def test_download_path_is_used_when_there_is_no_model_path(make_config):
     e = parse_entry({"name": "m", "backend": "vllm", "download_path": "/weights/m"})
-    cmd = build_command(make_config(), e)
+    cmd = build_command(make_config(VLLM_COMMAND="python -m vllm.entrypoints.openai.api_server"), e)
     assert flag_value(cmd.argv, "--model") == "/weights/m"
     assert cmd.served_model_id == "m"  # the logical name, which the proxy sends upstream
 
@@ -83,8 +86,72 @@ def test_an_entry_with_nothing_to_load_fails_to_start(make_config):
     assert exc.value.status == 503 and exc.value.code == "model_start_failed"
 
 
-def test_the_default_launcher_is_this_python_running_vllm(make_config):
-    import sys
-
+def test_the_default_launcher_is_vllm_serve_run_by_this_python_with_the_model_first(make_config):
     cmd = build_command(make_config(), entry())
-    assert cmd.argv[:3] == (sys.executable, "-m", "vllm.entrypoints.openai.api_server")
+    assert cmd.argv[:4] == (sys.executable, "-m", "vllm.entrypoints.cli.main", "serve")
+    # `vllm serve <model>`: its --model option is deprecated
+    assert cmd.flags[0] == "/w/qwen" and "--model" not in cmd.flags
+
+
+def test_a_serve_launcher_takes_the_model_first_and_the_api_server_form_takes_model(make_config):
+    serve = build_command(make_config(VLLM_COMMAND="vllm serve"), entry())
+    assert serve.argv[:3] == ("vllm", "serve", "/w/qwen")
+    api = build_command(make_config(VLLM_COMMAND="python -m vllm.entrypoints.openai.api_server"), entry())
+    assert flag_value(api.flags, "--model") == "/w/qwen" and "/w/qwen" not in api.flags[:1]
+    # --model in extra_args wins, and then nothing is put first
+    own = build_command(make_config(VLLM_COMMAND="vllm serve"), entry(extra_args=["--model", "/other"]))
+    assert own.flags[0] == "--host" and flag_value(own.flags, "--model") == "/other"
+
+
+def test_tool_call_parser_turns_on_auto_tool_choice_with_that_parser(make_config):
+    cmd = build_command(make_config(), entry(tool_call_parser="hermes"))
+    assert "--enable-auto-tool-choice" in cmd.flags
+    assert flag_value(cmd.flags, "--tool-call-parser") == "hermes"
+    # extra_args that already have the flags keep theirs, once
+    both = ["--enable-auto-tool-choice", "--tool-call-parser", "llama3_json"]
+    cmd = build_command(make_config(), entry(tool_call_parser="hermes", extra_args=both))
+    assert cmd.flags.count("--enable-auto-tool-choice") == 1 and cmd.flags.count("--tool-call-parser") == 1
+    assert flag_value(cmd.flags, "--tool-call-parser") == "llama3_json"
+    plain = build_command(make_config(), entry())
+    assert not {"--enable-auto-tool-choice", "--tool-call-parser", "--reasoning-parser"} & set(plain.flags)
+
+
+def test_reasoning_parser_adds_its_flag(make_config):
+    cmd = build_command(make_config(), entry(reasoning_parser="qwen3"))
+    assert flag_value(cmd.flags, "--reasoning-parser") == "qwen3"
+
+
+ENTRIES = [
+    {},
+    {"tool_call_parser": "hermes"},
+    {"tool_call_parser": "hermes", "reasoning_parser": "qwen3"},
+    {"extra_args": ["--max-num-seqs", "8", "--enforce-eager"]},
+]
+
+
+@pytest.mark.parametrize("fields", ENTRIES)
+@pytest.mark.parametrize("launcher", [None, "python -m vllm.entrypoints.openai.api_server"])
+def test_vllm_0_33_accepts_every_option_of_the_command_line(make_config, tmp_path, fields, launcher):
+    """The options the proxy writes exist in vLLM 0.33 (its own option list); an unknown one would make
+    vLLM exit with status 2 before loading anything."""
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages }}")
+    settings = {"VLLM_MAX_MODEL_LEN": "8192", **({"VLLM_COMMAND": launcher} if launcher else {})}
+    cmd = build_command(
+        make_config(**settings), entry(**dict(fields), fields={"chat_template": {"path": str(template)}})
+    )
+    options = {a.split("=", 1)[0] for a in cmd.flags if a.startswith("--")}
+    assert options and options <= fake_vllm.vllm_options(), options - fake_vllm.vllm_options()
+
+
+def test_launch_flags_say_whether_vllm_takes_tools_and_reasoning(make_config):
+    def caps(**bc):
+        return launch_capabilities(build_command(make_config(), entry(**bc)).flags).flags
+
+    assert caps() == {"tools": False}
+    assert caps(tool_call_parser="hermes") == {"tools": True}
+    assert caps(tool_call_parser="hermes", reasoning_parser="qwen3") == {"tools": True, "reasoning": True}
+    assert caps(extra_args=["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]) == {"tools": True}
+    assert caps(reasoning_parser="none") == {"tools": False}
+    # Mistral-tokenizer models take tools without a parser in vLLM: unknown, not "no"
+    assert caps(extra_args=["--tokenizer-mode", "mistral"]) == {}

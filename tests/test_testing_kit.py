@@ -66,7 +66,7 @@ def test_the_example_in_docs_testing_md_passes_as_written(pytester: pytest.Pytes
         "testpaths = tests\nfilterwarnings = error\n"
     )
     result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=7)
+    result.assert_outcomes(passed=9)
 
 
 def test_importing_the_proxy_leaves_the_kit_out_and_the_kit_leaves_pytest_out():

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import attrs
 
 from imageworks_proxy import keys
+from imageworks_proxy.catalogue.capabilities import Capabilities, drop_fields, refused_capability
 from imageworks_proxy.catalogue.registry import Entry
 from imageworks_proxy.errors import ProxyError
 
@@ -43,6 +44,9 @@ class ChatCall:
     waiting: Callable[[], Awaitable[None]]
     #: Milliseconds spent waiting for a model switch or start; adapters add to it.
     queue_ms: float = 0.0
+    #: Request fields the adapter dropped to get the request accepted (:meth:`Adapter.retry_refused`); the
+    #: request log shows them.
+    adapted: list[str] = attrs.field(factory=list)
 
 
 class Adapter:
@@ -103,6 +107,14 @@ class Adapter:
         """``loaded`` / ``loading`` / ``stopped`` for models this adapter starts itself, else ``None``."""
         return None
 
+    async def capabilities(self, entry: Entry) -> Capabilities | None:
+        """What this adapter knows about ``entry``'s model (``tools``, ``vision``, ``reasoning``,
+        ``embedding``: on or off), before any request is sent. Called before every chat request and every
+        ``/v1/models`` listing, so answer from a cache (refreshed now and then, never once per request) and
+        never wait long. ``None``: nothing known; the registry decides, or the upstream's refusal
+        (:meth:`retry_refused`). docs/registry.md lists the sources and their order."""
+        return None
+
     def native_tool_parser(self, entry: Entry) -> bool:
         """Does the upstream serving ``entry`` turn the model's tool-call output into ``tool_calls`` itself?
 
@@ -111,10 +123,26 @@ class Adapter:
         streamed reply that starts like JSON is held back until that is decided. Default: the registry's
         ``metadata.tool_parser`` (``"none"`` → ``False``, ``"native"`` → ``True``), else ``True`` — Ollama
         tool models, vLLM with ``--tool-call-parser``, llama-server (``--jinja``) and hosted APIs all parse
-        their own calls, and those without a parser refuse tools rather than answer them as text.
+        their own calls, and those without a parser refuse tools rather than answer them as text (the
+        proxy then sends them none: docs/registry.md, capabilities).
         """
         declared = entry.metadata.get("tool_parser")
         return not (isinstance(declared, str) and declared.strip().lower() == "none")
+
+    def retry_refused(self, call: ChatCall, exc: ProxyError) -> bool:
+        """Call when the upstream refused ``call``: if ``exc`` is a refusal of tools or thinking that the
+        request still carries (see ``catalogue/capabilities.py``), remember it for the model, drop those
+        fields from ``call.body`` and return ``True``: send the request again (an upstream may refuse one
+        capability per answer; each can be dropped only once, so this ends). Otherwise ``False``."""
+        capability = refused_capability(exc.status, exc.message)
+        if capability is None:
+            return False
+        dropped = drop_fields(call.body, capability)
+        if not dropped:
+            return False
+        keys.models(self.app).capabilities.learn(call.entry, capability, exc.message)
+        call.adapted.extend(dropped)
+        return True
 
     def public_state(self) -> dict[str, Any] | None:
         """What ``/v1/health`` shows under :attr:`state_key` (JSON-ready, no I/O, called per health

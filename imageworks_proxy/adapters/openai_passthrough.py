@@ -70,7 +70,20 @@ class OpenAIPassthroughAdapter(Adapter):
     async def forward(
         self, call: ChatCall, base_url: str, headers: dict[str, str] | None = None
     ) -> Completion | ChunkStream:
-        """POST the request to ``{base_url}/chat/completions`` and return the completion or chunk stream."""
+        """POST the request to ``{base_url}/chat/completions`` and return the completion or chunk stream.
+
+        An upstream that refuses the request's tools or thinking (vLLM without a tool parser) gets it again
+        without them (:meth:`~imageworks_proxy.adapters.base.Adapter.retry_refused`; once per capability)."""
+        while True:
+            try:
+                return await self._post(call, base_url, headers)
+            except ProxyError as exc:
+                if not self.retry_refused(call, exc):
+                    raise
+
+    async def _post(
+        self, call: ChatCall, base_url: str, headers: dict[str, str] | None
+    ) -> Completion | ChunkStream:
         cfg = self.config
         url = base_url.rstrip("/") + "/chat/completions"
         hdrs = headers if headers is not None else self.headers(call.entry)

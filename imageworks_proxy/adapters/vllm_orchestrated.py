@@ -23,6 +23,7 @@ from aiohttp import web
 from imageworks_proxy import keys
 from imageworks_proxy.adapters.base import ChatCall, ChunkStream, Completion
 from imageworks_proxy.adapters.vllm_external import VllmExternalAdapter
+from imageworks_proxy.catalogue.capabilities import Capabilities
 from imageworks_proxy.catalogue.registry import Entry, Registry
 from imageworks_proxy.config import Config
 from imageworks_proxy.errors import ProxyError
@@ -30,7 +31,7 @@ from imageworks_proxy.gpu.scheduler import GpuScheduler
 from imageworks_proxy.gpu.tenancy import Lease, Tenant
 from imageworks_proxy.hookspecs import hookimpl
 from imageworks_proxy.pipeline.template import check_template
-from imageworks_proxy.vllm.command import build_command
+from imageworks_proxy.vllm.command import build_command, launch_capabilities
 from imageworks_proxy.vllm.supervisor import Instance, VllmSupervisor
 
 log = logging.getLogger("imageworks_proxy.orchestrator")
@@ -84,6 +85,13 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
 
     def model_status(self, entry: Entry) -> str | None:
         return self.supervisor.status_of(entry.name)
+
+    async def capabilities(self, entry: Entry) -> Capabilities | None:
+        """From the flags the entry's vLLM is (or would be) started with."""
+        try:
+            return launch_capabilities(build_command(self.config, entry).flags)
+        except ProxyError:
+            return None
 
     # -- lifecycle -----------------------------------------------------------------------------
     @property

@@ -83,6 +83,10 @@ class BackendConfig:
     extra_args: tuple[str, ...] = ()
     adapter: str | None = None
     api_key_env: str | None = None
+    #: vLLM the proxy starts: a tool-call parser name adds ``--enable-auto-tool-choice --tool-call-parser``.
+    tool_call_parser: str | None = None
+    #: vLLM the proxy starts: a reasoning parser name adds ``--reasoning-parser``.
+    reasoning_parser: str | None = None
 
 
 @attrs.frozen

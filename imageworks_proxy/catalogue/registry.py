@@ -29,6 +29,7 @@ from imageworks_proxy.catalogue.entry import (
     make_registry_converter,
 )
 from imageworks_proxy.catalogue.registry_keys import entry_warnings, known_keys
+from imageworks_proxy.catalogue.vllm_parsers import parser_warnings
 
 __all__ = [
     "BackendConfig",
@@ -192,6 +193,7 @@ def load_registry(location: str | os.PathLike[str], converter: Converter | None 
         raise RegistryError(f"{path}: {text}")
     known = known_keys()
     warnings = tuple(w for obj in items for w in entry_warnings(obj, known))
+    warnings += tuple(w for entry in entries for w in parser_warnings(entry))
     return Registry(entries=tuple(entries), source=str(path), loaded_at=time.time(), warnings=warnings)
 
 

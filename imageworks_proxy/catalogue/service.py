@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from imageworks_proxy.adapters.base import ANY_BACKEND, Adapter, default_installed
+from imageworks_proxy.catalogue.capabilities import CapabilityStore, Effective
 from imageworks_proxy.catalogue.naming import Catalogue, build_catalogue
 from imageworks_proxy.catalogue.registry import Entry, Registry, RegistryStore
 from imageworks_proxy.catalogue.templates import find_chat_template
@@ -29,6 +30,8 @@ class ModelService:
         # name -> (default installed rule, has chat template), refreshed in one batch off the event loop
         self._fs_cache: dict[str, tuple[bool, bool | None]] = {}
         self._fs_checked_at = float("-inf")
+        #: Refusals learned from upstreams and adaptations logged; starts over on each registry change.
+        self.capabilities = CapabilityStore()
         store.on_change.append(self._rebuild)
 
     # -- routing -------------------------------------------------------------------------------
@@ -46,6 +49,7 @@ class ModelService:
                 self._by_adapter.setdefault(routed, []).append(e)
         self._fs_cache = {}
         self._fs_checked_at = float("-inf")
+        self.capabilities.clear()
 
     def _route(self, entry: Entry) -> Adapter | None:
         """The routing rule: ``backend_config.adapter`` names the adapter; else an adapter that claims the
@@ -79,6 +83,10 @@ class ModelService:
 
     def entries_for(self, adapter: Adapter) -> list[Entry]:
         return list(self._by_adapter.get(adapter, ()))
+
+    async def effective_capabilities(self, entry: Entry) -> Effective:
+        """``entry``'s capabilities as the proxy acts on them (catalogue/capabilities.py)."""
+        return await self.capabilities.effective(entry, self._routes.get(entry.name))
 
     def adapter_states(self) -> dict[str, dict[str, Any]]:
         """Each adapter's :meth:`~Adapter.public_state`, under its ``state_key`` (for health and metrics)."""
@@ -136,23 +144,30 @@ class ModelService:
                 installed = adapter.installed(entry) if adapter is not None else None
                 if not (fs_installed if installed is None else installed):
                     continue
-            data.append(self._model_object(item.id, entry, adapter, created, has_template))
+            caps = await self.capabilities.effective(entry, adapter)
+            data.append(self._model_object(item.id, entry, adapter, created, has_template, caps))
         return {"object": "list", "data": data}
 
     def _model_object(
-        self, public_id: str, entry: Entry, adapter: Adapter | None, created: int, has_template: bool | None
+        self,
+        public_id: str,
+        entry: Entry,
+        adapter: Adapter | None,
+        created: int,
+        has_template: bool | None,
+        caps: Effective,
     ) -> dict[str, Any]:
         fmt = entry.download_format or ("gguf" if entry.backend == "ollama" else None)
         modalities = (
             ["text"]
-            + (["image"] if entry.vision else [])
+            + (["image"] if caps.has("vision") else [])
             + (["audio"] if "audio" in entry.capabilities else [])
         )
         ext: dict[str, Any] = {
             "logical_id": entry.name,
             "display_name": public_id,
             "size_bytes": entry.download_size_bytes,
-            "capabilities": sorted(entry.capabilities),
+            "capabilities": caps.names(),
             "modalities": modalities,
             "has_chat_template": has_template,
             "status": adapter.model_status(entry) if adapter is not None else None,

@@ -4,6 +4,7 @@ decides where it runs, the comments repeat it."""
 from __future__ import annotations
 
 from imageworks_proxy.hookspecs import hookimpl
+from imageworks_proxy.pipeline.capabilities import CapabilityShaping
 from imageworks_proxy.pipeline.conformance import Conformance
 from imageworks_proxy.pipeline.images import ImageLimits
 from imageworks_proxy.pipeline.observe import ObserveStage
@@ -23,6 +24,7 @@ from imageworks_proxy.pipeline.vision import VisionDownscale
 def register_stages(register):
     register(ValidateRequest)  # 100
     register(ResolveModel)  # 200
+    register(CapabilityShaping)  # 250
     register(DefaultSystemPrompt)  # 300
     register(ImageLimits)  # 400
     register(VisionHistoryTruncation)  # 500

@@ -225,6 +225,8 @@ class ObserveStage(Stage):
             "images": ctx.images,
             "truncated_messages": ctx.truncated_messages,
             "images_resized": len(ctx.images_resized) if ctx.images_resized else 0,
+            "capabilities": ctx.capabilities.names() if ctx.capabilities is not None else None,
+            "adapted": list(ctx.adapted),
         }
         if ctx.images_resized:
             record["image_resizes"] = ctx.images_resized

@@ -15,6 +15,7 @@ import attrs
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from imageworks_proxy.catalogue.capabilities import Effective
     from imageworks_proxy.catalogue.registry import Entry
     from imageworks_proxy.config import Config
 
@@ -44,6 +45,10 @@ class ChatContext:
     #: The client asked for a usage chunk (``stream_options.include_usage``); adapters may ask the upstream
     #: for usage anyway (for real token counts in the request log) and the proxy drops it unless this is set.
     client_wants_usage: bool = False
+    #: The model's capabilities as the proxy acts on them (set right after the model is resolved).
+    capabilities: Effective | None = None
+    #: Request fields dropped because the model cannot take them (``tools``, ``reasoning_effort``...).
+    adapted: list[str] = attrs.field(factory=list)
     #: Per-stage scratch space, keyed by stage name (e.g. streamed tool-call assembly).
     state: dict[str, Any] = attrs.field(factory=dict)
     #: Reply text and tool calls, collected only when the request log keeps prompts.

@@ -40,7 +40,7 @@ Importing this package does not import pytest; only :mod:`imageworks_proxy.testi
 ``import imageworks_proxy`` does not import this package.
 """
 
-from imageworks_proxy.testing.chat import sse_events, user
+from imageworks_proxy.testing.chat import openwebui_tools, openwebui_turn, sse_events, user
 from imageworks_proxy.testing.conformance import AdapterConformance, Conformance, ConformanceBackend
 from imageworks_proxy.testing.ports import free_port
 from imageworks_proxy.testing.processes import pid_alive
@@ -54,6 +54,8 @@ __all__ = [
     "check_completion",
     "check_error",
     "free_port",
+    "openwebui_tools",
+    "openwebui_turn",
     "pid_alive",
     "sse_events",
     "user",

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from imageworks_proxy.testing import shapes
-from imageworks_proxy.testing.chat import sse_events, user
+from imageworks_proxy.testing.chat import openwebui_turn, sse_events, user
 
 if TYPE_CHECKING:
     import openai
@@ -112,6 +112,27 @@ class AdapterConformance:
         text = "".join(ch["delta"].get("content") or "" for c in chunks for ch in c["choices"])
         assert text.strip() == "echo: ping pong"
         assert len({c["id"] for c in chunks}) == 1
+
+    async def test_an_openwebui_browser_turn_is_answered(self, conformance: Conformance) -> None:
+        """OpenWebUI's browser UI offers its built-in tools on every turn; the ``echo`` model answers
+        whether or not it can take tools (a model that cannot gets the request without them)."""
+        spec, client = conformance.backend, conformance.client
+        resp = await client.post("/v1/chat/completions", json=openwebui_turn(spec.echo, "ping", stream=False))
+        body = await resp.json()
+        assert resp.status == 200, body
+        self.check_completion(body)
+        assert body["choices"][0]["message"]["content"].strip() == "echo: ping"
+
+    async def test_a_streamed_openwebui_browser_turn_is_answered(self, conformance: Conformance) -> None:
+        spec, client = conformance.backend, conformance.client
+        resp = await client.post("/v1/chat/completions", json=openwebui_turn(spec.echo, "ping pong"))
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+        events = sse_events(await resp.read())
+        assert events[-1] == "[DONE]"
+        for c in events[:-1]:
+            self.check_chunk(c)
+        text = "".join(ch["delta"].get("content") or "" for c in events[:-1] for ch in c["choices"])
+        assert text.strip() == "echo: ping pong"
 
     async def test_streamed_tool_call_round_trip(self, conformance: Conformance) -> None:
         final = await _streamed_tool_call(conformance)

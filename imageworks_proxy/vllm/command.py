@@ -1,8 +1,11 @@
 """The vLLM command line for a registry entry.
 
-``<CHAT_PROXY_VLLM_COMMAND> --model <path> --host <host> --port <port> --served-model-name <id>
---gpu-memory-utilization <u> [--max-model-len <n>] [--chat-template <path>] <extra_args>``; a flag that
-``extra_args`` already carries is not added again, so the registry can override any flag set here.
+``<CHAT_PROXY_VLLM_COMMAND> <model> --host <host> --port <port> --served-model-name <id>
+--gpu-memory-utilization <u> [--max-model-len <n>] [--chat-template <path>] [--enable-auto-tool-choice
+--tool-call-parser <name>] [--reasoning-parser <name>] <extra_args>``. The model goes first, as ``vllm
+serve`` takes it, when the launcher ends with ``serve``; otherwise (the older ``python -m
+vllm.entrypoints.openai.api_server``) as ``--model <path>``. A flag that ``extra_args`` already carries is
+not added again, so the registry can override any flag set here. docs/vllm.md shows the command.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Sequence
 
 import attrs
 
+from imageworks_proxy.catalogue.capabilities import Capabilities
 from imageworks_proxy.catalogue.registry import Entry
 from imageworks_proxy.config import Config
 from imageworks_proxy.errors import ProxyError
@@ -90,7 +94,10 @@ def build_command(config: Config, entry: Entry) -> VllmCommand:
             f"Model {entry.name!r} has neither backend_config.model_path nor download_path, so there is "
             "nothing for vLLM to load.",
         )
-    if source is not None:
+    if source is not None and prefix[-1] == "serve" and not has_flag(extra, "--model"):
+        # `vllm serve` takes the model as its first argument (its --model option is deprecated)
+        flags.append(source)
+    elif source is not None:
         add("--model", source)
     add("--host", config.vllm_host)
     add("--port", config.vllm_port)
@@ -100,6 +107,14 @@ def build_command(config: Config, entry: Entry) -> VllmCommand:
         add("--max-model-len", config.vllm_max_model_len)
     if entry.chat_template_path:
         add("--chat-template", os.path.expanduser(entry.chat_template_path))
+    bc = entry.backend_config
+    if bc.tool_call_parser:
+        # vLLM answers 400 to every request with tools unless it has both flags
+        if not has_flag(extra, "--enable-auto-tool-choice"):
+            flags.append("--enable-auto-tool-choice")
+        add("--tool-call-parser", bc.tool_call_parser)
+    if bc.reasoning_parser:
+        add("--reasoning-parser", bc.reasoning_parser)
     argv = (*prefix, *flags, *extra)
     all_flags = argv[len(prefix):]
     port_text = flag_value(all_flags, "--port") or str(config.vllm_port)
@@ -125,3 +140,27 @@ def build_command(config: Config, entry: Entry) -> VllmCommand:
         served_model_id=served,
         gpu_memory_utilization=util,
     )
+
+
+def launch_capabilities(flags: Sequence[str]) -> Capabilities:
+    """What a vLLM started with ``flags`` can take: tools when it has ``--enable-auto-tool-choice`` and
+    ``--tool-call-parser`` (without them it refuses requests with tools; a model run with
+    ``--tokenizer-mode mistral`` is left unknown, vLLM lets those through), reasoning when it has a
+    ``--reasoning-parser`` (without one it is unknown: the chat template may still think)."""
+    parser = flag_value(flags, "--tool-call-parser")
+    tools = has_flag(flags, "--enable-auto-tool-choice") and bool(parser)
+    out: dict[str, bool] = {}
+    if tools:
+        out["tools"] = True
+    elif flag_value(flags, "--tokenizer-mode") != "mistral":
+        out["tools"] = False
+    reasoning = flag_value(flags, "--reasoning-parser")
+    if reasoning and reasoning.lower() != "none":
+        out["reasoning"] = True
+    source = (
+        "vLLM's launch flags"
+        if out.get("tools", True)
+        else "vLLM is started without --enable-auto-tool-choice and --tool-call-parser; set "
+        "backend_config.tool_call_parser in the registry to give it tools"
+    )
+    return Capabilities(out, source)

@@ -23,7 +23,9 @@ from imageworks_proxy.adapters.ollama.request import (
     to_ollama_request,
 )
 from imageworks_proxy.adapters.ollama.response import ChunkTranslator, completion_from_ollama
-from imageworks_proxy.catalogue.registry import Entry
+from imageworks_proxy.adapters.ollama.tags import OllamaTags, tag_key
+from imageworks_proxy.catalogue.capabilities import Capabilities
+from imageworks_proxy.catalogue.registry import Entry, Registry
 from imageworks_proxy.errors import ProxyError, backend_unavailable
 from imageworks_proxy.gpu.tenancy import Lease, NoLease, Tenant, tenancy
 from imageworks_proxy.hookspecs import hookimpl
@@ -34,10 +36,6 @@ from imageworks_proxy.upstream.urls import apply_loopback_alias, entry_base_url
 
 log = logging.getLogger("imageworks_proxy.ollama")
 
-TAGS_TTL_S = 5.0
-TAGS_TIMEOUT_S = 1.5
-#: How long ``/v1/models`` waits for a first ``/api/tags`` answer before listing without it.
-FIRST_TAGS_WAIT_S = 0.3
 #: Connecting to Ollama never waits longer than this (a refused or black-holed host is "unavailable").
 CONNECT_TIMEOUT_S = 10.0
 PS_TIMEOUT_S = 2.0
@@ -47,10 +45,6 @@ UNLOAD_POLL_S = 0.2
 _JSON = {"Content-Type": "application/json"}
 
 
-def _tag_key(tag: str) -> str:
-    return tag if ":" in tag else f"{tag}:latest"
-
-
 class OllamaAdapter(Adapter):
     name = "ollama"
     backends = ("ollama",)
@@ -58,9 +52,7 @@ class OllamaAdapter(Adapter):
 
     def __init__(self, app, config) -> None:
         super().__init__(app, config)
-        # base url -> (fetched_at, tags or None when unreachable)
-        self._tags: dict[str, tuple[float, frozenset[str] | None]] = {}
-        self._refreshing: dict[str, asyncio.Task[None]] = {}
+        self.tags = OllamaTags(lambda: keys.http(app))
         self.tenant = Tenant("ollama", "Ollama", start=None, stop=self.free_gpu)
         self._backend_s = config.backend_timeout_ms / 1000
         self._idle_s = config.stream_idle_timeout_ms / 1000
@@ -77,6 +69,10 @@ class OllamaAdapter(Adapter):
             # Ollama may hold GPU memory from before this proxy started: it must unload before another
             # tenant (a vLLM start) takes the GPU.
             tenancy(self.app).add_resident(self.tenant)
+        keys.models(self.app).store.on_change.append(self._registry_changed)
+
+    def _registry_changed(self, registry: Registry) -> None:
+        self.tags.forget_shown()
 
     async def free_gpu(self) -> None:
         """The tenant's ``stop``: unload Ollama's models, if the registry routes any model here (otherwise
@@ -85,57 +81,27 @@ class OllamaAdapter(Adapter):
             await self.unload_all()
 
     async def close(self) -> None:
-        for task in self._refreshing.values():
-            task.cancel()
-        await asyncio.gather(*self._refreshing.values(), return_exceptions=True)
-        self._refreshing.clear()
+        with contextlib.suppress(ValueError):
+            keys.models(self.app).store.on_change.remove(self._registry_changed)
+        await self.tags.close()
 
     # -- catalogue -----------------------------------------------------------------------------
-    async def _fetch_tags(self, base: str) -> None:
-        tags: frozenset[str] | None
-        try:
-            timeout = aiohttp.ClientTimeout(total=TAGS_TIMEOUT_S)
-            async with self.http.get(f"{base}/api/tags", timeout=timeout) as resp:
-                resp.raise_for_status()
-                data = await resp.json(content_type=None)
-            tags = frozenset(
-                _tag_key(str(m.get("name") or m.get("model")))
-                for m in data.get("models", [])
-                if isinstance(m, dict) and (m.get("name") or m.get("model"))
-            )
-        except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError) as exc:
-            log.debug("ollama /api/tags at %s unavailable: %s", base, exc)
-            tags = None
-        self._tags[base] = (time.monotonic(), tags)
-
-    def _refresh(self, base: str) -> asyncio.Task[None]:
-        task = self._refreshing.get(base)
-        if task is None or task.done():
-            task = asyncio.get_running_loop().create_task(self._fetch_tags(base))
-            self._refreshing[base] = task
-        return task
-
     async def prepare_listing(self, entries: Sequence[Entry]) -> None:
-        now = time.monotonic()
-        first: list[asyncio.Task[None]] = []
-        for base in {self.base_url(e) for e in entries}:
-            cached = self._tags.get(base)
-            if cached is None or now - cached[0] > TAGS_TTL_S:
-                task = self._refresh(base)
-                if cached is None:
-                    first.append(task)
-        if first:
-            # Only the very first listing waits, briefly; later ones use the last answer while refreshing.
-            await asyncio.wait(first, timeout=FIRST_TAGS_WAIT_S)
+        # Only the very first listing waits, briefly; later ones use the last answer while refreshing.
+        await self.tags.refresh(self.base_url(e) for e in entries)
 
     def installed(self, entry: Entry) -> bool | None:
-        cached = self._tags.get(self.base_url(entry))
-        tags = cached[1] if cached else None
+        tags = self.tags.tags(self.base_url(entry))
         if tags is None:
             # Ollama unreachable (or not asked yet): list entries whose files we can see.
             return default_installed(entry) if entry.download_path else False
         tag = entry.ollama_tag
-        return bool(tag) and _tag_key(tag) in tags
+        return bool(tag) and tag_key(tag) in tags
+
+    async def capabilities(self, entry: Entry) -> Capabilities | None:
+        """What Ollama reports for the entry's tag (``/api/tags``, else ``/api/show``; cached)."""
+        tag = entry.ollama_tag
+        return await self.tags.capabilities(self.base_url(entry), tag) if tag else None
 
     # -- chat ----------------------------------------------------------------------------------
     async def chat(self, call: ChatCall) -> Completion | ChunkStream:
@@ -152,27 +118,28 @@ class OllamaAdapter(Adapter):
             self.http, image_urls(call.body), max_bytes=self.config.max_image_bytes, timeout_s=self._backend_s
         )
         fetched.update(await png_where_needed(call.body, fetched))  # Ollama reads PNG and JPEG only
-        payload = to_ollama_request(
-            call.body,
-            model=tag,
-            stream=call.stream,
-            num_ctx=parse_num_ctx(entry.backend_config.extra_args),
-            keep_alive=self._keep_alive,
-            fetched=fetched,
-        )
-        for attempt in (0, 1):
+        started = False
+        while True:
+            payload = to_ollama_request(
+                call.body,
+                model=tag,
+                stream=call.stream,
+                num_ctx=parse_num_ctx(entry.backend_config.extra_args),
+                keep_alive=self._keep_alive,
+                fetched=fetched,
+            )
             try:
                 return await self._send(call, base, tag, payload)
             except ProxyError as exc:
                 # Connection refused: an autostart command for this entry may bring Ollama up; retry once.
-                if (
-                    attempt == 0
-                    and exc.code == "backend_unavailable"
-                    and await ensure_started(self.app, entry, call)
-                ):
+                if not started and exc.code == "backend_unavailable":
+                    started = True
+                    if await ensure_started(self.app, entry, call):
+                        continue
+                # "does not support tools/thinking" (one at a time): send it again without them
+                if self.retry_refused(call, exc):
                     continue
                 raise
-        raise AssertionError("unreachable")
 
     async def _send(
         self, call: ChatCall, base: str, tag: str, payload: dict[str, Any]

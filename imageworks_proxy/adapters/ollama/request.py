@@ -49,7 +49,17 @@ _OLLAMA_OPTIONS = frozenset(
         "main_gpu",
     }
 )
-_REASONING_EFFORT = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high"}
+#: OpenAI ``reasoning_effort`` -> Ollama ``think`` (true/false or "low"/"medium"/"high"/"max"; Ollama refuses
+#: any other string).
+_REASONING_EFFORT = {
+    "none": False,
+    "minimal": "low",
+    "low": "low",
+    "medium": "medium",
+    "high": "high",
+    "xhigh": "max",
+    "max": "max",
+}
 _NUM_CTX_FLAGS = ("--num-ctx", "--num_ctx")
 
 
@@ -255,8 +265,11 @@ def _format(response_format: Any) -> Any:
 
 
 def _think(body: Mapping[str, Any]) -> Any:
-    if "think" in body and isinstance(body["think"], (bool, str)):
-        return body["think"]
+    think = body.get("think")
+    if isinstance(think, bool):
+        return think
+    if isinstance(think, str):  # Ollama-native clients; an effort name is taken as OpenAI's
+        return _REASONING_EFFORT.get(think.lower(), think)
     effort = body.get("reasoning_effort")
     if isinstance(effort, str) and effort.lower() in _REASONING_EFFORT:
         return _REASONING_EFFORT[effort.lower()]

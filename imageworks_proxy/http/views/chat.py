@@ -64,7 +64,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if ctx.stream:
             writer = SSEWriter(request, rid)
         call = ChatCall(rid, entry, ctx.model, ctx.body, ctx.stream,
-                        waiting=writer.commit_and_keep_alive if writer else _no_wait)
+                        waiting=writer.commit_and_keep_alive if writer else _no_wait, adapted=ctx.adapted)
         try:
             result = await adapter.chat(call)
         finally:

@@ -1,9 +1,13 @@
-"""A fake Ollama speaking Ollama's native API (``/api/chat``, ``/api/tags``, ``/api/ps``), for tests.
+"""A fake Ollama speaking Ollama's native API (``/api/chat``, ``/api/tags``, ``/api/show``, ``/api/ps``),
+for tests.
 
 Run it with ``aiohttp_server(fake.app())``. What it answers is scripted per request by
 ``fake.responder(body) -> Reply``; it validates requests the way Ollama does (content must be a string,
-images raw base64, tool-call arguments objects, capabilities) and keeps the loaded-model state that
-``/api/ps`` reports and ``keep_alive: 0`` clears.
+images raw base64, tool-call arguments objects, ``think`` true/false or "low"/"medium"/"high"/"max") and
+refuses what a tag lacks the capability for, with Ollama's messages: tools (400 "<name> does not support
+tools"), thinking (400 "\"<model>\" does not support thinking"). Each tag's capabilities are in
+``/api/show`` and, like recent Ollama, in ``/api/tags`` (``list_capabilities=False`` leaves them out there,
+like older versions). It keeps the loaded-model state that ``/api/ps`` reports and ``keep_alive: 0`` clears.
 """
 
 from __future__ import annotations
@@ -48,6 +52,12 @@ class Reply:
     delay_s: float = 0.0
     #: Streaming: seconds between lines.
     line_delay_s: float = 0.0
+    #: Streaming: send the tool calls inside the ``done: true`` line (Ollama's built-in parsers do).
+    calls_in_done: bool = False
+
+
+#: The strings Ollama takes for ``think`` besides true/false.
+THINK_LEVELS = ("low", "medium", "high", "max")
 
 
 def _ollama_error(status: int, message: str) -> web.Response:
@@ -82,6 +92,7 @@ class FakeOllama:
         models: dict[str, tuple[str, ...]] | None = None,
         *,
         responder: Callable[[dict[str, Any]], Reply] = echo_responder,
+        list_capabilities: bool = True,
     ) -> None:
         #: Installed tags -> capabilities (``completion``, ``vision``, ``tools``, ``thinking``).
         self.models: dict[str, tuple[str, ...]] = dict(
@@ -90,7 +101,11 @@ class FakeOllama:
             else {"llama3.2:latest": ("completion", "tools", "vision", "thinking")}
         )
         self.responder = responder
+        #: Whether ``/api/tags`` lists each tag's capabilities (Ollama does since 2025; older ones do not).
+        self.list_capabilities = list_capabilities
         self.chats: list[dict[str, Any]] = []
+        #: Tags asked about through ``/api/show``, in order.
+        self.shows: list[str] = []
         self.unloads: list[str] = []
         #: tag -> monotonic time it unloads (inf: kept loaded).
         self.loaded: dict[str, float] = {}
@@ -105,6 +120,7 @@ class FakeOllama:
         app.router.add_post("/api/chat", self.chat)
         app.router.add_post("/api/generate", self.generate)
         app.router.add_get("/api/tags", self.tags)
+        app.router.add_post("/api/show", self.show)
         app.router.add_get("/api/ps", self.ps)
         app.router.add_get("/api/version", self.version)
         app.on_shutdown.append(self._on_shutdown)
@@ -158,10 +174,14 @@ class FakeOllama:
             for call in msg.get("tool_calls") or []:
                 if not isinstance(call.get("function", {}).get("arguments", {}), dict):
                     return "json: cannot unmarshal string into Go struct field ToolCallFunction.arguments"
+        think = body.get("think")
+        if isinstance(think, str) and think not in THINK_LEVELS:
+            return f'invalid think value: "{think}" (must be "high", "medium", "low", "max", true, or false)'
+        # the order of Ollama's ChatHandler: thinking first, then the capabilities the scheduler checks
+        if think not in (None, False) and "thinking" not in caps:
+            return f'"{body["model"]}" does not support thinking'
         if body.get("tools") and "tools" not in caps:
             return f"registry.ollama.ai/library/{tag} does not support tools"
-        if body.get("think") and "thinking" not in caps:
-            return f'"{tag}" does not support thinking'
         return None
 
     # -- handlers ------------------------------------------------------------------------------
@@ -252,7 +272,7 @@ class FakeOllama:
             lines.append(line(thinking=reply.thinking[i : i + reply.piece]))
         for i in range(0, len(reply.content), reply.piece):
             lines.append(line(content=reply.content[i : i + reply.piece]))
-        if reply.tool_calls:
+        if reply.tool_calls and not reply.calls_in_done:
             lines.append(line(tool_calls=reply.tool_calls))  # Ollama sends each call whole, in one line
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         # Like Ollama (gin's c.Stream), headers go out with the first line.
@@ -263,6 +283,8 @@ class FakeOllama:
                     item = {"error": reply.error}
                 elif item is None:
                     item = self._final(tag, reply, whole=False)
+                    if reply.calls_in_done and reply.tool_calls:
+                        item["message"]["tool_calls"] = reply.tool_calls
                 if reply.cut_after == n:
                     if not prepared:
                         await resp.prepare(request)
@@ -317,10 +339,29 @@ class FakeOllama:
                             "parameter_size": "3.2B",
                             "quantization_level": "Q4_K_M",
                         },
-                        "capabilities": list(caps),
+                        **({"capabilities": list(caps)} if self.list_capabilities else {}),
                     }
                     for tag, caps in self.models.items()
                 ]
+            }
+        )
+
+    async def show(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        name = body.get("model") or body.get("name")
+        tag = self._resolve(name)
+        self.shows.append(str(name))
+        if tag is None:
+            return _ollama_error(404, f"model '{name}' not found")
+        return web.json_response(
+            {
+                "modelfile": f"FROM {tag}",
+                "template": "{{ .Prompt }}",
+                "details": {"format": "gguf", "family": tag.split(":")[0], "parameter_size": "3.2B",
+                            "quantization_level": "Q4_K_M"},
+                "model_info": {"general.architecture": tag.split(":")[0]},
+                "capabilities": list(self.models[tag]),
+                "modified_at": "2026-01-01T00:00:00Z",
             }
         )
 

@@ -6,7 +6,8 @@ json_for_stream.
 Every request is recorded in ``app[REQUESTS]`` (body and headers); cancelled streams in ``app[CANCELLED]``.
 A test can also script a stream exactly: ``app[SCRIPTS][name] = [chunk dict or raw bytes, ...]`` streams those
 events (then ``[DONE]``) for ``model == name``; chunk dicts get id/object/created/model filled in.
-Like vLLM, the fake answers 400 when ``stream_options`` comes with a non-streamed request.
+Like vLLM, the fake answers 400 when ``stream_options`` comes with a non-streamed request; like OpenAI and
+vLLM, 400 to ``tools: []``.
 """
 
 from __future__ import annotations
@@ -70,216 +71,168 @@ async def _sse(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-async def chat(request: web.Request) -> web.StreamResponse:
-    body = await request.json()
-    request.app[REQUESTS].append({"body": body, "headers": dict(request.headers)})
-    mode = body.get("model", "echo")
-    stream = bool(body.get("stream"))
-    usage = (body.get("stream_options") or {}).get("include_usage")
+def _error(status: int, message: str, etype: str, param: str | None = None, code: Any = None) -> web.Response:
+    body = {"error": {"message": message, "type": etype, "param": param, "code": code if code else status}}
+    return web.json_response(body, status=status)
 
-    if body.get("stream_options") and not stream:
-        return web.json_response(
-            {
-                "error": {
-                    "message": "Stream options can only be defined when `stream=True`.",
-                    "type": "BadRequestError",
-                    "param": "stream_options",
-                    "code": 400,
-                }
-            },
-            status=400,
+
+def _refusal(body: dict[str, Any]) -> web.Response | None:
+    """What OpenAI and vLLM refuse whatever the mode: ``stream_options`` without ``stream``, ``tools: []``."""
+    if body.get("stream_options") and not body.get("stream"):
+        return _error(400, "Stream options can only be defined when `stream=True`.", "BadRequestError",
+                      "stream_options")
+    if body.get("tools") == []:
+        text = (
+            "Invalid 'tools': empty array. Expected an array with minimum length 1, but got an empty array "
+            "instead."
         )
-    if mode == "slow_headers":
-        await asyncio.sleep(DELAY)
-    if mode in request.app[SCRIPTS]:
-        return await _scripted(request, mode, request.app[SCRIPTS][mode])
+        return _error(400, text, "invalid_request_error", "tools", "empty_array")
+    return None
+
+
+def _fixed_answer(mode: str) -> web.Response | None:
+    """The modes that answer the same whatever was asked (errors, odd replies)."""
     if mode == "error400_flat":
-        return web.json_response(
-            {
-                "object": "error",
-                "message": "max_tokens is too large",
-                "type": "BadRequestError",
-                "param": None,
-                "code": 400,
-            },
-            status=400,
-        )
+        flat = {"object": "error", "message": "max_tokens is too large", "type": "BadRequestError",
+                "param": None, "code": 400}
+        return web.json_response(flat, status=400)
     if mode == "error404":
-        return web.json_response(
-            {
-                "error": {
-                    "message": "The model `x` does not exist.",
-                    "type": "NotFoundError",
-                    "param": None,
-                    "code": 404,
-                }
-            },
-            status=404,
-        )
+        return _error(404, "The model `x` does not exist.", "NotFoundError")
     if mode == "error500":
         return web.json_response(
             {"error": {"message": "CUDA out of memory", "type": "InternalServerError"}}, status=500
         )
     if mode == "error200":  # an error body with HTTP 200, whatever was asked
-        return web.json_response(
-            {
-                "object": "error",
-                "message": "prompt is too long",
-                "type": "BadRequestError",
-                "param": None,
-                "code": 400,
-            }
-        )
+        return web.json_response({"object": "error", "message": "prompt is too long",
+                                  "type": "BadRequestError", "param": None, "code": 400})
     if mode == "json_for_stream":  # ignores stream: true and answers with a completion
         return web.json_response(_completion(mode, {"content": "whole answer"}))
     if mode == "not_json":
         return web.Response(text="<html>oops</html>", content_type="text/html")
+    return None
 
-    text = "echo: " + _last_user_text(body)
-    if not stream:
-        if mode in ("tools", "tools_object_args"):
-            args: Any = {"city": "Paris"} if mode == "tools_object_args" else '{"city": "Paris"}'
-            return web.json_response(
-                _completion(
-                    mode,
-                    {
-                        "content": None,
-                        "tool_calls": [
-                            {
-                                "id": "call_1",
-                                "type": "function",
-                                "function": {"name": "get_weather", "arguments": args},
-                            }
-                        ],
-                    },
-                    "tool_calls",
-                )
-            )
-        if mode == "legacy":
-            return web.json_response(
-                _completion(
-                    mode,
-                    {
-                        "content": None,
-                        "function_call": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
-                    },
-                    "function_call",
-                )
-            )
-        if mode == "json_tool":
-            return web.json_response(
-                _completion(mode, {"content": '{"name": "get_weather", "arguments": {"city": "Paris"}}'})
-            )
-        if mode == "reasoning":
-            return web.json_response(_completion(mode, {"content": "42", "reasoning": "think hard"}))
-        if mode == "minimal":
-            return web.json_response({"choices": [{"message": {"content": text}}]})
-        return web.json_response(_completion(mode, {"content": text}))
 
+_WEATHER = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+
+
+def _message(mode: str, text: str) -> tuple[dict[str, Any], str]:
+    """The non-streamed message of ``mode`` and its finish reason."""
+    if mode in ("tools", "tools_object_args"):
+        args: Any = {"city": "Paris"} if mode == "tools_object_args" else '{"city": "Paris"}'
+        call = {**_WEATHER, "function": {"name": "get_weather", "arguments": args}}
+        return {"content": None, "tool_calls": [call]}, "tool_calls"
+    if mode == "legacy":
+        legacy = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+        return {"content": None, "function_call": legacy}, "function_call"
+    if mode == "json_tool":
+        return {"content": '{"name": "get_weather", "arguments": {"city": "Paris"}}'}, "stop"
+    if mode == "reasoning":
+        return {"content": "42", "reasoning": "think hard"}, "stop"
+    return {"content": text}, "stop"
+
+
+def _events(mode: str, text: str) -> list[bytes]:
+    """The SSE events of a streamed reply in ``mode`` (the timed and broken modes are handled apart)."""
+    if mode in ("tools", "tools_object_args"):
+        head = {"index": 0, "id": "call_a", "type": "function", "function": {"name": "get_weather",
+                                                                            "arguments": ""}}
+        second = {"index": 1, "id": "call_b", "type": "function", "function": {"name": "get_time",
+                                                                              "arguments": "{}"}}
+        return [
+            _chunk(mode, {"role": "assistant", "content": None, "tool_calls": [head]}),
+            *(_chunk(mode, {"tool_calls": [{"index": 0, "function": {"arguments": frag}}]})
+              for frag in ('{"city"', ': "Par', 'is"}')),
+            _chunk(mode, {"tool_calls": [second]}),
+            _chunk(mode, {}, "tool_calls"),
+        ]
+    if mode == "legacy":
+        return [
+            _chunk(mode, {"role": "assistant", "function_call": {"name": "get_weather", "arguments": ""}}),
+            _chunk(mode, {"function_call": {"arguments": '{"city": "Paris"}'}}),
+            _chunk(mode, {}, "function_call"),
+        ]
+    if mode == "json_tool":
+        frags = ('{"name": "get_weather", ', '"arguments": {"city": "Paris"}}')
+        return [_chunk(mode, {"role": "assistant", "content": ""}),
+                *(_chunk(mode, {"content": frag}) for frag in frags), _chunk(mode, {}, "stop")]
+    if mode == "reasoning":
+        return [_chunk(mode, {"role": "assistant", "reasoning": "think"}), _chunk(mode, {"content": "42"}),
+                _chunk(mode, {}, "stop")]
+    if mode == "huge":
+        return [_chunk(mode, {"role": "assistant", "content": "x" * 200_000}), _chunk(mode, {}, "stop")]
+    words = [_chunk(mode, {"content": word + " "}) for word in text.split(" ")]
+    return [_chunk(mode, {"role": "assistant", "content": ""}), *words, _chunk(mode, {}, "stop")]
+
+
+async def _misbehave(request: web.Request, resp: web.StreamResponse, mode: str) -> bool:
+    """The streamed modes that break or stall; True when the reply is over."""
+    if mode == "midstream_error":
+        await resp.write(_chunk(mode, {"role": "assistant", "content": "partial"}))
+        await resp.write(
+            b'data: {"error": {"message": "engine died", "type": "InternalServerError", "code": 500}}\n\n'
+        )
+        return True
+    if mode == "hang":
+        await resp.write(_chunk(mode, {"role": "assistant", "content": "partial"}))
+        await asyncio.sleep(3600)
+    if mode == "drop":
+        await resp.write(_chunk(mode, {"role": "assistant", "content": "partial"}))
+        request.transport.close()
+        return True
+    if mode == "slow_stream":
+        await resp.write(_chunk(mode, {"role": "assistant", "content": ""}))
+        for i in range(600):
+            await resp.write(_chunk(mode, {"content": f"w{i} "}))
+            await asyncio.sleep(0.05)
+        await resp.write(_chunk(mode, {}, "stop"))
+    return False
+
+
+async def _stream(request: web.Request, mode: str, text: str, usage: bool) -> web.StreamResponse:
     resp = await _sse(request)
     try:
         if mode == "slow_first_chunk":
             await asyncio.sleep(DELAY)
-        if mode in ("tools", "tools_object_args"):
-            await resp.write(
-                _chunk(
-                    mode,
-                    {
-                        "role": "assistant",
-                        "content": None,
-                        "tool_calls": [
-                            {
-                                "index": 0,
-                                "id": "call_a",
-                                "type": "function",
-                                "function": {"name": "get_weather", "arguments": ""},
-                            }
-                        ],
-                    },
-                )
-            )
-            for frag in ('{"city"', ': "Par', 'is"}'):
-                await resp.write(
-                    _chunk(mode, {"tool_calls": [{"index": 0, "function": {"arguments": frag}}]})
-                )
-            await resp.write(
-                _chunk(
-                    mode,
-                    {
-                        "tool_calls": [
-                            {
-                                "index": 1,
-                                "id": "call_b",
-                                "type": "function",
-                                "function": {"name": "get_time", "arguments": "{}"},
-                            }
-                        ]
-                    },
-                )
-            )
-            await resp.write(_chunk(mode, {}, "tool_calls"))
-        elif mode == "legacy":
-            await resp.write(
-                _chunk(mode, {"role": "assistant", "function_call": {"name": "get_weather", "arguments": ""}})
-            )
-            await resp.write(_chunk(mode, {"function_call": {"arguments": '{"city": "Paris"}'}}))
-            await resp.write(_chunk(mode, {}, "function_call"))
-        elif mode == "json_tool":
-            await resp.write(_chunk(mode, {"role": "assistant", "content": ""}))
-            for frag in ('{"name": "get_weather", ', '"arguments": {"city": "Paris"}}'):
-                await resp.write(_chunk(mode, {"content": frag}))
-            await resp.write(_chunk(mode, {}, "stop"))
-        elif mode == "reasoning":
-            await resp.write(_chunk(mode, {"role": "assistant", "reasoning": "think"}))
-            await resp.write(_chunk(mode, {"content": "42"}))
-            await resp.write(_chunk(mode, {}, "stop"))
-        elif mode == "huge":
-            await resp.write(_chunk(mode, {"role": "assistant", "content": "x" * 200_000}))
-            await resp.write(_chunk(mode, {}, "stop"))
-        elif mode == "midstream_error":
-            await resp.write(_chunk(mode, {"role": "assistant", "content": "partial"}))
-            await resp.write(
-                b'data: {"error": {"message": "engine died", "type": "InternalServerError", "code": 500}}\n\n'
-            )
-            return resp
-        elif mode == "hang":
-            await resp.write(_chunk(mode, {"role": "assistant", "content": "partial"}))
-            await asyncio.sleep(3600)
-        elif mode == "drop":
-            await resp.write(_chunk(mode, {"role": "assistant", "content": "partial"}))
-            request.transport.close()
-            return resp
-        elif mode == "slow_stream":
-            await resp.write(_chunk(mode, {"role": "assistant", "content": ""}))
-            for i in range(600):
-                await resp.write(_chunk(mode, {"content": f"w{i} "}))
-                await asyncio.sleep(0.05)
-            await resp.write(_chunk(mode, {}, "stop"))
+        if mode in ("midstream_error", "hang", "drop", "slow_stream"):
+            if await _misbehave(request, resp, mode):
+                return resp
         else:
-            await resp.write(_chunk(mode, {"role": "assistant", "content": ""}))
-            for word in text.split(" "):
-                await resp.write(_chunk(mode, {"content": word + " "}))
-            await resp.write(_chunk(mode, {}, "stop"))
+            for event in _events(mode, text):
+                await resp.write(event)
         if usage:
-            await resp.write(
-                b"data: "
-                + json.dumps(
-                    {
-                        "id": "chatcmpl-fake",
-                        "object": "chat.completion.chunk",
-                        "created": 1767225600,
-                        "model": mode,
-                        "choices": [],
-                        "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
-                    }
-                ).encode()
-                + b"\n\n"
-            )
+            tokens = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+            last = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1767225600,
+                    "model": mode, "choices": [], "usage": tokens}
+            await resp.write(b"data: " + json.dumps(last).encode() + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
     except asyncio.CancelledError:
         request.app[CANCELLED].append(mode)
         raise
     return resp
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    body = await request.json()
+    request.app[REQUESTS].append({"body": body, "headers": dict(request.headers)})
+    mode = body.get("model", "echo")
+    refused = _refusal(body)
+    if refused is not None:
+        return refused
+    if mode == "slow_headers":
+        await asyncio.sleep(DELAY)
+    if mode in request.app[SCRIPTS]:
+        return await _scripted(request, mode, request.app[SCRIPTS][mode])
+    fixed = _fixed_answer(mode)
+    if fixed is not None:
+        return fixed
+    text = "echo: " + _last_user_text(body)
+    if body.get("stream"):
+        usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return await _stream(request, mode, text, usage)
+    if mode == "minimal":
+        return web.json_response({"choices": [{"message": {"content": text}}]})
+    message, finish = _message(mode, text)
+    return web.json_response(_completion(mode, message, finish))
 
 
 async def _scripted(request: web.Request, mode: str, events: list[Any]) -> web.StreamResponse:

@@ -1,13 +1,22 @@
 #!/usr/bin/env python3
-"""A fake vLLM OpenAI server, run as a real subprocess by the orchestrator through
+"""A fake vLLM 0.33 OpenAI server, run as a real subprocess by the orchestrator through
 ``CHAT_PROXY_VLLM_COMMAND`` (:func:`command` gives the value; ``python -m
-imageworks_proxy.testing.fakes.vllm`` runs it too).
+imageworks_proxy.testing.fakes.vllm`` runs it too), or by a test as an external server (:func:`started`).
 
-Accepts vLLM's flags (``--model --host --port --served-model-name --gpu-memory-utilization
---max-model-len --chat-template`` and any other ``--flag``), serves ``/health``, ``/v1/models`` and
-``/v1/chat/completions`` (JSON and SSE). Like vLLM it does not accept connections until it is ready.
+Its command line is checked the way vLLM 0.33 checks it: ``serve <model>`` (the model first, as ``vllm
+serve`` takes it; ``--model`` still works there, with vLLM's warning) or, without ``serve``, the older
+``api_server`` form (``--model``; a leading positional is ignored, as the real one ignores it). An option
+vLLM 0.33 does not have (``data/vllm-0.33.0-flags.txt``) ends it with exit status 2 and argparse's
+``unrecognized arguments`` message; ``--enable-auto-tool-choice`` without ``--tool-call-parser``, or a parser
+name vLLM does not register (``data/vllm-0.33.0-parsers.txt``), ends it with status 1 like vLLM's checks.
 
-Test controls (flags, usually put in a registry entry's ``extra_args``):
+It serves ``/health``, ``/v1/models`` and ``/v1/chat/completions`` (JSON and SSE) and, like vLLM, refuses:
+``tools: []`` (400), tools without both ``--enable-auto-tool-choice`` and ``--tool-call-parser`` (400
+``"auto" tool choice requires ...``), ``stream_options`` without ``stream`` (400), another model (404).
+With ``--reasoning-parser`` replies carry ``reasoning`` (unless ``chat_template_kwargs.enable_thinking`` is
+false). It does not accept connections until it is ready.
+
+Test controls (options starting with ``--fake-``, usually put in a registry entry's ``extra_args``):
   --fake-start-delay S     seconds before listening (default 0.2)
   --fake-fail MESSAGE      print a vLLM-like traceback ending in MESSAGE during start-up and exit 1
   --fake-crash-after N     die (exit 70) after N content chunks of a stream
@@ -15,9 +24,11 @@ Test controls (flags, usually put in a registry entry's ``extra_args``):
   --fake-ignore-sigterm    ignore SIGTERM (only SIGKILL stops it)
   --fake-engine-child      spawn an "engine core" child in the same process group that ignores SIGTERM
                            and holds the lock (like vLLM's EngineCore holding GPU memory)
-  --fake-events PATH       append JSON lines {"event", "pid", "model", "t"} (start/ready/stop/crash/overlap)
+  --fake-events PATH       append JSON lines {"event", "pid", "model", "t"} (start/ready/stop/crash/overlap,
+                           and refused: a request answered with an error before generating)
   --fake-reply MODE        pid (default: "served by <name> pid <pid>"), echo ("echo: <last user text>"),
-                           tools (calls get_weather({"city": "Paris"})), missing (404 model not found)
+                           tools (offered tools, calls get_weather({"city": "Paris"}), or else the first
+                           tool with {}), missing (404 model not found)
   --fake-lock PATH         take an exclusive flock on PATH for the process group's lifetime; if another
                            fake holds it, record an "overlap" event (two "GPU users" at once)
 Request body controls: ``fake_chunks`` (content chunks, default 3), ``fake_chunk_delay`` (seconds between
@@ -28,37 +39,84 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import fcntl
-import itertools
 import json
 import os
 import shlex
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 PID = os.getpid()
-#: This file: run it with ``sys.executable`` followed by vLLM's flags.
+#: This file: run it with ``sys.executable`` followed by vLLM's arguments.
 SCRIPT = Path(__file__).resolve()
+DATA = SCRIPT.parents[1] / "data"
+#: What vLLM serves when its api_server form is given no ``--model``.
+DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
 
 
-def command() -> str:
-    """The ``CHAT_PROXY_VLLM_COMMAND`` value that launches this fake with the running interpreter."""
-    return shlex.join([sys.executable, str(SCRIPT)])
+def command(serve: bool = True) -> str:
+    """The ``CHAT_PROXY_VLLM_COMMAND`` value that launches this fake with the running interpreter: like
+    ``vllm serve`` (the default), or like ``python -m vllm.entrypoints.openai.api_server``."""
+    return shlex.join([sys.executable, str(SCRIPT), *(["serve"] if serve else [])])
 
 
-def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(prog="fake_vllm")
-    p.add_argument("--model", required=True)
+def vllm_options() -> frozenset[str]:
+    """Every long option of vLLM 0.33.0's ``vllm serve``."""
+    lines = (DATA / "vllm-0.33.0-flags.txt").read_text().splitlines()
+    return frozenset(line.strip() for line in lines if line.startswith("--"))
+
+
+def vllm_parsers() -> dict[str, frozenset[str]]:
+    """``{"--tool-call-parser": names, "--reasoning-parser": names}`` as vLLM 0.33.0 registers them."""
+    out: dict[str, set[str]] = {}
+    section: set[str] | None = None
+    for line in (DATA / "vllm-0.33.0-parsers.txt").read_text().splitlines():
+        if line.startswith("["):
+            section = out.setdefault(line.strip("[]"), set())
+        elif line.strip() and not line.startswith("#") and section is not None:
+            section.add(line.strip())
+    return {k: frozenset(v) for k, v in out.items()}
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+
+def _usage_error(serve: bool, message: str) -> None:
+    prog = "vllm serve" if serve else "api_server.py"
+    usage = "vllm serve [model_tag] [options]" if serve else "api_server.py [-h] [options]"
+    print(f"usage: {usage}\n{prog}: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def _check_options(argv: list[str], serve: bool) -> None:
+    known = vllm_options()
+    bad = [a for a in argv if a.startswith("--") and a.split("=", 1)[0] not in known]
+    bad = [a for a in bad if not a.startswith("--fake-")]
+    if bad:
+        _usage_error(serve, f"unrecognized arguments: {' '.join(bad)}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fake_vllm", allow_abbrev=False)
+    p.add_argument("--model")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", nargs="+")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--chat-template")
+    p.add_argument("--enable-auto-tool-choice", action="store_true")
+    p.add_argument("--tool-call-parser")
+    p.add_argument("--tool-parser-plugin")
+    p.add_argument("--reasoning-parser")
+    p.add_argument("--reasoning-parser-plugin")
     p.add_argument(
         "--fake-start-delay", type=float, default=float(os.environ.get("FAKE_VLLM_START_DELAY", 0.2))
     )
@@ -70,11 +128,41 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--fake-events", default=os.environ.get("FAKE_VLLM_EVENTS"))
     p.add_argument("--fake-lock", default=os.environ.get("FAKE_VLLM_LOCK"))
     p.add_argument("--fake-reply", choices=["pid", "echo", "tools", "missing"], default="pid")
-    args, unknown = p.parse_known_args(argv)
-    bad = [a for a in unknown if a.startswith("-") and not a.startswith("--")]
-    if bad:
-        p.error(f"unrecognized arguments: {' '.join(bad)}")
-    return args, unknown
+    return p
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """vLLM's arguments -> (the options the fake uses, the rest). Exits like vLLM on a bad command line."""
+    serve = argv[:1] == ["serve"]
+    argv = argv[1:] if serve else argv
+    _check_options(argv, serve)
+    args, rest = _parser().parse_known_args(argv)
+    positional = rest[0] if rest and not rest[0].startswith("-") else None
+    if serve and args.model is not None:
+        print("WARNING With `vllm serve`, you should provide the model as a positional argument or in a "
+              "config file instead of via the `--model` option.", flush=True)
+    if serve and positional is not None and args.model is None:
+        args.model = positional
+        rest = rest[1:]
+    args.model = args.model or DEFAULT_MODEL
+    return args, rest
+
+
+def check_parsers(args: argparse.Namespace) -> str | None:
+    """vLLM's start-up checks of the tool and reasoning options: the error it dies with, else ``None``."""
+    parsers = vllm_parsers()
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        return "TypeError: Error: --enable-auto-tool-choice requires --tool-call-parser"
+    tools = parsers["--tool-call-parser"]
+    if args.enable_auto_tool_choice and args.tool_call_parser not in tools and not args.tool_parser_plugin:
+        listed = ",".join(sorted(tools))
+        return f"KeyError: 'invalid tool call parser: {args.tool_call_parser} (chose from {{ {listed} }})'"
+    reasoning = parsers["--reasoning-parser"]
+    name = args.reasoning_parser
+    if name and name.lower() != "none" and name not in reasoning and not args.reasoning_parser_plugin:
+        listed = ",".join(sorted(reasoning))
+        return f"KeyError: 'invalid reasoning parser: {name} (chose from {{ {listed} }})'"
+    return None
 
 
 def last_user_text(body: dict) -> str:
@@ -89,12 +177,26 @@ def last_user_text(body: dict) -> str:
     return ""
 
 
+def error(
+    status: int, message: str, etype: str = "BadRequestError", param: str | None = None
+) -> web.Response:
+    """vLLM's error body."""
+    body = {"error": {"message": message, "type": etype, "param": param, "code": status}}
+    return web.json_response(body, status=status)
+
+
+# -- the server ----------------------------------------------------------------------------------
+
+
 class Fake:
     def __init__(self, args: argparse.Namespace, extra: list[str]) -> None:
         self.args = args
         self.extra = extra
         self.served = (args.served_model_name or [args.model])[0]
         self.lock_fd: int | None = None
+        self.tool_parser = args.tool_call_parser if args.enable_auto_tool_choice else None
+        reasoning = args.reasoning_parser
+        self.reasoning_parser = reasoning if reasoning and reasoning.lower() != "none" else None
 
     def event(self, name: str, **more) -> None:
         if not self.args.fake_events:
@@ -131,165 +233,123 @@ class Fake:
         return web.Response(status=200)
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "id": self.served,
-                        "object": "model",
-                        "created": int(time.time()),
-                        "owned_by": "vllm",
-                        "root": self.args.model,
-                        "parent": None,
-                        "max_model_len": self.args.max_model_len or 4096,
-                    }
-                ],
-            }
-        )
+        model = {
+            "id": self.served,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "vllm",
+            "root": self.args.model,
+            "parent": None,
+            "max_model_len": self.args.max_model_len or 4096,
+        }
+        return web.json_response({"object": "list", "data": [model]})
 
-    def _crash(self) -> None:
-        print("fatal: fake vLLM crashed mid-stream", file=sys.stderr, flush=True)
-        self.event("crash")
-        os._exit(70)
+    def refusal(self, body: dict[str, Any]) -> web.Response | None:
+        """vLLM 0.33's answer to a request it refuses before generating, else ``None``."""
+        if body.get("stream_options") and not body.get("stream"):
+            text = "Stream options can only be defined when `stream=True`."
+            return error(400, text, param="stream_options")
+        if body.get("tools") == []:
+            text = (
+                "1 validation error:\n  {'type': 'value_error', 'loc': ('body',), 'msg': 'Value error, "
+                "`tools` must not be an empty array. Either provide at least one tool or omit the field "
+                "entirely. (parameter=tools)'}"
+            )
+            return error(400, text, "Bad Request", param="tools")
+        if body.get("model") != self.served or self.args.fake_reply == "missing":
+            return error(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
+        choice = body.get("tool_choice", "auto" if body.get("tools") else None)
+        if choice not in (None, "none") and self.tool_parser is None:
+            if choice == "auto":
+                return error(400, '"auto" tool choice requires --enable-auto-tool-choice and '
+                                  "--tool-call-parser to be set")
+            name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+            desc = f'function "{name}"' if name else f'"{choice}"'
+            return error(400, f"tool_choice={desc} requires --tool-call-parser to be set")
+        return None
+
+    def tool_call(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """With ``--fake-reply tools`` and tools offered (and a parser to turn the model's text into a call):
+        get_weather({"city": "Paris"}) when offered, else the first tool with no arguments."""
+        if self.args.fake_reply != "tools" or not body.get("tools") or body.get("tool_choice") == "none":
+            return None
+        names = [t.get("function", {}).get("name") for t in body["tools"] if isinstance(t, dict)]
+        name, args = ("get_weather", '{"city": "Paris"}') if "get_weather" in names else (names[0], "{}")
+        # real vLLM says "chatcmpl-tool-<uuid>"; the conformance suite expects the OpenAI "call_" style
+        return {"id": f"call_{PID}", "type": "function", "function": {"name": name, "arguments": args}}
+
+    def reasoning(self, body: dict[str, Any]) -> str | None:
+        kwargs = body.get("chat_template_kwargs") or {}
+        if self.reasoning_parser is None or kwargs.get("enable_thinking") is False:
+            return None
+        return "Thinking it over."
+
+    def text(self, body: dict[str, Any]) -> str:
+        if self.args.fake_reply == "echo":
+            return "echo: " + last_user_text(body)
+        return f"served by {self.served} pid {PID}"
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        model = body.get("model")
-        if model != self.served or self.args.fake_reply == "missing":
-            return web.json_response(
-                {
-                    "error": {
-                        "message": f"The model `{model}` does not exist.",
-                        "type": "NotFoundError",
-                        "param": None,
-                        "code": 404,
-                    }
-                },
-                status=404,
-            )
-        text = f"served by {self.served} pid {PID}"
-        if self.args.fake_reply == "echo":
-            text = "echo: " + last_user_text(body)
-        tool_call = None
-        if self.args.fake_reply == "tools":
-            # real vLLM says "chatcmpl-tool-<uuid>"; the conformance suite expects the OpenAI "call_" style
-            tool_call = {
-                "id": f"call_{PID}",
-                "type": "function",
-                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
-            }
-        n = max(1, int(body.get("fake_chunks", 3)))
-        delay = float(body.get("fake_chunk_delay", 0))
-        crash_after = body.get("fake_crash_after", self.args.fake_crash_after)
-        cuts = [i * len(text) // n for i in range(n + 1)]
-        parts = [text[a:b] for a, b in itertools.pairwise(cuts)]
-        created = int(time.time())
-        cid = f"chatcmpl-fake{PID}{int(time.monotonic() * 1000)}"
-        usage = {"prompt_tokens": 5, "completion_tokens": n, "total_tokens": 5 + n}
+        refused = self.refusal(body)
+        if refused is not None:
+            self.event("refused", status=refused.status, message=json.loads(refused.text)["error"]["message"])
+            return refused
+        reply = Reply(self, body)
         if not body.get("stream"):
             await asyncio.sleep(float(body.get("fake_delay", 0)))
-            if tool_call is not None:
-                return web.json_response(
-                    {
-                        "id": cid,
-                        "object": "chat.completion",
-                        "created": created,
-                        "model": self.served,
-                        "choices": [
-                            {
-                                "index": 0,
-                                "message": {"role": "assistant", "content": None, "tool_calls": [tool_call]},
-                                "finish_reason": "tool_calls",
-                                "logprobs": None,
-                            }
-                        ],
-                        "usage": usage,
-                    }
-                )
-            return web.json_response(
-                {
-                    "id": cid,
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": self.served,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": text},
-                            "finish_reason": "stop",
-                            "logprobs": None,
-                        }
-                    ],
-                    "usage": usage,
-                }
-            )
+            return web.json_response(reply.completion())
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-
-        def chunk(delta, finish=None):
-            return {
-                "id": cid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": self.served,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-            }
-
-        async def send(obj):
-            await resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
-
-        await send(chunk({"role": "assistant", "content": ""}))
-        if tool_call is not None:  # like vLLM's parsers: name first, then argument fragments
-            fn = tool_call["function"]
-            await send(
-                chunk(
-                    {
-                        "tool_calls": [
-                            {
-                                "index": 0,
-                                "id": tool_call["id"],
-                                "type": "function",
-                                "function": {"name": fn["name"], "arguments": ""},
-                            }
-                        ]
-                    }
-                )
-            )
-            args = fn["arguments"]
-            half = len(args) // 2
-            for piece in (args[:half], args[half:]):
-                await send(chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}))
-            parts = []
-        for i, part in enumerate(parts):
-            if crash_after is not None and i >= int(crash_after):
-                self._crash()
-            if delay:
-                await asyncio.sleep(delay)
-            await send(chunk({"content": part}))
-        await send(chunk({}, "tool_calls" if tool_call is not None else "stop"))
-        if (body.get("stream_options") or {}).get("include_usage"):
-            await send(
-                {
-                    "id": cid,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": self.served,
-                    "choices": [],
-                    "usage": usage,
-                }
-            )
+        async for event in reply.chunks():
+            await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
 
+    def crash(self) -> None:
+        print("fatal: fake vLLM crashed mid-stream", file=sys.stderr, flush=True)
+        self.event("crash")
+        os._exit(70)
+
     # -- main --------------------------------------------------------------------------------------
+    def _fail_start(self, message: str) -> int:
+        print("INFO Loading model weights ...", flush=True)
+        print("Traceback (most recent call last):", file=sys.stderr)
+        print('  File "vllm/worker/model_runner.py", line 1, in load_model', file=sys.stderr)
+        print(message, file=sys.stderr)
+        print("RuntimeError: Engine core initialization failed. See root cause above.", file=sys.stderr)
+        sys.stderr.flush()
+        self.event("failed")
+        return 1
+
+    async def _listen(self) -> web.AppRunner | None:
+        app = web.Application()
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        a = self.args
+        try:
+            await web.TCPSite(runner, a.host, a.port, reuse_address=True).start()
+        except OSError as exc:
+            print(
+                f"OSError: [Errno {exc.errno}] error while attempting to bind on address "
+                f"({a.host!r}, {a.port}): {exc.strerror}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return None
+        return runner
+
     async def run(self) -> int:
         a = self.args
         print(
             f"INFO fake vLLM {PID}: model={a.model} served={self.served} port={a.port} "
             f"gpu_memory_utilization={a.gpu_memory_utilization} max_model_len={a.max_model_len} "
-            f"chat_template={a.chat_template} extra={self.extra}",
+            f"chat_template={a.chat_template} tool_call_parser={self.tool_parser} "
+            f"reasoning_parser={self.reasoning_parser} extra={self.extra}",
             flush=True,
         )
         self.event("start", argv=sys.argv[1:])
@@ -305,33 +365,9 @@ class Fake:
         loop.add_signal_handler(signal.SIGINT, stop.set)
         await asyncio.sleep(a.fake_start_delay)
         if a.fake_fail:
-            print("INFO Loading model weights ...", flush=True)
-            print("Traceback (most recent call last):", file=sys.stderr)
-            print('  File "vllm/worker/model_runner.py", line 1, in load_model', file=sys.stderr)
-            print(a.fake_fail, file=sys.stderr)
-            print(
-                "RuntimeError: Engine core initialization failed. See root cause above.",
-                file=sys.stderr,
-                flush=True,
-            )
-            self.event("failed")
-            return 1
-        app = web.Application()
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_post("/v1/chat/completions", self.chat)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, a.host, a.port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as exc:
-            print(
-                f"OSError: [Errno {exc.errno}] error while attempting to bind on address "
-                f"({a.host!r}, {a.port}): {exc.strerror}",
-                file=sys.stderr,
-                flush=True,
-            )
+            return self._fail_start(a.fake_fail)
+        runner = await self._listen()
+        if runner is None:
             return 1
         print(f"INFO Starting vLLM API server on http://{a.host}:{a.port}", flush=True)
         print("INFO:     Application startup complete.", flush=True)
@@ -344,8 +380,99 @@ class Fake:
         return 0
 
 
+class Reply:
+    """One answer: text in ``fake_chunks`` pieces, or a tool call; reasoning first when the parser is on."""
+
+    def __init__(self, fake: Fake, body: dict[str, Any]) -> None:
+        self.fake = fake
+        self.body = body
+        self.text = fake.text(body)
+        self.call = fake.tool_call(body)
+        self.reasoning = fake.reasoning(body)
+        self.id = f"chatcmpl-fake{PID}{int(time.monotonic() * 1000)}"
+        self.created = int(time.time())
+        self.n = max(1, int(body.get("fake_chunks", 3)))
+        self.usage = {"prompt_tokens": 5, "completion_tokens": self.n, "total_tokens": 5 + self.n}
+
+    def completion(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": self.text}
+        if self.call is not None:
+            message = {"role": "assistant", "content": None, "tool_calls": [self.call]}
+        if self.reasoning:
+            message["reasoning"] = self.reasoning
+        choice = {"index": 0, "message": message, "logprobs": None,
+                  "finish_reason": "tool_calls" if self.call is not None else "stop"}
+        return {"id": self.id, "object": "chat.completion", "created": self.created,
+                "model": self.fake.served, "choices": [choice], "usage": self.usage}
+
+    def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.fake.served,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        yield self.chunk({"role": "assistant", "content": ""})
+        if self.reasoning:
+            yield self.chunk({"reasoning": self.reasoning})
+        if self.call is not None:  # like vLLM's parsers: name first, then argument fragments
+            fn = self.call["function"]
+            head = {"index": 0, "id": self.call["id"], "type": "function",
+                    "function": {"name": fn["name"], "arguments": ""}}
+            yield self.chunk({"tool_calls": [head]})
+            half = len(fn["arguments"]) // 2
+            for piece in (fn["arguments"][:half], fn["arguments"][half:]):
+                yield self.chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+        else:
+            crash_after = self.body.get("fake_crash_after", self.fake.args.fake_crash_after)
+            delay = float(self.body.get("fake_chunk_delay", 0))
+            cuts = [i * len(self.text) // self.n for i in range(self.n + 1)]
+            for i in range(self.n):
+                if crash_after is not None and i >= int(crash_after):
+                    self.fake.crash()
+                if delay:
+                    await asyncio.sleep(delay)
+                yield self.chunk({"content": self.text[cuts[i]:cuts[i + 1]]})
+        yield self.chunk({}, "tool_calls" if self.call is not None else "stop")
+        if (self.body.get("stream_options") or {}).get("include_usage"):
+            yield {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                   "model": self.fake.served, "choices": [], "usage": self.usage}
+
+
+@contextlib.asynccontextmanager
+async def started(*flags: str, port: int, timeout_s: float = 30.0) -> AsyncIterator[str]:
+    """Run the fake as a server the proxy did not start (an external vLLM) with vLLM's ``flags`` (a model
+    and ``--served-model-name`` among them) on ``port``; yields its ``/v1`` base URL once it is ready."""
+    import aiohttp
+
+    argv = [sys.executable, str(SCRIPT), "serve", *flags, "--host", "127.0.0.1", "--port", str(port),
+            "--fake-start-delay", "0"]
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(base + "/health") as resp:
+                        if resp.status == 200:
+                            break
+                if proc.returncode is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the fake vLLM did not start (exit status {proc.returncode})")
+                await asyncio.sleep(0.05)
+        yield base + "/v1"
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        await proc.wait()
+
+
 def main() -> int:
     args, extra = parse(sys.argv[1:])
+    problem = check_parsers(args)
+    if problem is not None:
+        print("Traceback (most recent call last):", file=sys.stderr)
+        print(problem, file=sys.stderr, flush=True)
+        return 1
     return asyncio.run(Fake(args, extra).run())
 
 

@@ -1,6 +1,8 @@
 """A stand-in for llama.cpp's ``llama-server`` used by the tests (run as a real subprocess).
 
-Accepts ``-m/--model``, ``--host``, ``--port``, ``--alias`` and any other arguments (kept as "extra").
+Accepts ``-m/--model``, ``--host``, ``--port``, ``--alias`` and the other options llama.cpp has (kept as
+"extra"); like llama-server it ends with "error: invalid argument: <arg>" and exit status 1 on an option
+llama.cpp does not have (``data/llama-server-flags.txt``).
 ``/health`` answers 503 ``Loading model`` for ``FAKE_LLAMA_LOAD_S`` seconds, then 200. Replies say which
 model file and extra arguments the server was started with. The model file's first line steers them:
 ``broken`` exits at once with an error line (like a bad GGUF), ``hang`` never becomes healthy, ``echo``
@@ -20,10 +22,35 @@ import random
 import string
 import sys
 import time
+from pathlib import Path
 
 from aiohttp import web
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
+
+
+FLAGS = Path(__file__).resolve().parent / "data" / "llama-server-flags.txt"
+
+
+def _number(arg: str) -> bool:
+    try:
+        float(arg)
+    except ValueError:
+        return False
+    return True
+
+
+def check_options(argv: list[str]) -> None:
+    """Exit like llama-server on the first option llama.cpp does not define (values are not options)."""
+    known = {line.strip() for line in FLAGS.read_text().splitlines() if line.startswith("-")}
+    for arg in argv:
+        if not arg.startswith("-") or _number(arg):
+            continue
+        name = arg.split("=", 1)[0]
+        name = name.replace("_", "-") if name.startswith("--") else name  # llama.cpp folds "_" in long names
+        if name not in known:
+            print(f"error: invalid argument: {arg}", file=sys.stderr, flush=True)
+            raise SystemExit(1)
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -156,6 +183,7 @@ def main() -> None:
     if os.environ.get("FAKE_LLAMA_PIDDIR"):  # first, so a test can find even a server that never got ready
         with open(os.path.join(os.environ["FAKE_LLAMA_PIDDIR"], f"{alias}.pid"), "w") as fh:
             fh.write(str(os.getpid()))
+    check_options(sys.argv[1:])
     print(f"fake llama-server: loading {args.model}", flush=True)
     try:
         with open(args.model) as fh:

@@ -109,3 +109,30 @@ def test_the_explaining_log_line_is_the_last_error_line(tmp_path):
     log.write_text("just this\n")
     assert explaining_line(log) == "just this"
     assert explaining_line(tmp_path / "missing.log") == ""
+
+
+def test_llama_cpp_has_every_option_of_the_command_line(tmp_path):
+    """llama-server ends at once on an option it does not have; the plugin writes only real ones."""
+    from fake_llama_server import FLAGS
+
+    folder = tmp_path / "gemma"
+    touch(folder / "gemma-3-q4_k_m.gguf")
+    touch(folder / "mmproj-gemma-3-f16.gguf")
+    argv = build_argv(settings(), entry(folder, capabilities=["vision"]))
+    known = {line.strip() for line in FLAGS.read_text().splitlines() if line.startswith("-")}
+    assert {a for a in argv[1:] if a.startswith("-")} <= known
+
+
+def test_the_fake_llama_server_refuses_an_option_llama_cpp_does_not_have(tmp_path):
+    import subprocess
+    import sys
+
+    from llamacpp_testlib import FAKE_SERVER
+
+    model = touch(tmp_path / "m.gguf")
+    done = subprocess.run(
+        [sys.executable, str(FAKE_SERVER), "-m", str(model), "--port", "1", "--num-ctx", "4096"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 1
+    assert "error: invalid argument: --num-ctx" in done.stderr

@@ -1,0 +1,155 @@
+"""What each Ollama has installed and what each tag can do, cached.
+
+``/api/tags`` is asked at most every few seconds per base URL, when ``/v1/models`` is listed or a chat needs
+it (the answer in hand is used while a newer one is fetched). Recent Ollama lists each tag's capabilities
+there; for a tag listed without them, ``/api/show`` is asked once and kept until the tag's digest changes
+(a new pull) or the registry changes (:meth:`OllamaTags.forget_shown`). Never one call per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import aiohttp
+import attrs
+
+from imageworks_proxy.catalogue.capabilities import Capabilities, ollama_capabilities
+
+log = logging.getLogger("imageworks_proxy.ollama")
+
+TAGS_TTL_S = 5.0
+TAGS_TIMEOUT_S = 1.5
+#: How long a listing or a chat waits for a first ``/api/tags`` answer before going on without it.
+FIRST_TAGS_WAIT_S = 0.3
+
+
+def tag_key(tag: str) -> str:
+    """``name`` and ``name:latest`` are the same tag to Ollama."""
+    return tag if ":" in tag else f"{tag}:latest"
+
+
+@attrs.frozen
+class TagInfo:
+    """One installed tag: its digest, and its capabilities when ``/api/tags`` lists them."""
+
+    digest: str | None
+    capabilities: Capabilities | None
+
+
+def _parse_tags(data: Any) -> dict[str, TagInfo]:
+    out: dict[str, TagInfo] = {}
+    for m in data.get("models", []):
+        name = (m.get("name") or m.get("model")) if isinstance(m, dict) else None
+        if not name:
+            continue
+        tag = tag_key(str(name))
+        caps = ollama_capabilities(m.get("capabilities"), f"Ollama /api/tags for {tag}")
+        out[tag] = TagInfo(m.get("digest") if isinstance(m.get("digest"), str) else None, caps)
+    return out
+
+
+class OllamaTags:
+    """The tag and capability caches of one adapter, over every Ollama base URL it talks to.
+
+    ``http`` returns the app's client session. Background fetches are owned here; :meth:`close` ends them.
+    """
+
+    def __init__(self, http: Callable[[], aiohttp.ClientSession]) -> None:
+        self._http = http
+        # base url -> (fetched_at, tag -> info, or None when Ollama was unreachable)
+        self._tags: dict[str, tuple[float, dict[str, TagInfo] | None]] = {}
+        self._refreshing: dict[str, asyncio.Task[None]] = {}
+        # (base url, tag) -> (digest it was asked for, what /api/show said or None)
+        self._shown: dict[tuple[str, str], tuple[str | None, Capabilities | None]] = {}
+        self._showing: dict[tuple[str, str], asyncio.Task[Capabilities | None]] = {}
+
+    async def close(self) -> None:
+        tasks = [*self._refreshing.values(), *self._showing.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._refreshing.clear()
+        self._showing.clear()
+
+    def forget_shown(self) -> None:
+        """The registry changed: ask ``/api/show`` again when next needed."""
+        self._shown.clear()
+
+    # -- /api/tags ------------------------------------------------------------------------------
+    async def _fetch_tags(self, base: str) -> None:
+        tags: dict[str, TagInfo] | None
+        try:
+            timeout = aiohttp.ClientTimeout(total=TAGS_TIMEOUT_S)
+            async with self._http().get(f"{base}/api/tags", timeout=timeout) as resp:
+                resp.raise_for_status()
+                tags = _parse_tags(await resp.json(content_type=None))
+        except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError) as exc:
+            log.debug("ollama /api/tags at %s unavailable: %s", base, exc)
+            tags = None
+        self._tags[base] = (time.monotonic(), tags)
+
+    def _refresh(self, base: str) -> asyncio.Task[None]:
+        task = self._refreshing.get(base)
+        if task is None or task.done():
+            task = asyncio.get_running_loop().create_task(self._fetch_tags(base))
+            self._refreshing[base] = task
+        return task
+
+    async def refresh(self, bases: Iterable[str]) -> None:
+        """Refresh stale tag lists in the background; wait (briefly) only for a base never asked yet."""
+        now = time.monotonic()
+        first: list[asyncio.Task[None]] = []
+        for base in set(bases):
+            cached = self._tags.get(base)
+            if cached is None or now - cached[0] > TAGS_TTL_S:
+                task = self._refresh(base)
+                if cached is None:
+                    first.append(task)
+        if first:
+            await asyncio.wait(first, timeout=FIRST_TAGS_WAIT_S)
+
+    def tags(self, base: str) -> dict[str, TagInfo] | None:
+        """The tags installed at ``base`` as last seen; ``None`` when unknown or unreachable."""
+        cached = self._tags.get(base)
+        return cached[1] if cached else None
+
+    # -- capabilities ---------------------------------------------------------------------------
+    async def capabilities(self, base: str, tag: str) -> Capabilities | None:
+        """What Ollama at ``base`` says ``tag`` can do: from ``/api/tags``, else ``/api/show`` (asked once
+        per digest). ``None`` when Ollama is unreachable, does not have the tag or does not say."""
+        await self.refresh([base])
+        tag = tag_key(tag)
+        info = (self.tags(base) or {}).get(tag)
+        if info is None:
+            return None
+        if info.capabilities is not None:
+            return info.capabilities
+        key = (base, tag)
+        shown = self._shown.get(key)
+        if shown is not None and shown[0] == info.digest:
+            return shown[1]
+        task = self._showing.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._show(base, tag, info.digest))
+            self._showing[key] = task
+            task.add_done_callback(lambda _: self._showing.pop(key, None))
+        done, _ = await asyncio.wait({task}, timeout=TAGS_TIMEOUT_S)
+        return task.result() if done else None
+
+    async def _show(self, base: str, tag: str, digest: str | None) -> Capabilities | None:
+        caps: Capabilities | None = None
+        try:
+            timeout = aiohttp.ClientTimeout(total=TAGS_TIMEOUT_S)
+            async with self._http().post(f"{base}/api/show", json={"model": tag}, timeout=timeout) as resp:
+                resp.raise_for_status()
+                data = await resp.json(content_type=None)
+            caps = ollama_capabilities(data.get("capabilities"), f"Ollama /api/show for {tag}")
+        except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError) as exc:
+            # remembered like an answer: a failing /api/show must not cost every request a wait
+            log.debug("ollama /api/show %s at %s unavailable: %s", tag, base, exc)
+        self._shown[(base, tag)] = (digest, caps)
+        return caps
