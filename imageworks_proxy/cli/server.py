@@ -13,6 +13,7 @@ from aiohttp import web
 from imageworks_proxy._version import __version__
 from imageworks_proxy.cli.logs import configure_logging
 from imageworks_proxy.config import ConfigError, describe_config, load_config
+from imageworks_proxy.http.server import run
 from imageworks_proxy.plugins import PluginError
 
 log = logging.getLogger("imageworks_proxy")
@@ -124,15 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         config.registry,
     )
     try:
-        web.run_app(
-            app,
-            host=config.host,
-            port=config.port,
-            access_log=None,
-            print=None,
-            loop=loop,
-            handler_cancellation=True,
-        )
+        run(app, config, loop=loop)
     except OSError as exc:
         print(
             f"imageworks-chat-proxy: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
