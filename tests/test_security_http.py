@@ -137,6 +137,11 @@ async def test_openwebui_direct_connections_work_from_an_allowed_origin(env):
         allowed = {h.strip().lower() for h in pre.headers["Access-Control-Allow-Headers"].split(",")}
         assert {"authorization", "content-type"} <= allowed
         assert "Origin" in pre.headers["Vary"]
+    # OpenWebUI opened at a LAN address calling a loopback proxy: Chrome's Private Network Access preflight
+    pna = await client.options("/v1/models", headers={
+        "Origin": "https://chat.example.org", "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Private-Network": "true"})
+    assert pna.status == 204 and pna.headers["Access-Control-Allow-Private-Network"] == "true"
     headers = {"Origin": origin, "Accept": "application/json", "Content-Type": "application/json",
                "authorization": "Bearer browser-key"}
     models = await client.get("/v1/models", headers=headers)

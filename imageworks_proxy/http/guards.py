@@ -122,15 +122,16 @@ def origin_refused(origin: str) -> ProxyError:
 def _preflight(request: web.Request) -> web.Response:
     """204 for an allowed origin's preflight; ``cors_headers`` adds the ``Allow-Origin`` part."""
     asked = request.headers.get("Access-Control-Request-Headers", "").strip()
-    headers = ALLOW_HEADERS if not asked or not _HEADER_LIST.match(asked) else f"{ALLOW_HEADERS}, {asked}"
-    return web.Response(
-        status=204,
-        headers={
-            "Access-Control-Allow-Methods": ALLOW_METHODS,
-            "Access-Control-Allow-Headers": headers,
-            "Access-Control-Max-Age": PREFLIGHT_MAX_AGE,
-        },
-    )
+    headers = {
+        "Access-Control-Allow-Methods": ALLOW_METHODS,
+        "Access-Control-Allow-Headers": f"{ALLOW_HEADERS}, {asked}" if _HEADER_LIST.match(asked)
+        else ALLOW_HEADERS,
+        "Access-Control-Max-Age": PREFLIGHT_MAX_AGE,
+    }
+    # Chrome asks before a page on a LAN address reaches a loopback server (Private Network Access).
+    if request.headers.get("Access-Control-Request-Private-Network", "").lower() == "true":
+        headers["Access-Control-Allow-Private-Network"] = "true"
+    return web.Response(status=204, headers=headers)
 
 
 def browser_guard(config: Config) -> Middleware:
