@@ -81,8 +81,10 @@ async def test_a_host_name_the_proxy_does_not_go_by_is_refused(env):
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1:8100", "localhost:8100", "LOCALHOST", "[::1]:8100", "10.1.2.3",
-                                  "app.localhost:8100", socket.gethostname(), "localhost.:8100"])
+                                  "app.localhost:8100", socket.gethostname(), "localhost.:8100",
+                                  "host.docker.internal:8100"])
 async def test_loopback_names_ip_addresses_and_the_machines_own_name_are_accepted(env, host):
+    """host.docker.internal: OpenWebUI in a container calling a proxy that runs on the host."""
     client, _ = await env()
     assert (await client.get("/v1/models", headers={"Host": host})).status == 200
 

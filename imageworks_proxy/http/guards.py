@@ -21,8 +21,13 @@ from imageworks_proxy.errors import ProxyError
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
-#: Names every resolver maps to loopback (``*.localhost`` included, as browsers do).
-LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+#: Names every resolver maps to loopback (``*.localhost`` included, as browsers do), and the names a
+#: container calls its host by (OpenWebUI in Docker reaching a proxy on the host); no web page can make
+#: any of them resolve to its own server.
+LOCAL_NAMES = frozenset({
+    "localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback",
+    "host.docker.internal", "gateway.docker.internal", "host.containers.internal",
+})
 ALLOW_METHODS = "GET, POST, OPTIONS"
 #: What OpenWebUI's browser code sends besides simple headers; preflights asking for more get those too.
 ALLOW_HEADERS = "Authorization, Content-Type, Accept, X-Request-Id"
@@ -52,7 +57,7 @@ def _is_ip(name: str) -> bool:
 @attrs.frozen
 class HostPolicy:
     """The ``Host`` values the proxy answers: IP addresses (a rebinding page always sends a name),
-    loopback names, this machine's name, the bind name and ``CHAT_PROXY_ALLOWED_HOSTS``."""
+    loopback and container-host names, this machine's name, the bind name and ``CHAT_PROXY_ALLOWED_HOSTS``."""
 
     names: frozenset[str]
     suffixes: tuple[str, ...]
@@ -61,7 +66,7 @@ class HostPolicy:
     @classmethod
     def from_config(cls, config: Config) -> HostPolicy:
         own = socket.gethostname().lower()
-        names = set(LOOPBACK_NAMES) | {own, own.split(".")[0], host_name(config.host)}
+        names = set(LOCAL_NAMES) | {own, own.split(".")[0], host_name(config.host)}
         suffixes = [".localhost"]
         for item in config.allowed_hosts:
             if item.startswith("*."):
