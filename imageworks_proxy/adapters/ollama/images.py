@@ -1,11 +1,12 @@
-"""Fetching ``http(s)`` image URLs for backends that only take image bytes, without letting a request
-reach this machine or its networks (docs/security.md).
+"""Images for Ollama, which takes image bytes (base64) in PNG or JPEG only.
 
-Only public addresses are fetched unless ``CHAT_PROXY_IMAGE_FETCH_ALLOW`` names more. Names are resolved
-once and the connection goes to the address that was checked; redirects are followed by hand, each
-checked again; the bytes must start like an image; every failure a client could use to probe the network
-gets the same message (the details go to the proxy's log). Capped at ``CHAT_PROXY_MAX_IMAGE_BYTES``
-(checked on ``Content-Length`` and again while reading) and limited in time.
+``http(s)`` image URLs are fetched without letting a request reach this machine or its networks
+(docs/security.md): only public addresses unless ``CHAT_PROXY_IMAGE_FETCH_ALLOW`` names more. Names are
+resolved once and the connection goes to the address that was checked; redirects are followed by hand,
+each checked again; the bytes must start like an image; every failure a client could use to probe the
+network gets the same message (the details go to the proxy's log). Capped at
+``CHAT_PROXY_MAX_IMAGE_BYTES`` (checked on ``Content-Length`` and again while reading) and limited in time.
+Images in other formats (GIF, WebP, BMP, TIFF) are converted to PNG in a worker thread.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import base64
 import ipaddress
 import logging
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import aiohttp
 import attrs
@@ -24,6 +26,18 @@ from aiohttp.resolver import ThreadedResolver
 from yarl import URL
 
 from imageworks_proxy.errors import ProxyError
+from imageworks_proxy.wire.content import (
+    DataUrl,
+    base64_head,
+    image_parts,
+    image_url_of,
+    parse_data_url,
+    sniff_image_type,
+)
+from imageworks_proxy.wire.imaging import to_png
+
+#: What Ollama decodes itself; other image types are converted to PNG first.
+OLLAMA_IMAGE_TYPES = frozenset({"image/png", "image/jpeg"})
 
 log = logging.getLogger("imageworks_proxy.images")
 
@@ -39,9 +53,6 @@ _NOT_PUBLIC = tuple(
     for n in ("0.0.0.0/8", "100.64.0.0/10", "192.0.0.0/24", "198.18.0.0/15", "240.0.0.0/4", "64:ff9b:1::/48")
 )
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
-#: Leading bytes of the image formats vision models take.
-_MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
-          (b"BM", "bmp"), (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"))
 
 
 @attrs.frozen
@@ -130,16 +141,6 @@ def _check_literal(url: URL, allow: FetchAllow) -> None:
         raise _Refused(f"address {addr} is not public")
 
 
-def image_kind(data: bytes) -> str | None:
-    """The image format ``data`` starts like, or None when it does not look like an image."""
-    for magic, kind in _MAGIC:
-        if data.startswith(magic):
-            return kind
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return None
-
-
 def _short(url: str) -> str:
     # Never echo query strings back: they often carry signatures.
     return url.split("?", 1)[0][:200]
@@ -208,7 +209,7 @@ async def fetch_image(
     except (TimeoutError, aiohttp.ClientError, _Refused, ValueError) as exc:
         log.info("image %s not fetched: %s", _short(url), f"{type(exc).__name__}: {exc}"[:300])
         raise _unusable(url) from None
-    if image_kind(data) is None:
+    if sniff_image_type(data[:16]) is None:
         log.info("image %s not used: %d bytes that do not start like an image", _short(url), len(data))
         raise _unusable(url)
     return data
@@ -242,3 +243,31 @@ async def fetch_images_base64(
             await asyncio.gather(*tasks, return_exceptions=True)
     return {u: base64.b64encode(b).decode("ascii") for u, b in zip(urls, blobs, strict=True)}
 
+
+def _convert_all(payloads: dict[str, str]) -> dict[str, str]:
+    """url -> PNG base64 for each base64 payload (blocking: runs in a worker thread)."""
+    return {
+        url: base64.b64encode(to_png(DataUrl("image/*", payload).decode())).decode("ascii")
+        for url, payload in payloads.items()
+    }
+
+
+async def png_where_needed(body: Mapping[str, Any], fetched: Mapping[str, str]) -> dict[str, str]:
+    """url -> PNG base64 for the request's images (inline, or fetched: ``fetched`` maps url -> base64)
+    that are GIF, WebP, BMP or TIFF; PNG, JPEG and what no signature identifies are left to Ollama.
+    Raises :class:`ProxyError` 400 ``invalid_image`` / 413 ``payload_too_large`` as the conversion does."""
+    todo: dict[str, str] = {}
+    for _msg, _i, part in image_parts(body.get("messages")):
+        url = image_url_of(part)
+        if not url or url in todo:
+            continue
+        data = parse_data_url(url)
+        payload = data.payload if data is not None else fetched.get(url)
+        if payload is None:
+            continue
+        kind = sniff_image_type(base64_head(payload))
+        if kind is not None and kind not in OLLAMA_IMAGE_TYPES:
+            todo[url] = payload
+    if not todo:
+        return {}
+    return await asyncio.to_thread(_convert_all, todo)
