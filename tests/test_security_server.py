@@ -23,7 +23,8 @@ CHAT = json.dumps({"model": "m-echo", "messages": [{"role": "user", "content": "
 FAKE_UPSTREAM = (
     "import sys; from aiohttp import web; "
     "from imageworks_proxy.testing.fakes.openai import make_fake_openai; "
-    "web.run_app(make_fake_openai(), host='127.0.0.1', port=int(sys.argv[1]), print=None)"
+    "web.run_app(make_fake_openai(), host='127.0.0.1', port=int(sys.argv[1]), print=None, "
+    "handler_cancellation=True)"
 )
 
 
@@ -214,6 +215,24 @@ async def test_connections_over_the_cap_make_room_for_new_requests(proxy):
     for _r, w in idle:
         w.close()
     assert sum(states) <= 16
+
+
+async def test_with_every_connection_busy_a_new_one_gets_503_server_busy(proxy):
+    hang = json.dumps({"model": "m-hang", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    busy = []
+    for _ in range(16):  # the cap: every connection serves a stream that does not end
+        reader, writer = await connect(proxy.port)
+        writer.write(post_head(length=len(hang)) + hang.encode())
+        busy.append((reader, writer))
+    for reader, _writer in busy:
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)).startswith(b"HTTP/1.1 200")
+    reader, writer = await connect(proxy.port)
+    status, headers, body = await read_response(reader)
+    assert (status, error_code(headers, body)) == (503, "server_busy")
+    assert await closed(reader)
+    writer.close()
+    for _reader, w in busy:
+        w.close()
 
 
 async def test_under_a_small_open_file_limit_trickling_connections_cannot_starve_chats(tmp_path, upstream):

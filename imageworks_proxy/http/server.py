@@ -30,8 +30,8 @@ from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.wire import ids
 
 log = logging.getLogger("imageworks_proxy.http")
-#: After answering a request whose body it will not read, how long the server keeps reading (and dropping)
-#: that body so the client sees the answer instead of a reset.
+#: After answering a request whose body (or head) it will not read, how long the server keeps reading and
+#: dropping what arrives, so that the client sees the answer instead of a reset.
 LINGER_S = 2.0
 CAP_WARNING_INTERVAL_S = 60.0
 
@@ -96,12 +96,14 @@ def _reason(exc: BaseException | None) -> str:
 class ProxyRequestHandler(web.RequestHandler):
     """aiohttp's connection handler with a deadline on request heads and OpenAI-shaped parse errors."""
 
-    __slots__ = ("_head_timer", "_last_payload", "_limits")
+    __slots__ = ("_closing_at", "_draining", "_head_timer", "_last_payload", "_limits")
 
     def __init__(self, manager: web.Server, *, limits: ServerLimits, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._limits = limits
         self._head_timer: asyncio.TimerHandle | None = None
+        self._closing_at: asyncio.TimerHandle | None = None
+        self._draining = False
         self._last_payload: Any = None
 
     @property
@@ -110,6 +112,8 @@ class ProxyRequestHandler(web.RequestHandler):
         return self.transport is not None and not self._request_in_progress and not self._messages
 
     def data_received(self, data: bytes) -> None:
+        if self._draining:
+            return  # answered and closing: what the client still sends is dropped
         count = self._request_count
         super().data_received(data)
         if self._request_count != count:  # a complete head arrived
@@ -135,21 +139,33 @@ class ProxyRequestHandler(web.RequestHandler):
             return
         log.info("closed a connection from %s: request head not complete within %g s",
                  self._peer(), self._limits.header_timeout_s)
-        self.transport.write(raw_error(
+        self.refuse(
             408, "request_timeout",
             f"The request line and headers did not arrive within {self._limits.header_timeout_s:g} s "
             "(CHAT_PROXY_HEADER_TIMEOUT_S).",
-        ))
-        self.force_close()
+        )
 
     def refuse(self, status: int, code: str, message: str) -> None:
-        """Answer without reading a request, then close (a connection over the cap)."""
-        if self.transport is not None:
-            self.transport.write(raw_error(status, code, message))
-        self.force_close()
+        """Answer without a request (a head too slow, a connection over the cap) and close.
+
+        The connection is half-closed at once and fully closed ``LINGER_S`` later, reading and dropping
+        whatever still arrives: closing with unread data resets the connection, and a reset can destroy
+        the answer before the client has read it.
+        """
+        transport = self.transport
+        if transport is None or self._draining:
+            return
+        self._draining = True
+        self._stop_head_timer()
+        transport.write(raw_error(status, code, message))
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._closing_at = asyncio.get_running_loop().call_later(LINGER_S, self.force_close)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._stop_head_timer()
+        if self._closing_at is not None:
+            self._closing_at.cancel()
         super().connection_lost(exc)
 
     def _peer(self) -> str:
