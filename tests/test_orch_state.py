@@ -121,7 +121,7 @@ def test_a_file_without_host_prefix_or_format_still_reads(tmp_path):
             {"pid": None, "logical_name": ""},
             "logical_name: expected a non-empty string, got ''; pid: expected an integer, got None",
         ),
-        ({"format": 2}, "format 2 is not one this version reads (1)"),
+        ({"format": 3}, "format 3 is not one this version reads (1, 2)"),
     ],
 )
 def test_a_corrupt_file_is_reported_with_the_field_at_fault(tmp_path, caplog, change, reason):
