@@ -204,8 +204,12 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
 
     def _stopper(self, name: str) -> Any:
         async def stop() -> dict[str, Any]:
+            target = self.scheduler.switching_to
             outcome = await self.supervisor.evict(
-                name, "GPU needed by another model", sleep=not self._retired(name)
+                name,
+                "GPU needed by another model",
+                sleep=not self._retired(name),
+                keep=target.model if target is not None and is_vllm_tenant(target) else None,
             )
             return {"evicted": outcome.action, "engine_s": outcome.engine_s}
 

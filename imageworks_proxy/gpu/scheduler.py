@@ -170,6 +170,12 @@ class GpuScheduler:
         return self._phase
 
     @property
+    def switching_to(self) -> Tenant | None:
+        """While tenants are evicted for a switch, the tenant it is for (a ``stop`` may spare what that one
+        needs, e.g. a sleeping vLLM about to be woken); otherwise None. A hint, safe to ignore."""
+        return self._waiters.head.tenant if self._phase == STOPPING and self._waiters else None
+
+    @property
     def inflight(self) -> int:
         """Leases held on the active tenant."""
         return self._inflight
@@ -476,16 +482,8 @@ class GpuScheduler:
                  {**record, "n": self.waiting_for(target.key)})
         self._admit(target.key)
 
-    def _switch_failed(
-        self,
-        head: Waiter,
-        record: dict[str, Any],
-        error: ProxyError,
-        began: float,
-        *,
-        stop_s: float | None = None,
-        start_s: float = 0.0,
-    ) -> None:
+    def _switch_failed(self, head: Waiter, record: dict[str, Any], error: ProxyError, began: float, *,
+                       stop_s: float | None = None, start_s: float = 0.0) -> None:
         """Record a failed switch and hand ``error`` to whoever waited for it."""
         self._stats["swap_failures"] += 1
         if stop_s is not None:

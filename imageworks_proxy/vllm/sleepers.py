@@ -54,15 +54,18 @@ class SleeperPolicy:
         while len(self.sup.sleepers) > limit:
             await self.sup._stop_locked(self.sup.sleepers[0], f"more than {limit} asleep")
 
-    async def make_room(self, inst: Instance, level: int) -> bool:
-        """Make room for ``inst`` to sleep at ``level``; False when it must be stopped instead."""
+    def _others(self, keep: str | None) -> list[Instance]:
+        return [s for s in self.sup.sleepers if s.logical_name != keep]
+
+    async def make_room(self, inst: Instance, level: int, keep: str | None = None) -> bool:
+        """Make room for ``inst`` to sleep at ``level``, never stopping sleeping model ``keep`` (it is about
+        to be woken, and then sleeps no more); False when ``inst`` must be stopped instead."""
         limit = self.config.vllm_max_asleep
         if limit <= 0:
             return False
-        while len(self.sup.sleepers) >= limit:
-            lru = self.sup.sleepers[0]
+        while len(self._others(keep)) >= limit:
             why = f"least recently used of {limit} asleep (CHAT_PROXY_VLLM_MAX_ASLEEP)"
-            await self.sup._stop_locked(lru, why)
+            await self.sup._stop_locked(self._others(keep)[0], why)
         if level != 1:
             return True
         inst.host_bytes = need = await asyncio.to_thread(budget.weights_bytes, inst.model_source)
@@ -74,14 +77,14 @@ class SleeperPolicy:
             available = budget.meminfo().get("MemAvailable")
             if (allowed is None or held + need <= allowed) and (available is None or need <= available):
                 return True
-            if not self.sup.sleepers:
+            if not self._others(keep):
                 log.info(
                     "vLLM: %r's weights (%.1f GiB) do not fit in the host memory for sleeping models "
                     "(budget %s, available %s); stopping it instead of putting it to sleep",
                     inst.logical_name, need / GIB, _gib(allowed), _gib(available),
                 )
                 return False
-            await self.sup._stop_locked(self.sup.sleepers[0], "host memory for sleeping models is short")
+            await self.sup._stop_locked(self._others(keep)[0], "host memory for sleeping models is short")
 
     async def free_port(self) -> int:
         """The port for a new instance: the lowest free one of the range (the least recently used

@@ -215,7 +215,7 @@ class VllmSupervisor:
             if awake is not None:
                 same = awake.logical_name == entry.name
                 reason = "registry entry changed" if same else f"switching to {entry.name!r}"
-                await self._evict_locked(awake, reason, sleep=not same)
+                await self._evict_locked(awake, reason, sleep=not same, keep=entry.name)
             sleeper = next((i for i in self.sleepers if i.logical_name == entry.name), None)
             if sleeper is not None and sleeper.identity != identity:
                 await self._stop_locked(sleeper, "registry entry changed")
@@ -228,14 +228,15 @@ class VllmSupervisor:
                     await self._stop_locked(sleeper, "wake-up failed")
             return await self._launch(entry)
 
-    async def evict(self, name: str, reason: str, *, sleep: bool = True) -> Outcome:
+    async def evict(self, name: str, reason: str, *, sleep: bool = True, keep: str | None = None) -> Outcome:
         """Free the GPU of model ``name``: put it to sleep (when ``sleep`` and sleep mode allow it and the
-        sleep works), else stop it. ``"none"`` when it is not awake."""
+        sleep works), else stop it. ``keep`` names the model the GPU is freed for: making room for this
+        sleeper never stops it. ``"none"`` when ``name`` is not awake."""
         async with self._lock:
             inst = next((i for i in self.instances if i.logical_name == name and not i.asleep), None)
             if inst is None or inst.stopping:
                 return Outcome(None, "none")
-            return await self._evict_locked(inst, reason, sleep=sleep)
+            return await self._evict_locked(inst, reason, sleep=sleep, keep=keep)
 
     async def stop(self, reason: str = "requested") -> None:
         """Stop the awake process (sleepers stay)."""
@@ -296,8 +297,11 @@ class VllmSupervisor:
         finally:
             self.starting = None
 
-    async def _evict_locked(self, inst: Instance, reason: str, *, sleep: bool) -> Outcome:
-        if sleep and self.sleep_level and inst.ready and await self.policy.make_room(inst, self.sleep_level):
+    async def _evict_locked(
+        self, inst: Instance, reason: str, *, sleep: bool, keep: str | None = None
+    ) -> Outcome:
+        level = self.sleep_level
+        if sleep and level and inst.ready and await self.policy.make_room(inst, level, keep):
             try:
                 return Outcome(inst, "sleep", await self._sleep_locked(inst, self.sleep_level))
             except SleepFailed as exc:
