@@ -220,3 +220,63 @@ async def test_with_sleep_mode_off_a_switch_stops_the_model_on_the_one_port(orch
     assert orchestrator(client.app).public_state()["sleeping"] == []
     state = json.loads(Path(keys.config(client.app).vllm_state_path).read_text())
     assert state["format"] == 1 and state["logical_name"] == "beta" and "sleep_level" not in state
+
+
+def weights(tmp: Path, name: str, size: int) -> str:
+    """A model directory whose weight files take ``size`` bytes on disk."""
+    folder = tmp / "models" / name
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"\0" * size)
+    (folder / "config.json").write_text("{}")
+    return str(folder)
+
+
+async def test_level_1_sleepers_weights_must_fit_the_host_memory_budget(orch, tmp_path):
+    entries = [vllm_entry(n, tmp_path) for n in ("alpha", "beta", "gamma", "huge")]
+    for entry, size in zip(entries, (10_000, 10_000, 10_000, 20_000), strict=True):
+        entry["backend_config"]["model_path"] = weights(tmp_path, entry["name"], size)
+    client = await orch(entries, VLLM_SLEEP_MAX_HOST_BYTES="15000")
+    sup = orchestrator(client.app).supervisor
+    for name in ("alpha", "beta", "gamma"):
+        await chat(client.app, name)
+    # beta's 10 kB and alpha's would not fit in 15 kB together: alpha, the least recently used, was stopped
+    assert [(s.logical_name, s.host_bytes) for s in sup.sleepers] == [("beta", 10_000)]
+    await chat(client.app, "huge")
+    await chat(client.app, "alpha")
+    # huge's 20 kB never fit: it was stopped instead of put to sleep
+    assert [s.logical_name for s in sup.sleepers] == ["gamma"]
+    assert [e["model"] for e in started(tmp_path)].count("served-huge") == 1
+    assert not any(e["model"] == "served-huge" for e in of(tmp_path, "sleep"))
+    never_two_awake(tmp_path)
+
+
+async def test_ollama_and_vllm_take_turns_with_vllm_sleeping_instead_of_stopping(orch, tmp_path):
+    from imageworks_proxy.gpu.tenancy import Tenant, tenancy
+
+    unloads: list[str] = []
+    client = await orch(
+        [vllm_entry("alpha", tmp_path), {"name": "llama", "backend": "ollama",
+                                          "backend_config": {"model_path": "ollama:/llama3"}}],
+        GPU_EXCLUSIVE="1",
+    )
+
+    async def unload_all() -> None:
+        unloads.append("ollama")
+
+    keys.models(client.app).adapters["ollama"].unload_all = unload_all
+    a1, _, _ = await chat(client.app, "alpha")
+
+    class Call:
+        queue_ms = 0.0
+
+        async def waiting(self):
+            pass
+
+    lease = await tenancy(client.app).acquire(Tenant("ollama", "Ollama", stop=unload_all), Call())
+    assert (await models_status(client))["alpha"] == "asleep"
+    lease.release()
+    a2, _, _ = await chat(client.app, "alpha")
+    assert pid_of(a2) == pid_of(a1) and unloads == ["ollama", "ollama"]
+    kinds = [s["kind"] for s in orchestrator(client.app).stats()["recent_swaps"]]
+    assert kinds == ["cold", "switch", "wake"]
+    never_two_awake(tmp_path)

@@ -77,10 +77,11 @@ class SleeperPolicy:
             available = budget.meminfo().get("MemAvailable")
             if (allowed is None or held + need <= allowed) and (available is None or need <= available):
                 return True
-            if not self._others(keep):
+            if (allowed is not None and need > allowed) or not self._others(keep):
                 log.info(
                     "vLLM: %r's weights (%.1f GiB) do not fit in the host memory for sleeping models "
-                    "(budget %s, available %s); stopping it instead of putting it to sleep",
+                    "(CHAT_PROXY_VLLM_SLEEP_MAX_HOST_BYTES %s, available %s); stopping it instead of putting "
+                    "it to sleep",
                     inst.logical_name, need / GIB, _gib(allowed), _gib(available),
                 )
                 return False
