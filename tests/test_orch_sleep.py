@@ -280,3 +280,24 @@ async def test_ollama_and_vllm_take_turns_with_vllm_sleeping_instead_of_stopping
     kinds = [s["kind"] for s in orchestrator(client.app).stats()["recent_swaps"]]
     assert kinds == ["cold", "switch", "wake"]
     never_two_awake(tmp_path)
+
+
+async def test_a_model_asleep_although_recorded_awake_is_adopted_as_a_sleeper(orch, tmp_path):
+    import aiohttp
+
+    port = free_port()
+    entries = [vllm_entry("alpha", tmp_path)]
+    first = await orch(entries, port=port, VLLM_KEEP_ON_EXIT="1")
+    a1, _, _ = await chat(first.app, "alpha")
+    await first.close()
+    # a proxy that stopped between putting it to sleep and recording that
+    url = f"http://127.0.0.1:{port}/sleep?level=1"
+    async with aiohttp.ClientSession() as session, session.post(url) as resp:
+        assert resp.status == 200
+    second = await orch(entries, port=port)
+    assert await models_status(second) == {"alpha": "asleep"}
+    a2, _, _ = await chat(second.app, "alpha")
+    assert a2 == a1  # woken (weights reloaded, as the level was unknown), never sent a request asleep
+    assert [e["method"] for e in of(tmp_path, "collective_rpc")] == ["reload_weights"]
+    never_two_awake(tmp_path)
+    await second.close()

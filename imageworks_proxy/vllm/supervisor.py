@@ -143,12 +143,18 @@ class VllmSupervisor:
 
     async def _inspect(self, inst: Instance) -> bool:
         """Find out whether an adopted ``inst`` is ready or asleep; False: it cannot be used."""
-        if inst.asleep:
+        if inst.asleep or "--enable-sleep-mode" in inst.flags:
             try:
                 sleeping = await sleepmode.is_sleeping(self._session(), inst.root_url)
             except SleepFailed:
-                return False
-            if not sleeping:
+                if inst.asleep:
+                    return False
+                sleeping = False  # recorded awake and not answering yet: still starting
+            if sleeping and not inst.asleep:
+                # put to sleep by a proxy that stopped before recording it: the level is unknown, and a
+                # wake-up from level 2 needs the weights reloaded (harmless after level 1)
+                inst.sleep_level, inst.asleep_since = 2, time.time()
+            elif not sleeping:
                 inst.sleep_level, inst.asleep_since = 0, None
         inst.ready = inst.asleep or await self.launcher.healthy(inst)
         if inst.ready:
