@@ -353,20 +353,21 @@ class VllmSupervisor:
     async def _stop_locked(self, inst: Instance, reason: str) -> float:
         """Stop ``inst`` and forget it; returns how long it took."""
         result = await self.launcher.stop(inst, reason)
+        await self._record(without=[inst])  # the file first: whoever sees "stopped" finds no stale record
         if inst in self.instances:
             self.instances.remove(inst)
-        await self._record()  # whoever sees "stopped" must not find a stale record
         return float(result["seconds"])  # type: ignore[arg-type]
 
     async def _stop_many(self, insts: list[Instance], reason: str) -> None:
         if not insts:
             return
         await asyncio.gather(*(self.launcher.stop(i, reason) for i in insts))
+        await self._record(without=insts)
         self.instances = [i for i in self.instances if i not in insts]
-        await self._record()
 
-    async def _record(self) -> None:
-        await asyncio.to_thread(self.state_file.write_all, [i.to_state() for i in self.instances])
+    async def _record(self, without: list[Instance] | tuple[()] = ()) -> None:
+        states = [i.to_state() for i in self.instances if i not in without]
+        await asyncio.to_thread(self.state_file.write_all, states)
 
     async def _handle_exit(self, inst: Instance) -> None:
         async with self._lock:
