@@ -2,9 +2,11 @@
 
 Each chat request takes a lease on the (exclusive) GPU tenant ``vllm:<logical name>`` from the app's
 scheduler; the scheduler drains, stops and starts models, and this adapter's
-:class:`~imageworks_proxy.vllm.supervisor.VllmSupervisor` does the process work. With the lease
-held, the request is forwarded exactly like ``vllm-external`` to ``http://<VLLM_HOST>:<VLLM_PORT>/v1``;
-the lease is given back when the response, stream included, is over.
+:class:`~imageworks_proxy.vllm.supervisor.VllmSupervisor` does the process work. With sleep mode
+(``CHAT_PROXY_VLLM_SLEEP_LEVEL`` 1 or 2) a tenant's stop puts its vLLM to sleep and its start wakes it
+(docs/vllm.md). With the lease held, the request is forwarded exactly like ``vllm-external`` to the awake
+vLLM (``http://<VLLM_HOST>:<its port>/v1``); the lease is given back when the response, stream included,
+is over.
 """
 
 from __future__ import annotations
