@@ -93,6 +93,13 @@ def _fraction(raw: str) -> float:
     return n
 
 
+def _sleep_level(raw: str) -> int:
+    n = _int(raw)
+    if n not in (0, 1, 2):
+        raise ValueError("expected 0 (off), 1 or 2")
+    return n
+
+
 def _str(raw: str) -> str:
     return raw
 
@@ -281,6 +288,19 @@ SETTINGS: tuple[Setting, ...] = (
         False,
         "Leave the active vLLM running when the proxy stops (the next proxy adopts it)",
     ),
+    _s(
+        "VLLM_SLEEP_LEVEL",
+        _sleep_level,
+        0,
+        "vLLM sleep mode on a switch: 0 stops the model, 1 offloads its weights to CPU memory, 2 drops them",
+    ),
+    _s("VLLM_MAX_ASLEEP", _nonneg_int, 2, "Sleeping vLLM models kept resident (least recently used stopped)"),
+    _s(
+        "VLLM_SLEEP_MAX_HOST_BYTES",
+        _opt_pos_int,
+        None,
+        "Host memory for the weights of level-1 sleepers (default: half the machine's memory)",
+    ),
     _s("API_KEYS", _keys, (), "Comma-separated bearer keys; when set every route but /v1/health needs one"),
     _s("ADMIN_KEYS", _keys, (), "Comma-separated bearer keys; when set only these open /v1/admin/*"),
     _s("ALLOWED_HOSTS", _names, (), "More Host names to answer (reverse proxy, Docker names); * for any"),
@@ -356,6 +376,9 @@ class Config:
     vllm_max_queue: int
     vllm_failure_backoff_s: float
     vllm_keep_on_exit: bool
+    vllm_sleep_level: int
+    vllm_max_asleep: int
+    vllm_sleep_max_host_bytes: int | None
     api_keys: tuple[str, ...] = attrs.field(repr=False)
     admin_keys: tuple[str, ...] = attrs.field(repr=False)
     allowed_hosts: tuple[str, ...]

@@ -2,10 +2,12 @@
 
 ``<CHAT_PROXY_VLLM_COMMAND> <model> --host <host> --port <port> --served-model-name <id>
 --gpu-memory-utilization <u> [--max-model-len <n>] [--chat-template <path>] [--enable-auto-tool-choice
---tool-call-parser <name>] [--reasoning-parser <name>] <extra_args>``. The model goes first, as ``vllm
-serve`` takes it, when the launcher ends with ``serve``; otherwise (the older ``python -m
+--tool-call-parser <name>] [--reasoning-parser <name>] [--enable-sleep-mode] <extra_args>``. The model goes
+first, as ``vllm serve`` takes it, when the launcher ends with ``serve``; otherwise (the older ``python -m
 vllm.entrypoints.openai.api_server``) as ``--model <path>``. A flag that ``extra_args`` already carries is
-not added again, so the registry can override any flag set here. docs/vllm.md shows the command.
+not added again, so the registry can override any flag set here. ``--enable-sleep-mode`` (and
+``VLLM_SERVER_DEV_MODE=1`` in the environment, which vLLM needs to serve its sleep API) come with
+``CHAT_PROXY_VLLM_SLEEP_LEVEL`` 1 or 2. docs/vllm.md shows the command.
 """
 
 from __future__ import annotations
@@ -33,12 +35,34 @@ class VllmCommand:
     port: int
     served_model_id: str
     gpu_memory_utilization: float
+    #: Launched with ``--enable-sleep-mode``: needs ``VLLM_SERVER_DEV_MODE=1`` (:attr:`env`).
+    sleep_mode: bool = False
 
     @property
     def flags(self) -> tuple[str, ...]:
         """The part that identifies the model and its settings (the launcher path may legitimately differ
         between the proxy and ``imageworks-loader``)."""
         return self.argv[self.prefix_len:]
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment variables to add to the proxy's own for this launch."""
+        return {"VLLM_SERVER_DEV_MODE": "1"} if self.sleep_mode else {}
+
+
+def without_port(flags: Sequence[str]) -> tuple[str, ...]:
+    """``flags`` minus ``--port N``: what identifies a model and its settings when every instance gets a
+    port of its own (sleep mode)."""
+    out: list[str] = []
+    skip = False
+    for arg in flags:
+        if skip:
+            skip = False
+        elif arg == "--port":
+            skip = True
+        elif not arg.startswith("--port="):
+            out.append(arg)
+    return tuple(out)
 
 
 def flag_value(args: Sequence[str], flag: str) -> str | None:
@@ -73,8 +97,8 @@ def model_source(entry: Entry) -> str | None:
     return os.path.expanduser(path) if path.startswith("~") else path
 
 
-def build_command(config: Config, entry: Entry) -> VllmCommand:
-    """Build the launch plan for ``entry`` on ``CHAT_PROXY_VLLM_PORT``.
+def build_command(config: Config, entry: Entry, *, port: int | None = None) -> VllmCommand:
+    """Build the launch plan for ``entry`` on ``port`` (default ``CHAT_PROXY_VLLM_PORT``).
 
     Raises ``ProxyError`` 503 ``model_start_failed`` when the entry names nothing to load.
     """
@@ -100,7 +124,7 @@ def build_command(config: Config, entry: Entry) -> VllmCommand:
     elif source is not None:
         add("--model", source)
     add("--host", config.vllm_host)
-    add("--port", config.vllm_port)
+    add("--port", config.vllm_port if port is None else port)
     add("--served-model-name", entry.upstream_model)
     add("--gpu-memory-utilization", config.vllm_gpu_memory_utilization)
     if config.vllm_max_model_len:
@@ -115,6 +139,9 @@ def build_command(config: Config, entry: Entry) -> VllmCommand:
         add("--tool-call-parser", bc.tool_call_parser)
     if bc.reasoning_parser:
         add("--reasoning-parser", bc.reasoning_parser)
+    sleep_mode = config.vllm_sleep_level > 0
+    if sleep_mode and not has_flag(extra, "--enable-sleep-mode"):
+        flags.append("--enable-sleep-mode")
     argv = (*prefix, *flags, *extra)
     all_flags = argv[len(prefix):]
     port_text = flag_value(all_flags, "--port") or str(config.vllm_port)
@@ -139,6 +166,7 @@ def build_command(config: Config, entry: Entry) -> VllmCommand:
         port=port,
         served_model_id=served,
         gpu_memory_utilization=util,
+        sleep_mode=sleep_mode,
     )
 
 

@@ -31,6 +31,9 @@ Test controls (options starting with ``--fake-``, usually put in a registry entr
                            tool with {}), missing (404 model not found)
   --fake-lock PATH         take an exclusive flock on PATH for the process group's lifetime; if another
                            fake holds it, record an "overlap" event (two "GPU users" at once)
+Started with ``--enable-sleep-mode`` and ``VLLM_SERVER_DEV_MODE=1`` it serves vLLM's sleep API and releases
+the lock while asleep (:mod:`imageworks_proxy.testing.fakes.vllm_sleep`, with its own flags). The ``start``
+event carries ``exec_t``, when the process was created (``t`` and ``exec_t`` are ``time.monotonic()``).
 Request body controls: ``fake_chunks`` (content chunks, default 3), ``fake_chunk_delay`` (seconds between
 chunks), ``fake_delay`` (seconds before a non-streamed answer), ``fake_crash_after`` (as the flag).
 """
@@ -53,12 +56,18 @@ from typing import Any
 
 from aiohttp import web
 
+if __package__:
+    from imageworks_proxy.testing.fakes.vllm_args import check_parsers, parse, vllm_options, vllm_parsers
+    from imageworks_proxy.testing.fakes.vllm_sleep import SleepMode
+else:  # run as a script: this file's folder is on sys.path
+    from vllm_args import check_parsers, parse, vllm_options, vllm_parsers  # type: ignore[no-redef]
+    from vllm_sleep import SleepMode  # type: ignore[no-redef]
+
+__all__ = ["SCRIPT", "Fake", "command", "main", "parse", "started", "vllm_options", "vllm_parsers"]
+
 PID = os.getpid()
 #: This file: run it with ``sys.executable`` followed by vLLM's arguments.
 SCRIPT = Path(__file__).resolve()
-DATA = SCRIPT.parents[1] / "data"
-#: What vLLM serves when its api_server form is given no ``--model``.
-DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
 
 
 def command(serve: bool = True) -> str:
@@ -67,102 +76,15 @@ def command(serve: bool = True) -> str:
     return shlex.join([sys.executable, str(SCRIPT), *(["serve"] if serve else [])])
 
 
-def vllm_options() -> frozenset[str]:
-    """Every long option of vLLM 0.33.0's ``vllm serve``."""
-    lines = (DATA / "vllm-0.33.0-flags.txt").read_text().splitlines()
-    return frozenset(line.strip() for line in lines if line.startswith("--"))
-
-
-def vllm_parsers() -> dict[str, frozenset[str]]:
-    """``{"--tool-call-parser": names, "--reasoning-parser": names}`` as vLLM 0.33.0 registers them."""
-    out: dict[str, set[str]] = {}
-    section: set[str] | None = None
-    for line in (DATA / "vllm-0.33.0-parsers.txt").read_text().splitlines():
-        if line.startswith("["):
-            section = out.setdefault(line.strip("[]"), set())
-        elif line.strip() and not line.startswith("#") and section is not None:
-            section.add(line.strip())
-    return {k: frozenset(v) for k, v in out.items()}
-
-
-# -- the command line ----------------------------------------------------------------------------
-
-
-def _usage_error(serve: bool, message: str) -> None:
-    prog = "vllm serve" if serve else "api_server.py"
-    usage = "vllm serve [model_tag] [options]" if serve else "api_server.py [-h] [options]"
-    print(f"usage: {usage}\n{prog}: error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
-
-
-def _check_options(argv: list[str], serve: bool) -> None:
-    known = vllm_options()
-    bad = [a for a in argv if a.startswith("--") and a.split("=", 1)[0] not in known]
-    bad = [a for a in bad if not a.startswith("--fake-")]
-    if bad:
-        _usage_error(serve, f"unrecognized arguments: {' '.join(bad)}")
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fake_vllm", allow_abbrev=False)
-    p.add_argument("--model")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", nargs="+")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--max-model-len", type=int)
-    p.add_argument("--chat-template")
-    p.add_argument("--enable-auto-tool-choice", action="store_true")
-    p.add_argument("--tool-call-parser")
-    p.add_argument("--tool-parser-plugin")
-    p.add_argument("--reasoning-parser")
-    p.add_argument("--reasoning-parser-plugin")
-    p.add_argument(
-        "--fake-start-delay", type=float, default=float(os.environ.get("FAKE_VLLM_START_DELAY", 0.2))
-    )
-    p.add_argument("--fake-fail", default=os.environ.get("FAKE_VLLM_FAIL"))
-    p.add_argument("--fake-crash-after", type=int)
-    p.add_argument("--fake-stop-delay", type=float, default=0.0)
-    p.add_argument("--fake-ignore-sigterm", action="store_true")
-    p.add_argument("--fake-engine-child", action="store_true")
-    p.add_argument("--fake-events", default=os.environ.get("FAKE_VLLM_EVENTS"))
-    p.add_argument("--fake-lock", default=os.environ.get("FAKE_VLLM_LOCK"))
-    p.add_argument("--fake-reply", choices=["pid", "echo", "tools", "missing"], default="pid")
-    return p
-
-
-def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """vLLM's arguments -> (the options the fake uses, the rest). Exits like vLLM on a bad command line."""
-    serve = argv[:1] == ["serve"]
-    argv = argv[1:] if serve else argv
-    _check_options(argv, serve)
-    args, rest = _parser().parse_known_args(argv)
-    positional = rest[0] if rest and not rest[0].startswith("-") else None
-    if serve and args.model is not None:
-        print("WARNING With `vllm serve`, you should provide the model as a positional argument or in a "
-              "config file instead of via the `--model` option.", flush=True)
-    if serve and positional is not None and args.model is None:
-        args.model = positional
-        rest = rest[1:]
-    args.model = args.model or DEFAULT_MODEL
-    return args, rest
-
-
-def check_parsers(args: argparse.Namespace) -> str | None:
-    """vLLM's start-up checks of the tool and reasoning options: the error it dies with, else ``None``."""
-    parsers = vllm_parsers()
-    if args.enable_auto_tool_choice and not args.tool_call_parser:
-        return "TypeError: Error: --enable-auto-tool-choice requires --tool-call-parser"
-    tools = parsers["--tool-call-parser"]
-    if args.enable_auto_tool_choice and args.tool_call_parser not in tools and not args.tool_parser_plugin:
-        listed = ",".join(sorted(tools))
-        return f"KeyError: 'invalid tool call parser: {args.tool_call_parser} (chose from {{ {listed} }})'"
-    reasoning = parsers["--reasoning-parser"]
-    name = args.reasoning_parser
-    if name and name.lower() != "none" and name not in reasoning and not args.reasoning_parser_plugin:
-        listed = ",".join(sorted(reasoning))
-        return f"KeyError: 'invalid reasoning parser: {name} (chose from {{ {listed} }})'"
-    return None
+def exec_time() -> float | None:
+    """When this process was created, on the ``time.monotonic()`` clock (10 ms steps; None off Linux)."""
+    try:
+        with open("/proc/self/stat") as fh:
+            fields = fh.read().rpartition(")")[2].split()
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, AttributeError):
+        return None
+    return time.monotonic() - age
 
 
 def last_user_text(body: dict) -> str:
@@ -197,6 +119,7 @@ class Fake:
         self.tool_parser = args.tool_call_parser if args.enable_auto_tool_choice else None
         reasoning = args.reasoning_parser
         self.reasoning_parser = reasoning if reasoning and reasoning.lower() != "none" else None
+        self.sleep = SleepMode(args, self.event, lambda: self.lock_fd)
 
     def event(self, name: str, **more) -> None:
         if not self.args.fake_events:
@@ -285,11 +208,16 @@ class Fake:
         return "Thinking it over."
 
     def text(self, body: dict[str, Any]) -> str:
+        if self.sleep.garbage():
+            return "garbage: the weights were discarded and never reloaded"
         if self.args.fake_reply == "echo":
             return "echo: " + last_user_text(body)
         return f"served by {self.served} pid {PID}"
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        refused = self.sleep.refuse_chat()
+        if refused is not None:
+            return refused
         body = await request.json()
         refused = self.refusal(body)
         if refused is not None:
@@ -328,6 +256,7 @@ class Fake:
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
+        self.sleep.add_routes(app)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         a = self.args
@@ -352,7 +281,7 @@ class Fake:
             f"reasoning_parser={self.reasoning_parser} extra={self.extra}",
             flush=True,
         )
-        self.event("start", argv=sys.argv[1:])
+        self.event("start", argv=sys.argv[1:], exec_t=exec_time())
         self.take_lock()
         if a.fake_engine_child:
             self.spawn_engine_child()
@@ -377,6 +306,7 @@ class Fake:
         self.event("stop")
         await asyncio.sleep(a.fake_stop_delay)
         await runner.cleanup()
+        self.event("exit")
         return 0
 
 
@@ -473,7 +403,12 @@ def main() -> int:
         print("Traceback (most recent call last):", file=sys.stderr)
         print(problem, file=sys.stderr, flush=True)
         return 1
-    return asyncio.run(Fake(args, extra).run())
+    code = asyncio.run(Fake(args, extra).run())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Gone the moment the server has shut down: the interpreter's own teardown (a few hundred ms on a busy
+    # machine) is no part of a vLLM's exit, and a benchmark would count it as the proxy's.
+    os._exit(code)
 
 
 if __name__ == "__main__":
