@@ -9,7 +9,7 @@ import pytest
 from imageworks_proxy.catalogue.registry import parse_entry
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.testing.fakes import vllm as fake_vllm
-from imageworks_proxy.vllm.command import build_command, flag_value, launch_capabilities
+from imageworks_proxy.vllm.command import build_command, flag_value, launch_capabilities, loaded_model
 
 
 def entry(**bc):
@@ -101,6 +101,13 @@ def test_a_serve_launcher_takes_the_model_first_and_the_api_server_form_takes_mo
     # --model in extra_args wins, and then nothing is put first
     own = build_command(make_config(VLLM_COMMAND="vllm serve"), entry(extra_args=["--model", "/other"]))
     assert own.flags[0] == "--host" and flag_value(own.flags, "--model") == "/other"
+
+
+def test_the_loaded_model_is_read_back_from_either_form(make_config):
+    assert loaded_model(build_command(make_config(VLLM_COMMAND="vllm serve"), entry()).flags) == "/w/qwen"
+    api = build_command(make_config(VLLM_COMMAND="python -m vllm.entrypoints.openai.api_server"), entry())
+    assert loaded_model(api.flags) == "/w/qwen"
+    assert loaded_model(("--port", "1")) is None
 
 
 def test_tool_call_parser_turns_on_auto_tool_choice_with_that_parser(make_config):

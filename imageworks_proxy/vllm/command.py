@@ -76,6 +76,15 @@ def flag_value(args: Sequence[str], flag: str) -> str | None:
     return value
 
 
+def loaded_model(flags: Sequence[str]) -> str | None:
+    """What a vLLM command line (its flags) loads: ``--model``'s value, else its first argument when that is
+    not an option (``vllm serve <model>``); ``None`` when neither."""
+    value = flag_value(flags, "--model")
+    if value is None and flags and not flags[0].startswith("-"):
+        return flags[0]
+    return value
+
+
 def has_flag(args: Sequence[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 

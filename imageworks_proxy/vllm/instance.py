@@ -6,7 +6,7 @@ from __future__ import annotations
 import attrs
 
 from imageworks_proxy.upstream import process
-from imageworks_proxy.vllm.command import flag_value, without_port
+from imageworks_proxy.vllm.command import flag_value, loaded_model, without_port
 from imageworks_proxy.vllm.state import VllmState
 
 
@@ -62,8 +62,8 @@ class Instance:
 
     @property
     def model_source(self) -> str | None:
-        """What vLLM loaded (``--model``): a directory, a file or a hub id."""
-        return flag_value(self.flags, "--model")
+        """What vLLM loaded (``vllm serve <model>`` or ``--model``): a directory, a file or a hub id."""
+        return loaded_model(self.flags)
 
     def gpu_memory_utilization(self, default: float) -> float:
         try:
