@@ -123,6 +123,8 @@ def create_app(
         middlewares=[access_log_middleware, error_middleware]
         + ([auth_middleware] if config.api_keys else []),
         client_max_size=config.max_body_bytes,
+        # request bodies are inflated by the views (http/bodies.py): a corrupt one is then one 400
+        handler_args={"auto_decompress": False},
     )
     app[keys.CONFIG] = config
     app[keys.PLUGINS] = pm

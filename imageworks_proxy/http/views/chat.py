@@ -14,6 +14,7 @@ from aiohttp import web
 from imageworks_proxy import keys
 from imageworks_proxy.adapters.base import ChatCall
 from imageworks_proxy.errors import ProxyError, invalid_request
+from imageworks_proxy.http.bodies import read_body
 from imageworks_proxy.http.middlewares import request_id
 from imageworks_proxy.http.responses import json_response
 from imageworks_proxy.http.sse import ClientGone, SSEWriter
@@ -47,11 +48,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     writer: SSEWriter | None = None
     try:
         try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            limit = keys.config(app).max_body_bytes
-            raise ProxyError(413, "payload_too_large",
-                             f"The request body is over {limit} bytes (CHAT_PROXY_MAX_BODY_BYTES).") from None
+            raw = await read_body(request, keys.config(app).max_body_bytes)
         except ConnectionError:
             raise ClientGone() from None  # left while sending the body
         ctx.body = _parse(raw)
