@@ -120,9 +120,7 @@ async def test_a_compressed_body_that_inflates_past_the_body_cap_is_413(env):
     client, _ = await env(max_body_bytes=100_000)
     bomb = gzip.compress(b'{"model": "m-echo", "messages": [' + b" " * 5_000_000 + b"]}")
     assert len(bomb) < 100_000
-    resp = await client.post(
-        "/v1/chat/completions", data=bomb, headers={"Content-Encoding": "gzip"}
-    )
+    resp = await client.post("/v1/chat/completions", data=bomb, headers={"Content-Encoding": "gzip"})
     body = await error_of(resp, 413, "payload_too_large")
     assert "CHAT_PROXY_MAX_BODY_BYTES" in body["error"]["message"]
 
@@ -177,8 +175,13 @@ async def test_well_formed_tools_and_tool_calls_still_go_through(env):
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
     messages = [
         {"role": "user", "content": "weather?"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+            ],
+        },
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
     ]
     resp = await client.post(

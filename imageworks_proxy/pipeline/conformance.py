@@ -1,12 +1,17 @@
-"""Conformance fill-in: whatever the backend sent, what leaves the proxy validates against the OpenAI
-schemas — required fields are filled in, the first delta carries the role, a stream ends with a
-finish reason."""
+"""Conformance: whatever the backend sent, what leaves the proxy validates against the OpenAI schemas.
+
+Two stages. :class:`UpstreamShape` runs first on every reply and refuses JSON of the wrong types
+(``choices: "abc"``, ``content: 5``, ``tool_calls: 5``) as the backend's fault, a 502 ``backend_error``,
+before any later stage trips over it. :class:`Conformance` fills in what is missing: required fields, the
+role in the first delta, a finish reason at the end of a stream.
+"""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
+from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.pipeline.stage import ChatContext, Stage
 from imageworks_proxy.wire.ids import completion_id
 
@@ -32,6 +37,86 @@ def fix_usage(usage: Any) -> dict[str, Any] | None:
     if not isinstance(usage.get("total_tokens"), int):
         usage["total_tokens"] = p + c
     return usage
+
+
+_TEXT = (str, list)  # content may come as a list of parts
+_ARGS = (str, dict)  # arguments as JSON text, or an object (Ollama-style) the tool-call stage encodes
+
+
+class _WrongType(Exception):
+    def __init__(self, path: str, value: Any) -> None:
+        super().__init__(path)
+        self.path, self.value = path, value
+
+
+def _want(obj: dict[str, Any], key: str, types: type | tuple[type, ...], path: str) -> Any:
+    value = obj.get(key)
+    if value is None or (isinstance(value, types) and not isinstance(value, bool)):
+        return value
+    raise _WrongType(f"{path}.{key}" if path else key, value)
+
+
+def _call(call: Any, path: str) -> None:
+    if not isinstance(call, dict):
+        raise _WrongType(path, call)
+    _want(call, "index", int, path)
+    _want(call, "id", str, path)
+    fn = _want(call, "function", dict, path)
+    if fn:
+        _want(fn, "name", str, f"{path}.function")
+        _want(fn, "arguments", _ARGS, f"{path}.function")
+
+
+def _message(msg: dict[str, Any], path: str) -> None:
+    """A completion's ``message`` or a chunk's ``delta``: text fields, tool calls, legacy function call."""
+    _want(msg, "role", str, path)
+    _want(msg, "content", _TEXT, path)
+    for key in ("refusal", "reasoning", "reasoning_content"):
+        _want(msg, key, str, path)
+    for i, call in enumerate(_want(msg, "tool_calls", list, path) or ()):
+        _call(call, f"{path}.tool_calls[{i}]")
+    legacy = _want(msg, "function_call", dict, path)
+    if legacy:
+        _want(legacy, "name", str, f"{path}.function_call")
+        _want(legacy, "arguments", _ARGS, f"{path}.function_call")
+
+
+def _choices(obj: dict[str, Any], inner: str) -> None:
+    for i, choice in enumerate(_want(obj, "choices", list, "") or ()):
+        path = f"choices[{i}]"
+        if not isinstance(choice, dict):
+            raise _WrongType(path, choice)
+        _want(choice, "index", int, path)
+        _want(choice, "finish_reason", str, path)
+        msg = _want(choice, inner, dict, path)
+        if msg:
+            _message(msg, f"{path}.{inner}")
+
+
+class UpstreamShape(Stage):
+    """Refuses a completion or chunk whose fields have the wrong JSON types: 502 ``backend_error``."""
+
+    name = "upstream-shape"
+    order = 800
+
+    def _check(self, ctx: ChatContext, obj: dict[str, Any], inner: str) -> None:
+        try:
+            _choices(obj, inner)
+        except _WrongType as exc:
+            raise ProxyError(
+                502,
+                "backend_error",
+                f"Backend for {ctx.model!r} sent a reply with {exc.path} of the wrong type "
+                f"({type(exc.value).__name__}).",
+            ) from None
+
+    def response(self, ctx: ChatContext, completion: dict[str, Any]) -> dict[str, Any]:
+        self._check(ctx, completion, "message")
+        return completion
+
+    def chunk(self, ctx: ChatContext, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        self._check(ctx, chunk, "delta")
+        return [chunk]
 
 
 class _Ids:
