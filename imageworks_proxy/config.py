@@ -181,6 +181,12 @@ SETTINGS: tuple[Setting, ...] = (
     _s("BACKEND_TIMEOUT_MS", _pos_int, 120_000, "Upstream request timeout in ms"),
     _s("STREAM_IDLE_TIMEOUT_MS", _pos_int, 60_000, "Streaming idle cutoff in ms"),
     _s(
+        "CLIENT_STALL_TIMEOUT_MS",
+        _pos_int,
+        60_000,
+        "A streamed write a client does not take within this many ms ends the stream (client_stalled)",
+    ),
+    _s(
         "MAX_UPSTREAM_BODY_BYTES",
         _pos_int,
         67_108_864,
@@ -268,6 +274,7 @@ class Config:
     max_body_bytes: int
     backend_timeout_ms: int
     stream_idle_timeout_ms: int
+    client_stall_timeout_ms: int
     max_upstream_body_bytes: int
     log_path: str
     max_log_bytes: int

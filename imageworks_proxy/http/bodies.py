@@ -42,7 +42,8 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         detail = getattr(exc, "message", "") or "bad framing"
         raise invalid_request(f"The request body could not be read: {detail}.") from None
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
-    if not encoding or encoding == "identity" or request.content.total_compressed_bytes is not None:
+    decoded = getattr(request.content, "total_compressed_bytes", None) is not None
+    if not raw or not encoding or encoding == "identity" or decoded:
         return raw  # nothing to decode, or a parent app's server already decoded it
     wbits = _WBITS.get(encoding)
     if wbits is None:

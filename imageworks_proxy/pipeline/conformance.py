@@ -28,13 +28,17 @@ def _finish(value: Any) -> str:
     return "stop"
 
 
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def fix_usage(usage: Any) -> dict[str, Any] | None:
     if not isinstance(usage, dict):
         return None
-    p = usage.get("prompt_tokens") if isinstance(usage.get("prompt_tokens"), int) else 0
-    c = usage.get("completion_tokens") if isinstance(usage.get("completion_tokens"), int) else 0
+    p = usage.get("prompt_tokens") if _count(usage.get("prompt_tokens")) else 0
+    c = usage.get("completion_tokens") if _count(usage.get("completion_tokens")) else 0
     usage["prompt_tokens"], usage["completion_tokens"] = p, c
-    if not isinstance(usage.get("total_tokens"), int):
+    if not _count(usage.get("total_tokens")):
         usage["total_tokens"] = p + c
     return usage
 
@@ -81,6 +85,23 @@ def _message(msg: dict[str, Any], path: str) -> None:
         _want(legacy, "arguments", _ARGS, f"{path}.function_call")
 
 
+def _token(entry: Any, path: str, top: bool = False) -> None:
+    """One logprobs entry: ``token`` and ``logprob`` are required, ``bytes`` integers when present."""
+    if not isinstance(entry, dict):
+        raise _WrongType(path, entry)
+    if not isinstance(entry.get("token"), str):
+        raise _WrongType(f"{path}.token", entry.get("token"))
+    logprob = entry.get("logprob")
+    if not isinstance(logprob, (int, float)) or isinstance(logprob, bool):
+        raise _WrongType(f"{path}.logprob", logprob)
+    raw = _want(entry, "bytes", list, path)
+    if raw and not all(isinstance(b, int) and not isinstance(b, bool) for b in raw):
+        raise _WrongType(f"{path}.bytes", raw)
+    if not top:
+        for j, alt in enumerate(_want(entry, "top_logprobs", list, path) or ()):
+            _token(alt, f"{path}.top_logprobs[{j}]", top=True)
+
+
 def _choices(obj: dict[str, Any], inner: str) -> None:
     for i, choice in enumerate(_want(obj, "choices", list, "") or ()):
         path = f"choices[{i}]"
@@ -91,6 +112,23 @@ def _choices(obj: dict[str, Any], inner: str) -> None:
         msg = _want(choice, inner, dict, path)
         if msg:
             _message(msg, f"{path}.{inner}")
+        logprobs = _want(choice, "logprobs", dict, path)
+        for key in ("content", "refusal") if logprobs else ():
+            for j, entry in enumerate(_want(logprobs, key, list, f"{path}.logprobs") or ()):
+                _token(entry, f"{path}.logprobs.{key}[{j}]")
+
+
+def _fill_logprobs(choice: dict[str, Any]) -> None:
+    """The fields the schema requires of logprobs that some servers leave out, as null (``[]`` for
+    ``top_logprobs``)."""
+    logprobs = choice.get("logprobs")
+    if not isinstance(logprobs, dict):
+        return
+    for key in ("content", "refusal"):
+        for entry in logprobs.setdefault(key, None) or ():
+            entry.setdefault("bytes", None)
+            for alt in entry.setdefault("top_logprobs", []):
+                alt.setdefault("bytes", None)
 
 
 class UpstreamShape(Stage):
@@ -161,7 +199,7 @@ class Conformance(Stage):
         else:
             ids.id = obj["id"]
         obj["object"] = kind
-        if not isinstance(obj.get("created"), int):
+        if not _count(obj.get("created")):
             obj["created"] = ids.created
         # Clients see the id they asked for, not the upstream's internal name.
         obj["model"] = ctx.model or obj.get("model") or ""
@@ -174,7 +212,8 @@ class Conformance(Stage):
         for i, choice in enumerate(choices):
             if not isinstance(choice, dict):
                 choices[i] = choice = {}
-            choice.setdefault("index", i)
+            if not _count(choice.get("index")):
+                choice["index"] = i
             message = choice.get("message")
             if not isinstance(message, dict):
                 message = choice["message"] = {}
@@ -185,6 +224,7 @@ class Conformance(Stage):
                 message["reasoning_content"] = message["reasoning"]
             choice["finish_reason"] = _finish(choice.get("finish_reason"))
             choice.setdefault("logprobs", None)
+            _fill_logprobs(choice)
         if "usage" in completion:
             usage = fix_usage(completion["usage"])
             if usage is None:
@@ -202,7 +242,9 @@ class Conformance(Stage):
         for i, choice in enumerate(choices):
             if not isinstance(choice, dict):
                 choices[i] = choice = {}
-            index = choice.setdefault("index", i)
+            index = choice.get("index")
+            if not _count(index):
+                index = choice["index"] = i
             if index not in ids.choices:
                 ids.choices.add(index)
             delta = choice.get("delta")
@@ -214,6 +256,8 @@ class Conformance(Stage):
                 del delta["role"]  # a repeated role would be concatenated by accumulating clients
             if delta.get("reasoning") and not delta.get("reasoning_content"):
                 delta["reasoning_content"] = delta["reasoning"]
+            if "logprobs" in choice:
+                _fill_logprobs(choice)
             fr = choice.get("finish_reason")
             if fr is None:
                 choice["finish_reason"] = None

@@ -40,7 +40,7 @@ def _check_message(i: int, msg: Any) -> None:
     if not isinstance(msg, dict):
         raise invalid_request(f"messages[{i}] must be an object.", f"messages[{i}]")
     role = msg.get("role")
-    if role not in _ROLES:
+    if not isinstance(role, str) or role not in _ROLES:
         raise invalid_request(
             f"messages[{i}].role must be one of {', '.join(sorted(_ROLES))}; got {shown(role)}.",
             f"messages[{i}].role",

@@ -35,8 +35,9 @@ def _wrong(value: Any, what: str) -> ProxyError:
 
 
 def _expect(value: Any, types: type | tuple[type, ...], what: str) -> Any:
-    """``value`` when it is None or of ``types``; otherwise Ollama sent JSON of the wrong shape: 502."""
-    if value is None or isinstance(value, types):
+    """``value`` when it is None or of ``types`` (true/false are not numbers); otherwise Ollama sent JSON
+    of the wrong shape: 502."""
+    if value is None or (isinstance(value, types) and not isinstance(value, bool)):
         return value
     raise _wrong(value, what)
 
