@@ -247,3 +247,11 @@ async def test_an_odd_role_is_named_in_a_bounded_message(env):
     raw = await resp.read()
     assert resp.status == 400 and len(raw) < 2_000
     assert json.loads(raw)["error"]["param"] == "messages[0].role"
+
+
+async def test_the_admin_api_does_not_echo_a_megabyte_model_name_either(env):
+    client, _ = await env()
+    resp = await client.post("/v1/admin/vllm/activate", json={"model": "q" * 1_000_000})
+    raw = await resp.read()
+    assert resp.status == 404 and len(raw) < 2_000
+    validate_error(json.loads(raw))
