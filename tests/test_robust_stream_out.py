@@ -13,6 +13,7 @@ from aiohttp import web
 from imageworks_proxy import keys
 from imageworks_proxy.http.sse import MAX_LINE
 from imageworks_proxy.testing import sse_events, user
+from imageworks_proxy.testing.fakes.ollama import FakeOllama, Reply, ollama_entry
 from tests.openai_schemas import validate_chunk
 from tests.upstream_scripts import ScriptedUpstream, chunk, entries
 
@@ -111,6 +112,39 @@ async def test_large_text_with_logprobs_does_not_repeat_the_logprobs_in_every_pi
 # -- a client that stops reading ------------------------------------------------------------------------
 
 
+async def start_not_reading(app: web.Application, model: str):
+    """Serve ``app`` on loopback and send it a streaming request from a client that never reads."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and offers a tiny receive window
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (host, port))
+    body = json.dumps({"model": model, "stream": True, "messages": user("x")}).encode()
+    await loop.sock_sendall(
+        sock,
+        (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        + body,
+    )
+    return runner, sock
+
+
+async def until(condition, rlog=None):
+    for _ in range(200):
+        if rlog is not None:
+            await rlog.flush()
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+
+
 async def test_a_client_that_stops_reading_ends_the_stream_and_the_upstream_request(
     env, registry_file, make_config, make_app
 ):
@@ -118,33 +152,51 @@ async def test_a_client_that_stops_reading_ends_the_stream_and_the_upstream_requ
     piece = chunk({"content": "z" * 30_000})
     upstream.sse("flood", chunk({"role": "assistant"}), *[piece] * 2000, chunk({}, "stop"))
     await start()  # writes the registry for the scripted upstream
-    runner = web.AppRunner(make_app(make_config(client_stall_timeout_ms=300)))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a client that reads nothing, tiny window
-    sock.setblocking(False)
+    app = make_app(make_config(client_stall_timeout_ms=300))
+    runner, sock = await start_not_reading(app, "o-flood")
     try:
-        await asyncio.get_running_loop().sock_connect(sock, (host, port))
-        body = json.dumps({"model": "o-flood", "stream": True, "messages": user("x")}).encode()
-        request = (
-            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode() + body
-        await asyncio.get_running_loop().sock_sendall(sock, request)
-        for _ in range(200):  # the proxy gives up on the client and hangs up on the upstream
-            if upstream.cancelled:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: upstream.cancelled)  # the proxy gives up on the client, hangs up upstream
         assert upstream.cancelled == ["flood"]
-        rlog = keys.request_log(runner.app)
-        for _ in range(100):
-            await rlog.flush()
-            if rlog.written:
-                break
-            await asyncio.sleep(0.05)
+        rlog = keys.request_log(app)
+        await until(lambda: rlog.written, rlog)
+        with open(rlog.path) as fh:
+            [record] = [json.loads(line) for line in fh]
+        assert (record["status"], record["error_code"]) == (499, "client_stalled")
+    finally:
+        sock.close()
+        await runner.cleanup()
+
+
+async def test_a_client_that_stops_reading_gives_back_the_gpu_lease(
+    aiohttp_server, registry_file, make_config, make_app
+):
+    fake = FakeOllama(responder=lambda body: Reply(content="z" * 3_000_000, piece=30_000))
+    server = await aiohttp_server(fake.app())
+    registry_file([ollama_entry(str(server.make_url("")).rstrip("/"))])
+    app = make_app(make_config(client_stall_timeout_ms=300))
+    released: list[bool] = []
+
+    class Tenancy:  # grants every lease at once and records whether it came back
+        def add_resident(self, tenant):
+            pass
+
+        async def acquire(self, tenant, call):
+            released.append(False)
+            index = len(released) - 1
+
+            class _Lease:
+                def release(self) -> None:
+                    released[index] = True
+
+            return _Lease()
+
+    app[keys.TENANCY] = Tenancy()
+    runner, sock = await start_not_reading(app, "llama3.2-3b")
+    try:
+        await until(lambda: released == [True])
+        assert released == [True]
+        rlog = keys.request_log(app)
+        await until(lambda: rlog.written, rlog)
         with open(rlog.path) as fh:
             [record] = [json.loads(line) for line in fh]
         assert (record["status"], record["error_code"]) == (499, "client_stalled")
