@@ -187,8 +187,10 @@ class SSEWriter:
 
     A failed write raises :class:`ClientGone` (never ``ConnectionError``, so the caller can tell a client
     that left from an adapter whose upstream connection broke). A write that does not complete within
-    ``stall_s`` (a client that stopped reading; ``None``: no limit) aborts the connection and raises
-    :class:`ClientStalled`, so the caller closes the upstream stream and releases what it holds. A
+    ``stall_s`` (a client that stopped reading; ``None``: no limit) gets the connection aborted by a
+    watchdog timer, and that write or the next raises :class:`ClientStalled`, so the caller closes the
+    upstream stream and releases what it holds. (A timer per stream, checking every quarter of ``stall_s``,
+    rather than a timeout around every write: writes are the streaming hot path.) A
     keep-alive that finds the client gone or stalled cancels the task that committed the stream, so a wait
     for a model start or a slow first token ends at once even where aiohttp does not cancel handlers itself
     (``handler_cancellation=False``, its default for embedding apps).
@@ -206,6 +208,8 @@ class SSEWriter:
         self.first_data_at: float | None = None
         #: The client stopped reading and was hung up on.
         self.stalled = False
+        self._writing_since: float | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
         self._keepalive: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._owner: asyncio.Task[Any] | None = None
@@ -233,6 +237,7 @@ class SSEWriter:
             await resp.prepare(self.request)
         except ConnectionError:
             raise ClientGone() from None
+        self._arm_watchdog()
 
     async def commit_and_keep_alive(self) -> None:
         """Commit now, send a keep-alive comment at once, and keep sending them until data flows."""
@@ -244,19 +249,34 @@ class SSEWriter:
     async def _write(self, data: bytes, eof: bool = False) -> None:
         resp = self.response
         assert resp is not None
+        self._writing_since = time.monotonic()
         try:
-            async with asyncio.timeout(self.stall_s):
-                await resp.write(data)
-                if eof:
-                    await resp.write_eof()
+            await resp.write(data)
+            if eof:
+                await resp.write_eof()
         except ConnectionError:
-            raise ClientGone() from None
-        except TimeoutError:
+            raise (ClientStalled() if self.stalled else ClientGone()) from None
+        finally:
+            self._writing_since = None
+        if self.stalled:  # hung up while this write was waiting: it returned, but nobody took the data
+            raise ClientStalled()
+
+    def _arm_watchdog(self) -> None:
+        if self.stall_s is not None and self._watchdog is None and not self.stalled:
+            self._watchdog = asyncio.get_running_loop().call_later(max(0.01, self.stall_s / 4), self._watch)
+
+    def _watch(self) -> None:
+        """Timer: hang up on the client when the write in progress has waited longer than ``stall_s``."""
+        self._watchdog = None
+        since = self._writing_since
+        if since is not None and time.monotonic() - since >= self.stall_s:  # type: ignore[operator]
             self._hang_up()
-            raise ClientStalled() from None
+        else:
+            self._arm_watchdog()
 
     def _hang_up(self) -> None:
-        """Drop a client that stopped reading: what is buffered for it is discarded with the connection."""
+        """Drop a client that stopped reading: what is buffered for it is discarded with the connection,
+        and the write waiting for it returns (aiohttp wakes it when the connection is lost)."""
         self.stalled = True
         transport = self.request.transport
         if transport is not None:
@@ -315,4 +335,7 @@ class SSEWriter:
 
     async def close(self) -> None:
         self._owner = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         await self._stop_keepalive()
