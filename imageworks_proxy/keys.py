@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from imageworks_proxy.gpu.scheduler import GpuScheduler
     from imageworks_proxy.observability.metrics import RollingMetrics
     from imageworks_proxy.observability.prometheus import PromMetrics
+    from imageworks_proxy.observability.recent import RecentActivity
     from imageworks_proxy.observability.requestlog import RequestLog
     from imageworks_proxy.observability.swaps import SwapMetrics
     from imageworks_proxy.pipeline.stage import Pipeline
@@ -30,6 +31,8 @@ TENANCY: web.AppKey[GpuScheduler] = web.AppKey("tenancy")
 METRICS: web.AppKey[RollingMetrics] = web.AppKey("metrics")
 REQUEST_LOG: web.AppKey[RequestLog] = web.AppKey("request_log")
 SWAPS: web.AppKey[SwapMetrics] = web.AppKey("swaps")
+#: The last requests (summaries, never any prompt text) and model switches, for the status page.
+RECENT: web.AppKey[RecentActivity] = web.AppKey("recent")
 #: Present only when CHAT_PROXY_ENABLE_METRICS=1.
 PROMETHEUS: web.AppKey[PromMetrics] = web.AppKey("prometheus")
 

@@ -70,6 +70,7 @@ FIELDS = {
     "tokens_estimated",
     "images",
     "truncated_messages",
+    "images_resized",
 }
 
 

@@ -22,10 +22,10 @@ access_log = logging.getLogger("imageworks_proxy.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-#: Route names that never need an API key.
-PUBLIC_ROUTES = frozenset({"health"})
-#: Routes polled by health checks and scrapers: their access lines are DEBUG, not INFO.
-QUIET_ROUTES = frozenset({"health", "metrics", "prometheus"})
+#: Route names that never need an API key (the status page's shell and files hold no data).
+PUBLIC_ROUTES = frozenset({"health", "status_page", "status_asset"})
+#: Routes polled by health checks, scrapers and the status page: their access lines are DEBUG, not INFO.
+QUIET_ROUTES = frozenset({"health", "metrics", "prometheus", "status", "status_asset"})
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f\"\\]")
 
 

@@ -183,17 +183,19 @@ class ClientStalled(ClientGone):
 
 
 class SSEWriter:
-    """Owns the client's streaming response: commit once, keep alive until data flows, then events.
+    """Owns the client's streaming response: commit once, then events, with a keep-alive comment whenever
+    the client has had nothing for ``keepalive_s`` (while the request waits for a model or its first token,
+    and while a stage holds reply text back, e.g. a reply that may still turn out to be a JSON tool call).
 
     A failed write raises :class:`ClientGone` (never ``ConnectionError``, so the caller can tell a client
     that left from an adapter whose upstream connection broke). A write that does not complete within
     ``stall_s`` (a client that stopped reading; ``None``: no limit) gets the connection aborted by a
     watchdog timer, and that write or the next raises :class:`ClientStalled`, so the caller closes the
     upstream stream and releases what it holds. (A timer per stream, checking every quarter of ``stall_s``,
-    rather than a timeout around every write: writes are the streaming hot path.) A
-    keep-alive that finds the client gone or stalled cancels the task that committed the stream, so a wait
-    for a model start or a slow first token ends at once even where aiohttp does not cancel handlers itself
-    (``handler_cancellation=False``, its default for embedding apps).
+    rather than a timeout around every write: writes are the streaming hot path.) A keep-alive that finds
+    the client gone cancels the task that committed the stream, so a wait for a model start or a slow first
+    token ends at once even where aiohttp does not cancel handlers itself (``handler_cancellation=False``,
+    its default for embedding apps).
     """
 
     def __init__(
@@ -208,11 +210,16 @@ class SSEWriter:
         self.first_data_at: float | None = None
         #: The client stopped reading and was hung up on.
         self.stalled = False
-        self._writing_since: float | None = None
-        self._watchdog: asyncio.TimerHandle | None = None
         self._keepalive: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
         self._owner: asyncio.Task[Any] | None = None
+        #: event-loop time of the last bytes sent to the client (the clock is the loop's, set on commit)
+        self._clock = time.monotonic
+        self._last_write = 0.0
+        #: when the oldest write still in progress began (None: no write in progress)
+        self._writing_since: float | None = None
+        self._ended = False
 
     @property
     def committed(self) -> bool:
@@ -233,6 +240,8 @@ class SSEWriter:
         )
         self.response = resp  # set first: the handler returns it even when the client is already gone
         self._owner = asyncio.current_task()
+        self._clock = asyncio.get_running_loop().time
+        self._last_write = self._clock()
         try:
             await resp.prepare(self.request)
         except ConnectionError:
@@ -240,16 +249,19 @@ class SSEWriter:
         self._arm_watchdog()
 
     async def commit_and_keep_alive(self) -> None:
-        """Commit now, send a keep-alive comment at once, and keep sending them until data flows."""
+        """Commit now, send a keep-alive comment at once (before any data), and keep the stream alive."""
         await self.commit()
         if not self.data_started:
             await self._write(KEEPALIVE)
-            self.arm_keepalive()
+        self.arm_keepalive()
 
     async def _write(self, data: bytes, eof: bool = False) -> None:
         resp = self.response
         assert resp is not None
-        self._writing_since = time.monotonic()
+        self._last_write = now = self._clock()
+        first = self._writing_since is None  # a keep-alive may go out while a data write waits
+        if first:
+            self._writing_since = now
         try:
             await resp.write(data)
             if eof:
@@ -257,7 +269,8 @@ class SSEWriter:
         except ConnectionError:
             raise (ClientStalled() if self.stalled else ClientGone()) from None
         finally:
-            self._writing_since = None
+            if first:
+                self._writing_since = None
         if self.stalled:  # hung up while this write was waiting: it returned, but nobody took the data
             raise ClientStalled()
 
@@ -269,7 +282,7 @@ class SSEWriter:
         """Timer: hang up on the client when the write in progress has waited longer than ``stall_s``."""
         self._watchdog = None
         since = self._writing_since
-        if since is not None and time.monotonic() - since >= self.stall_s:  # type: ignore[operator]
+        if since is not None and self._clock() - since >= self.stall_s:  # type: ignore[operator]
             self._hang_up()
         else:
             self._arm_watchdog()
@@ -278,20 +291,29 @@ class SSEWriter:
         """Drop a client that stopped reading: what is buffered for it is discarded with the connection,
         and the write waiting for it returns (aiohttp wakes it when the connection is lost)."""
         self.stalled = True
+        self._ended = True  # no more keep-alives for it
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         transport = self.request.transport
         if transport is not None:
             transport.abort()
 
     def arm_keepalive(self) -> None:
-        """Send ``: keep-alive`` every ``keepalive_s`` until the first data event (a timer, not a task)."""
-        if self._timer is None and not self.data_started:
-            self._timer = asyncio.get_running_loop().call_later(self.keepalive_s, self._tick)
+        """Send ``: keep-alive`` once the client has had nothing for ``keepalive_s``, until the stream
+        ends (a timer that re-arms itself, not a task; a busy stream only moves its deadline)."""
+        if self._timer is None and not self._ended and self.response is not None:
+            self._timer = asyncio.get_running_loop().call_at(self._last_write + self.keepalive_s, self._tick)
 
     def _tick(self) -> None:
         self._timer = None
-        if self.data_started or self.response is None:
+        if self._ended or self.response is None:
             return
-        self._keepalive = asyncio.get_running_loop().create_task(self._write_keepalive())
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._last_write + self.keepalive_s:  # data went out meanwhile: not idle yet
+            self.arm_keepalive()
+            return
+        self._keepalive = loop.create_task(self._write_keepalive())
 
     async def _write_keepalive(self) -> None:
         try:
@@ -308,6 +330,7 @@ class SSEWriter:
         self.arm_keepalive()
 
     async def _stop_keepalive(self) -> None:
+        self._ended = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -320,7 +343,6 @@ class SSEWriter:
         if not self.data_started:
             self.data_started = True
             self.first_data_at = time.perf_counter()
-            await self._stop_keepalive()
         await self._write(encode_event(chunk))
 
     async def send_error(self, error: ProxyError) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from imageworks_proxy import keys
 from imageworks_proxy.observability.metrics import Sample
+from imageworks_proxy.observability.recent import RequestSummary, shorten
 from imageworks_proxy.observability.requestlog import redact_messages
 from imageworks_proxy.pipeline.stage import ChatContext, Stage
 
@@ -87,6 +88,7 @@ class ObserveStage(Stage):
         self.prom = app.get(keys.PROMETHEUS)
         rlog = keys.request_log(app)
         self.request_log = rlog if rlog.enabled else None
+        self.recent = app.get(keys.RECENT)
 
     # --- reply side ------------------------------------------------------------------------------
 
@@ -191,11 +193,21 @@ class ObserveStage(Stage):
             self.metrics.record(sample)
             if self.prom is not None:
                 self.prom.record(sample)
+        arrived = time.time() - (now - ctx.started)
+        if self.recent is not None:
+            # figures and names only: the status page never sees prompt or reply text
+            self.recent.add_request(RequestSummary(
+                ts=arrived, request_id=ctx.request_id, model=logical or shorten(ctx.model or None),
+                adapter=ctx.adapter_name, stream=ctx.stream, status=ctx.status, error_code=error_code,
+                duration_ms=round(duration_ms, 1), ttft_ms=round(ttft_ms, 1) if ttft_ms is not None else None,
+                queue_ms=queue_ms, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                tokens_estimated=estimated,
+            ))
         if self.request_log is None:
             return
         record: dict[str, Any] = {
             # arrival time, as a POSIX timestamp the writer turns into ISO-8601 UTC off the event loop
-            "ts": time.time() - (now - ctx.started),
+            "ts": arrived,
             "request_id": ctx.request_id,
             "model": ctx.model or None,
             "logical_name": logical,
@@ -212,7 +224,10 @@ class ObserveStage(Stage):
             "tokens_estimated": estimated,
             "images": ctx.images,
             "truncated_messages": ctx.truncated_messages,
+            "images_resized": len(ctx.images_resized) if ctx.images_resized else 0,
         }
+        if ctx.images_resized:
+            record["image_resizes"] = ctx.images_resized
         if self.keep_prompts:
             record["messages"] = redact_messages(ctx.body.get("messages"))
             record["reply"] = self._reply(ctx, st)

@@ -14,7 +14,7 @@ import orjson
 
 from imageworks_proxy import keys
 from imageworks_proxy.adapters.base import Adapter, ChatCall, ChunkStream, Completion, default_installed
-from imageworks_proxy.adapters.ollama.images import fetch_images_base64
+from imageworks_proxy.adapters.ollama.images import fetch_images_base64, png_where_needed
 from imageworks_proxy.adapters.ollama.request import (
     image_urls,
     keep_alive_value,
@@ -152,6 +152,7 @@ class OllamaAdapter(Adapter):
         fetched = await fetch_images_base64(
             self.http, image_urls(call.body), max_bytes=self.config.max_image_bytes, timeout_s=self._backend_s
         )
+        fetched.update(await png_where_needed(call.body, fetched))  # Ollama reads PNG and JPEG only
         payload = to_ollama_request(
             call.body,
             model=tag,
