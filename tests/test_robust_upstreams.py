@@ -340,3 +340,22 @@ async def test_a_json_answer_of_the_wrong_shape_to_a_streaming_request_is_an_in_
     client = await start()
     _, err = await stream_error(client, "o-odd")
     assert err["code"] == "backend_error"
+
+
+async def test_content_sent_as_a_list_of_parts_reaches_the_client_as_text(env):
+    start, upstream = env
+    parts = [
+        {"type": "thinking", "thinking": []},
+        {"type": "text", "text": "Hello"},
+        {"type": "text", "text": "!"},
+    ]
+    upstream.json("parts", {"choices": [{"index": 0, "message": {"role": "assistant", "content": parts}}]})
+    upstream.sse("parts-stream", ROLE, chunk({"content": parts}), chunk({}, "stop"), b"data: [DONE]\n\n")
+    client = await start()
+    resp, raw = await chat(client, "o-parts", False)
+    assert resp.status == 200 and json.loads(raw)["choices"][0]["message"]["content"] == "Hello!"
+    resp, raw = await chat(client, "o-parts-stream", True)
+    events = sse_events(raw)
+    assert text(events[:-1]) == "Hello!"
+    for e in events[:-1]:
+        validate_chunk(e)

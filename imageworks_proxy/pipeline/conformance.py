@@ -45,77 +45,135 @@ def fix_usage(usage: Any) -> dict[str, Any] | None:
 
 _TEXT = (str, list)  # content may come as a list of parts
 _ARGS = (str, dict)  # arguments as JSON text, or an object (Ollama-style) the tool-call stage encodes
+#: The types a field may have besides null, in a message or delta, a tool call, a function, a choice.
+_MESSAGE = {"role": str, "content": _TEXT, "refusal": str, "reasoning": str, "reasoning_content": str,
+            "tool_calls": list, "function_call": dict}
+_CALL = {"index": int, "id": str, "function": dict}
+_FUNCTION = {"name": str, "arguments": _ARGS}
+_CHOICE = {"index": int, "finish_reason": str, "logprobs": dict}
+_LOGPROBS = {"content": list, "refusal": list}
+_TOKEN = {"bytes": list, "top_logprobs": list}
 
 
 class _WrongType(Exception):
+    """A field of the wrong type at ``path`` (relative until the callers above prefix theirs)."""
+
     def __init__(self, path: str, value: Any) -> None:
         super().__init__(path)
         self.path, self.value = path, value
 
-
-def _want(obj: dict[str, Any], key: str, types: type | tuple[type, ...], path: str) -> Any:
-    value = obj.get(key)
-    if value is None or (isinstance(value, types) and not isinstance(value, bool)):
-        return value
-    raise _WrongType(f"{path}.{key}" if path else key, value)
+    def under(self, prefix: str) -> _WrongType:
+        return _WrongType(f"{prefix}.{self.path}" if self.path else prefix, self.value)
 
 
-def _call(call: Any, path: str) -> None:
-    if not isinstance(call, dict):
-        raise _WrongType(path, call)
-    _want(call, "index", int, path)
-    _want(call, "id", str, path)
-    fn = _want(call, "function", dict, path)
-    if fn:
-        _want(fn, "name", str, f"{path}.function")
-        _want(fn, "arguments", _ARGS, f"{path}.function")
+def _fields(obj: dict[str, Any], types: dict[str, Any]) -> None:
+    """Check the fields ``obj`` has (the common chunk has one or two) against ``types``."""
+    for key, value in obj.items():
+        expected = types.get(key)
+        if (
+            expected is not None
+            and value is not None
+            and (not isinstance(value, expected) or value is True or value is False)
+        ):
+            raise _WrongType(key, value)
 
 
-def _message(msg: dict[str, Any], path: str) -> None:
+def _object(value: Any, types: dict[str, Any]) -> None:
+    if not isinstance(value, dict):
+        raise _WrongType("", value)
+    _fields(value, types)
+
+
+def _message(msg: dict[str, Any]) -> None:
     """A completion's ``message`` or a chunk's ``delta``: text fields, tool calls, legacy function call."""
-    _want(msg, "role", str, path)
-    _want(msg, "content", _TEXT, path)
-    for key in ("refusal", "reasoning", "reasoning_content"):
-        _want(msg, key, str, path)
-    for i, call in enumerate(_want(msg, "tool_calls", list, path) or ()):
-        _call(call, f"{path}.tool_calls[{i}]")
-    legacy = _want(msg, "function_call", dict, path)
-    if legacy:
-        _want(legacy, "name", str, f"{path}.function_call")
-        _want(legacy, "arguments", _ARGS, f"{path}.function_call")
+    _fields(msg, _MESSAGE)
+    calls = msg.get("tool_calls")
+    for i, call in enumerate(calls or ()):
+        try:
+            _object(call, _CALL)
+            _function(call)
+        except _WrongType as exc:
+            raise exc.under(f"tool_calls[{i}]") from None
+    _function(msg, "function_call")
 
 
-def _token(entry: Any, path: str, top: bool = False) -> None:
+def _function(obj: dict[str, Any], key: str = "function") -> None:
+    if obj.get(key):
+        try:
+            _object(obj[key], _FUNCTION)
+        except _WrongType as exc:
+            raise exc.under(key) from None
+
+
+def _token(entry: Any, top: bool = False) -> None:
     """One logprobs entry: ``token`` and ``logprob`` are required, ``bytes`` integers when present."""
     if not isinstance(entry, dict):
-        raise _WrongType(path, entry)
+        raise _WrongType("", entry)
     if not isinstance(entry.get("token"), str):
-        raise _WrongType(f"{path}.token", entry.get("token"))
+        raise _WrongType("token", entry.get("token"))
     logprob = entry.get("logprob")
     if not isinstance(logprob, (int, float)) or isinstance(logprob, bool):
-        raise _WrongType(f"{path}.logprob", logprob)
-    raw = _want(entry, "bytes", list, path)
-    if raw and not all(isinstance(b, int) and not isinstance(b, bool) for b in raw):
-        raise _WrongType(f"{path}.bytes", raw)
-    if not top:
-        for j, alt in enumerate(_want(entry, "top_logprobs", list, path) or ()):
-            _token(alt, f"{path}.top_logprobs[{j}]", top=True)
+        raise _WrongType("logprob", logprob)
+    _fields(entry, _TOKEN)
+    if entry.get("bytes") and not all(isinstance(b, int) and not isinstance(b, bool) for b in entry["bytes"]):
+        raise _WrongType("bytes", entry["bytes"])
+    for j, alt in enumerate((entry.get("top_logprobs") or ()) if not top else ()):
+        try:
+            _token(alt, top=True)
+        except _WrongType as exc:
+            raise exc.under(f"top_logprobs[{j}]") from None
+
+
+def _logprobs(logprobs: dict[str, Any]) -> None:
+    _fields(logprobs, _LOGPROBS)
+    for key in ("content", "refusal"):
+        for j, entry in enumerate(logprobs.get(key) or ()):
+            try:
+                _token(entry)
+            except _WrongType as exc:
+                raise exc.under(f"{key}[{j}]") from None
+
+
+def _choice(choice: Any, inner: str) -> None:
+    if not isinstance(choice, dict):
+        raise _WrongType("", choice)
+    _fields(choice, _CHOICE)
+    msg = choice.get(inner)
+    if msg is not None:
+        if not isinstance(msg, dict):
+            raise _WrongType(inner, msg)
+        try:
+            _message(msg)
+        except _WrongType as exc:
+            raise exc.under(inner) from None
+    if choice.get("logprobs"):
+        try:
+            _logprobs(choice["logprobs"])
+        except _WrongType as exc:
+            raise exc.under("logprobs") from None
 
 
 def _choices(obj: dict[str, Any], inner: str) -> None:
-    for i, choice in enumerate(_want(obj, "choices", list, "") or ()):
-        path = f"choices[{i}]"
-        if not isinstance(choice, dict):
-            raise _WrongType(path, choice)
-        _want(choice, "index", int, path)
-        _want(choice, "finish_reason", str, path)
-        msg = _want(choice, inner, dict, path)
-        if msg:
-            _message(msg, f"{path}.{inner}")
-        logprobs = _want(choice, "logprobs", dict, path)
-        for key in ("content", "refusal") if logprobs else ():
-            for j, entry in enumerate(_want(logprobs, key, list, f"{path}.logprobs") or ()):
-                _token(entry, f"{path}.logprobs.{key}[{j}]")
+    """Raise :class:`_WrongType` for the first field of ``obj``'s choices that has the wrong type."""
+    choices = obj.get("choices")
+    if choices is None:
+        return
+    if not isinstance(choices, list):
+        raise _WrongType("choices", choices)
+    for i, choice in enumerate(choices):
+        try:
+            _choice(choice, inner)
+        except _WrongType as exc:
+            raise exc.under(f"choices[{i}]") from None
+
+
+def _flat_text(msg: dict[str, Any]) -> None:
+    """Content sent as a list of parts (some APIs answer so) becomes the text of its text parts."""
+    content = msg.get("content")
+    if isinstance(content, list):
+        msg["content"] = "".join(
+            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
 
 
 def _fill_logprobs(choice: dict[str, Any]) -> None:
@@ -219,6 +277,7 @@ class Conformance(Stage):
                 message = choice["message"] = {}
             message["role"] = "assistant"
             message.setdefault("content", None)
+            _flat_text(message)
             message.setdefault("refusal", None)
             if message.get("reasoning") and not message.get("reasoning_content"):
                 message["reasoning_content"] = message["reasoning"]
@@ -256,6 +315,7 @@ class Conformance(Stage):
                 del delta["role"]  # a repeated role would be concatenated by accumulating clients
             if delta.get("reasoning") and not delta.get("reasoning_content"):
                 delta["reasoning_content"] = delta["reasoning"]
+            _flat_text(delta)
             if "logprobs" in choice:
                 _fill_logprobs(choice)
             fr = choice.get("finish_reason")
