@@ -255,3 +255,18 @@ async def test_the_admin_api_does_not_echo_a_megabyte_model_name_either(env):
     raw = await resp.read()
     assert resp.status == 404 and len(raw) < 2_000
     validate_error(json.loads(raw))
+
+
+async def test_a_gzip_body_works_when_the_proxy_is_mounted_in_an_app_whose_server_inflates_bodies(
+    aiohttp_server, aiohttp_client, registry_file, make_config, make_app
+):
+    upstream = await aiohttp_server(make_fake_openai())
+    registry_file(registry_for(str(upstream.make_url("/v1"))))
+    parent = web.Application()  # the parent's server keeps aiohttp's own decoding on
+    parent.add_subapp("/llm", make_app(make_config()))
+    client = await aiohttp_client(parent)
+    resp = await client.post(
+        "/llm/v1/chat/completions", data=gzip.compress(GOOD), headers={"Content-Encoding": "gzip"}
+    )
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["choices"][0]["message"]["content"] == "echo: after"
