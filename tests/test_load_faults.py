@@ -25,7 +25,7 @@ from imageworks_proxy.testing.fakes.ollama import FakeOllama, Reply, echo_respon
 from imageworks_proxy.testing.fakes.openai import make_fake_openai, registry_for
 from tests.upstream_scripts import ScriptedUpstream, chunk, entries
 
-REQUESTS = 600
+REQUESTS = 1000
 CLIENTS = 8
 SEED = 20261128
 
