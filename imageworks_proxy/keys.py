@@ -41,9 +41,12 @@ PROMETHEUS: web.AppKey[PromMetrics] = web.AppKey("prometheus")
 if hasattr(web, "RequestKey"):
     REQUEST_ID = web.RequestKey("request_id", str)
     CHAT_CONTEXT = web.RequestKey("chat_context", object)
+    #: The client sent ``Expect: 100-continue`` and waits for it (http/limits.py sends it after the checks).
+    CONTINUE_PENDING = web.RequestKey("continue_pending", bool)
 else:  # pragma: no cover - older aiohttp
     REQUEST_ID = "request_id"  # type: ignore[assignment]
     CHAT_CONTEXT = "chat_context"  # type: ignore[assignment]
+    CONTINUE_PENDING = "continue_pending"  # type: ignore[assignment]
 
 
 def config(app: web.Application) -> Config:

@@ -51,12 +51,14 @@ class Chromium:
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     @classmethod
-    async def launch(cls, executable: str, tmp: Path) -> Chromium:
+    async def launch(cls, executable: str, tmp: Path, flags: tuple[str, ...] = ()) -> Chromium:
+        """Start the browser; ``flags`` are added to :data:`FLAGS` (e.g. ``--host-resolver-rules``)."""
         profile = tmp / "chromium-profile"
         profile.mkdir(parents=True, exist_ok=True)
         log = (tmp / "chromium.log").open("wb")
         proc = await asyncio.create_subprocess_exec(
-            executable, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank",
+            executable, *FLAGS, *flags, f"--user-data-dir={profile}", "--remote-debugging-port=0",
+            "about:blank",
             stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         )
         log.close()

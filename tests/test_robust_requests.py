@@ -270,3 +270,31 @@ async def test_a_gzip_body_works_when_the_proxy_is_mounted_in_an_app_whose_serve
     )
     assert resp.status == 200, await resp.text()
     assert (await resp.json())["choices"][0]["message"]["content"] == "echo: after"
+
+
+async def test_the_command_line_server_also_answers_the_request_after_a_corrupt_gzip_body(
+    aiohttp_server, registry_file, make_config, make_app
+):
+    from imageworks_proxy.http.server import make_runner
+
+    upstream = await aiohttp_server(make_fake_openai())
+    registry_file(registry_for(str(upstream.make_url("/v1"))))
+    config = make_config()
+    runner = make_runner(make_app(config), config)  # what imageworks-chat-proxy serves with
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(raw_post(b"\x1f\x8b\x08\x00 not gzip", "gzip") + raw_post(GOOD))
+        await writer.drain()
+        async with asyncio.timeout(10):
+            status, _, payload = await read_response(reader)
+            error = json.loads(payload)["error"]
+            assert status == 400 and error["code"] == "invalid_request" and "gzip" in error["message"]
+            status, _, payload = await read_response(reader)
+        assert status == 200, payload
+    finally:
+        writer.close()
+        await runner.cleanup()

@@ -79,9 +79,10 @@ def _is_loopback(remote: str | None) -> bool:
 
 
 def admin_allowed(request: web.Request) -> bool:
-    """The admin API's rule: loopback clients, or any client once API keys are set (the auth middleware
-    has checked the key by the time a view runs)."""
-    return bool(keys.config(request.app).api_keys) or _is_loopback(request.remote)
+    """The admin API's rule: loopback clients, or any client once API or admin keys are set (the auth
+    middleware checks the key on the admin routes themselves)."""
+    config = keys.config(request.app)
+    return bool(config.api_keys or config.admin_keys) or _is_loopback(request.remote)
 
 
 def _admin_url(app: web.Application, adapter: Adapter | None, action: str) -> str | None:
