@@ -222,6 +222,18 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     _s("BACKEND_TIMEOUT_MS", _pos_int, 120_000, "Upstream request timeout in ms"),
     _s("STREAM_IDLE_TIMEOUT_MS", _pos_int, 60_000, "Streaming idle cutoff in ms"),
+    _s(
+        "CLIENT_STALL_TIMEOUT_MS",
+        _pos_int,
+        60_000,
+        "A streamed write a client does not take within this many ms ends the stream (client_stalled)",
+    ),
+    _s(
+        "MAX_UPSTREAM_BODY_BYTES",
+        _pos_int,
+        67_108_864,
+        "Cap on a non-streamed upstream reply in bytes (502 beyond it)",
+    ),
     _s("LOG_PATH", _str, "logs/chat_proxy.jsonl", "JSONL chat log (rotates by size)"),
     _s("MAX_LOG_BYTES", _pos_int, 25_000_000, "Log rotation threshold in bytes"),
     _s("LOG_PROMPTS", _bool, False, "Include prompt payloads in the JSONL log"),
@@ -343,6 +355,8 @@ class Config:
     max_connections: int
     backend_timeout_ms: int
     stream_idle_timeout_ms: int
+    client_stall_timeout_ms: int
+    max_upstream_body_bytes: int
     log_path: str
     max_log_bytes: int
     log_prompts: bool

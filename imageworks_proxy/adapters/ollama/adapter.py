@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
@@ -23,15 +22,16 @@ from imageworks_proxy.adapters.ollama.request import (
     to_ollama_request,
 )
 from imageworks_proxy.adapters.ollama.response import ChunkTranslator, completion_from_ollama
+from imageworks_proxy.adapters.ollama.stream import OllamaChunkStream
 from imageworks_proxy.adapters.ollama.tags import OllamaTags, tag_key
 from imageworks_proxy.catalogue.capabilities import Capabilities
 from imageworks_proxy.catalogue.registry import Entry, Registry
-from imageworks_proxy.errors import ProxyError, backend_unavailable
+from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.gpu.tenancy import Lease, NoLease, Tenant, tenancy
 from imageworks_proxy.hookspecs import hookimpl
 from imageworks_proxy.upstream.autostart import ensure_started
-from imageworks_proxy.upstream.errors import json_error_message
-from imageworks_proxy.upstream.ndjson import NdjsonSplitter, decode_line
+from imageworks_proxy.upstream.body import read_capped, read_head
+from imageworks_proxy.upstream.errors import json_error_message, no_api_error, transport_failed, unreachable
 from imageworks_proxy.upstream.urls import apply_loopback_alias, entry_base_url
 
 log = logging.getLogger("imageworks_proxy.ollama")
@@ -43,6 +43,7 @@ PS_TIMEOUT_S = 2.0
 STREAM_COMMIT_AFTER_S = 2.0
 UNLOAD_POLL_S = 0.2
 _JSON = {"Content-Type": "application/json"}
+_START_HINT = "is `ollama serve` running?"
 
 
 class OllamaAdapter(Adapter):
@@ -186,20 +187,24 @@ class OllamaAdapter(Adapter):
 
     async def _complete(self, call: ChatCall, base: str, tag: str, payload: dict[str, Any]) -> Completion:
         timeout = aiohttp.ClientTimeout(total=self._backend_s, sock_connect=self._connect_s)
-        with self._upstream_errors(base):
+        where = _where(call)
+        with self._upstream_errors(call, base):
             async with self.http.post(
                 f"{base}/api/chat", data=orjson.dumps(payload), headers=_JSON, timeout=timeout
             ) as resp:
                 status = resp.status
-                raw = await resp.read()
+                if status >= 400:
+                    raw = await read_head(resp)
+                else:
+                    raw = await read_capped(resp, self.config.max_upstream_body_bytes, where)
         if status >= 400:
-            raise self._http_error(status, raw, call, tag, base)
+            raise self._http_error(status, raw, call, tag)
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError:
             data = None
         if not isinstance(data, dict):
-            raise ProxyError(502, "backend_error", f"Ollama at {base} sent a reply that is not a JSON object")
+            raise ProxyError(502, "backend_error", f"{where} sent a reply that is not a JSON object")
         if data.get("error"):
             raise ProxyError(502, "backend_error", f"Ollama error: {json_error_message(raw)}")
         return completion_from_ollama(data, model=call.model)
@@ -215,14 +220,16 @@ class OllamaAdapter(Adapter):
         translator = ChunkTranslator(model=call.model, include_usage=True)
         resp: aiohttp.ClientResponse | None = None
         try:
-            with self._upstream_errors(base):
+            with self._upstream_errors(call, base):
                 async with asyncio.timeout(self._backend_s):
                     resp = await self.http.post(
                         f"{base}/api/chat", data=orjson.dumps(payload), headers=_JSON, timeout=timeout
                     )
                     if resp.status >= 400:
-                        raise self._http_error(resp.status, await resp.read(), call, tag, base)
-                    stream = OllamaChunkStream(resp, translator, base=base, idle_s=self._idle_s, lease=lease)
+                        raise self._http_error(resp.status, await read_head(resp), call, tag)
+                    stream = OllamaChunkStream(
+                        resp, translator, where=_where(call), idle_s=self._idle_s, lease=lease
+                    )
                     # Ollama sends its headers with the first line, so waiting for that line costs nothing and
                     # lets an immediate {"error": ...} line (e.g. a prompt the model cannot take) become a
                     # proper JSON error response instead of an in-band one.
@@ -234,44 +241,38 @@ class OllamaAdapter(Adapter):
         return stream
 
     @contextlib.contextmanager
-    def _upstream_errors(self, base: str) -> Iterator[None]:
-        """Map transport failures talking to Ollama to the proxy's errors (docs/errors.md)."""
+    def _upstream_errors(self, call: ChatCall, base: str) -> Iterator[None]:
+        """Map transport failures talking to Ollama to the proxy's errors (docs/api.md); Ollama's address
+        and the OS error go to the log, not to the client."""
+        where = _where(call)
         try:
             yield
-        except aiohttp.ConnectionTimeoutError as exc:
-            raise self._unreachable(base, exc) from None
+        except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
+            raise unreachable(where, call.request_id, f"{base}: {_describe(exc)}", _START_HINT) from None
         except TimeoutError:
             raise ProxyError(
                 504,
                 "backend_timeout",
-                f"Ollama at {base} did not answer within {self.config.backend_timeout_ms} ms "
+                f"{where} did not answer within {self.config.backend_timeout_ms} ms "
                 "(CHAT_PROXY_BACKEND_TIMEOUT_MS)",
             ) from None
-        except aiohttp.ClientConnectorError as exc:
-            raise self._unreachable(base, exc) from None
         except aiohttp.ClientError as exc:
-            raise ProxyError(
-                502, "backend_error", f"talking to Ollama at {base} failed: {_describe(exc)}"
-            ) from None
+            raise transport_failed(where, call.request_id, exc) from None
 
-    def _unreachable(self, base: str, exc: BaseException) -> ProxyError:
-        return backend_unavailable(
-            f"Ollama at {base} is unreachable ({_describe(exc)}); is `ollama serve` running?"
-        )
-
-    def _http_error(self, status: int, raw: bytes, call: ChatCall, tag: str, base: str) -> ProxyError:
+    def _http_error(self, status: int, raw: bytes, call: ChatCall, tag: str) -> ProxyError:
         message = json_error_message(raw)
-        if status == 404 and message is not None:
+        if message is None:  # an HTML page or nothing: not Ollama's own answer
+            return no_api_error(status, raw, _where(call))
+        if status == 404:
             return ProxyError(
                 404,
                 "model_not_found",
-                f"Model {call.model!r} (Ollama tag {tag!r}) is not available in Ollama at {base}: {message}",
+                f"Model {call.model!r} (Ollama tag {tag!r}) is not available in Ollama: {message}",
                 param="model",
                 hint=f"install it with: ollama pull {tag}",
             )
-        if status >= 500 or message is None:
-            detail = message or f"HTTP {status}: {raw[:200].decode('utf-8', 'replace')}"
-            return ProxyError(502, "backend_error", f"Ollama at {base} failed: {detail}")
+        if status >= 500:
+            return ProxyError(502, "backend_error", f"{_where(call)} failed: {message}")
         return ProxyError(status, "backend_rejected", f"Ollama rejected the request: {message}")
 
     # -- GPU tenancy primitives ----------------------------------------------------------------
@@ -356,96 +357,8 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-class OllamaChunkStream:
-    """The chunks of one streamed Ollama reply; owns the upstream response and the tenancy lease.
-
-    Closing it (the core always does) closes the upstream connection, which makes Ollama stop
-    generating, and releases the lease. Errors while iterating are :class:`ProxyError`: 504
-    ``stream_idle_timeout`` after ``CHAT_PROXY_STREAM_IDLE_TIMEOUT_MS`` without bytes, 502
-    ``backend_error`` for an ``{"error": ...}`` line, bad data or a stream cut short.
-    """
-
-    def __init__(
-        self,
-        resp: aiohttp.ClientResponse,
-        translator: ChunkTranslator,
-        *,
-        base: str,
-        idle_s: float,
-        lease: Lease,
-    ) -> None:
-        self._resp = resp
-        self._translator = translator
-        self._base = base
-        self._idle_s = idle_s
-        self._lease = lease
-        self._splitter = NdjsonSplitter()
-        self._lines: collections.deque[bytes] = collections.deque()
-        self._pending: collections.deque[dict[str, Any]] = collections.deque()
-        self._eof = False
-        self._closed = False
-
-    @property
-    def usage(self) -> dict[str, int] | None:
-        return self._translator.usage
-
-    def __aiter__(self) -> OllamaChunkStream:
-        return self
-
-    async def __anext__(self) -> dict[str, Any]:
-        while not self._pending:
-            if self._closed or self._translator.finished:
-                await self.aclose()
-                raise StopAsyncIteration
-            await self._advance(self._idle_s)
-        return self._pending.popleft()
-
-    async def prime(self) -> None:
-        """Read until the first line is translated (no idle limit: the caller bounds this wait)."""
-        while not self._pending and not self._translator.finished:
-            await self._advance(None)
-
-    async def _advance(self, idle_s: float | None) -> None:
-        # One line at a time, so an error line only counts for what came before it.
-        if self._lines:
-            self._pending.extend(self._translator.feed(decode_line(self._lines.popleft(), "Ollama")))
-        elif self._eof:
-            raise ProxyError(
-                502, "backend_error", f"Ollama at {self._base} ended the stream before it was done"
-            )
-        else:
-            await self._read(idle_s)
-
-    async def _read(self, idle_s: float | None) -> None:
-        try:
-            async with asyncio.timeout(idle_s):
-                data = await self._resp.content.readany()
-        except TimeoutError:
-            raise ProxyError(
-                504,
-                "stream_idle_timeout",
-                f"Ollama at {self._base} sent nothing for {idle_s * 1000:.0f} ms "
-                "(CHAT_PROXY_STREAM_IDLE_TIMEOUT_MS)",
-            ) from None
-        except aiohttp.ClientError as exc:
-            raise ProxyError(
-                502, "backend_error", f"the stream from Ollama at {self._base} broke: {_describe(exc)}"
-            ) from None
-        if data:
-            self._lines.extend(self._splitter.feed(data))
-        else:
-            self._lines.extend(self._splitter.close())
-            self._eof = True
-
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._translator.finished:
-            self._resp.release()  # keeps the connection for reuse when the body was read to the end
-        else:
-            self._resp.close()
-        self._lease.release()
+def _where(call: ChatCall) -> str:
+    return f"Ollama for {call.model!r}"
 
 
 @hookimpl
