@@ -13,7 +13,7 @@ import aiohttp
 import orjson
 
 from imageworks_proxy import keys
-from imageworks_proxy.adapters.base import Adapter, ChatCall, ChunkStream, Completion, default_installed
+from imageworks_proxy.adapters.base import Adapter, ChatCall, ChunkStream, Completion
 from imageworks_proxy.adapters.ollama.images import fetch_images_base64, png_where_needed
 from imageworks_proxy.adapters.ollama.request import (
     image_urls,
@@ -23,7 +23,7 @@ from imageworks_proxy.adapters.ollama.request import (
 )
 from imageworks_proxy.adapters.ollama.response import ChunkTranslator, completion_from_ollama
 from imageworks_proxy.adapters.ollama.stream import OllamaChunkStream
-from imageworks_proxy.adapters.ollama.tags import OllamaTags, tag_key
+from imageworks_proxy.adapters.ollama.tags import TagCache, tag_key
 from imageworks_proxy.catalogue.capabilities import Capabilities
 from imageworks_proxy.catalogue.registry import Entry, Registry
 from imageworks_proxy.errors import ProxyError
@@ -44,6 +44,11 @@ STREAM_COMMIT_AFTER_S = 2.0
 UNLOAD_POLL_S = 0.2
 _JSON = {"Content-Type": "application/json"}
 _START_HINT = "is `ollama serve` running?"
+#: The ``hint`` of that 503: its models stay listed (unavailable) while Ollama is down (docs/ollama.md).
+_START_ADVICE = (
+    "Start Ollama (`ollama serve`), or point the entry's backend_config.host/port or "
+    "CHAT_PROXY_OLLAMA_BASE_URL at where it runs."
+)
 
 
 class OllamaAdapter(Adapter):
@@ -53,7 +58,7 @@ class OllamaAdapter(Adapter):
 
     def __init__(self, app, config) -> None:
         super().__init__(app, config)
-        self.tags = OllamaTags(lambda: keys.http(app))
+        self.tags = TagCache(lambda: self.http)
         self.tenant = Tenant("ollama", "Ollama", start=None, stop=self.free_gpu)
         self._backend_s = config.backend_timeout_ms / 1000
         self._idle_s = config.stream_idle_timeout_ms / 1000
@@ -88,14 +93,14 @@ class OllamaAdapter(Adapter):
 
     # -- catalogue -----------------------------------------------------------------------------
     async def prepare_listing(self, entries: Sequence[Entry]) -> None:
-        # Only the very first listing waits, briefly; later ones use the last answer while refreshing.
-        await self.tags.refresh(self.base_url(e) for e in entries)
+        await self.tags.prepare(self.base_url(e) for e in entries)
 
     def installed(self, entry: Entry) -> bool | None:
-        tags = self.tags.tags(self.base_url(entry))
+        tags = self.tags.known(self.base_url(entry))
         if tags is None:
-            # Ollama unreachable (or not asked yet): list entries whose files we can see.
-            return default_installed(entry) if entry.download_path else False
+            # Ollama down (or not asked yet): whether the tag is pulled is unknown, and an importer-written
+            # download_path ("ollama:/<tag>") is no file; keep it listed, its status says unavailable.
+            return True
         tag = entry.ollama_tag
         return bool(tag) and tag_key(tag) in tags
 
@@ -103,6 +108,21 @@ class OllamaAdapter(Adapter):
         """What Ollama reports for the entry's tag (``/api/tags``, else ``/api/show``; cached)."""
         tag = entry.ollama_tag
         return await self.tags.capabilities(self.base_url(entry), tag) if tag else None
+
+    def not_installed_reason(self, entry: Entry) -> str:
+        tag = entry.ollama_tag or entry.name
+        return f"not installed: Ollama at {self.base_url(entry)} has no {tag!r} (ollama pull {tag})"
+
+    def model_status(self, entry: Entry) -> str | None:
+        base = self.base_url(entry)
+        if self.tags.down(base):
+            return "unavailable"
+        return "available" if self.tags.known(base) is not None else None
+
+    async def check_upstreams(self, entries: Sequence[Entry]) -> dict[str, bool]:
+        bases = sorted({self.base_url(e) for e in entries})
+        await asyncio.gather(*(self.tags.fetch(b) for b in bases))
+        return {b: not self.tags.down(b) for b in bases}
 
     # -- chat ----------------------------------------------------------------------------------
     async def chat(self, call: ChatCall) -> Completion | ChunkStream:
@@ -248,7 +268,9 @@ class OllamaAdapter(Adapter):
         try:
             yield
         except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
-            raise unreachable(where, call.request_id, f"{base}: {_describe(exc)}", _START_HINT) from None
+            error = unreachable(where, call.request_id, f"{base}: {_describe(exc)}", _START_HINT)
+            error.hint = _START_ADVICE
+            raise error from None
         except TimeoutError:
             raise ProxyError(
                 504,

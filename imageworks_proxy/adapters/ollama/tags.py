@@ -1,9 +1,15 @@
-"""What each Ollama has installed and what each tag can do, cached.
+"""What each Ollama server has pulled (``/api/tags``) and what each tag can do, cached: for the model list
+and for the capabilities known before a chat is sent (docs/ollama.md).
 
-``/api/tags`` is asked at most every few seconds per base URL, when ``/v1/models`` is listed or a chat needs
-it (the answer in hand is used while a newer one is fetched). Recent Ollama lists each tag's capabilities
-there; for a tag listed without them, ``/api/show`` is asked once and kept until the tag's digest changes
-(a new pull) or the registry changes (:meth:`OllamaTags.forget_shown`). Never one call per request.
+``/api/tags`` is asked at most every few seconds per base URL, in the background (the answer in hand is
+used meanwhile; only a base never asked is waited for, briefly). Recent Ollama lists each tag's
+capabilities there; for a tag listed without them, ``/api/show`` is asked once and kept until the tag's
+digest changes (a new pull) or the registry changes (:meth:`TagCache.forget_shown`). Never one call per
+request.
+
+An Ollama that does not answer is logged at WARNING when it goes away (and at INFO when it is back); its
+entries stay listed with ``extensions.status: "unavailable"``, since whether a tag is pulled cannot be
+known while it is down.
 """
 
 from __future__ import annotations
@@ -23,18 +29,17 @@ log = logging.getLogger("imageworks_proxy.ollama")
 
 TAGS_TTL_S = 5.0
 TAGS_TIMEOUT_S = 1.5
-#: How long a listing or a chat waits for a first ``/api/tags`` answer before going on without it.
+#: How long ``/v1/models`` (or a chat) waits for a first ``/api/tags`` answer before going on without it.
 FIRST_TAGS_WAIT_S = 0.3
 
 
 def tag_key(tag: str) -> str:
-    """``name`` and ``name:latest`` are the same tag to Ollama."""
-    return tag if ":" in tag else f"{tag}:latest"
+    return tag if ":" in tag else f"{tag}:latest"  # Ollama's "llama3" is "llama3:latest"
 
 
 @attrs.frozen
 class TagInfo:
-    """One installed tag: its digest, and its capabilities when ``/api/tags`` lists them."""
+    """One pulled tag: its digest, and its capabilities when ``/api/tags`` lists them."""
 
     digest: str | None
     capabilities: Capabilities | None
@@ -52,15 +57,13 @@ def _parse_tags(data: Any) -> dict[str, TagInfo]:
     return out
 
 
-class OllamaTags:
-    """The tag and capability caches of one adapter, over every Ollama base URL it talks to.
-
-    ``http`` returns the app's client session. Background fetches are owned here; :meth:`close` ends them.
-    """
+class TagCache:
+    """``/api/tags`` answers per Ollama base URL, and ``/api/show`` answers per tag. ``http`` returns the
+    app's client session; background fetches are owned here and :meth:`close` ends them."""
 
     def __init__(self, http: Callable[[], aiohttp.ClientSession]) -> None:
         self._http = http
-        # base url -> (fetched_at, tag -> info, or None when Ollama was unreachable)
+        # base url -> (fetched_at, tag -> info, or None when unreachable)
         self._tags: dict[str, tuple[float, dict[str, TagInfo] | None]] = {}
         self._refreshing: dict[str, asyncio.Task[None]] = {}
         # (base url, tag) -> (digest it was asked for, what /api/show said or None)
@@ -80,27 +83,36 @@ class OllamaTags:
         self._shown.clear()
 
     # -- /api/tags ------------------------------------------------------------------------------
-    async def _fetch_tags(self, base: str) -> None:
+    async def fetch(self, base: str) -> None:
+        """Ask ``base`` for its tags now (at most ``TAGS_TIMEOUT_S``) and remember the answer."""
         tags: dict[str, TagInfo] | None
         try:
             timeout = aiohttp.ClientTimeout(total=TAGS_TIMEOUT_S)
             async with self._http().get(f"{base}/api/tags", timeout=timeout) as resp:
                 resp.raise_for_status()
                 tags = _parse_tags(await resp.json(content_type=None))
+            error = None
         except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError) as exc:
-            log.debug("ollama /api/tags at %s unavailable: %s", base, exc)
-            tags = None
+            tags, error = None, exc
+        before = self._tags.get(base)
         self._tags[base] = (time.monotonic(), tags)
+        if tags is None and (before is None or before[1] is not None):
+            log.warning(
+                "Ollama at %s does not answer (%s: %s); its models are listed as unavailable until it does "
+                "(is `ollama serve` running?)", base, type(error).__name__, error or "no answer",
+            )
+        elif tags is not None and before is not None and before[1] is None:
+            log.info("Ollama at %s answers again", base)
 
     def _refresh(self, base: str) -> asyncio.Task[None]:
         task = self._refreshing.get(base)
         if task is None or task.done():
-            task = asyncio.get_running_loop().create_task(self._fetch_tags(base))
+            task = asyncio.get_running_loop().create_task(self.fetch(base), name=f"ollama-tags {base}")
             self._refreshing[base] = task
         return task
 
-    async def refresh(self, bases: Iterable[str]) -> None:
-        """Refresh stale tag lists in the background; wait (briefly) only for a base never asked yet."""
+    async def prepare(self, bases: Iterable[str]) -> None:
+        """Refresh stale answers in the background; only a base never asked is waited for, briefly."""
         now = time.monotonic()
         first: list[asyncio.Task[None]] = []
         for base in set(bases):
@@ -112,18 +124,27 @@ class OllamaTags:
         if first:
             await asyncio.wait(first, timeout=FIRST_TAGS_WAIT_S)
 
-    def tags(self, base: str) -> dict[str, TagInfo] | None:
-        """The tags installed at ``base`` as last seen; ``None`` when unknown or unreachable."""
+    def _infos(self, base: str) -> dict[str, TagInfo] | None:
         cached = self._tags.get(base)
         return cached[1] if cached else None
+
+    def known(self, base: str) -> frozenset[str] | None:
+        """The tags ``base`` reported last; ``None`` when it has not answered (yet)."""
+        infos = self._infos(base)
+        return frozenset(infos) if infos is not None else None
+
+    def down(self, base: str) -> bool:
+        """Whether ``base`` was asked and did not answer."""
+        cached = self._tags.get(base)
+        return cached is not None and cached[1] is None
 
     # -- capabilities ---------------------------------------------------------------------------
     async def capabilities(self, base: str, tag: str) -> Capabilities | None:
         """What Ollama at ``base`` says ``tag`` can do: from ``/api/tags``, else ``/api/show`` (asked once
         per digest). ``None`` when Ollama is unreachable, does not have the tag or does not say."""
-        await self.refresh([base])
+        await self.prepare([base])
         tag = tag_key(tag)
-        info = (self.tags(base) or {}).get(tag)
+        info = (self._infos(base) or {}).get(tag)
         if info is None:
             return None
         if info.capabilities is not None:
