@@ -229,10 +229,14 @@ class ModelService:
             entry = item.entry
             adapter = self._routes.get(entry.name)
             if self._hidden(entry, adapter) is None:
-                has_template = self._fs_facts(entry)[1]
-                caps = await self.capabilities.effective(entry, adapter)
-                data.append(self._model_object(item.id, entry, adapter, created, has_template, caps))
-        return {"object": "list", "data": data}
+                data.append((item.id, entry, adapter))
+        # all at once: an adapter that must ask its server waits once for all entries, not once per entry
+        caps = await asyncio.gather(*(self.capabilities.effective(e, a) for _, e, a in data))
+        models = [
+            self._model_object(public_id, entry, adapter, created, self._fs_facts(entry)[1], c)
+            for (public_id, entry, adapter), c in zip(data, caps, strict=True)
+        ]
+        return {"object": "list", "data": models}
 
     def _model_object(
         self,

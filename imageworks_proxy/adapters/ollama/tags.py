@@ -29,8 +29,11 @@ log = logging.getLogger("imageworks_proxy.ollama")
 
 TAGS_TTL_S = 5.0
 TAGS_TIMEOUT_S = 1.5
-#: How long ``/v1/models`` (or a chat) waits for a first ``/api/tags`` answer before going on without it.
+#: How long the first ``/v1/models`` (or chat) waits for a base's first ``/api/tags`` answer before going on
+#: without it; later ones never wait.
 FIRST_TAGS_WAIT_S = 0.3
+#: How long a chat or listing waits for a tag's ``/api/show`` (it goes on in the background and is kept).
+SHOW_WAIT_S = 0.3
 
 
 def tag_key(tag: str) -> str:
@@ -66,6 +69,7 @@ class TagCache:
         # base url -> (fetched_at, tag -> info, or None when unreachable)
         self._tags: dict[str, tuple[float, dict[str, TagInfo] | None]] = {}
         self._refreshing: dict[str, asyncio.Task[None]] = {}
+        self._waited: set[str] = set()
         # (base url, tag) -> (digest it was asked for, what /api/show said or None)
         self._shown: dict[tuple[str, str], tuple[str | None, Capabilities | None]] = {}
         self._showing: dict[tuple[str, str], asyncio.Task[Capabilities | None]] = {}
@@ -112,14 +116,16 @@ class TagCache:
         return task
 
     async def prepare(self, bases: Iterable[str]) -> None:
-        """Refresh stale answers in the background; only a base never asked is waited for, briefly."""
+        """Refresh stale answers in the background; only the first asker of a base never answered waits,
+        briefly (so a hung Ollama costs one listing or chat ``FIRST_TAGS_WAIT_S``, not every one)."""
         now = time.monotonic()
         first: list[asyncio.Task[None]] = []
         for base in set(bases):
             cached = self._tags.get(base)
             if cached is None or now - cached[0] > TAGS_TTL_S:
                 task = self._refresh(base)
-                if cached is None:
+                if cached is None and base not in self._waited:
+                    self._waited.add(base)
                     first.append(task)
         if first:
             await asyncio.wait(first, timeout=FIRST_TAGS_WAIT_S)
@@ -158,7 +164,7 @@ class TagCache:
             task = asyncio.get_running_loop().create_task(self._show(base, tag, info.digest))
             self._showing[key] = task
             task.add_done_callback(lambda _: self._showing.pop(key, None))
-        done, _ = await asyncio.wait({task}, timeout=TAGS_TIMEOUT_S)
+        done, _ = await asyncio.wait({task}, timeout=SHOW_WAIT_S)
         return task.result() if done else None
 
     async def _show(self, base: str, tag: str, digest: str | None) -> Capabilities | None:
