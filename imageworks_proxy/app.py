@@ -19,7 +19,7 @@ from imageworks_proxy.config import Config, load_config
 from imageworks_proxy.gpu.nvml import Gpu
 from imageworks_proxy.gpu.scheduler import GpuScheduler
 from imageworks_proxy.http.middlewares import access_log_middleware, auth_middleware, error_middleware
-from imageworks_proxy.http.views import chat, info
+from imageworks_proxy.http.views import chat, completions, embeddings, info
 from imageworks_proxy.http.views import metrics as metrics_views
 from imageworks_proxy.pipeline.stage import Pipeline, Stage
 from imageworks_proxy.plugins import (
@@ -145,6 +145,8 @@ def create_app(
     app.router.add_get("/v1/models", info.list_models, name="models")
     app.router.add_get("/v1/plugins", info.list_plugins, name="plugins")
     app.router.add_post("/v1/chat/completions", chat.chat_completions, name="chat")
+    app.router.add_post("/v1/embeddings", embeddings.embeddings, name="embeddings")
+    app.router.add_post("/v1/completions", completions.completions, name="completions")
     app.cleanup_ctx.append(_resources)
     app.cleanup_ctx.append(autostart_ctx)
     call_each(pm, "startup", app=app)

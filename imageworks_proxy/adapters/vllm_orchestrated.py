@@ -21,9 +21,10 @@ from typing import Any
 from aiohttp import web
 
 from imageworks_proxy import keys
-from imageworks_proxy.adapters.base import ChatCall, ChunkStream, Completion
+from imageworks_proxy.adapters.base import ChatCall, ChunkStream, Completion, Embeddings
 from imageworks_proxy.adapters.vllm_external import VllmExternalAdapter
 from imageworks_proxy.catalogue.registry import Entry, Registry
+from imageworks_proxy.catalogue.service import model_kind
 from imageworks_proxy.config import Config
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.gpu.scheduler import GpuScheduler
@@ -246,6 +247,20 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
                 return result
             return self._hold(result, lease)
 
+    async def embeddings(self, call: ChatCall) -> Embeddings:
+        """Only for entries marked as embedding models: starting a chat model for an embeddings request
+        would evict the running model just to be refused."""
+        if "embedding" not in call.entry.capabilities:
+            raise ProxyError(
+                409,
+                "capability_mismatch",
+                f"Model {call.model!r} is not an embedding model: its registry entry does not list the "
+                "\"embedding\" capability (vLLM serves embeddings from a model started with "
+                "--runner pooling in backend_config.extra_args).",
+                param="model",
+            )
+        return await super().embeddings(call)
+
     async def _hold(self, chunks: ChunkStream, lease: Lease) -> AsyncIterator[dict[str, Any]]:
         try:
             async for chunk in chunks:
@@ -263,7 +278,7 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
     async def activate(self, entry: Entry) -> dict[str, Any]:
         """Make ``entry`` the active model (waiting for in-flight requests on another one to finish),
         ignoring a start-failure backoff. Returns :meth:`public_state`."""
-        if self.config.require_template:
+        if self.config.require_template and model_kind(entry) == "chat":  # embedding models need none
             check_template(entry)
         lease = await self.acquire(entry, _Activation(), force=True)
         lease.release()

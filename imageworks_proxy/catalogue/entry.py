@@ -83,6 +83,9 @@ class BackendConfig:
     extra_args: tuple[str, ...] = ()
     adapter: str | None = None
     api_key_env: str | None = None
+    #: ``False``: the model runs without the GPU (a CPU embedding model), so its requests take no GPU
+    #: tenancy; ``None`` (absent): it uses the GPU.
+    gpu: bool | None = None
 
 
 @attrs.frozen

@@ -24,6 +24,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 #: Route names that never need an API key.
 PUBLIC_ROUTES = frozenset({"health"})
+#: Routes served by adapters: their requests count as in flight in the metrics.
+ADAPTER_ROUTES = frozenset({"chat", "embeddings", "completions"})
 #: Routes polled by health checks and scrapers: their access lines are DEBUG, not INFO.
 QUIET_ROUTES = frozenset({"health", "metrics", "prometheus"})
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f\"\\]")
@@ -42,7 +44,10 @@ def _http_exception_error(exc: web.HTTPException) -> ProxyError:
     status = exc.status
     if status == 404:
         return ProxyError(
-            404, "not_found", "Unknown route. The proxy serves /v1/models, /v1/chat/completions, /v1/health."
+            404,
+            "not_found",
+            "Unknown route. The proxy serves /v1/models, /v1/chat/completions, /v1/embeddings, "
+            "/v1/completions, /v1/health.",
         )
     if status == 405:
         return ProxyError(
@@ -116,14 +121,14 @@ def _clean(text: str, limit: int) -> str:
 async def access_log_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """One line per request: method, path, model, status, ms and request id (never bodies or headers).
 
-    Outermost middleware, so it sees the final status of error responses too. Also counts chat requests
-    in flight for the metrics.
+    Outermost middleware, so it sees the final status of error responses too. Also counts requests on the
+    adapter routes (chat, embeddings, text completions) in flight for the metrics.
     """
     started = time.perf_counter()
     rid = request_id(request)
     route = request.match_info.route
     route_name = getattr(route, "name", None)
-    metrics = request.app.get(keys.METRICS) if route_name == "chat" else None
+    metrics = request.app.get(keys.METRICS) if route_name in ADAPTER_ROUTES else None
     if metrics is not None:
         metrics.in_flight += 1
     status = 500

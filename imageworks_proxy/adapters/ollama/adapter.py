@@ -1,20 +1,34 @@
-"""Built-in adapter plugin: Ollama through its native ``/api/chat``."""
+"""Built-in adapter plugin: Ollama through its native API: ``/api/chat`` for chat, ``/api/embed`` for
+embeddings, ``/api/generate`` for text completions."""
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import aiohttp
+import attrs
 import orjson
 
 from imageworks_proxy import keys
-from imageworks_proxy.adapters.base import Adapter, ChatCall, ChunkStream, Completion, default_installed
+from imageworks_proxy.adapters.base import (
+    Adapter,
+    ChatCall,
+    ChunkStream,
+    Completion,
+    Embeddings,
+    default_installed,
+)
+from imageworks_proxy.adapters.ollama.embed import embeddings_from_ollama, to_embed_request
+from imageworks_proxy.adapters.ollama.generate import (
+    GenerateTranslator,
+    completion_from_generate,
+    to_generate_request,
+)
 from imageworks_proxy.adapters.ollama.images import fetch_images_base64
 from imageworks_proxy.adapters.ollama.request import (
     image_urls,
@@ -23,13 +37,13 @@ from imageworks_proxy.adapters.ollama.request import (
     to_ollama_request,
 )
 from imageworks_proxy.adapters.ollama.response import ChunkTranslator, completion_from_ollama
+from imageworks_proxy.adapters.ollama.stream import LineTranslator, OllamaChunkStream, describe
 from imageworks_proxy.catalogue.registry import Entry
 from imageworks_proxy.errors import ProxyError, backend_unavailable
 from imageworks_proxy.gpu.tenancy import Lease, NoLease, Tenant, tenancy
 from imageworks_proxy.hookspecs import hookimpl
 from imageworks_proxy.upstream.autostart import ensure_started
 from imageworks_proxy.upstream.errors import json_error_message
-from imageworks_proxy.upstream.ndjson import NdjsonSplitter, decode_line
 from imageworks_proxy.upstream.urls import apply_loopback_alias, entry_base_url
 
 log = logging.getLogger("imageworks_proxy.ollama")
@@ -51,10 +65,21 @@ def _tag_key(tag: str) -> str:
     return tag if ":" in tag else f"{tag}:latest"
 
 
+@attrs.frozen
+class _Exchange:
+    """One call to Ollama's native API and the way back: ``reply`` turns the whole JSON answer into the
+    OpenAI object; ``lines`` makes the line translator of a streamed answer."""
+
+    path: str
+    payload: dict[str, Any]
+    reply: Callable[[dict[str, Any]], dict[str, Any]]
+    lines: Callable[[], LineTranslator] | None = None
+
+
 class OllamaAdapter(Adapter):
     name = "ollama"
     backends = ("ollama",)
-    description = "Ollama via its native /api/chat, translated to and from the OpenAI API"
+    description = "Ollama via its native API (/api/chat, /api/embed, /api/generate), translated both ways"
 
     def __init__(self, app, config) -> None:
         super().__init__(app, config)
@@ -137,7 +162,10 @@ class OllamaAdapter(Adapter):
         tag = entry.ollama_tag
         return bool(tag) and _tag_key(tag) in tags
 
-    # -- chat ----------------------------------------------------------------------------------
+    # -- the three routes ----------------------------------------------------------------------
+    def _tag(self, call: ChatCall) -> str:
+        return str(call.body.get("model") or call.entry.ollama_tag or call.entry.name)
+
     async def chat(self, call: ChatCall) -> Completion | ChunkStream:
         """Translate the OpenAI request to ``/api/chat``, send it and translate the answer back.
 
@@ -145,55 +173,91 @@ class OllamaAdapter(Adapter):
         until the response (stream included) is over.
         """
         entry = call.entry
-        base = self.base_url(entry)
-        tag = str(call.body.get("model") or entry.ollama_tag or entry.name)
         # Images are fetched and the request translated before taking the GPU, so bad input fails fast.
         fetched = await fetch_images_base64(
             self.http, image_urls(call.body), max_bytes=self.config.max_image_bytes, timeout_s=self._backend_s
         )
         payload = to_ollama_request(
             call.body,
-            model=tag,
+            model=self._tag(call),
             stream=call.stream,
             num_ctx=parse_num_ctx(entry.backend_config.extra_args),
             keep_alive=self._keep_alive,
             fetched=fetched,
         )
+        return await self._exchange(call, _Exchange(
+            "/api/chat",
+            payload,
+            reply=lambda data: completion_from_ollama(data, model=call.model),
+            # Always translate Ollama's eval counts into a usage chunk: the request log gets real token
+            # counts, and the conformance stage passes the chunk on only when the client asked for it.
+            lines=lambda: ChunkTranslator(model=call.model, include_usage=True),
+        ))
+
+    async def embeddings(self, call: ChatCall) -> Embeddings:
+        """``/v1/embeddings`` through ``/api/embed``; a lease like chat's unless the entry says
+        ``backend_config.gpu: false``."""
+        payload = to_embed_request(call.body, model=self._tag(call), keep_alive=self._keep_alive)
+        dims = payload.get("dimensions")
+
+        def reply(data: dict[str, Any]) -> dict[str, Any]:
+            return embeddings_from_ollama(data, model=call.model, dimensions=dims)
+
+        return await self._exchange(call, _Exchange("/api/embed", payload, reply))  # type: ignore[return-value]
+
+    async def completions(self, call: ChatCall) -> Completion | ChunkStream:
+        """``/v1/completions`` through ``/api/generate`` (``suffix`` for fill-in-the-middle), streamed as
+        ``text_completion`` chunks."""
+        payload = to_generate_request(
+            call.body,
+            model=self._tag(call),
+            stream=call.stream,
+            num_ctx=parse_num_ctx(call.entry.backend_config.extra_args),
+            keep_alive=self._keep_alive,
+        )
+        echo = payload["prompt"] if call.body.get("echo") is True else None
+        return await self._exchange(call, _Exchange(
+            "/api/generate",
+            payload,
+            reply=lambda data: completion_from_generate(data, model=call.model, echo=echo),
+            lines=lambda: GenerateTranslator(model=call.model, echo=echo),
+        ))
+
+    async def _exchange(self, call: ChatCall, ex: _Exchange) -> Completion | ChunkStream:
+        base = self.base_url(call.entry)
         for attempt in (0, 1):
             try:
-                return await self._send(call, base, tag, payload)
+                return await self._send(call, base, ex)
             except ProxyError as exc:
                 # Connection refused: an autostart command for this entry may bring Ollama up; retry once.
                 if (
                     attempt == 0
                     and exc.code == "backend_unavailable"
-                    and await ensure_started(self.app, entry, call)
+                    and await ensure_started(self.app, call.entry, call)
                 ):
                     continue
                 raise
         raise AssertionError("unreachable")
 
-    async def _send(
-        self, call: ChatCall, base: str, tag: str, payload: dict[str, Any]
-    ) -> Completion | ChunkStream:
+    async def _send(self, call: ChatCall, base: str, ex: _Exchange) -> Completion | ChunkStream:
         lease = await self._acquire(call)
         if not call.stream:
             try:
-                return await self._complete(call, base, tag, payload)
+                return await self._complete(call, base, ex)
             finally:
                 lease.release()
         try:
-            return await self._open_stream_kept_alive(call, base, tag, payload, lease)
+            return await self._open_stream_kept_alive(call, base, ex, lease)
         except BaseException:
             lease.release()
             raise
 
     async def _open_stream_kept_alive(
-        self, call: ChatCall, base: str, tag: str, payload: dict[str, Any], lease: Lease
+        self, call: ChatCall, base: str, ex: _Exchange, lease: Lease
     ) -> ChunkStream:
         """Open the stream; if Ollama is slow to start it (loading the model), commit the SSE response and
         send keep-alives meanwhile. Fast failures stay JSON error responses."""
-        opening = asyncio.ensure_future(self._open_stream(call, base, tag, payload, lease))
+        opening = asyncio.ensure_future(self._open_stream(call, base, ex, lease))
         try:
             done, _ = await asyncio.wait({opening}, timeout=self.stream_commit_after_s)
             if not done:
@@ -207,7 +271,7 @@ class OllamaAdapter(Adapter):
         return await opening
 
     async def _acquire(self, call: ChatCall) -> Lease:
-        if not self.config.gpu_exclusive:
+        if not self.config.gpu_exclusive or call.entry.backend_config.gpu is False:
             return NoLease()
         started = time.perf_counter()
         lease = await tenancy(self.app).acquire(self.tenant, call)
@@ -215,16 +279,16 @@ class OllamaAdapter(Adapter):
         call.queue_ms += (time.perf_counter() - started) * 1000
         return lease
 
-    async def _complete(self, call: ChatCall, base: str, tag: str, payload: dict[str, Any]) -> Completion:
+    async def _complete(self, call: ChatCall, base: str, ex: _Exchange) -> Completion:
         timeout = aiohttp.ClientTimeout(total=self._backend_s, sock_connect=self._connect_s)
         with self._upstream_errors(base):
             async with self.http.post(
-                f"{base}/api/chat", data=orjson.dumps(payload), headers=_JSON, timeout=timeout
+                base + ex.path, data=orjson.dumps(ex.payload), headers=_JSON, timeout=timeout
             ) as resp:
                 status = resp.status
                 raw = await resp.read()
         if status >= 400:
-            raise self._http_error(status, raw, call, tag, base)
+            raise self._http_error(status, raw, call, ex, base)
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -233,27 +297,23 @@ class OllamaAdapter(Adapter):
             raise ProxyError(502, "backend_error", f"Ollama at {base} sent a reply that is not a JSON object")
         if data.get("error"):
             raise ProxyError(502, "backend_error", f"Ollama error: {json_error_message(raw)}")
-        return completion_from_ollama(data, model=call.model)
+        return ex.reply(data)
 
-    async def _open_stream(
-        self, call: ChatCall, base: str, tag: str, payload: dict[str, Any], lease: Lease
-    ) -> ChunkStream:
+    async def _open_stream(self, call: ChatCall, base: str, ex: _Exchange, lease: Lease) -> ChunkStream:
+        assert ex.lines is not None
         # No total timeout: the backend timeout covers the wait for the first line, the idle timeout each
         # later read.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_s)
-        # Always translate Ollama's eval counts into a usage chunk: the request log gets real token counts,
-        # and the conformance stage passes the chunk on only when the client asked for include_usage.
-        translator = ChunkTranslator(model=call.model, include_usage=True)
         resp: aiohttp.ClientResponse | None = None
         try:
             with self._upstream_errors(base):
                 async with asyncio.timeout(self._backend_s):
                     resp = await self.http.post(
-                        f"{base}/api/chat", data=orjson.dumps(payload), headers=_JSON, timeout=timeout
+                        base + ex.path, data=orjson.dumps(ex.payload), headers=_JSON, timeout=timeout
                     )
                     if resp.status >= 400:
-                        raise self._http_error(resp.status, await resp.read(), call, tag, base)
-                    stream = OllamaChunkStream(resp, translator, base=base, idle_s=self._idle_s, lease=lease)
+                        raise self._http_error(resp.status, await resp.read(), call, ex, base)
+                    stream = OllamaChunkStream(resp, ex.lines(), base=base, idle_s=self._idle_s, lease=lease)
                     # Ollama sends its headers with the first line, so waiting for that line costs nothing and
                     # lets an immediate {"error": ...} line (e.g. a prompt the model cannot take) become a
                     # proper JSON error response instead of an in-band one.
@@ -282,16 +342,17 @@ class OllamaAdapter(Adapter):
             raise self._unreachable(base, exc) from None
         except aiohttp.ClientError as exc:
             raise ProxyError(
-                502, "backend_error", f"talking to Ollama at {base} failed: {_describe(exc)}"
+                502, "backend_error", f"talking to Ollama at {base} failed: {describe(exc)}"
             ) from None
 
     def _unreachable(self, base: str, exc: BaseException) -> ProxyError:
         return backend_unavailable(
-            f"Ollama at {base} is unreachable ({_describe(exc)}); is `ollama serve` running?"
+            f"Ollama at {base} is unreachable ({describe(exc)}); is `ollama serve` running?"
         )
 
-    def _http_error(self, status: int, raw: bytes, call: ChatCall, tag: str, base: str) -> ProxyError:
+    def _http_error(self, status: int, raw: bytes, call: ChatCall, ex: _Exchange, base: str) -> ProxyError:
         message = json_error_message(raw)
+        tag = ex.payload.get("model")
         if status == 404 and message is not None:
             return ProxyError(
                 404,
@@ -299,6 +360,14 @@ class OllamaAdapter(Adapter):
                 f"Model {call.model!r} (Ollama tag {tag!r}) is not available in Ollama at {base}: {message}",
                 param="model",
                 hint=f"install it with: ollama pull {tag}",
+            )
+        if status == 501 and ex.path == "/api/embed":
+            # the model's runner was started without embeddings: it is not an embedding model
+            return ProxyError(
+                409,
+                "capability_mismatch",
+                f"Model {call.model!r} (Ollama tag {tag!r}) does not make embeddings; Ollama said: {message}",
+                param="model",
             )
         if status >= 500 or message is None:
             detail = message or f"HTTP {status}: {raw[:200].decode('utf-8', 'replace')}"
@@ -379,104 +448,7 @@ class OllamaAdapter(Adapter):
                 if resp.status >= 400:
                     log.warning("Ollama at %s refused to unload %s: HTTP %s", base, name, resp.status)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("unloading %s from Ollama at %s failed: %s", name, base, _describe(exc))
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-class OllamaChunkStream:
-    """The chunks of one streamed Ollama reply; owns the upstream response and the tenancy lease.
-
-    Closing it (the core always does) closes the upstream connection, which makes Ollama stop
-    generating, and releases the lease. Errors while iterating are :class:`ProxyError`: 504
-    ``stream_idle_timeout`` after ``CHAT_PROXY_STREAM_IDLE_TIMEOUT_MS`` without bytes, 502
-    ``backend_error`` for an ``{"error": ...}`` line, bad data or a stream cut short.
-    """
-
-    def __init__(
-        self,
-        resp: aiohttp.ClientResponse,
-        translator: ChunkTranslator,
-        *,
-        base: str,
-        idle_s: float,
-        lease: Lease,
-    ) -> None:
-        self._resp = resp
-        self._translator = translator
-        self._base = base
-        self._idle_s = idle_s
-        self._lease = lease
-        self._splitter = NdjsonSplitter()
-        self._lines: collections.deque[bytes] = collections.deque()
-        self._pending: collections.deque[dict[str, Any]] = collections.deque()
-        self._eof = False
-        self._closed = False
-
-    @property
-    def usage(self) -> dict[str, int] | None:
-        return self._translator.usage
-
-    def __aiter__(self) -> OllamaChunkStream:
-        return self
-
-    async def __anext__(self) -> dict[str, Any]:
-        while not self._pending:
-            if self._closed or self._translator.finished:
-                await self.aclose()
-                raise StopAsyncIteration
-            await self._advance(self._idle_s)
-        return self._pending.popleft()
-
-    async def prime(self) -> None:
-        """Read until the first line is translated (no idle limit: the caller bounds this wait)."""
-        while not self._pending and not self._translator.finished:
-            await self._advance(None)
-
-    async def _advance(self, idle_s: float | None) -> None:
-        # One line at a time, so an error line only counts for what came before it.
-        if self._lines:
-            self._pending.extend(self._translator.feed(decode_line(self._lines.popleft(), "Ollama")))
-        elif self._eof:
-            raise ProxyError(
-                502, "backend_error", f"Ollama at {self._base} ended the stream before it was done"
-            )
-        else:
-            await self._read(idle_s)
-
-    async def _read(self, idle_s: float | None) -> None:
-        try:
-            async with asyncio.timeout(idle_s):
-                data = await self._resp.content.readany()
-        except TimeoutError:
-            raise ProxyError(
-                504,
-                "stream_idle_timeout",
-                f"Ollama at {self._base} sent nothing for {idle_s * 1000:.0f} ms "
-                "(CHAT_PROXY_STREAM_IDLE_TIMEOUT_MS)",
-            ) from None
-        except aiohttp.ClientError as exc:
-            raise ProxyError(
-                502, "backend_error", f"the stream from Ollama at {self._base} broke: {_describe(exc)}"
-            ) from None
-        if data:
-            self._lines.extend(self._splitter.feed(data))
-        else:
-            self._lines.extend(self._splitter.close())
-            self._eof = True
-
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._translator.finished:
-            self._resp.release()  # keeps the connection for reuse when the body was read to the end
-        else:
-            self._resp.close()
-        self._lease.release()
+            log.warning("unloading %s from Ollama at %s failed: %s", name, base, describe(exc))
 
 
 @hookimpl

@@ -4,8 +4,10 @@
 imageworks_proxy.testing.fakes.vllm`` runs it too).
 
 Accepts vLLM's flags (``--model --host --port --served-model-name --gpu-memory-utilization
---max-model-len --chat-template`` and any other ``--flag``), serves ``/health``, ``/v1/models`` and
-``/v1/chat/completions`` (JSON and SSE). Like vLLM it does not accept connections until it is ready.
+--max-model-len --chat-template --runner`` and any other ``--flag``), serves ``/health``, ``/v1/models``,
+``/v1/chat/completions`` (JSON and SSE) and ``/v1/completions`` (JSON); with ``--runner pooling`` it is an
+embedding model instead, like vLLM: ``/v1/embeddings`` and no generation routes (404). Like vLLM it does
+not accept connections until it is ready.
 
 Test controls (flags, usually put in a registry entry's ``extra_args``):
   --fake-start-delay S     seconds before listening (default 0.2)
@@ -59,6 +61,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--chat-template")
+    p.add_argument("--runner", default="auto")
     p.add_argument(
         "--fake-start-delay", type=float, default=float(os.environ.get("FAKE_VLLM_START_DELAY", 0.2))
     )
@@ -283,6 +286,31 @@ class Fake:
         await resp.write_eof()
         return resp
 
+    async def completions(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if body.get("model") != self.served:
+            error = {"message": f"The model `{body.get('model')}` does not exist.", "type": "NotFoundError",
+                     "param": None, "code": 404}
+            return web.json_response({"error": error}, status=404)
+        text = f"completed by {self.served} pid {PID}"
+        return web.json_response({
+            "id": f"cmpl-fake{PID}", "object": "text_completion", "created": int(time.time()),
+            "model": self.served,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8},
+        })
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        inputs = body.get("input")
+        inputs = inputs if isinstance(inputs, list) else [inputs]
+        data = [{"index": i, "object": "embedding", "embedding": [0.6, 0.8, float(PID % 7)]}
+                for i, _ in enumerate(inputs)]
+        return web.json_response({
+            "id": f"embd-fake{PID}", "object": "list", "created": int(time.time()), "model": self.served,
+            "data": data, "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
+        })
+
     # -- main --------------------------------------------------------------------------------------
     async def run(self) -> int:
         a = self.args
@@ -319,7 +347,11 @@ class Fake:
         app = web.Application()
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
-        app.router.add_post("/v1/chat/completions", self.chat)
+        if a.runner == "pooling":  # vLLM only registers the routes of the tasks the model supports
+            app.router.add_post("/v1/embeddings", self.embeddings)
+        else:
+            app.router.add_post("/v1/chat/completions", self.chat)
+            app.router.add_post("/v1/completions", self.completions)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, a.host, a.port, reuse_address=True)
