@@ -83,4 +83,4 @@ async def test_an_embedding_model_on_the_gpu_takes_its_turn_like_chat(proxy, tmp
     await sdk.embeddings.create(model="cpu embed", input="text")
     assert stops(tmp_path) == ["served-chat"]  # vLLM was stopped before Ollama took the GPU
     health = await (await client.get("/v1/health")).json()
-    assert health["vllm"]["state"] == "stopped"
+    assert health["tenancy"]["active"] == "ollama" and health["vllm"]["state"] == "stopped"

@@ -159,6 +159,7 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
             revision=revision,
             exclusive=True,  # one vLLM at a time: they share the port and most of the GPU memory
             model=entry.name,
+            idle_unload_s=self.config.vllm_idle_unload_s,
         )
 
     def _tenant_for_name(self, name: str) -> Tenant:
@@ -169,7 +170,12 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
             except ProxyError:
                 pass
         return Tenant(
-            TENANT_PREFIX + name, f"vLLM model {name!r}", stop=self._stop, exclusive=True, model=name
+            TENANT_PREFIX + name,
+            f"vLLM model {name!r}",
+            stop=self._stop,
+            exclusive=True,
+            model=name,
+            idle_unload_s=self.config.vllm_idle_unload_s,
         )
 
     async def _stop(self) -> None:
@@ -292,7 +298,8 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
     # -- state ---------------------------------------------------------------------------------
     def public_state(self) -> dict[str, Any]:
         """``{"active": logical name or None, "state": "stopped"|"loading"|"loaded"|"draining"|"stopping",
-        ...}`` for ``/v1/health`` and the admin API. Never does I/O."""
+        ..., "idle_unload_s": the idle limit or None, "idle_unload_in_s": seconds until the idle model is
+        stopped or None}`` for ``/v1/health`` and the admin API. Never does I/O."""
         sup = self.supervisor
         inst = sup.instance
         sched = self.scheduler
@@ -326,6 +333,9 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
         }
         out["queue_depth"] = sched.queue_depth
         out["inflight"] = sched.inflight if sched.active is not None and is_vllm_tenant(sched.active) else 0
+        out["idle_unload_s"] = self.config.vllm_idle_unload_s or None
+        # seconds until the running model is stopped for idleness; None: no such stop is pending
+        out["idle_unload_in_s"] = sched.idle.remaining_s(TENANT_PREFIX + active) if active else None
         return out
 
     def stats(self) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from imageworks_proxy.adapters.ollama.response import ChunkTranslator, completio
 from imageworks_proxy.adapters.ollama.stream import LineTranslator, OllamaChunkStream, describe
 from imageworks_proxy.catalogue.registry import Entry
 from imageworks_proxy.errors import ProxyError, backend_unavailable
+from imageworks_proxy.gpu.scheduler import GpuScheduler
 from imageworks_proxy.gpu.tenancy import Lease, NoLease, Tenant, tenancy
 from imageworks_proxy.hookspecs import hookimpl
 from imageworks_proxy.upstream.autostart import ensure_started
@@ -79,6 +80,7 @@ class _Exchange:
 class OllamaAdapter(Adapter):
     name = "ollama"
     backends = ("ollama",)
+    state_key = "ollama"
     description = "Ollama via its native API (/api/chat, /api/embed, /api/generate), translated both ways"
 
     def __init__(self, app, config) -> None:
@@ -86,7 +88,9 @@ class OllamaAdapter(Adapter):
         # base url -> (fetched_at, tags or None when unreachable)
         self._tags: dict[str, tuple[float, frozenset[str] | None]] = {}
         self._refreshing: dict[str, asyncio.Task[None]] = {}
-        self.tenant = Tenant("ollama", "Ollama", start=None, stop=self.free_gpu)
+        self.tenant = Tenant(
+            "ollama", "Ollama", start=None, stop=self.free_gpu, idle_unload_s=config.ollama_idle_unload_s
+        )
         self._backend_s = config.backend_timeout_ms / 1000
         self._idle_s = config.stream_idle_timeout_ms / 1000
         self._connect_s = min(CONNECT_TIMEOUT_S, self._backend_s)
@@ -102,6 +106,28 @@ class OllamaAdapter(Adapter):
             # Ollama may hold GPU memory from before this proxy started: it must unload before another
             # tenant (a vLLM start) takes the GPU.
             tenancy(self.app).add_resident(self.tenant)
+        elif self.config.ollama_idle_unload_s:
+            log.warning(
+                "CHAT_PROXY_OLLAMA_IDLE_UNLOAD_S does nothing with CHAT_PROXY_GPU_EXCLUSIVE=0 (Ollama is not "
+                "a GPU tenant then); CHAT_PROXY_OLLAMA_KEEP_ALIVE lets Ollama unload idle models itself"
+            )
+
+    def public_state(self) -> dict[str, Any] | None:
+        """``/v1/health``'s ``ollama``: whether Ollama is a GPU tenant (``gpu_tenant``) and holds the GPU
+        now (``holds_gpu``), its requests in flight and the idle unload (``idle_unload_in_s``: seconds until
+        the proxy asks Ollama to unload, ``None`` when no unload is pending). ``None`` when the registry
+        routes no model here, or the app runs another tenancy implementation than the built-in scheduler."""
+        sched = self.app.get(keys.TENANCY)
+        if not keys.models(self.app).entries_for(self) or not isinstance(sched, GpuScheduler):
+            return None
+        holds = sched.active is not None and sched.active.key == self.tenant.key
+        return {
+            "gpu_tenant": self.config.gpu_exclusive,
+            "holds_gpu": holds,
+            "inflight": sched.inflight if holds else 0,
+            "idle_unload_s": self.tenant.idle_unload_s or None,
+            "idle_unload_in_s": sched.idle.remaining_s(self.tenant.key),
+        }
 
     async def free_gpu(self) -> None:
         """The tenant's ``stop``: unload Ollama's models, if the registry routes any model here (otherwise
