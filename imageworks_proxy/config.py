@@ -201,6 +201,19 @@ SETTINGS: tuple[Setting, ...] = (
     _s(
         "VISION_KEEP_LAST_N_TURNS", _nonneg_int, 0, "Earlier complete turns kept when trimming vision history"
     ),
+    _s("VISION_DOWNSCALE", _bool, True, "Downscale inline images for vision models on the listed backends"),
+    _s(
+        "VISION_DOWNSCALE_BACKENDS",
+        _keys,
+        ("vllm",),
+        "Registry backends or adapter names whose vision models get downscaled images (* for all)",
+    ),
+    _s(
+        "VISION_TARGET_LONG_EDGE",
+        _pos_int,
+        448,
+        "Long edge in pixels of downscaled images, unless the registry entry sets its own",
+    ),
     _s("OLLAMA_BASE_URL", _url, "http://127.0.0.1:11434", "Ollama for entries that name no host"),
     _s("OLLAMA_KEEP_ALIVE", _opt_str, None, "keep_alive sent with Ollama chat requests (e.g. 10m, -1)"),
     _s("OLLAMA_STOP_TIMEOUT_S", _pos_float, 30.0, "How long to wait for Ollama to unload its models"),
@@ -293,6 +306,9 @@ class Config:
     vision_truncate_history: bool
     vision_keep_system: bool
     vision_keep_last_n_turns: int
+    vision_downscale: bool
+    vision_downscale_backends: tuple[str, ...]
+    vision_target_long_edge: int
     ollama_base_url: str
     ollama_keep_alive: str | None
     ollama_stop_timeout_s: float
@@ -409,6 +425,8 @@ def describe_config(config: Config) -> list[tuple[str, str, str, str]]:
         elif isinstance(value, float):
             # 120, not 120.0: the spelling the configuration table in the docs uses
             shown = str(int(value)) if value.is_integer() else repr(value)
+        elif isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+            shown = ",".join(value)  # the form the variable is written in
         elif isinstance(value, (dict, tuple, list)):
             shown = orjson.dumps(value).decode()
         else:

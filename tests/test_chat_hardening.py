@@ -41,10 +41,11 @@ def ch(delta=None, finish=None, **extra):
 
 @pytest.fixture
 async def env(aiohttp_server, registry_file, make_config, proxy_client):
-    """start(scripts={name: events}, vision=False, backend="openai", **config) -> (client, fake, sdk)."""
+    """start(scripts={name: events}, vision=False, backend="openai", tool_parser=None, **config)
+    -> (client, fake, sdk); ``tool_parser`` goes into the scripted entries' ``metadata``."""
     sdks = []
 
-    async def start(scripts=None, vision=False, backend="openai", **overrides):
+    async def start(scripts=None, vision=False, backend="openai", tool_parser=None, **overrides):
         fake = make_fake_openai()
         fake[SCRIPTS].update(scripts or {})
         server = await aiohttp_server(fake)
@@ -53,6 +54,8 @@ async def env(aiohttp_server, registry_file, make_config, proxy_client):
         for name in scripts or {}:
             entry = scripted_entry(base, name, vision=vision)
             entry["backend"] = backend
+            if tool_parser:
+                entry["metadata"] = {"tool_parser": tool_parser}
             entries.append(entry)
         registry_file(entries)
         client = await proxy_client(make_config(**overrides))
@@ -272,7 +275,7 @@ async def test_a_json_answer_to_a_streaming_request_is_replayed_as_a_stream(env)
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == USAGE
 
 
-# -- the tool-call content heuristic (tools offered, the model answers in content) -------------------------
+# -- the tool-call content heuristic (tools offered to an upstream without a parser) ----------------------
 
 
 async def test_json_tool_call_whose_last_fragment_carries_the_finish_reason(env):
@@ -282,7 +285,7 @@ async def test_json_tool_call_whose_last_fragment_carries_the_finish_reason(env)
         ch({"content": '"arguments": {"city": "Paris"}}'}, "stop"),
         {"choices": [], "usage": USAGE},
     ]
-    client, _, sdk = await env({"jsonlast": script})
+    client, _, sdk = await env({"jsonlast": script}, tool_parser="none")
     async with sdk.chat.completions.stream(model="m-jsonlast", messages=user("w"), tools=TOOLS) as stream:
         final = await stream.get_final_completion()
     assert final.choices[0].message.tool_calls[0].function.name == "get_weather"
@@ -309,7 +312,7 @@ async def test_a_reply_that_only_starts_like_json_is_delivered_intact(env, piece
         + [ch({"content": p}) for p in pieces[:-1]]
         + [ch({"content": pieces[-1]}, "stop")]
     )
-    client, _, sdk = await env({"brace": script})
+    client, _, sdk = await env({"brace": script}, tool_parser="none")
     _, chunks = await stream_events(client, "m-brace", messages=user("x"), tools=TOOLS)
     assert text_of(chunks) == "".join(pieces)
     assert finishes(chunks) == [(0, "stop")]
@@ -326,7 +329,7 @@ async def test_a_code_block_reply_still_streams_piece_by_piece_when_tools_are_of
         + [ch({"content": p}) for p in pieces]
         + [ch(finish="stop")]
     )
-    client, _, _ = await env({"code": script})
+    client, _, _ = await env({"code": script}, tool_parser="none")
     _, chunks = await stream_events(client, "m-code", messages=user("x"), tools=TOOLS)
     contents = [c["delta"]["content"] for e in chunks for c in e["choices"] if c["delta"].get("content")]
     assert "".join(contents) == "".join(pieces)
@@ -409,7 +412,7 @@ async def test_argument_fragments_without_index_or_id_join_the_call_they_follow(
     ids=["structured", "json-content"],
 )
 async def test_tool_calls_without_a_finish_chunk_still_end_with_tool_calls(env, script):
-    client, _, sdk = await env({"nofinishcall": script})
+    client, _, sdk = await env({"nofinishcall": script}, tool_parser="none")
     _, chunks = await stream_events(client, "m-nofinishcall", messages=user("w"), tools=TOOLS)
     assert finishes(chunks) == [(0, "tool_calls")]
     async with sdk.chat.completions.stream(model="m-nofinishcall", messages=user("w"), tools=TOOLS) as stream:

@@ -21,7 +21,11 @@ async def env(aiohttp_server, registry_file, make_config, proxy_client):
     async def start(**overrides):
         fake = make_fake_openai()
         server = await aiohttp_server(fake)
-        registry_file(registry_for(str(server.make_url("/v1")), vision=overrides.pop("vision", False)))
+        entries = registry_for(str(server.make_url("/v1")), vision=overrides.pop("vision", False))
+        tool_parser = overrides.pop("tool_parser", None)
+        for entry in entries if tool_parser else ():
+            entry["metadata"] = {"tool_parser": tool_parser}
+        registry_file(entries)
         client = await proxy_client(make_config(**overrides))
         sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="unused", max_retries=0)
         sdks.append(sdk)
@@ -135,8 +139,8 @@ async def test_legacy_function_call_becomes_tool_calls(env):
         validate_chunk(e)
 
 
-async def test_json_content_becomes_a_tool_call_only_when_tools_were_offered(env):
-    _, _, sdk = await env()
+async def test_json_content_becomes_a_tool_call_when_tools_were_offered_to_a_model_without_a_parser(env):
+    _, _, sdk = await env(tool_parser="none")
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
     with_tools = await sdk.chat.completions.create(model="m-json_tool", messages=user("w"), tools=tools)
     assert with_tools.choices[0].message.tool_calls[0].function.arguments == '{"city":"Paris"}'
@@ -148,6 +152,17 @@ async def test_json_content_becomes_a_tool_call_only_when_tools_were_offered(env
         final = await stream.get_final_completion()
     assert final.choices[0].message.tool_calls[0].function.name == "get_weather"
     assert final.choices[0].finish_reason == "tool_calls"
+
+
+async def test_json_content_stays_text_where_the_upstream_parses_its_own_tool_calls(env):
+    _, _, sdk = await env()  # an OpenAI-compatible upstream parses its own calls unless the registry says not
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    reply = await sdk.chat.completions.create(model="m-json_tool", messages=user("w"), tools=tools)
+    assert reply.choices[0].message.tool_calls is None
+    assert "get_weather" in reply.choices[0].message.content
+    async with sdk.chat.completions.stream(model="m-json_tool", messages=user("w"), tools=tools) as stream:
+        final = await stream.get_final_completion()
+    assert "get_weather" in final.choices[0].message.content and not final.choices[0].message.tool_calls
 
 
 async def test_tool_normalization_can_be_disabled(env):

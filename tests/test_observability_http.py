@@ -71,6 +71,7 @@ FIELDS = {
     "tokens_estimated",
     "images",
     "truncated_messages",
+    "images_resized",
 }
 
 

@@ -115,6 +115,19 @@ class Adapter:
         """``loaded`` / ``loading`` / ``stopped`` for models this adapter starts itself, else ``None``."""
         return None
 
+    def native_tool_parser(self, entry: Entry) -> bool:
+        """Does the upstream serving ``entry`` turn the model's tool-call output into ``tool_calls`` itself?
+
+        Asked once per chat reply that offered tools. ``False`` makes the proxy's JSON-tool heuristic run:
+        a reply that is nothing but a JSON call naming an offered tool becomes a structured call, and a
+        streamed reply that starts like JSON is held back until that is decided. Default: the registry's
+        ``metadata.tool_parser`` (``"none"`` → ``False``, ``"native"`` → ``True``), else ``True`` — Ollama
+        tool models, vLLM with ``--tool-call-parser``, llama-server (``--jinja``) and hosted APIs all parse
+        their own calls, and those without a parser refuse tools rather than answer them as text.
+        """
+        declared = entry.metadata.get("tool_parser")
+        return not (isinstance(declared, str) and declared.strip().lower() == "none")
+
     def public_state(self) -> dict[str, Any] | None:
         """What ``/v1/health`` shows under :attr:`state_key` (JSON-ready, no I/O, called per health
         request). Default: ``None`` (nothing to show)."""

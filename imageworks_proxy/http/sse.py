@@ -104,7 +104,9 @@ class ClientGone(Exception):
 
 
 class SSEWriter:
-    """Owns the client's streaming response: commit once, keep alive until data flows, then events.
+    """Owns the client's streaming response: commit once, then events, with a keep-alive comment whenever
+    the client has had nothing for ``keepalive_s`` (while the request waits for a model or its first token,
+    and while a stage holds reply text back, e.g. a reply that may still turn out to be a JSON tool call).
 
     A failed write raises :class:`ClientGone` (never ``ConnectionError``, so the caller can tell a client
     that left from an adapter whose upstream connection broke). A keep-alive that finds the client gone
@@ -123,6 +125,10 @@ class SSEWriter:
         self._keepalive: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._owner: asyncio.Task[Any] | None = None
+        #: event-loop time of the last bytes sent to the client (the clock is the loop's, set on commit)
+        self._clock = time.monotonic
+        self._last_write = 0.0
+        self._ended = False
 
     @property
     def committed(self) -> bool:
@@ -143,36 +149,45 @@ class SSEWriter:
         )
         self.response = resp  # set first: the handler returns it even when the client is already gone
         self._owner = asyncio.current_task()
+        self._clock = asyncio.get_running_loop().time
+        self._last_write = self._clock()
         try:
             await resp.prepare(self.request)
         except ConnectionError:
             raise ClientGone() from None
 
     async def commit_and_keep_alive(self) -> None:
-        """Commit now, send a keep-alive comment at once, and keep sending them until data flows."""
+        """Commit now, send a keep-alive comment at once (before any data), and keep the stream alive."""
         await self.commit()
         if not self.data_started:
             await self._write(KEEPALIVE)
-            self.arm_keepalive()
+        self.arm_keepalive()
 
     async def _write(self, data: bytes) -> None:
+        self._last_write = self._clock()
         try:
             await self.response.write(data)  # type: ignore[union-attr]
         except ConnectionError:
             raise ClientGone() from None
 
     def arm_keepalive(self) -> None:
-        """Send ``: keep-alive`` every ``keepalive_s`` until the first data event (a timer, not a task)."""
-        if self._timer is None and not self.data_started:
-            self._timer = asyncio.get_running_loop().call_later(self.keepalive_s, self._tick)
+        """Send ``: keep-alive`` once the client has had nothing for ``keepalive_s``, until the stream
+        ends (a timer that re-arms itself, not a task; a busy stream only moves its deadline)."""
+        if self._timer is None and not self._ended and self.response is not None:
+            self._timer = asyncio.get_running_loop().call_at(self._last_write + self.keepalive_s, self._tick)
 
     def _tick(self) -> None:
         self._timer = None
-        if self.data_started or self.response is None:
+        if self._ended or self.response is None:
             return
-        self._keepalive = asyncio.get_running_loop().create_task(self._write_keepalive())
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._last_write + self.keepalive_s:  # data went out meanwhile: not idle yet
+            self.arm_keepalive()
+            return
+        self._keepalive = loop.create_task(self._write_keepalive())
 
     async def _write_keepalive(self) -> None:
+        self._last_write = self._clock()
         try:
             await self.response.write(KEEPALIVE)  # type: ignore[union-attr]
         except ConnectionError:
@@ -186,6 +201,7 @@ class SSEWriter:
         self.arm_keepalive()
 
     async def _stop_keepalive(self) -> None:
+        self._ended = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -198,7 +214,7 @@ class SSEWriter:
         if not self.data_started:
             self.data_started = True
             self.first_data_at = time.perf_counter()
-            await self._stop_keepalive()
+        self._last_write = self._clock()
         try:
             await self.response.write(encode_event(chunk))  # type: ignore[union-attr]
         except ConnectionError:

@@ -18,6 +18,7 @@ from imageworks_proxy.pipeline.request import (
 from imageworks_proxy.pipeline.template import TemplateStage
 from imageworks_proxy.pipeline.toolcalls import ToolCallSynthesis
 from imageworks_proxy.pipeline.truncation import VisionHistoryTruncation
+from imageworks_proxy.pipeline.vision import VisionDownscale
 
 
 @hookimpl
@@ -29,6 +30,7 @@ def register_stages(register):
     register(DefaultSystemPrompt)  # 300
     register(ImageLimits)  # 400
     register(VisionHistoryTruncation)  # 500
+    register(VisionDownscale)  # 550
     register(TemplateStage)  # 600
     register(GenerationDefaults)  # 700, chat and text completions
     register(ToolCallSynthesis)  # 900

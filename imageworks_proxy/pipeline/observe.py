@@ -247,7 +247,10 @@ class ObserveStage(Stage):
             "tokens_estimated": estimated,
             "images": ctx.images,
             "truncated_messages": ctx.truncated_messages,
+            "images_resized": len(ctx.images_resized) if ctx.images_resized else 0,
         }
+        if ctx.images_resized:
+            record["image_resizes"] = ctx.images_resized
         if self.keep_prompts:
             if ctx.endpoint == CHAT:
                 record["messages"] = redact_messages(ctx.body.get("messages"))

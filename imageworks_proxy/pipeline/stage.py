@@ -41,6 +41,9 @@ class ChatContext:
     error_code: str | None = None
     images: int = 0
     truncated_messages: int = 0
+    #: Inline images the vision stage downscaled, one ``{"from": [w, h], "to": [w, h], "bytes_before": n,
+    #: "bytes_after": m}`` each; ``None``: none was.
+    images_resized: list[dict[str, Any]] | None = None
     usage: dict[str, Any] | None = None
     #: The client asked for a usage chunk (``stream_options.include_usage``); adapters may ask the upstream
     #: for usage anyway (for real token counts in the request log) and the proxy drops it unless this is set.

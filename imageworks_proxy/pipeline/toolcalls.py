@@ -1,6 +1,8 @@
 """Tool-call synthesis on responses: legacy ``function_call`` → ``tool_calls``, unique ids,
-JSON-string arguments, ``finish_reason: tool_calls``, and (only when the request offered ``tools``) a
-reply whose whole content is a JSON tool call becomes a structured call. Streams get the same."""
+JSON-string arguments, ``finish_reason: tool_calls``, and the JSON-tool heuristic: a reply whose whole
+content is a JSON tool call becomes a structured call. The heuristic runs only when the request offered
+``tools`` and the upstream has no tool parser of its own (``Adapter.native_tool_parser``). Streams get the
+same."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from typing import Any
 
 import orjson
 
+from imageworks_proxy import keys
 from imageworks_proxy.pipeline.stage import ChatContext, Stage
 from imageworks_proxy.wire.ids import tool_call_id
 
@@ -178,10 +181,22 @@ class ToolCallSynthesis(Stage):
     order = 900
 
     def _names(self, ctx: ChatContext) -> frozenset[str]:
+        """The tool names the JSON-tool heuristic looks for: none unless the request offered tools and the
+        upstream does not parse tool calls itself (an upstream that does would only be slowed down: a
+        streamed reply that starts like JSON is held back until it is decided)."""
         names = ctx.state.get("tool_names")
         if names is None:
-            names = ctx.state["tool_names"] = tool_names(ctx.body)
+            names = tool_names(ctx.body)
+            if names and self._upstream_parses_calls(ctx):
+                names = frozenset()
+            ctx.state["tool_names"] = names
         return names
+
+    def _upstream_parses_calls(self, ctx: ChatContext) -> bool:
+        entry = ctx.entry
+        if entry is None or self.app is None:
+            return False  # the stage used on its own, with no routed backend to ask
+        return keys.models(self.app).adapter_for(entry).native_tool_parser(entry)
 
     def response(self, ctx: ChatContext, completion: dict[str, Any]) -> dict[str, Any]:
         if self.config.disable_tool_normalization:

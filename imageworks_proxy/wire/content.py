@@ -3,12 +3,14 @@
 Clients send images as Chat Completions ``image_url`` parts (``{"type": "image_url", "image_url":
 {"url": ...}}``, some with a bare string) or as Responses-style ``input_image`` parts (``{"type":
 "input_image", "image_url": "..."}``). Every stage and adapter treats both the same way through these
-functions. Sizes are computed from the base64 length, never by decoding (a multi-megabyte image must not
-block the event loop).
+functions. Sizes are computed from the base64 length and image types from the first few bytes, never by
+decoding the whole image (a multi-megabyte image must not block the event loop); :meth:`DataUrl.decode`
+is for worker threads. What is done with the pixels is in :mod:`imageworks_proxy.wire.imaging`.
 """
 
 from __future__ import annotations
 
+import base64
 import binascii
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -79,6 +81,55 @@ class DataUrl:
     def size(self) -> int:
         """Decoded size in bytes."""
         return decoded_size(self.payload)
+
+    def sniffed_type(self) -> str | None:
+        """The image type its first bytes show (``image/png``, ``image/jpeg``, ``image/gif``,
+        ``image/webp``, ``image/bmp``, ``image/tiff``), whatever the URL claims; ``None``: none of those.
+        Decodes only the first few base64 characters."""
+        return sniff_image_type(base64_head(self.payload))
+
+    def decode(self) -> bytes:
+        """The decoded bytes (the whole payload: run it off the event loop for big images). Raises 400
+        ``invalid_image`` for malformed base64."""
+        try:
+            return base64.b64decode(self.payload)
+        except (binascii.Error, ValueError):
+            raise ProxyError(
+                400, "invalid_image", "An image's base64 data cannot be decoded.", param="messages"
+            ) from None
+
+
+def data_url(mime: str, data: bytes) -> str:
+    """``data:<mime>;base64,<data>``."""
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+
+
+def base64_head(payload: str, chars: int = 16) -> bytes:
+    """The bytes encoded by the first ``chars`` base64 characters of ``payload`` (whitespace skipped);
+    ``b""`` when they do not decode."""
+    head = "".join(payload[: chars * 2].split())[:chars]
+    head = head[: len(head) - len(head) % 4]
+    try:
+        return base64.b64decode(head)
+    except (binascii.Error, ValueError):
+        return b""
+
+
+def sniff_image_type(head: bytes) -> str | None:
+    """The image type that the first bytes of a file show, by their magic numbers; ``None`` when unknown."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "image/tiff"
+    if head.startswith(b"BM"):
+        return "image/bmp"
+    return None
 
 
 def parse_data_url(url: str) -> DataUrl | None:

@@ -29,7 +29,7 @@ from imageworks_proxy.adapters.ollama.generate import (
     completion_from_generate,
     to_generate_request,
 )
-from imageworks_proxy.adapters.ollama.images import fetch_images_base64
+from imageworks_proxy.adapters.ollama.images import fetch_images_base64, png_where_needed
 from imageworks_proxy.adapters.ollama.request import (
     image_urls,
     keep_alive_value,
@@ -203,6 +203,7 @@ class OllamaAdapter(Adapter):
         fetched = await fetch_images_base64(
             self.http, image_urls(call.body), max_bytes=self.config.max_image_bytes, timeout_s=self._backend_s
         )
+        fetched.update(await png_where_needed(call.body, fetched))  # Ollama reads PNG and JPEG only
         payload = to_ollama_request(
             call.body,
             model=self._tag(call),

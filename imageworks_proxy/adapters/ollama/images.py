@@ -1,18 +1,32 @@
-"""Fetching ``http(s)`` image URLs for backends that only take image bytes.
+"""Images for Ollama, which takes image bytes (base64) in PNG or JPEG only.
 
-Fetches go through the app's shared client session, only over http(s), capped at
+``http(s)`` URLs are fetched through the app's shared client session, only over http(s), capped at
 ``CHAT_PROXY_MAX_IMAGE_BYTES`` (checked on ``Content-Length`` and again while reading) and limited in time.
+Images in other formats (GIF, WebP, BMP, TIFF) are converted to PNG in a worker thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import aiohttp
 
 from imageworks_proxy.errors import ProxyError
+from imageworks_proxy.wire.content import (
+    DataUrl,
+    base64_head,
+    image_parts,
+    image_url_of,
+    parse_data_url,
+    sniff_image_type,
+)
+from imageworks_proxy.wire.imaging import to_png
+
+#: What Ollama decodes itself; other image types are converted to PNG first.
+OLLAMA_IMAGE_TYPES = frozenset({"image/png", "image/jpeg"})
 
 _READ_CHUNK = 65536
 
@@ -89,3 +103,32 @@ async def fetch_images_base64(
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     return {u: base64.b64encode(b).decode("ascii") for u, b in zip(urls, blobs, strict=True)}
+
+
+def _convert_all(payloads: dict[str, str]) -> dict[str, str]:
+    """url -> PNG base64 for each base64 payload (blocking: runs in a worker thread)."""
+    return {
+        url: base64.b64encode(to_png(DataUrl("image/*", payload).decode())).decode("ascii")
+        for url, payload in payloads.items()
+    }
+
+
+async def png_where_needed(body: Mapping[str, Any], fetched: Mapping[str, str]) -> dict[str, str]:
+    """url -> PNG base64 for the request's images (inline, or fetched: ``fetched`` maps url -> base64)
+    that are GIF, WebP, BMP or TIFF; PNG, JPEG and what no signature identifies are left to Ollama.
+    Raises :class:`ProxyError` 400 ``invalid_image`` / 413 ``payload_too_large`` as the conversion does."""
+    todo: dict[str, str] = {}
+    for _msg, _i, part in image_parts(body.get("messages")):
+        url = image_url_of(part)
+        if not url or url in todo:
+            continue
+        data = parse_data_url(url)
+        payload = data.payload if data is not None else fetched.get(url)
+        if payload is None:
+            continue
+        kind = sniff_image_type(base64_head(payload))
+        if kind is not None and kind not in OLLAMA_IMAGE_TYPES:
+            todo[url] = payload
+    if not todo:
+        return {}
+    return await asyncio.to_thread(_convert_all, todo)

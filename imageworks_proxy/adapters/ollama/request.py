@@ -1,8 +1,9 @@
 """OpenAI Chat Completions -> Ollama native ``/api/chat``: the request translation, pure (no I/O).
 
 :func:`to_ollama_request` turns an OpenAI body into an ``/api/chat`` payload; images from ``http(s)``
-URLs must be fetched first (:func:`image_urls` lists them) and passed in as ``fetched``. The answer's
-way back is :mod:`.response`.
+URLs must be fetched first (:func:`image_urls` lists them) and images of types Ollama cannot read
+converted (``images.png_where_needed``), both passed in as ``fetched``. The answer's way back is
+:mod:`.response`.
 """
 
 from __future__ import annotations
@@ -119,11 +120,12 @@ def _text_and_images(content: Any, fetched: Mapping[str, str], where: str) -> tu
             texts.append(part)
         elif is_image_part(part):
             url = _image_url(part)
+            if url in fetched:  # fetched, or converted to a type Ollama reads
+                images.append(fetched[url])
+                continue
             data = parse_data_url(url)
             if data is not None:
                 images.append(data.payload)  # Ollama takes the base64 text without the data: prefix
-            elif url in fetched:
-                images.append(fetched[url])
             else:
                 raise ProxyError(
                     400, "invalid_image", "image URLs must be data: or http(s) URLs", param=where
@@ -303,7 +305,8 @@ def to_ollama_request(
 ) -> dict[str, Any]:
     """The ``/api/chat`` payload for an OpenAI request ``body``.
 
-    ``fetched`` maps each ``http(s)`` image URL of :func:`image_urls` to its base64 data. ``num_ctx``
+    ``fetched`` maps each ``http(s)`` image URL of :func:`image_urls`, and each ``data:`` URL whose image
+    was converted to PNG (``images.png_where_needed``), to the base64 data Ollama gets. ``num_ctx``
     (from the registry) is the default context size; a request's own ``num_ctx`` wins. Raises
     :class:`ProxyError` 400 for messages Ollama cannot take.
     """

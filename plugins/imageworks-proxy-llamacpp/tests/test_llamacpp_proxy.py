@@ -157,8 +157,9 @@ async def test_a_model_that_fails_to_load_is_503_with_the_explaining_log_line(
 async def test_a_model_not_ready_in_time_is_504_and_its_process_is_stopped(
     openai_sdk, make_proxy, fake_llama, gguf, pid_dir
 ):
+    # long enough for the fake to start and write its pid on a loaded machine, short enough for a test
     client = await make_proxy(
-        [gguf_entry("slow", gguf("slow.gguf", content="hang"))], vllm_start_timeout_s="1"
+        [gguf_entry("slow", gguf("slow.gguf", content="hang"))], vllm_start_timeout_s="4"
     )
     with pytest.raises(openai.APIStatusError) as info:
         await openai_sdk(client).chat.completions.create(
