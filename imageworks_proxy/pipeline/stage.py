@@ -28,8 +28,6 @@ class ChatContext:
     request_id: str
     body: dict[str, Any]
     app: web.Application
-    #: The route (``chat/completions``, ``embeddings`` or ``completions``; adapters/base.py names them).
-    endpoint: str = CHAT
     stream: bool = False
     model: str = ""
     entry: Entry | None = None
@@ -52,6 +50,8 @@ class ChatContext:
     state: dict[str, Any] = attrs.field(factory=dict)
     #: Reply text and tool calls, collected only when the request log keeps prompts.
     reply: dict[str, Any] | None = None
+    #: The route (``chat/completions``, ``embeddings`` or ``completions``; adapters/base.py names them).
+    endpoint: str = CHAT
 
 
 class Stage:
