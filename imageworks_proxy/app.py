@@ -18,9 +18,12 @@ from imageworks_proxy.catalogue.service import ModelService
 from imageworks_proxy.config import Config, load_config
 from imageworks_proxy.gpu.nvml import Gpu
 from imageworks_proxy.gpu.scheduler import GpuScheduler
+from imageworks_proxy.http.guards import browser_guard, cors_headers
+from imageworks_proxy.http.limits import body_limits, defer_continue
 from imageworks_proxy.http.middlewares import access_log_middleware, auth_middleware, error_middleware
 from imageworks_proxy.http.views import chat, completions, embeddings, info
 from imageworks_proxy.http.views import metrics as metrics_views
+from imageworks_proxy.http.views import status as status_views
 from imageworks_proxy.pipeline.stage import Pipeline, Stage
 from imageworks_proxy.plugins import (
     PluginError,
@@ -119,11 +122,15 @@ def create_app(
         plugin_manager = make_plugin_manager(load_entrypoints=load_entrypoints)
     pm = plugin_manager
     app = web.Application(
-        # Without API keys the auth middleware would only pass every request on: leave the layer out.
-        middlewares=[access_log_middleware, error_middleware]
-        + ([auth_middleware] if config.api_keys else []),
+        # Outermost first. Host and Origin before keys (a CORS preflight carries no key), keys before the
+        # body is read. Without any keys the auth middleware would only pass every request on: left out.
+        middlewares=[access_log_middleware, error_middleware, browser_guard(config)]
+        + ([auth_middleware] if config.api_keys or config.admin_keys else [])
+        + [body_limits(config)],
         client_max_size=config.max_body_bytes,
     )
+    if config.allowed_origins:
+        app.on_response_prepare.append(cors_headers(config))
     app[keys.CONFIG] = config
     app[keys.PLUGINS] = pm
     app[keys.STARTED_AT] = time.monotonic()
@@ -144,9 +151,16 @@ def create_app(
     app.router.add_get("/v1/health", info.health, name="health")
     app.router.add_get("/v1/models", info.list_models, name="models")
     app.router.add_get("/v1/plugins", info.list_plugins, name="plugins")
-    app.router.add_post("/v1/chat/completions", chat.chat_completions, name="chat")
-    app.router.add_post("/v1/embeddings", embeddings.embeddings, name="embeddings")
-    app.router.add_post("/v1/completions", completions.completions, name="completions")
+    app.router.add_post(
+        "/v1/chat/completions", chat.chat_completions, name="chat", expect_handler=defer_continue
+    )
+    app.router.add_post(
+        "/v1/embeddings", embeddings.embeddings, name="embeddings", expect_handler=defer_continue
+    )
+    app.router.add_post(
+        "/v1/completions", completions.completions, name="completions", expect_handler=defer_continue
+    )
+    status_views.install(app)  # the status page at / and GET /v1/status
     app.cleanup_ctx.append(_resources)
     app.cleanup_ctx.append(autostart_ctx)
     call_each(pm, "startup", app=app)

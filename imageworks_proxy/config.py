@@ -6,7 +6,9 @@ build configs in code and two apps in one process can run with different setting
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import sys
 import tomllib
 from collections.abc import Callable, Mapping
@@ -122,6 +124,28 @@ def _keys(raw: str) -> tuple[str, ...]:
     return tuple(k.strip() for k in raw.split(",") if k.strip())
 
 
+def _names(raw: str) -> tuple[str, ...]:
+    """Comma-separated host names or origins, lower-cased (they compare without case)."""
+    return tuple(k.strip().lower().rstrip("/") for k in raw.split(",") if k.strip())
+
+
+_HOST_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*$")
+
+
+def _fetch_allow(raw: str) -> tuple[str, ...]:
+    """Host names and IP networks (``nas.lan``, ``10.0.0.5``, ``192.168.0.0/16``), checked here so a typo
+    stops start-up instead of silently allowing nothing."""
+    for item in (items := _names(raw)):
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            if not _HOST_NAME.match(item) or item.replace(".", "").isdigit():
+                raise ValueError(
+                    f"{item!r} is neither an IP address or network (192.168.1.0/24) nor a host name"
+                ) from None
+    return items
+
+
 def _autostart_map(raw: str) -> dict[str, tuple[str, ...] | str]:
     """Logical name -> shell command string, argv list, or {"command": [...]}."""
     if not raw.strip():
@@ -188,6 +212,15 @@ SETTINGS: tuple[Setting, ...] = (
     _s("REQUIRE_TEMPLATE", _bool, True, "Enforce presence of a chat template for orchestrated vLLM models"),
     _s("MAX_IMAGE_BYTES", _pos_int, 6_000_000, "Max decoded image size in bytes"),
     _s("MAX_BODY_BYTES", _pos_int, 67_108_864, "Request body cap in bytes"),
+    _s("HEADER_TIMEOUT_S", _pos_float, 10.0, "Seconds a request's line and headers may take once begun"),
+    _s("BODY_TIMEOUT_S", _pos_float, 60.0, "Seconds a request body may take to arrive"),
+    _s("KEEPALIVE_TIMEOUT_S", _pos_float, 75.0, "Seconds an idle keep-alive connection stays open"),
+    _s(
+        "MAX_CONNECTIONS",
+        _pos_int,
+        512,
+        "Open client connections; idle ones are closed first to make room (at most half the open-file limit)",
+    ),
     _s("BACKEND_TIMEOUT_MS", _pos_int, 120_000, "Upstream request timeout in ms"),
     _s("STREAM_IDLE_TIMEOUT_MS", _pos_int, 60_000, "Streaming idle cutoff in ms"),
     _s("LOG_PATH", _str, "logs/chat_proxy.jsonl", "JSONL chat log (rotates by size)"),
@@ -269,6 +302,15 @@ SETTINGS: tuple[Setting, ...] = (
         "Leave the active vLLM running when the proxy stops (the next proxy adopts it)",
     ),
     _s("API_KEYS", _keys, (), "Comma-separated bearer keys; when set every route but /v1/health needs one"),
+    _s("ADMIN_KEYS", _keys, (), "Comma-separated bearer keys; when set only these open /v1/admin/*"),
+    _s("ALLOWED_HOSTS", _names, (), "More Host names to answer (reverse proxy, Docker names); * for any"),
+    _s("ALLOWED_ORIGINS", _names, (), "Browser origins allowed to call the proxy (CORS); * for any"),
+    _s(
+        "IMAGE_FETCH_ALLOW",
+        _fetch_allow,
+        (),
+        "Hosts and networks image URLs may point at besides public addresses (e.g. 192.168.1.0/24,nas.lan)",
+    ),
     _s("CONFIG_FILE", _opt_str, None, "Optional TOML file with settings (lower-case names, no prefix)"),
 )
 
@@ -295,6 +337,10 @@ class Config:
     require_template: bool
     max_image_bytes: int
     max_body_bytes: int
+    header_timeout_s: float
+    body_timeout_s: float
+    keepalive_timeout_s: float
+    max_connections: int
     backend_timeout_ms: int
     stream_idle_timeout_ms: int
     log_path: str
@@ -333,6 +379,10 @@ class Config:
     vllm_failure_backoff_s: float
     vllm_keep_on_exit: bool
     api_keys: tuple[str, ...] = attrs.field(repr=False)
+    admin_keys: tuple[str, ...] = attrs.field(repr=False)
+    allowed_hosts: tuple[str, ...]
+    allowed_origins: tuple[str, ...]
+    image_fetch_allow: tuple[str, ...]
     config_file: str | None
     #: Which source set each setting: "env", "file" or "default".
     sources: Mapping[str, str] = attrs.field(factory=dict, eq=False, repr=False)
@@ -416,7 +466,7 @@ def describe_config(config: Config) -> list[tuple[str, str, str, str]]:
     rows = []
     for s in SETTINGS:
         value = getattr(config, s.attr)
-        if s.attr == "api_keys":
+        if s.attr in ("api_keys", "admin_keys"):
             shown = f"<{len(value)} key(s)>" if value else ""
         elif isinstance(value, bool):
             shown = "1" if value else "0"

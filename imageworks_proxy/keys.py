@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from imageworks_proxy.gpu.scheduler import GpuScheduler
     from imageworks_proxy.observability.metrics import RollingMetrics
     from imageworks_proxy.observability.prometheus import PromMetrics
+    from imageworks_proxy.observability.recent import RecentActivity
     from imageworks_proxy.observability.requestlog import RequestLog
     from imageworks_proxy.observability.swaps import SwapMetrics
     from imageworks_proxy.pipeline.stage import Pipeline
@@ -30,6 +31,8 @@ TENANCY: web.AppKey[GpuScheduler] = web.AppKey("tenancy")
 METRICS: web.AppKey[RollingMetrics] = web.AppKey("metrics")
 REQUEST_LOG: web.AppKey[RequestLog] = web.AppKey("request_log")
 SWAPS: web.AppKey[SwapMetrics] = web.AppKey("swaps")
+#: The last requests (summaries, never any prompt text) and model switches, for the status page.
+RECENT: web.AppKey[RecentActivity] = web.AppKey("recent")
 #: Present only when CHAT_PROXY_ENABLE_METRICS=1.
 PROMETHEUS: web.AppKey[PromMetrics] = web.AppKey("prometheus")
 
@@ -38,9 +41,12 @@ PROMETHEUS: web.AppKey[PromMetrics] = web.AppKey("prometheus")
 if hasattr(web, "RequestKey"):
     REQUEST_ID = web.RequestKey("request_id", str)
     CHAT_CONTEXT = web.RequestKey("chat_context", object)
+    #: The client sent ``Expect: 100-continue`` and waits for it (http/limits.py sends it after the checks).
+    CONTINUE_PENDING = web.RequestKey("continue_pending", bool)
 else:  # pragma: no cover - older aiohttp
     REQUEST_ID = "request_id"  # type: ignore[assignment]
     CHAT_CONTEXT = "chat_context"  # type: ignore[assignment]
+    CONTINUE_PENDING = "continue_pending"  # type: ignore[assignment]
 
 
 def config(app: web.Application) -> Config:

@@ -711,7 +711,7 @@ async def test_client_leaving_while_sending_its_request_is_logged_as_a_disconnec
     try:
         reader, writer = await asyncio.open_connection(host, port)
         writer.write(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: 100000\r\n\r\n" + b'{"model": "m", "messages": [' + b" " * 1000
         )
         await writer.drain()

@@ -56,6 +56,15 @@ DOCUMENTED_DEFAULTS = [
     ("CHAT_PROXY_API_KEYS", ""),
     ("CHAT_PROXY_MAX_BODY_BYTES", "67108864"),
     ("CHAT_PROXY_METRICS_WINDOW_S", "300"),
+    # safe by default: nothing but loopback names, IPs and this machine's name; no browser origins
+    ("CHAT_PROXY_ADMIN_KEYS", ""),
+    ("CHAT_PROXY_ALLOWED_HOSTS", ""),
+    ("CHAT_PROXY_ALLOWED_ORIGINS", ""),
+    ("CHAT_PROXY_IMAGE_FETCH_ALLOW", ""),
+    ("CHAT_PROXY_HEADER_TIMEOUT_S", "10"),
+    ("CHAT_PROXY_BODY_TIMEOUT_S", "60"),
+    ("CHAT_PROXY_KEEPALIVE_TIMEOUT_S", "75"),
+    ("CHAT_PROXY_MAX_CONNECTIONS", "512"),
 ]
 
 
@@ -160,6 +169,9 @@ def test_empty_environment_value_counts_as_unset(tmp_path):
         ("CHAT_PROXY_AUTOSTART_MAP", '{"m": 5}', "command string"),
         ("CHAT_PROXY_LOG_LEVEL", "chatty", "DEBUG, INFO"),
         ("CHAT_PROXY_VLLM_START_TIMEOUT_S", "soon", "number"),
+        ("CHAT_PROXY_IMAGE_FETCH_ALLOW", "192.168.1.0/33", "IP address or network"),
+        ("CHAT_PROXY_IMAGE_FETCH_ALLOW", "http://nas.lan", "host name"),
+        ("CHAT_PROXY_HEADER_TIMEOUT_S", "0", "> 0"),
     ],
 )
 def test_malformed_value_is_a_one_line_error_naming_variable_value_and_expectation(env, raw, expected):
@@ -211,6 +223,9 @@ def test_api_keys_are_masked_everywhere_they_are_shown():
     assert cfg.api_keys == ("sk-secret-one", "sk-secret-two")
     assert "sk-secret" not in repr(cfg)
     assert _shown(cfg)["CHAT_PROXY_API_KEYS"] == ("<2 key(s)>", "env")
+    admin = load_config({"CHAT_PROXY_ADMIN_KEYS": "sk-admin-secret"})
+    assert "sk-admin" not in repr(admin)
+    assert _shown(admin)["CHAT_PROXY_ADMIN_KEYS"] == ("<1 key(s)>", "env")
 
 
 def test_cli_bad_port_exits_nonzero_with_one_line_on_stderr(tmp_path):

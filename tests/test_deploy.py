@@ -123,6 +123,19 @@ def test_compose_proxy_environment_is_the_seeds(compose):
     assert not unknown, f"compose sets variables the proxy does not know: {unknown}"
 
 
+def test_compose_lets_openwebui_call_the_proxy_by_its_service_name(compose):
+    """OpenWebUI sends ``Host: chat-proxy:8100``; the proxy answers only names it was told about."""
+    from imageworks_proxy.config import load_config
+    from imageworks_proxy.http.guards import HostPolicy
+
+    env = {k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", v)
+           for k, v in compose_env(compose["services"]["chat-proxy"]).items() if k.startswith("CHAT_PROXY_")}
+    hosts = HostPolicy.from_config(load_config(env))
+    assert hosts.allows("chat-proxy:8100")
+    assert hosts.allows("127.0.0.1:8100")  # the healthcheck, and the published port on the host
+    assert not hosts.allows("evil.example:8100")
+
+
 def test_compose_gives_the_proxy_the_gpu_the_host_and_the_weights_at_the_same_path(compose):
     proxy = compose["services"]["chat-proxy"]
     devices = proxy["deploy"]["resources"]["reservations"]["devices"]

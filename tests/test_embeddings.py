@@ -191,3 +191,18 @@ async def test_an_embedding_only_model_refuses_chat_and_is_marked_in_the_model_l
     assert models["nomic embed"]["endpoints"] == ["embeddings"]
     assert models["llama3.2 3b"]["kind"] == "chat"
     assert models["llama3.2 3b"]["endpoints"] == ["chat/completions", "completions"]
+
+
+async def test_a_refused_embeddings_request_is_logged_too(aiohttp_server, registry_file, make_config,
+                                                           proxy_client, tmp_path):
+    server = await aiohttp_server(make_fake_openai())
+    registry_file(registry_for(str(server.make_url("/v1"))))
+    client = await proxy_client(make_config(API_KEYS="sekrit"))
+    resp = await client.post("/v1/embeddings", json={"model": "m-echo", "input": "x"})
+    assert resp.status == 401
+    await keys.request_log(client.app).flush()
+    log = (tmp_path / "logs" / "chat_proxy.jsonl").read_text()
+    [record] = [json.loads(line) for line in log.splitlines()]
+    assert (record["endpoint"], record["status"], record["error_code"]) == (
+        "embeddings", 401, "invalid_api_key"
+    )

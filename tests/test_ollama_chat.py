@@ -269,7 +269,7 @@ async def _image_server(aiohttp_server, body: bytes):
 
 async def test_http_image_url_is_fetched_by_the_proxy(env, aiohttp_server):
     images = await _image_server(aiohttp_server, PNG)
-    e = await env()
+    e = await env(IMAGE_FETCH_ALLOW="127.0.0.1")  # a local image host must be allowed
     content = [
         {"type": "text", "text": "describe"},
         {"type": "image_url", "image_url": {"url": str(images.make_url("/img/a.png"))}},
@@ -283,7 +283,7 @@ async def test_http_image_url_is_fetched_by_the_proxy(env, aiohttp_server):
 
 async def test_http_image_over_the_cap_is_413_and_missing_image_is_400(env, aiohttp_server):
     images = await _image_server(aiohttp_server, b"\x89PNG" + b"0" * 5000)
-    e = await env(MAX_IMAGE_BYTES=1000)
+    e = await env(MAX_IMAGE_BYTES=1000, IMAGE_FETCH_ALLOW="127.0.0.1")
     for name, status, code in (("big.png", 413, "payload_too_large"), ("missing.png", 400, "invalid_image")):
         content = [{"type": "image_url", "image_url": {"url": str(images.make_url(f"/img/{name}"))}}]
         resp = await e.client.post(

@@ -1,8 +1,8 @@
 """Orchestrator control for ``imageworks-loader``: ``GET /v1/admin/vllm``,
 ``POST /v1/admin/vllm/activate {"model"}``, ``POST /v1/admin/vllm/stop``.
 
-Loopback clients only, unless API keys are set (then the auth middleware requires a key, like every
-other route).
+Loopback clients only, unless keys are set: then the auth middleware requires one of
+``CHAT_PROXY_ADMIN_KEYS`` (or, without admin keys, of ``CHAT_PROXY_API_KEYS``) from any address.
 """
 
 from __future__ import annotations
@@ -31,12 +31,14 @@ def json_response(data: object) -> web.Response:
 
 
 def _guard(request: web.Request) -> VllmOrchestratedAdapter:
-    if not keys.config(request.app).api_keys and not _is_loopback(request.remote):
+    config = keys.config(request.app)
+    if not (config.api_keys or config.admin_keys) and not _is_loopback(request.remote):
         raise ProxyError(
             403,
             "forbidden",
-            "The admin API answers loopback clients only. Call it on the proxy's machine, or set "
-            "CHAT_PROXY_API_KEYS to allow it (with a key) from elsewhere.",
+            "The admin API answers loopback clients only. Call it on the proxy's machine (in Docker: "
+            "docker exec chat-proxy imageworks-loader ...), or set CHAT_PROXY_ADMIN_KEYS to allow it "
+            "with a key from elsewhere.",
         )
     adapter = orchestrator(request.app)
     if adapter is None or not adapter.config.vllm_single_port:

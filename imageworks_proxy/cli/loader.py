@@ -40,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--url", help="the proxy's base URL (default: http://CHAT_PROXY_HOST:CHAT_PROXY_PORT)")
     p.add_argument("--direct", action="store_true", help="do not try the admin API; act on the state file")
+    p.add_argument(
+        "--api-key",
+        help="key for the admin API (default: the first of CHAT_PROXY_ADMIN_KEYS, else of "
+        "CHAT_PROXY_API_KEYS; prefer those variables: other users can see command lines)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="the registry's models: id, logical name, backend, installed")
     sub.add_parser("current-model", help="print the active vLLM model as JSON, or null")
@@ -96,11 +101,18 @@ def _base_url(config: Config, url: str | None) -> str:
     return f"http://{host}:{config.port}"
 
 
-def _call(config: Config, base: str, method: str, path: str, body: Any = None, timeout: float = 5.0) -> Any:
+def admin_key(config: Config, given: str | None) -> str | None:
+    """The key the loader sends: ``--api-key``, else the first admin key, else the first API key."""
+    return given or next(iter(config.admin_keys + config.api_keys), None)
+
+
+def _call(config: Config, base: str, method: str, path: str, body: Any = None, timeout: float = 5.0,
+          key: str | None = None) -> Any:
     """One admin API call; raises ``Unreachable`` when nothing listens, ``ProxyError`` for an error answer."""
     headers = {"Accept": "application/json"}
-    if config.api_keys:
-        headers["Authorization"] = f"Bearer {config.api_keys[0]}"
+    key = admin_key(config, key)
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
     data = None
     if body is not None:
         data = orjson.dumps(body)
@@ -137,16 +149,17 @@ def _current_from_api(state: dict[str, Any]) -> dict[str, Any] | None:
 
 def via_api(config: Config, base: str, args: argparse.Namespace) -> int:
     long_wait = config.vllm_start_timeout_s + 2 * config.vllm_stop_timeout_s + 60
+    key = args.api_key
     if args.command == "current-model":
-        _print(_current_from_api(_call(config, base, "GET", "/v1/admin/vllm")["vllm"]))
+        _print(_current_from_api(_call(config, base, "GET", "/v1/admin/vllm", key=key)["vllm"]))
     elif args.stop:
-        _call(config, base, "POST", "/v1/admin/vllm/stop", {}, timeout=long_wait)
+        _call(config, base, "POST", "/v1/admin/vllm/stop", {}, timeout=long_wait, key=key)
         print("stopped", file=sys.stderr)
         _print(None)
     else:
         print(f"activating {args.name!r} through the proxy at {base} ...", file=sys.stderr)
         state = _call(
-            config, base, "POST", "/v1/admin/vllm/activate", {"model": args.name}, timeout=long_wait
+            config, base, "POST", "/v1/admin/vllm/activate", {"model": args.name}, timeout=long_wait, key=key
         )["vllm"]
         _print(_current_from_api(state))
     return OK

@@ -6,6 +6,7 @@ import argparse
 import gc
 import ipaddress
 import logging
+import socket
 import sys
 
 from aiohttp import web
@@ -13,6 +14,7 @@ from aiohttp import web
 from imageworks_proxy._version import __version__
 from imageworks_proxy.cli.logs import configure_logging
 from imageworks_proxy.config import ConfigError, describe_config, load_config
+from imageworks_proxy.http.server import run
 from imageworks_proxy.plugins import PluginError
 
 log = logging.getLogger("imageworks_proxy")
@@ -108,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     warning = exposure_warning(config.host, config.api_keys)
     if warning:
         log.warning(warning)
+    if "*" in config.allowed_origins and not config.api_keys:
+        log.warning("!!! CHAT_PROXY_ALLOWED_ORIGINS=* without API keys: any web page you visit can use your "
+                    "models. Set CHAT_PROXY_API_KEYS or list the origins you use. !!!")
+    if not is_loopback(config.host) and not config.allowed_hosts:
+        log.info("answering requests addressed to an IP address, localhost or %s; add the other names "
+                 "clients use to CHAT_PROXY_ALLOWED_HOSTS", socket.gethostname())
     app.on_startup.append(_freeze_startup_objects)  # after the app's own start-up (cleanup contexts)
     loop = None
     try:
@@ -124,15 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         config.registry,
     )
     try:
-        web.run_app(
-            app,
-            host=config.host,
-            port=config.port,
-            access_log=None,
-            print=None,
-            loop=loop,
-            handler_cancellation=True,
-        )
+        run(app, config, loop=loop)
     except OSError as exc:
         print(
             f"imageworks-chat-proxy: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",

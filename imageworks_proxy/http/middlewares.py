@@ -1,5 +1,5 @@
-"""aiohttp middlewares for HTTP concerns only: the access log, request ids, the error envelope and API keys
-(docs/security.md)."""
+"""aiohttp middlewares for HTTP concerns only: the access log, request ids, the error envelope and API and
+admin keys (docs/security.md)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from imageworks_proxy import keys
+from imageworks_proxy.adapters.base import CHAT, COMPLETIONS, EMBEDDINGS
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.keys import REQUEST_ID
+from imageworks_proxy.pipeline.stage import ChatContext
 from imageworks_proxy.wire import ids
 
 log = logging.getLogger("imageworks_proxy.http")
@@ -22,12 +24,13 @@ access_log = logging.getLogger("imageworks_proxy.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-#: Route names that never need an API key.
-PUBLIC_ROUTES = frozenset({"health"})
-#: Routes served by adapters: their requests count as in flight in the metrics.
-ADAPTER_ROUTES = frozenset({"chat", "embeddings", "completions"})
-#: Routes polled by health checks and scrapers: their access lines are DEBUG, not INFO.
-QUIET_ROUTES = frozenset({"health", "metrics", "prometheus"})
+#: Route names that never need an API key (the status page's shell and files hold no data).
+PUBLIC_ROUTES = frozenset({"health", "status_page", "status_asset"})
+#: Routes polled by health checks, scrapers and the status page: their access lines are DEBUG, not INFO.
+QUIET_ROUTES = frozenset({"health", "metrics", "prometheus", "status", "status_asset"})
+#: Routes served by adapters, with the route each serves (``ChatContext.endpoint``): their requests count
+#: as in flight in the metrics and each ends in one request-log record, even when refused before the view.
+ADAPTER_ROUTES = {"chat": CHAT, "embeddings": EMBEDDINGS, "completions": COMPLETIONS}
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f\"\\]")
 
 
@@ -66,11 +69,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         resp = await handler(request)
     except ProxyError as exc:
         resp = exc.response(rid)
+        _record_refused_chat(request, exc, rid)
+        if exc.headers.get("Connection", "").lower() == "close":
+            resp.force_close()  # the body was left unread: this connection cannot carry another request
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         err = _http_exception_error(exc)
         resp = err.response(rid)
+        _record_refused_chat(request, err, rid)
         if exc.status == 405 and "Allow" in exc.headers:
             resp.headers["Allow"] = exc.headers["Allow"]
     except Exception:
@@ -83,24 +90,67 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     return resp
 
 
+def _record_refused_chat(request: web.Request, err: ProxyError, rid: str) -> None:
+    """A request on an adapter route (chat, embeddings, text completions) refused before its handler ran
+    (bad key, origin, host, size) still gets its one request-log record and metrics sample, like every
+    such request."""
+    endpoint = ADAPTER_ROUTES.get(getattr(request.match_info.route, "name", None))
+    if endpoint is None or keys.CHAT_CONTEXT in request:
+        return
+    ctx = ChatContext(
+        request_id=rid, body={}, app=request.app, status=err.status, error_code=err.code, endpoint=endpoint
+    )
+    request[keys.CHAT_CONTEXT] = ctx  # the access line shows the error code too
+    try:
+        keys.pipeline(request.app).for_endpoint(endpoint).run_finish(ctx)
+    except Exception:
+        log.exception("recording refused request %s failed", rid)
+
+
+def is_admin_route(request: web.Request) -> bool:
+    """The ``/v1/admin/*`` routes (and plugin routes named ``admin_*``): they start and stop models."""
+    name = getattr(request.match_info.route, "name", None) or ""
+    return name.startswith("admin") or "/v1/admin/" in request.path + "/"
+
+
+def _bearer_token(request: web.Request) -> bytes | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    # Header bytes that are not UTF-8 arrive as surrogates; they cannot match a key but must not crash.
+    token_bytes = token.strip().encode("utf-8", "surrogateescape")
+    return token_bytes if scheme.lower() == "bearer" and token_bytes else None
+
+
+def _unauthorized(setting: str) -> ProxyError:
+    return ProxyError(
+        401,
+        "invalid_api_key",
+        f"Missing or invalid API key. Send 'Authorization: Bearer <key>' with one of {setting}.",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """When ``CHAT_PROXY_API_KEYS`` is set, every route but health needs ``Authorization: Bearer <key>``."""
-    api_keys = keys.config(request.app).api_keys
-    route = request.match_info.route
-    if api_keys and getattr(route, "name", None) not in PUBLIC_ROUTES:
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        token = token.strip().encode()
-        ok = scheme.lower() == "bearer" and token and _any_key_matches(token, api_keys)
-        if not ok:
+    """When ``CHAT_PROXY_API_KEYS`` is set, every route but health needs ``Authorization: Bearer <key>``;
+    when ``CHAT_PROXY_ADMIN_KEYS`` is set, the admin routes need one of those (and they work everywhere)."""
+    config = keys.config(request.app)
+    if getattr(request.match_info.route, "name", None) in PUBLIC_ROUTES:
+        return await handler(request)
+    token = _bearer_token(request)
+    admin_ok = token is not None and _any_key_matches(token, config.admin_keys)
+    api_ok = token is not None and _any_key_matches(token, config.api_keys)
+    if is_admin_route(request) and config.admin_keys:
+        if api_ok and not admin_ok:
             raise ProxyError(
-                401,
-                "invalid_api_key",
-                "Missing or invalid API key. "
-                "Send 'Authorization: Bearer <key>' with one of CHAT_PROXY_API_KEYS.",
-                headers={"WWW-Authenticate": "Bearer"},
+                403,
+                "admin_key_required",
+                "This key may chat but not manage models. "
+                "The admin routes need one of CHAT_PROXY_ADMIN_KEYS.",
             )
+        if not admin_ok:
+            raise _unauthorized("CHAT_PROXY_ADMIN_KEYS")
+    elif config.api_keys and not (api_ok or admin_ok):
+        raise _unauthorized("CHAT_PROXY_API_KEYS")
     return await handler(request)
 
 
@@ -108,7 +158,7 @@ def _any_key_matches(token: bytes, api_keys: tuple[str, ...]) -> bool:
     # Compare against every key, always, so timing does not reveal which key or prefix matched.
     found = False
     for key in api_keys:
-        found |= hmac.compare_digest(token, key.encode())
+        found |= hmac.compare_digest(token, key.encode("utf-8", "surrogateescape"))
     return found
 
 

@@ -287,3 +287,41 @@ class RollingMetrics:
             "by_model": grouped("m", "by_model"),
             "by_backend": grouped("b", "by_backend"),
         }
+
+    def series(self) -> dict[str, Any]:
+        """The window slot by slot, oldest first, for charts: ``{"slot_s", "points": [...]}``, one point per
+        slot (empty slots included) with ``age_s`` (seconds from the slot's end to now), ``requests_per_s``
+        (``None`` for a slot that ended before the proxy started), ``errors``, ``latency_ms`` (percentiles
+        of the slot's successful requests, ``None`` without any) and ``tokens_per_s`` (as in
+        :meth:`snapshot`; ``None`` without a completed generation)."""
+        now = self.clock()
+        now_index = int(now // self.slot_s)
+        by_index = {slot.index: slot for slot in self._live_slots()}
+        points = []
+        for index in range(now_index - SLOTS + 1, now_index + 1):
+            slot = by_index.get(index)
+            end = min((index + 1) * self.slot_s, now)
+            # the current slot has only been filling for part of its length
+            seconds = max(end - index * self.slot_s, min(1.0, self.slot_s))
+            point: dict[str, Any] = {
+                "age_s": round(now - end, 3),
+                # before the proxy started there is nothing to count, not zero requests
+                "requests_per_s": 0.0 if end > self.started else None,
+                "errors": 0,
+                "latency_ms": None,
+                "tokens_per_s": None,
+            }
+            if slot is not None:
+                counts = slot.overall
+                latency = _Values()
+                for value in slot.latency:
+                    if value == value:  # not NaN
+                        latency.add(value, 1.0)
+                point.update(
+                    requests_per_s=round(counts.requests / seconds, 3),
+                    errors=counts.errors,
+                    latency_ms=percentiles(latency),
+                    tokens_per_s=round(counts.gen_tokens / counts.gen_s, 2) if counts.gen_s > 0 else None,
+                )
+            points.append(point)
+        return {"slot_s": self.slot_s, "points": points}

@@ -17,6 +17,7 @@ from typing import Any
 from imageworks_proxy import keys
 from imageworks_proxy.adapters.base import CHAT, COMPLETIONS, EMBEDDINGS
 from imageworks_proxy.observability.metrics import Sample
+from imageworks_proxy.observability.recent import RequestSummary, shorten
 from imageworks_proxy.observability.requestlog import redact_messages
 from imageworks_proxy.pipeline.stage import ChatContext, Stage
 
@@ -102,6 +103,7 @@ class ObserveStage(Stage):
         self.prom = app.get(keys.PROMETHEUS)
         rlog = keys.request_log(app)
         self.request_log = rlog if rlog.enabled else None
+        self.recent = app.get(keys.RECENT)
 
     # --- reply side ------------------------------------------------------------------------------
 
@@ -225,11 +227,21 @@ class ObserveStage(Stage):
             self.metrics.record(sample)
             if self.prom is not None:
                 self.prom.record(sample)
+        arrived = time.time() - (now - ctx.started)
+        if self.recent is not None:
+            # figures and names only: the status page never sees prompt or reply text
+            self.recent.add_request(RequestSummary(
+                ts=arrived, request_id=ctx.request_id, model=logical or shorten(ctx.model or None),
+                adapter=ctx.adapter_name, stream=ctx.stream, status=ctx.status, error_code=error_code,
+                duration_ms=round(duration_ms, 1), ttft_ms=round(ttft_ms, 1) if ttft_ms is not None else None,
+                queue_ms=queue_ms, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                tokens_estimated=estimated,
+            ))
         if self.request_log is None:
             return
         record: dict[str, Any] = {
             # arrival time, as a POSIX timestamp the writer turns into ISO-8601 UTC off the event loop
-            "ts": time.time() - (now - ctx.started),
+            "ts": arrived,
             "request_id": ctx.request_id,
             "endpoint": ctx.endpoint,
             "model": ctx.model or None,

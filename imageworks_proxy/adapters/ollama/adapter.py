@@ -201,7 +201,8 @@ class OllamaAdapter(Adapter):
         entry = call.entry
         # Images are fetched and the request translated before taking the GPU, so bad input fails fast.
         fetched = await fetch_images_base64(
-            self.http, image_urls(call.body), max_bytes=self.config.max_image_bytes, timeout_s=self._backend_s
+            image_urls(call.body), max_bytes=self.config.max_image_bytes, timeout_s=self._backend_s,
+            allow=self.config.image_fetch_allow,
         )
         fetched.update(await png_where_needed(call.body, fetched))  # Ollama reads PNG and JPEG only
         payload = to_ollama_request(

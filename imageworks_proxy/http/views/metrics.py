@@ -14,6 +14,7 @@ from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.http.responses import json_response
 from imageworks_proxy.observability.metrics import RollingMetrics
 from imageworks_proxy.observability.prometheus import PromMetrics
+from imageworks_proxy.observability.recent import RecentActivity
 from imageworks_proxy.observability.requestlog import RequestLog, lifetime
 from imageworks_proxy.observability.swaps import SwapMetrics
 
@@ -89,8 +90,9 @@ async def prometheus_text(request: web.Request) -> web.Response:
 
 
 def install(app: web.Application, config: Config) -> None:
-    """Build the app's request log, rolling metrics and (when metrics are on) Prometheus registry,
-    and add the two routes. The request log's writer starts and stops with the app."""
+    """Build the app's request log, rolling metrics, recent requests and switches (for the status page)
+    and (when metrics are on) Prometheus registry, and add the two routes. The request log's writer starts
+    and stops with the app."""
     rolling = RollingMetrics(config.metrics_window_s)
     rlog = RequestLog(config.log_path, config.max_log_bytes)
     swaps = SwapMetrics()
@@ -98,6 +100,9 @@ def install(app: web.Application, config: Config) -> None:
     app[keys.METRICS] = rolling
     app[keys.REQUEST_LOG] = rlog
     app[keys.SWAPS] = swaps
+    recent = RecentActivity()
+    keys.scheduler(app).listeners.append(recent.on_event)
+    app[keys.RECENT] = recent
     if config.enable_metrics:
         app[keys.PROMETHEUS] = PromMetrics(rolling, rlog, swaps, lambda: present_state(app))
     app.router.add_get("/v1/metrics", metrics_json, name="metrics")
