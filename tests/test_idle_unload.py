@@ -137,6 +137,8 @@ async def test_an_orchestrated_vllm_is_stopped_when_idle_and_started_again_by_th
     assert health["vllm"]["state"] == "loaded" and health["vllm"]["idle_unload_s"] == 1
     assert 0 < health["vllm"]["idle_unload_in_s"] <= 1
     assert health["tenancy"]["active"] == "vllm:alpha" and 0 < health["tenancy"]["idle_unload_in_s"] <= 1
+    status = await (await client.get("/v1/status")).json()  # what the status page reads
+    assert 0 < status["gpu"]["idle_unload_in_s"] <= 1
 
     async def state() -> str:
         return (await (await client.get("/v1/health")).json())["vllm"]["state"]
