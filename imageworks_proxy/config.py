@@ -86,7 +86,7 @@ def _nonneg_float(raw: str) -> float:
         n = float(raw.strip())
     except ValueError:
         raise ValueError("expected a number of seconds (0 = never)") from None
-    if n < 0 or n != n:
+    if not n >= 0:  # negative, or NaN
         raise ValueError("expected a number of seconds >= 0 (0 = never)")
     return n
 
@@ -98,6 +98,13 @@ def _fraction(raw: str) -> float:
         raise ValueError("expected a fraction between 0 and 1") from None
     if not 0 < n <= 1:
         raise ValueError("expected a fraction between 0 and 1")
+    return n
+
+
+def _sleep_level(raw: str) -> int:
+    n = _int(raw)
+    if n not in (0, 1, 2):
+        raise ValueError("expected 0 (off), 1 or 2")
     return n
 
 
@@ -250,12 +257,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s("OLLAMA_BASE_URL", _url, "http://127.0.0.1:11434", "Ollama for entries that name no host"),
     _s("OLLAMA_KEEP_ALIVE", _opt_str, None, "keep_alive sent with Ollama chat requests (e.g. 10m, -1)"),
     _s("OLLAMA_STOP_TIMEOUT_S", _pos_float, 30.0, "How long to wait for Ollama to unload its models"),
-    _s(
-        "OLLAMA_IDLE_UNLOAD_S",
-        _nonneg_float,
-        0.0,
-        "Unload Ollama's models after this many seconds without requests (0 = never; needs GPU_EXCLUSIVE=1)",
-    ),
+    _s("OLLAMA_IDLE_UNLOAD_S", _nonneg_float, 0.0, "Unload Ollama's models after this long idle (0 = never)"),
     _s("GPU_EXCLUSIVE", _bool, True, "One GPU tenant at a time (Ollama or vLLM)"),
     _s("AUTOSTART_ENABLED", _bool, False, "Enable backend autostart commands"),
     _s("AUTOSTART_MAP", _autostart_map, {}, "JSON map of logical model -> command"),
@@ -282,12 +284,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s("VLLM_GPU_MEMORY_UTILIZATION", _fraction, 0.75, "Fraction of GPU memory vLLM should claim"),
     _s("VLLM_MAX_MODEL_LEN", _opt_pos_int, None, "Override max sequence length passed to vLLM"),
     _s("VLLM_MAX_QUEUE", _pos_int, 64, "Requests waiting for a model switch before 429"),
-    _s(
-        "VLLM_IDLE_UNLOAD_S",
-        _nonneg_float,
-        0.0,
-        "Stop the active vLLM after this many seconds without requests, freeing the GPU (0 = never)",
-    ),
+    _s("VLLM_IDLE_UNLOAD_S", _nonneg_float, 0.0, "Stop the active vLLM after this long idle (0 = never)"),
     _s(
         "VLLM_FAILURE_BACKOFF_S",
         _pos_float,
@@ -300,6 +297,19 @@ SETTINGS: tuple[Setting, ...] = (
         _bool,
         False,
         "Leave the active vLLM running when the proxy stops (the next proxy adopts it)",
+    ),
+    _s(
+        "VLLM_SLEEP_LEVEL",
+        _sleep_level,
+        0,
+        "vLLM sleep mode on a switch: 0 stops the model, 1 offloads its weights to CPU memory, 2 drops them",
+    ),
+    _s("VLLM_MAX_ASLEEP", _nonneg_int, 2, "Sleeping vLLM models kept resident (least recently used stopped)"),
+    _s(
+        "VLLM_SLEEP_MAX_HOST_BYTES",
+        _opt_pos_int,
+        None,
+        "Host memory for the weights of level-1 sleepers (default: half the machine's memory)",
     ),
     _s("API_KEYS", _keys, (), "Comma-separated bearer keys; when set every route but /v1/health needs one"),
     _s("ADMIN_KEYS", _keys, (), "Comma-separated bearer keys; when set only these open /v1/admin/*"),
@@ -378,6 +388,9 @@ class Config:
     vllm_idle_unload_s: float
     vllm_failure_backoff_s: float
     vllm_keep_on_exit: bool
+    vllm_sleep_level: int
+    vllm_max_asleep: int
+    vllm_sleep_max_host_bytes: int | None
     api_keys: tuple[str, ...] = attrs.field(repr=False)
     admin_keys: tuple[str, ...] = attrs.field(repr=False)
     allowed_hosts: tuple[str, ...]

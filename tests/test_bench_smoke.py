@@ -70,3 +70,24 @@ def _check(results: dict, report: str) -> None:
 def test_quick_benchmark_produces_numbers_for_every_scenario(tmp_path):
     results, report = _run_quick(tmp_path)
     _check(results, report)
+
+
+def test_the_switch_latency_benchmark_splits_cold_starts_and_wake_ups(tmp_path):
+    out_md, out_json = tmp_path / "SWITCH.md", tmp_path / "switch.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "switch.py"), "--rounds", "1", "--levels", "1",
+         "--start-delay", "0.2", "--wake-delay", "0.05", "--sleep-delay", "0.02",
+         "--output", str(out_md), "--json", str(out_json)],
+        capture_output=True, text=True, timeout=240, check=False, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(out_json.read_text())["summary"]
+    rows = {r["what"]: r for r in summary}
+    assert set(rows) == {
+        "cold start (nothing running)",
+        "cold switch (the other model put to sleep)",
+        "wake-up (the other model put to sleep)",
+    }
+    wake = rows["wake-up (the other model put to sleep)"]
+    assert wake["kind"] == "wake" and wake["n"] == 1 and wake["reported_p50_s"] is not None
+    assert "| 1 | wake-up (the other model put to sleep) | 1 |" in out_md.read_text()

@@ -126,11 +126,14 @@ async def test_without_a_limit_nothing_is_stopped(sched):
 
 
 # -- end to end -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("sleep_level", ["0", "1"], ids=["plain", "sleep-mode"])
 async def test_an_orchestrated_vllm_is_stopped_when_idle_and_started_again_by_the_next_request(
-    tmp_path, registry_file, make_config, make_app, aiohttp_client
+    tmp_path, registry_file, make_config, make_app, aiohttp_client, sleep_level
 ):
+    # with sleep mode on too: an idle unload frees the memory, so it stops the model instead of sleeping
     registry_file([vllm_entry("alpha", tmp_path)])
-    client = await aiohttp_client(make_app(make_config(**orch_settings(free_port(), VLLM_IDLE_UNLOAD_S="1"))))
+    settings = orch_settings(free_port(), VLLM_IDLE_UNLOAD_S="1", VLLM_SLEEP_LEVEL=sleep_level)
+    client = await aiohttp_client(make_app(make_config(**settings)))
     first, _, _ = await chat(client.app, "alpha")
     pid = int(first.rsplit("pid ", 1)[1])
     health = await (await client.get("/v1/health")).json()
@@ -148,7 +151,8 @@ async def test_an_orchestrated_vllm_is_stopped_when_idle_and_started_again_by_th
             break
         await asyncio.sleep(0.02)
     assert not pid_alive(pid)  # the process is gone: GPU and host memory are free
-    assert [e["event"] for e in events(tmp_path) if e["pid"] == pid][-1] == "stop"
+    seen = [e["event"] for e in events(tmp_path) if e["pid"] == pid]
+    assert "stop" in seen and "sleep" not in seen  # stopped, not put to sleep
     health = await (await client.get("/v1/health")).json()
     assert health["tenancy"]["active"] is None and health["vllm"]["idle_unload_in_s"] is None
 

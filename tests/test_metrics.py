@@ -118,9 +118,9 @@ def test_in_flight_is_reported():
 
 def test_swap_metrics_count_switches_and_failures_from_scheduler_events():
     swaps = SwapMetrics()
-    seen: list[float] = []
+    seen: list[dict] = []
     swaps.observers.append(seen.append)
-    assert swaps.summary() == {"count": 0, "failures": 0, "duration_s": None}
+    assert swaps.summary() == {"count": 0, "failures": 0, "duration_s": None, "by_kind": {}}
     for total in (1.0, 3.0, 2.0):
         swaps.on_event({"event": "swap", "from": None, "to": "vllm:a", "ok": True, "total_s": total})
     swaps.on_event(
@@ -131,5 +131,23 @@ def test_swap_metrics_count_switches_and_failures_from_scheduler_events():
         "count": 3,
         "failures": 1,
         "duration_s": {"p50": 2.0, "p95": 3.0, "p99": 3.0, "last": 2.0, "samples": 3},
+        "by_kind": {
+            "cold": {
+                "count": 3,
+                "duration_s": {"p50": 2.0, "p95": 3.0, "p99": 3.0, "last": 2.0, "samples": 3},
+                "proxy_s": None,
+            }
+        },
     }
-    assert seen == [1.0, 3.0, 2.0]  # failed switches are counted, not timed
+    assert [e["total_s"] for e in seen] == [1.0, 3.0, 2.0]  # failed switches are counted, not timed
+
+
+def test_swap_metrics_split_cold_starts_from_wake_ups_with_the_proxys_share():
+    swaps = SwapMetrics()
+    for kind, total, proxy in (("cold", 31.0, 0.04), ("wake", 0.6, 0.03), ("wake", 0.8, 0.05)):
+        swaps.on_event({"event": "swap", "ok": True, "kind": kind, "total_s": total, "proxy_s": proxy})
+    by_kind = swaps.summary()["by_kind"]
+    assert by_kind["cold"]["count"] == 1 and by_kind["wake"]["count"] == 2
+    assert by_kind["wake"]["duration_s"]["p50"] == 0.6 and by_kind["wake"]["duration_s"]["last"] == 0.8
+    assert by_kind["wake"]["proxy_s"] == {"p50": 0.03, "p95": 0.05, "p99": 0.05, "last": 0.05, "samples": 2}
+    assert by_kind["cold"]["proxy_s"]["last"] == 0.04

@@ -113,3 +113,33 @@ async def test_admin_says_so_when_orchestration_is_off(orch, tmp_path):
     resp = await client.get("/v1/admin/vllm")
     assert resp.status == 409
     assert (await resp.json())["error"]["code"] == "orchestration_disabled"
+
+
+async def test_with_sleep_mode_the_admin_api_puts_models_to_sleep_and_stops_them(orch, tmp_path):
+    client = await orch([vllm_entry("alpha", tmp_path), vllm_entry("beta", tmp_path)], VLLM_SLEEP_LEVEL="1")
+    alpha = (await (await client.post("/v1/admin/vllm/activate", json={"model": "alpha"})).json())["vllm"]
+    resp = await client.post("/v1/admin/vllm/sleep")
+    assert resp.status == 200, await resp.text()
+    state = (await resp.json())["vllm"]
+    assert state["active"] is None and state["state"] == "stopped"
+    assert [(s["model"], s["pid"]) for s in state["sleeping"]] == [("alpha", alpha["pid"])]
+    again = await client.post("/v1/admin/vllm/sleep", json={"model": "alpha"})  # already asleep: no-op
+    assert again.status == 200
+    beta = (await (await client.post("/v1/admin/vllm/activate", json={"model": "beta"})).json())["vllm"]
+    resp = await client.post("/v1/admin/vllm/sleep", json={"model": "alpha"})
+    assert resp.status == 200 and (await resp.json())["vllm"]["active"] == "beta"  # alpha sleeps already
+    state = (await (await client.post("/v1/admin/vllm/stop", json={"model": "alpha"})).json())["vllm"]
+    assert state["active"] == "beta" and state["sleeping"] == [] and not process.pid_alive(alpha["pid"])
+    state = (await (await client.post("/v1/admin/vllm/stop")).json())["vllm"]
+    assert state["active"] is None and not process.pid_alive(beta["pid"])
+    admin = (await (await client.get("/v1/admin/vllm")).json())["stats"]
+    assert admin["vllm_launches"] == 2 and admin["vllm_sleeps"] == 1 and admin["vllm_wakes"] == 0
+
+
+async def test_without_sleep_mode_sleep_is_refused(orch, tmp_path):
+    client = await orch([vllm_entry("alpha", tmp_path)])
+    resp = await client.post("/v1/admin/vllm/sleep", json={"model": "alpha"})
+    assert resp.status == 409
+    body = await resp.json()
+    validate_error(body)
+    assert body["error"]["code"] == "sleep_disabled"

@@ -167,3 +167,58 @@ async def test_usage_errors_exit_2_and_list_shows_the_registry(setup):
     }
     bad_env = {**env, "CHAT_PROXY_VLLM_PORT": "not-a-port"}
     assert (await loader(bad_env, "current-model"))[0] == 2
+
+
+async def test_with_sleep_mode_the_loader_lists_sleepers_and_puts_to_sleep_or_stops(setup, tmp_path):
+    config, env = setup
+    env = {**env, "CHAT_PROXY_VLLM_SLEEP_LEVEL": "1"}
+    code, alpha, err = await loader(env, "activate-model", "alpha")
+    assert code == 0, err
+    code, beta, err = await loader(env, "activate-model", "beta")
+    assert code == 0, err
+    assert process.pid_alive(alpha["pid"])  # put to sleep, not stopped
+    code, current, _ = await loader(env, "current-model")
+    assert code == 0 and current["logical_name"] == "beta"
+    assert [(s["logical_name"], s["pid"], s["sleep_level"]) for s in current["sleeping"]] == [
+        ("alpha", alpha["pid"], 1)
+    ]
+    code, current, err = await loader(env, "sleep-model", "beta")
+    assert code == 0, err
+    assert current["logical_name"] is None and [s["logical_name"] for s in current["sleeping"]] == [
+        "alpha", "beta"
+    ]
+    code, current, err = await loader(env, "stop-model", "alpha")
+    assert code == 0, err
+    assert not process.pid_alive(alpha["pid"])
+    assert [s["logical_name"] for s in current["sleeping"]] == ["beta"]
+    code, _, err = await loader(env, "stop-model", "alpha")
+    assert code == 1 and "no vLLM runs model 'alpha'" in err
+    code, out, _ = await loader(env, "activate-model", "--stop")  # every model, asleep ones too
+    assert code == 0 and out is None and not process.pid_alive(beta["pid"])
+    assert not os.path.exists(config.vllm_state_path)
+    assert len(started(tmp_path)) == 2
+
+
+async def test_through_the_admin_api_the_loader_sleeps_and_stops_models(
+    setup, make_app, aiohttp_server, make_config
+):
+    config, env = setup
+    settings = orch_settings(config.vllm_port, PORT=str(config.port), VLLM_SLEEP_LEVEL="1")
+    config = make_config(**settings)
+    server = await aiohttp_server(make_app(config))
+    url = str(server.make_url("")).rstrip("/")
+    for name in ("alpha", "beta"):
+        code, _, err = await loader(env, "--url", url, "activate-model", name)
+        assert code == 0, err
+    code, current, _ = await loader(env, "--url", url, "current-model")
+    assert current["logical_name"] == "beta"
+    assert [s["logical_name"] for s in current["sleeping"]] == ["alpha"]
+    code, current, err = await loader(env, "--url", url, "sleep-model")
+    assert code == 0, err
+    assert current["logical_name"] is None and len(current["sleeping"]) == 2
+    code, current, err = await loader(env, "--url", url, "stop-model", "alpha")
+    assert code == 0, err
+    assert [s["logical_name"] for s in current["sleeping"]] == ["beta"]
+    code, out, _ = await loader(env, "--url", url, "activate-model", "--stop")
+    assert code == 0 and out is None
+    assert orchestrator(server.app).supervisor.instances == []

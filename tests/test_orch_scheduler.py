@@ -437,3 +437,41 @@ async def test_a_tenant_that_cannot_be_stopped_fails_the_switch_instead_of_start
     with pytest.raises(ProxyError):  # the next request tries the stop again
         await sched.acquire(w.tenant("vllm:a"), Call())
     assert len(attempts) == 2
+
+
+async def test_swap_records_say_what_kind_of_switch_it_was_and_the_proxys_share(sched):
+    """A tenant's start and stop may report facts: the kind of start, the time spent on the server itself
+    (engine_s), and that it was put to sleep; the record then gives the proxy's own share."""
+    seen: list[str | None] = []
+
+    def tenant(key: str, kind: str) -> Tenant:
+        async def start():
+            await asyncio.sleep(0.05)
+            return {"kind": kind, "engine_s": 0.04}
+
+        async def stop():
+            seen.append(sched.switching_to.key if sched.switching_to else None)
+            return {"evicted": "sleep", "engine_s": 0.0}
+
+        return Tenant(key, key, start=start, stop=stop, exclusive=True)
+
+    (await sched.acquire(tenant("vllm:a", "cold"), Call())).release()
+    (await sched.acquire(tenant("vllm:b", "wake"), Call())).release()
+    cold, wake = sched.stats()["recent_swaps"]
+    assert (cold["kind"], cold.get("slept")) == ("cold", None)
+    assert (wake["kind"], wake["slept"]) == ("wake", ["vllm:a"])
+    assert seen == ["vllm:b"]  # a stop knows which tenant the GPU is being freed for
+    for record in (cold, wake):
+        assert record["engine_s"] >= 0.04 - 1e-9
+        assert record["proxy_s"] == pytest.approx(record["total_s"] - record["drain_s"] - record["engine_s"],
+                                                  abs=0.002)
+    assert sched.switching_to is None
+
+
+async def test_a_tenant_that_needs_no_start_is_a_switch_and_unreported_steps_count_as_the_servers(sched):
+    w = World()
+    (await sched.acquire(w.tenant("vllm:a"), Call())).release()
+    (await sched.acquire(Tenant("ollama", "Ollama", stop=None, exclusive=True), Call())).release()
+    cold, switch = sched.stats()["recent_swaps"]
+    assert cold["kind"] == "cold" and switch["kind"] == "switch"
+    assert switch["engine_s"] == pytest.approx(switch["stop_s"], abs=0.002)  # vllm:a's stop said nothing

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+import attrs
 import pytest
 
 from imageworks_proxy.upstream import process
@@ -121,7 +122,7 @@ def test_a_file_without_host_prefix_or_format_still_reads(tmp_path):
             {"pid": None, "logical_name": ""},
             "logical_name: expected a non-empty string, got ''; pid: expected an integer, got None",
         ),
-        ({"format": 2}, "format 2 is not one this version reads (1)"),
+        ({"format": 3}, "format 3 is not one this version reads (1, 2)"),
     ],
 )
 def test_a_corrupt_file_is_reported_with_the_field_at_fault(tmp_path, caplog, change, reason):
@@ -131,3 +132,45 @@ def test_a_corrupt_file_is_reported_with_the_field_at_fault(tmp_path, caplog, ch
     assert StateFile(str(path)).load_live() is None
     assert not path.exists()
     assert f"vLLM state file {path} is corrupt ({reason}); clearing it" in caplog.text
+
+
+def test_several_instances_or_a_sleeping_one_are_written_as_format_2(tmp_path):
+    sf = StateFile(str(tmp_path / "active_vllm.json"))
+    awake = state_for(123, ["vllm", "--model", "/a", "--port", "24001"])
+    asleep = attrs.evolve(state_for(456, ["vllm", "--model", "/b", "--port", "24002"]), logical_name="beta",
+                          port=24002, sleep_level=1, asleep_since=1767268800.5)
+    sf.write_all([asleep, awake])
+    data = json.loads((tmp_path / "active_vllm.json").read_text())
+    assert data["format"] == 2 and [i["pid"] for i in data["instances"]] == [456, 123]
+    assert data["instances"][0]["sleep_level"] == 1 and data["instances"][0]["asleep_since"] == 1767268800.5
+    assert data["instances"][1]["sleep_level"] == 0 and data["instances"][1]["asleep_since"] is None
+    assert sf.read_all() == [asleep, awake]
+    sf.write_all([asleep])  # one sleeping instance is still format 2: format 1 has no sleep fields
+    assert json.loads((tmp_path / "active_vllm.json").read_text())["format"] == 2
+    sf.write_all([])
+    assert not (tmp_path / "active_vllm.json").exists()
+
+
+async def test_dead_or_reused_entries_are_dropped_and_the_live_ones_kept(tmp_path):
+    dead = process.spawn([sys.executable, "-c", "pass"], str(tmp_path / "x.log"))
+    while process.pid_alive(dead):
+        pass
+    flags = ["-c", "import time; time.sleep(30)"]
+    live = process.spawn([sys.executable, *flags], str(tmp_path / "y.log"))
+    try:
+        sf = StateFile(str(tmp_path / "active_vllm.json"))
+        kept = attrs.evolve(state_for(live, ["launcher", *flags]), sleep_level=2, asleep_since=5.0)
+        sf.write_all([state_for(dead, [sys.executable, "-c", "pass"]), kept])
+        assert sf.load_all_live() == [kept]
+        assert sf.read_all() == [kept]  # the file was rewritten without the dead one
+    finally:
+        await process.stop_group(live, term_timeout=2)
+
+
+def test_a_corrupt_instance_of_a_format_2_file_is_named(tmp_path, caplog):
+    path = tmp_path / "active_vllm.json"
+    good = {"logical_name": "a", "served_model_id": "a", "port": 1, "pid": 2, "pgid": 2, "started_at": 0,
+            "command": ["v", "--x"], "prefix_len": 1}
+    path.write_text(json.dumps({"format": 2, "instances": [good, {**good, "sleep_level": 7}]}))
+    assert StateFile(str(path)).load_all_live() == []
+    assert "instances[1]: sleep_level: expected 0, 1 or 2, got 7" in caplog.text and not path.exists()

@@ -10,6 +10,7 @@ import aiohttp
 
 from imageworks_proxy.catalogue.registry import parse_entry
 from imageworks_proxy.testing import free_port
+from imageworks_proxy.upstream import process
 from imageworks_proxy.vllm.supervisor import VllmSupervisor
 from tests.orch_helpers import orch_settings, vllm_entry
 
@@ -65,3 +66,48 @@ async def test_without_nvml_nothing_is_asked_of_the_gpu(tmp_path, make_config, c
         await sup.close()
     assert gpu.queries == 0 and "GiB free" not in caplog.text
     assert "GPU released n/a (no NVML)" in caplog.text
+
+
+class SleepyGpu:
+    """An 80 GiB card whose memory is what the listed processes hold (as NVML reports it per pid)."""
+
+    available = True
+
+    def __init__(self) -> None:
+        self.holding: dict[int, int] = {}
+
+    def _held(self) -> int:
+        return sum(n for pid, n in self.holding.items() if process.pid_alive(pid))
+
+    def devices(self):
+        used = self._held()
+        return [{"index": 0, "name": "Fake H100", "memory_total_bytes": 80 * GIB,
+                 "memory_used_bytes": used, "memory_free_bytes": 80 * GIB - used}]
+
+    def memory_by_pid(self) -> dict[int, int]:
+        return {pid: n for pid, n in self.holding.items() if process.pid_alive(pid)}
+
+    def pids_holding_memory(self) -> set[int]:
+        return set(self.memory_by_pid())
+
+
+async def test_before_a_start_nvml_must_show_the_sleepers_memory_given_back(tmp_path, make_config, caplog):
+    cfg = make_config(**orch_settings(free_port(), VLLM_SLEEP_LEVEL="1"))
+    alpha, beta, gamma = (parse_entry(vllm_entry(n, tmp_path)) for n in ("alpha", "beta", "gamma"))
+    gpu = SleepyGpu()
+    caplog.set_level(logging.INFO, "imageworks_proxy")
+    async with aiohttp.ClientSession() as session:
+        sup = VllmSupervisor(cfg, lambda: session, gpu)
+        a = await sup.ensure(alpha)
+        gpu.holding[a.pid] = 60 * GIB
+        # alpha's sleep gives its memory back a moment after /sleep answered: beta's start waits for it
+        asyncio.get_running_loop().call_later(0.3, gpu.holding.__setitem__, a.pid, GIB // 2)
+        b = await sup.ensure(beta)
+        assert [s.pid for s in sup.sleepers] == [a.pid] and "still holding" not in caplog.text
+        gpu.holding[b.pid] = 60 * GIB  # beta sleeps, but NVML shows it never let go of its memory
+        await sup.ensure(gamma)
+        assert [s.pid for s in sup.sleepers] == [a.pid]  # beta was stopped to make room, alpha kept
+        assert not process.pid_alive(b.pid) and process.pid_alive(a.pid)
+        assert f"'beta' (pid {b.pid}) sleeps but NVML shows it still holding 60.0 GiB" in caplog.text
+        await sup.close()
+    assert not process.pid_alive(a.pid)

@@ -112,7 +112,8 @@ class Adapter:
         return None
 
     def model_status(self, entry: Entry) -> str | None:
-        """``loaded`` / ``loading`` / ``stopped`` for models this adapter starts itself, else ``None``."""
+        """``loaded`` / ``loading`` / ``asleep`` / ``stopped`` for models this adapter starts itself, else
+        ``None``."""
         return None
 
     def native_tool_parser(self, entry: Entry) -> bool:

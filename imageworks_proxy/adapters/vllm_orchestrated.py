@@ -2,9 +2,11 @@
 
 Each chat request takes a lease on the (exclusive) GPU tenant ``vllm:<logical name>`` from the app's
 scheduler; the scheduler drains, stops and starts models, and this adapter's
-:class:`~imageworks_proxy.vllm.supervisor.VllmSupervisor` does the process work. With the lease
-held, the request is forwarded exactly like ``vllm-external`` to ``http://<VLLM_HOST>:<VLLM_PORT>/v1``;
-the lease is given back when the response, stream included, is over.
+:class:`~imageworks_proxy.vllm.supervisor.VllmSupervisor` does the process work. With sleep mode
+(``CHAT_PROXY_VLLM_SLEEP_LEVEL`` 1 or 2) a tenant's stop puts its vLLM to sleep and its start wakes it
+(docs/vllm.md). With the lease held, the request is forwarded exactly like ``vllm-external`` to the awake
+vLLM (``http://<VLLM_HOST>:<its port>/v1``); the lease is given back when the response, stream included,
+is over.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from imageworks_proxy.gpu.scheduler import GpuScheduler
 from imageworks_proxy.gpu.tenancy import Lease, Tenant
 from imageworks_proxy.hookspecs import hookimpl
 from imageworks_proxy.pipeline.template import check_template
-from imageworks_proxy.vllm.command import build_command
+from imageworks_proxy.vllm.command import build_command, without_port
 from imageworks_proxy.vllm.supervisor import Instance, VllmSupervisor
 
 log = logging.getLogger("imageworks_proxy.orchestrator")
@@ -69,7 +71,9 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
     def __init__(self, app: web.Application, config: Config) -> None:
         super().__init__(app, config)
         self.supervisor = VllmSupervisor(config, lambda: keys.http(app), keys.gpu(app), self._on_exit)
-        self._restarts: set[asyncio.Task[None]] = set()
+        self._restarts: set[asyncio.Task[Any]] = set()
+        #: Models to stop rather than put to sleep while a vacate is under way (None: every model).
+        self._retiring: dict[object, set[str] | None] = {}
 
     # -- routing and listing -------------------------------------------------------------------
     def accepts(self, entry: Entry) -> bool:
@@ -96,10 +100,12 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
         if not self.config.vllm_single_port:
             return  # nothing is routed here; leave any recorded vLLM alone
         sched = self.scheduler
-        inst = await self.supervisor.adopt()
-        if inst is not None:
+        for inst in await self.supervisor.adopt():
+            if inst.asleep:
+                continue  # sleepers hold no GPU memory: nothing to schedule
             tenant = self._tenant_for_name(inst.logical_name)
-            # healthy: serve it at once; still loading: the first request's start waits for its readiness
+            # healthy: serve it at once; still loading: the first request's start waits for its readiness;
+            # a second awake one (a switch cut short) is put to sleep or stopped before the next start
             if not (inst.ready and sched.adopt(tenant)):
                 sched.add_resident(tenant)
         self.supervisor.start_monitor()
@@ -115,47 +121,74 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
         await super().close()
 
     def _registry_changed(self, registry: Registry) -> None:
-        """The registry was edited: if the running model's command changed, restart it (after its in-flight
-        requests finish) so the edit applies without restarting the proxy."""
-        inst = self.supervisor.instance
-        sched = self.scheduler
-        if inst is None or not inst.ready:
+        """The registry was edited: if the awake model's command changed, restart it (after its in-flight
+        requests finish) so the edit applies without restarting the proxy; sleeping models whose command
+        changed, or whose entry is gone, are stopped (a request starts them afresh)."""
+        sup = self.supervisor
+        for inst in sup.sleepers:
+            if self._identity(registry, inst.logical_name) != inst.identity:
+                self._background(sup.stop_model(inst.logical_name, "registry entry changed or removed"),
+                                 f"stop-{inst.logical_name}")
+        inst = sup.instance
+        if inst is None or not inst.ready or inst.asleep:
             return
-        entry = registry.by_name.get(inst.logical_name)
-        if entry is None:
-            return  # removed from the registry: keep serving what runs until another model is needed
-        try:
-            flags = build_command(self.config, entry).flags
-        except ProxyError:
-            return
-        if flags == inst.flags:
-            return
+        identity = self._identity(registry, inst.logical_name)
+        if identity is None or identity == inst.identity:
+            return  # unchanged, or removed from the registry: keep serving what runs
         key = TENANT_PREFIX + inst.logical_name
         log.info(
             "vLLM: the registry entry of running model %r changed; restarting it once in-flight "
             "requests finish",
             inst.logical_name,
         )
-        task = asyncio.get_running_loop().create_task(
-            sched.vacate(lambda t: t.key == key), name=f"restart-{key}"
-        )
+        self._background(self._vacate({inst.logical_name}, lambda t: t.key == key), f"restart-{key}")
+
+    def _identity(self, registry: Registry, name: str) -> tuple[str, ...] | None:
+        entry = registry.by_name.get(name)
+        if entry is None:
+            return None
+        try:
+            return without_port(build_command(self.config, entry).flags)
+        except ProxyError:
+            return None
+
+    def _background(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
         self._restarts.add(task)
         task.add_done_callback(self._restarts.discard)
 
+    async def _vacate(self, names: set[str] | None, predicate: Any) -> None:
+        """Vacate the GPU tenants ``predicate`` names, stopping (not putting to sleep) models ``names``
+        (every model when None) that are evicted meanwhile."""
+        token = object()
+        self._retiring[token] = names
+        try:
+            await self.scheduler.vacate(predicate)
+        finally:
+            del self._retiring[token]
+
+    def _retired(self, name: str) -> bool:
+        """Whether model ``name`` is to be stopped rather than put to sleep when it is evicted now."""
+        if keys.models(self.app).store.registry.by_name.get(name) is None:
+            return True  # nothing could ask for it again
+        return any(names is None or name in names for names in self._retiring.values())
+
     # -- tenants -------------------------------------------------------------------------------
     def tenant(self, entry: Entry) -> Tenant:
-        """The GPU tenant for ``entry``: starting it launches (or reuses) its vLLM; stopping it stops vLLM."""
+        """The GPU tenant for ``entry``: starting it wakes its sleeping vLLM or launches (or reuses) one;
+        stopping it puts vLLM to sleep (sleep mode) or stops it."""
         cmd = build_command(self.config, entry)
         revision = hashlib.sha1("\0".join(cmd.flags).encode()).hexdigest()[:16]
 
-        async def start() -> None:
-            await self.supervisor.ensure(entry)
+        async def start() -> dict[str, Any]:
+            outcome = await self.supervisor.bring_up(entry)
+            return {"kind": "wake" if outcome.action == "wake" else "cold", "engine_s": outcome.engine_s}
 
         return Tenant(
             TENANT_PREFIX + entry.name,
             f"vLLM model {entry.name!r}",
             start=start,
-            stop=self._stop,
+            stop=self._stopper(entry.name),
             revision=revision,
             exclusive=True,  # one vLLM at a time: they share the port and most of the GPU memory
             model=entry.name,
@@ -172,17 +205,30 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
         return Tenant(
             TENANT_PREFIX + name,
             f"vLLM model {name!r}",
-            stop=self._stop,
+            stop=self._stopper(name),
             exclusive=True,
             model=name,
             idle_unload_s=self.config.vllm_idle_unload_s,
         )
 
-    async def _stop(self) -> None:
-        await self.supervisor.stop("GPU needed by another model")
+    def _stopper(self, name: str) -> Any:
+        async def stop() -> dict[str, Any]:
+            # an idle unload frees the GPU and host memory: the model is stopped, never put to sleep
+            idle = self.scheduler.stop_reason == "idle"
+            target = None if idle else self.scheduler.switching_to
+            outcome = await self.supervisor.evict(
+                name,
+                "idle for CHAT_PROXY_VLLM_IDLE_UNLOAD_S" if idle else "GPU needed by another model",
+                sleep=not idle and not self._retired(name),
+                keep=target.model if target is not None and is_vllm_tenant(target) else None,
+            )
+            return {"evicted": outcome.action, "engine_s": outcome.engine_s}
+
+        return stop
 
     def _on_exit(self, inst: Instance, code: int | None, line: str | None) -> None:
-        self.scheduler.lost(TENANT_PREFIX + inst.logical_name)
+        if not inst.asleep:
+            self.scheduler.lost(TENANT_PREFIX + inst.logical_name)
 
     async def acquire(self, entry: Entry, call: Any, *, force: bool = False) -> Lease:
         """A lease on ``entry``'s vLLM (started or switched to first); the wait is added to
@@ -290,37 +336,49 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
         lease.release()
         return self.public_state()
 
-    async def deactivate(self) -> dict[str, Any]:
-        """Stop the active vLLM model once its in-flight requests are done. Returns :meth:`public_state`."""
-        await self.scheduler.vacate(is_vllm_tenant)
+    async def deactivate(self, model: str | None = None) -> dict[str, Any]:
+        """Stop vLLM model ``model`` (awake: once its in-flight requests are done; asleep: at once), or
+        with None every vLLM model, awake and asleep. Returns :meth:`public_state`."""
+        if model is None:
+            await self._vacate(None, is_vllm_tenant)
+            await self.supervisor.stop_all("stopped through the admin API")
+        else:
+            key = TENANT_PREFIX + model
+            await self._vacate({model}, lambda t: t.key == key)
+            await self.supervisor.stop_model(model, "stopped through the admin API")
+        return self.public_state()
+
+    async def sleep(self, model: str | None = None) -> dict[str, Any]:
+        """Put the awake vLLM model to sleep once its in-flight requests are done (sleep mode); ``model``,
+        when given, must be that model or already asleep. Returns :meth:`public_state`. Raises
+        ``ProxyError`` 409 ``sleep_disabled`` with ``CHAT_PROXY_VLLM_SLEEP_LEVEL=0`` and 409
+        ``model_not_awake`` for a model that is neither awake nor asleep."""
+        if not self.config.vllm_sleep_level:
+            raise ProxyError(
+                409, "sleep_disabled",
+                "vLLM sleep mode is off; set CHAT_PROXY_VLLM_SLEEP_LEVEL=1 or 2 to put models to sleep.",
+            )
+        sup = self.supervisor
+        if model is not None and sup.status_of(model) == "asleep":
+            return self.public_state()
+        inst = sup.instance
+        if model is not None and (inst is None or inst.logical_name != model):
+            raise ProxyError(409, "model_not_awake", f"vLLM model {model!r} is not the awake model.")
+        if inst is not None:
+            key = TENANT_PREFIX + inst.logical_name
+            await self.scheduler.vacate(lambda t: t.key == key)
         return self.public_state()
 
     # -- state ---------------------------------------------------------------------------------
     def public_state(self) -> dict[str, Any]:
-        """``{"active": logical name or None, "state": "stopped"|"loading"|"loaded"|"draining"|"stopping",
-        ..., "idle_unload_s": the idle limit or None, "idle_unload_in_s": seconds until the idle model is
-        stopped or None}`` for ``/v1/health`` and the admin API. Never does I/O."""
+        """``{"active": logical name or None, "state": "stopped"|"loading"|"loaded"|"draining"|"sleeping"|
+        "waking"|"stopping", ..., "sleeping": [sleeping models], "idle_unload_s": the idle limit or None,
+        "idle_unload_in_s": seconds until the idle model is stopped or None}`` for ``/v1/health`` and the
+        admin API. Never does I/O."""
         sup = self.supervisor
         inst = sup.instance
         sched = self.scheduler
-        active: str | None = None
-        state = "stopped"
-        if sup.starting is not None:
-            active, state = sup.starting, "loading"
-        elif inst is not None:
-            active = inst.logical_name
-            if inst.stopping:
-                state = "stopping"
-            elif not inst.ready:
-                state = "loading"
-            elif (
-                sched.phase == "draining"
-                and sched.active is not None
-                and sched.active.key == TENANT_PREFIX + inst.logical_name
-            ):
-                state = "draining"
-            else:
-                state = "loaded"
+        active, state = self._active_state()
         out: dict[str, Any] = {
             "active": active,
             "state": state,
@@ -333,16 +391,55 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
         }
         out["queue_depth"] = sched.queue_depth
         out["inflight"] = sched.inflight if sched.active is not None and is_vllm_tenant(sched.active) else 0
+        out["sleep_level"] = self.config.vllm_sleep_level
+        out["sleeping"] = [
+            {
+                "model": s.logical_name,
+                "served_model_id": s.served_model_id,
+                "pid": s.pid,
+                "port": s.port,
+                "sleep_level": s.sleep_level,
+                "asleep_since": s.asleep_since,
+                "adopted": s.adopted,
+            }
+            for s in sup.sleepers
+        ]
         out["idle_unload_s"] = self.config.vllm_idle_unload_s or None
         # seconds until the running model is stopped for idleness; None: no such stop is pending
         out["idle_unload_in_s"] = sched.idle.remaining_s(TENANT_PREFIX + active) if active else None
         return out
 
+    def _active_state(self) -> tuple[str | None, str]:
+        sup = self.supervisor
+        inst = sup.instance
+        if sup.starting is not None:
+            return sup.starting, "loading"
+        if inst is None:
+            return None, "stopped"
+        sched = self.scheduler
+        if inst.stopping:
+            state = "stopping"
+        elif inst.transition is not None:
+            state = inst.transition  # "sleeping" or "waking"
+        elif not inst.ready:
+            state = "loading"
+        elif (
+            sched.phase == "draining"
+            and sched.active is not None
+            and sched.active.key == TENANT_PREFIX + inst.logical_name
+        ):
+            state = "draining"
+        else:
+            state = "loaded"
+        return inst.logical_name, state
+
     def stats(self) -> dict[str, Any]:
         """Metrics for observability: the scheduler's counters (swaps, failures, recent swap durations,
-        queue depth, in-flight) plus vLLM launches and the public state."""
+        queue depth, in-flight) plus vLLM launches, wake-ups and sleeps, and the public state."""
         out: dict[str, Any] = dict(self.scheduler.stats())
         out["vllm_launches"] = self.supervisor.launches
+        out["vllm_wakes"] = self.supervisor.wakes
+        out["vllm_sleeps"] = self.supervisor.sleeps
         out["vllm"] = self.public_state()
         return out
 

@@ -1,9 +1,10 @@
-"""``imageworks-loader``: list the registry's models and control the active vLLM model (docs/vllm.md).
+"""``imageworks-loader``: list the registry's models and control the vLLM models (docs/vllm.md).
 
-``activate-model NAME``, ``activate-model --stop`` and ``current-model`` go through the running proxy's
-admin API when it answers; otherwise they act directly on the state file and the process it names, with
-the same code the proxy uses (a pid whose command line does not match the file is never signalled). A
-model started here keeps running after the command exits; the proxy adopts it when it starts.
+``activate-model NAME``, ``activate-model --stop``, ``current-model``, and with sleep mode ``sleep-model``
+and ``stop-model NAME``, go through the running proxy's admin API when it answers; otherwise they act
+directly on the state file and the processes it names, with the same code the proxy uses (a pid whose
+command line does not match the file is never signalled). A model started here keeps running after the
+command exits; the proxy adopts it when it starts.
 Exit codes: 0 ok, 1 failure, 2 usage or configuration error.
 """
 
@@ -26,7 +27,7 @@ from imageworks_proxy.catalogue.naming import build_catalogue
 from imageworks_proxy.catalogue.registry import Entry, RegistryError, load_registry
 from imageworks_proxy.config import Config, ConfigError, load_config
 from imageworks_proxy.errors import ProxyError
-from imageworks_proxy.vllm.supervisor import Instance
+from imageworks_proxy.vllm.supervisor import Instance, VllmSupervisor
 
 OK, FAILED, USAGE = 0, 1, 2
 
@@ -47,10 +48,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="the registry's models: id, logical name, backend, installed")
-    sub.add_parser("current-model", help="print the active vLLM model as JSON, or null")
+    sub.add_parser("current-model", help="print the active vLLM model (and sleeping ones) as JSON, or null")
     act = sub.add_parser("activate-model", help="start NAME as the active vLLM model, or --stop it")
     act.add_argument("name", nargs="?", help="logical name or listed id of an orchestrated vLLM model")
-    act.add_argument("--stop", action="store_true", help="stop the active vLLM model")
+    act.add_argument("--stop", action="store_true", help="stop the active vLLM model and every sleeping one")
+    slp = sub.add_parser("sleep-model", help="put the active vLLM model to sleep (sleep mode)")
+    slp.add_argument("name", nargs="?", help="the active model's name (optional)")
+    stp = sub.add_parser("stop-model", help="stop vLLM model NAME, awake or asleep")
+    stp.add_argument("name", help="logical name of the model")
     return p
 
 
@@ -133,18 +138,31 @@ def _call(config: Config, base: str, method: str, path: str, body: Any = None, t
         raise Unreachable(str(getattr(exc, "reason", exc))) from None
 
 
+def _with_sleepers(current: dict[str, Any] | None, sleeping: list[dict[str, Any]], source: str) -> Any:
+    """``current`` plus the sleeping models (sleep mode); without any, ``current`` as it is."""
+    if not sleeping:
+        return current
+    if current is None:
+        current = {"logical_name": None, "state": "stopped", "source": source}
+    return {**current, "sleeping": sleeping}
+
+
 def _current_from_api(state: dict[str, Any]) -> dict[str, Any] | None:
-    if not state.get("active"):
-        return None
-    return {
-        "logical_name": state["active"],
-        "state": state.get("state"),
-        "served_model_id": state.get("served_model_id"),
-        "pid": state.get("pid"),
-        "port": state.get("port"),
-        "started_at": state.get("started_at"),
-        "source": "proxy",
-    }
+    current = None
+    if state.get("active"):
+        current = {
+            "logical_name": state["active"],
+            "state": state.get("state"),
+            "served_model_id": state.get("served_model_id"),
+            "pid": state.get("pid"),
+            "port": state.get("port"),
+            "started_at": state.get("started_at"),
+            "source": "proxy",
+        }
+    sleeping = [{**s, "logical_name": s.get("model")} for s in state.get("sleeping") or []]
+    for item in sleeping:
+        item.pop("model", None)
+    return _with_sleepers(current, sleeping, "proxy")
 
 
 def via_api(config: Config, base: str, args: argparse.Namespace) -> int:
@@ -152,6 +170,12 @@ def via_api(config: Config, base: str, args: argparse.Namespace) -> int:
     key = args.api_key
     if args.command == "current-model":
         _print(_current_from_api(_call(config, base, "GET", "/v1/admin/vllm", key=key)["vllm"]))
+    elif args.command in ("sleep-model", "stop-model"):
+        verb = "sleep" if args.command == "sleep-model" else "stop"
+        body = {"model": args.name} if args.name else {}
+        path = f"/v1/admin/vllm/{verb}"
+        state = _call(config, base, "POST", path, body, timeout=long_wait, key=key)["vllm"]
+        _print(_current_from_api(state))
     elif args.stop:
         _call(config, base, "POST", "/v1/admin/vllm/stop", {}, timeout=long_wait, key=key)
         print("stopped", file=sys.stderr)
@@ -177,6 +201,38 @@ def _current(inst: Instance, state: str) -> dict[str, Any]:
         "log_path": inst.log_path,
         "source": "state-file",
     }
+
+
+def _direct_state(sup: VllmSupervisor) -> Any:
+    inst = sup.instance
+    current = None if inst is None else _current(inst, "loaded" if inst.ready else "loading")
+    sleeping = [
+        {"logical_name": s.logical_name, "served_model_id": s.served_model_id, "pid": s.pid, "port": s.port,
+         "sleep_level": s.sleep_level, "asleep_since": s.asleep_since}
+        for s in sup.sleepers
+    ]
+    return _with_sleepers(current, sleeping, "state-file")
+
+
+async def _direct_sleep_or_stop(config: Config, sup: VllmSupervisor, args: argparse.Namespace) -> int:
+    """``sleep-model`` and ``stop-model`` without a proxy."""
+    if args.command == "stop-model":
+        if not await sup.stop_model(args.name, "imageworks-loader stop-model"):
+            _err(f"no vLLM runs model {args.name!r}")
+            return FAILED
+    else:
+        if not config.vllm_sleep_level:
+            _err("vLLM sleep mode is off; set CHAT_PROXY_VLLM_SLEEP_LEVEL=1 or 2 to put models to sleep")
+            return FAILED
+        inst = sup.instance
+        if inst is None or (args.name and inst.logical_name != args.name):
+            _err(f"{args.name!r} is not the awake vLLM model" if args.name else "no vLLM model is awake")
+            return FAILED
+        outcome = await sup.evict(inst.logical_name, "imageworks-loader sleep-model")
+        if outcome.action != "sleep":
+            _err(f"{inst.logical_name!r} could not be put to sleep and was stopped instead (see above)")
+    _print(_direct_state(sup))
+    return OK
 
 
 async def direct(config: Config, args: argparse.Namespace) -> int:
@@ -212,13 +268,17 @@ async def direct(config: Config, args: argparse.Namespace) -> int:
         await asyncio.to_thread(gpu.open)
         sup = orchestrator.supervisor
         try:
-            inst = await sup.adopt()
+            await sup.adopt()
             if args.command == "current-model":
-                _print(None if inst is None else _current(inst, "loaded" if inst.ready else "loading"))
+                _print(_direct_state(sup))
+            elif args.command in ("sleep-model", "stop-model"):
+                code = await _direct_sleep_or_stop(config, sup, args)
+                await sup.close(keep=True)
+                return code
             elif args.stop:
-                if inst is not None:
+                for inst in sup.instances:
                     print(f"stopping {inst.logical_name!r} (pid {inst.pid}) ...", file=sys.stderr)
-                await sup.stop("imageworks-loader activate-model --stop")
+                await sup.stop_all("imageworks-loader activate-model --stop")
                 _print(None)
                 return OK
             else:

@@ -75,3 +75,20 @@ class Gpu:
         except Exception as exc:
             log.warning("NVML process query failed: %s", exc)
         return pids
+
+    def memory_by_pid(self) -> dict[int, int]:
+        """GPU memory in bytes that each compute process uses, summed over the GPUs (empty without NVML;
+        a process whose usage the driver does not report counts 0)."""
+        nv = self._nvml
+        if nv is None:
+            return {}
+        out: dict[int, int] = {}
+        try:
+            for i in range(nv.nvmlDeviceGetCount()):
+                h = nv.nvmlDeviceGetHandleByIndex(i)
+                for p in nv.nvmlDeviceGetComputeRunningProcesses(h):
+                    used = p.usedGpuMemory if isinstance(p.usedGpuMemory, int) else 0
+                    out[int(p.pid)] = out.get(int(p.pid), 0) + used
+        except Exception as exc:
+            log.warning("NVML process query failed: %s", exc)
+        return out

@@ -54,6 +54,10 @@ class Phase(StrEnum):
 IDLE, STARTING, READY, DRAINING, STOPPING = Phase
 
 
+def _shutting_down() -> ProxyError:
+    return ProxyError(503, "backend_unavailable", "The proxy is shutting down.", headers={"Retry-After": "5"})
+
+
 class GpuScheduler:
     """The GPU tenancy implementation installed as ``app[keys.TENANCY]``
     (see :mod:`imageworks_proxy.gpu.tenancy`).
@@ -87,6 +91,8 @@ class GpuScheduler:
         self._switch_started: float | None = None
         #: The pending idle unload of the active tenant (``idle.remaining_s(key)`` for health pages).
         self.idle = IdleTimer(clock, self._kick.set)
+        #: ``"idle"`` while the idle unload runs, else None: a ``stop`` then frees everything (no sleep).
+        self.stop_reason: str | None = None
         self.swaplog = SwapLog()
         #: Called with a dict for every switch, start failure and stop (observability hooks in here).
         self.listeners = self.swaplog.listeners
@@ -172,6 +178,12 @@ class GpuScheduler:
         return self._phase
 
     @property
+    def switching_to(self) -> Tenant | None:
+        """While tenants are evicted for a switch, the tenant it is for (a ``stop`` may spare what that one
+        needs, e.g. a sleeping vLLM about to be woken); otherwise None. A hint, safe to ignore."""
+        return self._waiters.head.tenant if self._phase == STOPPING and self._waiters else None
+
+    @property
     def inflight(self) -> int:
         """Leases held on the active tenant."""
         return self._inflight
@@ -186,7 +198,7 @@ class GpuScheduler:
     def stats(self) -> dict[str, Any]:
         """Counters and recent swaps for metrics: ``swaps`` (successful switches), ``swap_failures``,
         ``starts``/``stops``, ``queue_depth``, ``inflight``, ``active``, ``phase`` and ``recent_swaps``
-        (last 50: from, to, ok, drain_s, stop_s, start_s, total_s)."""
+        (the last 50 swap records: :mod:`imageworks_proxy.gpu.swaplog`)."""
         return {
             **self.swaplog.snapshot(),
             "queue_depth": self.queue_depth,
@@ -209,17 +221,12 @@ class GpuScheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._driver
             self._driver = None
-        err = ProxyError(
-            503, "backend_unavailable", "The proxy is shutting down.", headers={"Retry-After": "5"}
-        )
-        self._waiters.fail_all(err)
+        self._waiters.fail_all(_shutting_down())
 
     # -- internals -----------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
-            raise ProxyError(
-                503, "backend_unavailable", "The proxy is shutting down.", headers={"Retry-After": "5"}
-            )
+            raise _shutting_down()
         if self._driver is None:
             self._driver = asyncio.get_running_loop().create_task(self._run(), name="gpu-scheduler")
 
@@ -316,7 +323,11 @@ class GpuScheduler:
                 self._phase = READY
             idle = self.idle.update(self._active if self._phase == READY and not self._inflight else None)
             if idle is not None:  # its idle time ran out: stop it alone
-                await self._switch(idle)
+                self.stop_reason = "idle"
+                try:
+                    await self._switch(idle)
+                finally:
+                    self.stop_reason = None
             return
         head = self._waiters.head
         active = self._active
@@ -348,12 +359,14 @@ class GpuScheduler:
         await self._switch(head)
         self._kick.set()
 
-    async def _stop_tenant(self, tenant: Tenant) -> float:
-        """Run ``tenant.stop``; raises ``ProxyError`` when it could not free the GPU."""
+    async def _stop_tenant(self, tenant: Tenant) -> tuple[float, object]:
+        """Run ``tenant.stop``; returns how long it took and what it returned (facts for the swap record).
+        Raises ``ProxyError`` when it could not free the GPU."""
         t0 = self._clock()
+        info = None
         if tenant.stop is not None:
             try:
-                await tenant.stop()
+                info = await tenant.stop()
             except (asyncio.CancelledError, ProxyError):
                 raise
             except Exception as exc:
@@ -365,7 +378,7 @@ class GpuScheduler:
                     headers={"Retry-After": "10"},
                 ) from None
         self._stats["stops"] += 1
-        return self._clock() - t0
+        return self._clock() - t0, info
 
     async def _switch(self, head: Waiter) -> None:
         """Serve the head of the queue: evict what is in the way, then start its tenant (or, for a
@@ -377,6 +390,7 @@ class GpuScheduler:
         record: dict[str, Any] = {
             "from": self._active.key if self._active else None,
             "to": target.key if target else None,
+            "kind": "switch",
             "drain_s": round(self._clock() - began, 3),
             **({"reason": head.reason} if head.reason else {}),
         }
@@ -388,7 +402,7 @@ class GpuScheduler:
                 self._active = None
                 self._generation += 1
             try:
-                stop_s += await self._stop_tenant(tenant)
+                seconds, info = await self._stop_tenant(tenant)
             except ProxyError as error:
                 # It may still hold the GPU: never start the next tenant into it. It stays resident so
                 # the next switch tries to stop it again.
@@ -398,6 +412,8 @@ class GpuScheduler:
                             tenant.key, record["to"], error.message)
                 self._switch_failed(head, record, error, began, stop_s=stop_s)
                 return
+            stop_s += seconds
+            self.swaplog.step(record, tenant.key, seconds, info)
         record["stop_s"] = round(stop_s, 3)
         if target is None:
             self._vacated(head, record)
@@ -427,8 +443,7 @@ class GpuScheduler:
         self._residents.pop(target.key, None)
         t0 = self._clock()
         try:
-            if target.start is not None:
-                await target.start()
+            info = await target.start() if target.start is not None else None
         except asyncio.CancelledError:
             self._active, self._phase = None, IDLE
             raise
@@ -446,6 +461,7 @@ class GpuScheduler:
             self._generation += 1
             self._switch_failed(head, record, error, began, start_s=self._clock() - t0)
             return
+        self.swaplog.step(record, target.key, self._clock() - t0, info, start=target.start is not None)
         self._started(target, record, began, self._clock() - t0)
 
     def _started(self, target: Tenant, record: dict[str, Any], began: float, start_s: float) -> None:
@@ -456,23 +472,13 @@ class GpuScheduler:
         self._stats["swaps"] += 1
         record.update(ok=True, start_s=round(start_s, 3), total_s=round(self._clock() - began, 3))
         self.swaplog.swap(record)
-        log.info(
-            "GPU: switched %s -> %s in %.2fs (drain %.2fs, stop %.2fs, start %.2fs); admitting %d request(s)",
-            record["from"], target.key, record["total_s"], record["drain_s"], record["stop_s"], start_s,
-            self.waiting_for(target.key),
-        )
+        log.info("GPU: switched %(from)s -> %(to)s in %(total_s).2fs (%(kind)s: drain %(drain_s).2fs, stop "
+                 "%(stop_s).2fs, start %(start_s).2fs, proxy %(proxy_s).3fs); admitting %(n)d request(s)",
+                 {**record, "n": self.waiting_for(target.key)})
         self._admit(target.key)
 
-    def _switch_failed(
-        self,
-        head: Waiter,
-        record: dict[str, Any],
-        error: ProxyError,
-        began: float,
-        *,
-        stop_s: float | None = None,
-        start_s: float = 0.0,
-    ) -> None:
+    def _switch_failed(self, head: Waiter, record: dict[str, Any], error: ProxyError, began: float, *,
+                       stop_s: float | None = None, start_s: float = 0.0) -> None:
         """Record a failed switch and hand ``error`` to whoever waited for it."""
         self._stats["swap_failures"] += 1
         if stop_s is not None:

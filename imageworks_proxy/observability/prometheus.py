@@ -39,7 +39,9 @@ KNOWN_CODES = frozenset({
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-SWAP_BUCKETS = (1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600)
+SWAP_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600)
+#: The proxy's own share of a switch (what it adds to the servers' start, wake-up, sleep or exit).
+SWAP_PROXY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5)
 
 
 def status_class(status: int) -> str:
@@ -63,8 +65,12 @@ class _Present:
         yield GaugeMetricFamily(f"{NS}_switch_queue_depth", "Requests waiting for a model switch",
                                 value=state.get("queue_depth") or 0)
         swaps = prom.swaps
-        yield CounterMetricFamily(f"{NS}_model_swaps", "Model switches on the GPU (starts included)",
-                                  value=swaps.swaps)
+        by_kind = CounterMetricFamily(
+            f"{NS}_model_swaps", "Model switches on the GPU by kind: cold (started), wake (a sleeping vLLM "
+            "woken), switch (no start needed)", labels=["kind"])
+        for kind, stats in sorted(swaps.kinds.items()):
+            by_kind.add_metric([kind], stats.count)
+        yield by_kind
         yield CounterMetricFamily(f"{NS}_model_swap_failures", "Model switches that failed",
                                   value=swaps.failures)
         active = GaugeMetricFamily(f"{NS}_active_model", "1 for the model that holds the GPU now",
@@ -174,10 +180,16 @@ class _Requests:
             tokens.add_metric([model, backend, "prompt"], series.prompt_tokens)
             tokens.add_metric([model, backend, "completion"], series.completion_tokens)
         yield from (requests, errors, duration, ttft, queue_wait, tokens)
-        swaps = self.prom.swap_duration
-        swap = HistogramMetricFamily(f"{NS}_model_swap_duration_seconds", "Model switch duration")
-        swap.add_metric([], swaps.buckets(), swaps.sum)
+        swap = HistogramMetricFamily(f"{NS}_model_swap_duration_seconds", "Model switch duration",
+                                     labels=["kind"])
+        share = HistogramMetricFamily(f"{NS}_model_swap_proxy_seconds",
+                                      "The proxy's own share of a model switch (beyond the servers' own "
+                                      "start, wake-up, sleep or exit)", labels=["kind"])
+        for kind, (total, proxy) in sorted(self.prom.swap_hists.items()):
+            swap.add_metric([kind], total.buckets(), total.sum)
+            share.add_metric([kind], proxy.buckets(), proxy.sum)
         yield swap
+        yield share
 
 
 class PromMetrics:
@@ -186,7 +198,7 @@ class PromMetrics:
     ``record`` runs once per finished chat request and only updates plain counters; the exposition is
     built by ``prometheus_client`` collectors when ``/metrics`` is scraped. ``swaps`` is the app's
     :class:`~imageworks_proxy.observability.swaps.SwapMetrics`; every switch it sees lands in the duration
-    histogram. ``read_state`` is a no-argument callable
+    and proxy-share histograms of its kind. ``read_state`` is a no-argument callable
     returning ``{"queue_depth": int, "active_model": str | None, "gpu": [device dicts]}``, called once
     per scrape.
     """
@@ -203,13 +215,25 @@ class PromMetrics:
         self.swaps = swaps
         self.read_state = read_state
         self.series: dict[tuple[str, str], _Series] = {}
-        self.swap_duration = _Histogram(SWAP_BUCKETS)
-        swaps.observers.append(self.swap_duration.observe)
+        #: kind -> (switch duration, the proxy's share) histograms
+        self.swap_hists: dict[str, tuple[_Histogram, _Histogram]] = {}
+        swaps.observers.append(self._swapped)
         #: The state read at the start of the current scrape.
         self.scrape_state: dict[str, Any] | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Requests(self))
         self.registry.register(_Present(self))
+
+    def _swapped(self, event: dict[str, Any]) -> None:
+        kind = str(event.get("kind") or "cold")
+        hists = self.swap_hists.get(kind)
+        if hists is None:
+            hists = self.swap_hists[kind] = (_Histogram(SWAP_BUCKETS), _Histogram(SWAP_PROXY_BUCKETS))
+        total, proxy = event.get("total_s"), event.get("proxy_s")
+        if isinstance(total, (int, float)):
+            hists[0].observe(float(total))
+        if isinstance(proxy, (int, float)):
+            hists[1].observe(float(proxy))
 
     def record(self, sample: Sample) -> None:
         key = (sample.model or "", sample.backend or "")

@@ -328,10 +328,12 @@ def _killpg(pgid: int, sig: int) -> None:
 
 async def _wait_group_gone(pgid: int, timeout: float, members: set[int]) -> bool:
     deadline = time.monotonic() + timeout
+    delay = 0.005  # most servers exit within tens of milliseconds: look often at first
     while group_alive(pgid, members):
         if time.monotonic() >= deadline:
             return False
-        await asyncio.sleep(POLL_S)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, POLL_S)
     return True
 
 

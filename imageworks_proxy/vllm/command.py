@@ -1,8 +1,10 @@
 """The vLLM command line for a registry entry.
 
 ``<CHAT_PROXY_VLLM_COMMAND> --model <path> --host <host> --port <port> --served-model-name <id>
---gpu-memory-utilization <u> [--max-model-len <n>] [--chat-template <path>] <extra_args>``; a flag that
-``extra_args`` already carries is not added again, so the registry can override any flag set here.
+--gpu-memory-utilization <u> [--max-model-len <n>] [--chat-template <path>] [--enable-sleep-mode]
+<extra_args>``; a flag that ``extra_args`` already carries is not added again, so the registry can
+override any flag set here. ``--enable-sleep-mode`` (and ``VLLM_SERVER_DEV_MODE=1`` in the environment,
+which vLLM needs to serve its sleep API) come with ``CHAT_PROXY_VLLM_SLEEP_LEVEL`` 1 or 2.
 """
 
 from __future__ import annotations
@@ -29,12 +31,34 @@ class VllmCommand:
     port: int
     served_model_id: str
     gpu_memory_utilization: float
+    #: Launched with ``--enable-sleep-mode``: needs ``VLLM_SERVER_DEV_MODE=1`` (:attr:`env`).
+    sleep_mode: bool = False
 
     @property
     def flags(self) -> tuple[str, ...]:
         """The part that identifies the model and its settings (the launcher path may legitimately differ
         between the proxy and ``imageworks-loader``)."""
         return self.argv[self.prefix_len:]
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment variables to add to the proxy's own for this launch."""
+        return {"VLLM_SERVER_DEV_MODE": "1"} if self.sleep_mode else {}
+
+
+def without_port(flags: Sequence[str]) -> tuple[str, ...]:
+    """``flags`` minus ``--port N``: what identifies a model and its settings when every instance gets a
+    port of its own (sleep mode)."""
+    out: list[str] = []
+    skip = False
+    for arg in flags:
+        if skip:
+            skip = False
+        elif arg == "--port":
+            skip = True
+        elif not arg.startswith("--port="):
+            out.append(arg)
+    return tuple(out)
 
 
 def flag_value(args: Sequence[str], flag: str) -> str | None:
@@ -69,8 +93,8 @@ def model_source(entry: Entry) -> str | None:
     return os.path.expanduser(path) if path.startswith("~") else path
 
 
-def build_command(config: Config, entry: Entry) -> VllmCommand:
-    """Build the launch plan for ``entry`` on ``CHAT_PROXY_VLLM_PORT``.
+def build_command(config: Config, entry: Entry, *, port: int | None = None) -> VllmCommand:
+    """Build the launch plan for ``entry`` on ``port`` (default ``CHAT_PROXY_VLLM_PORT``).
 
     Raises ``ProxyError`` 503 ``model_start_failed`` when the entry names nothing to load.
     """
@@ -93,13 +117,16 @@ def build_command(config: Config, entry: Entry) -> VllmCommand:
     if source is not None:
         add("--model", source)
     add("--host", config.vllm_host)
-    add("--port", config.vllm_port)
+    add("--port", config.vllm_port if port is None else port)
     add("--served-model-name", entry.upstream_model)
     add("--gpu-memory-utilization", config.vllm_gpu_memory_utilization)
     if config.vllm_max_model_len:
         add("--max-model-len", config.vllm_max_model_len)
     if entry.chat_template_path:
         add("--chat-template", os.path.expanduser(entry.chat_template_path))
+    sleep_mode = config.vllm_sleep_level > 0
+    if sleep_mode and not has_flag(extra, "--enable-sleep-mode"):
+        flags.append("--enable-sleep-mode")
     argv = (*prefix, *flags, *extra)
     all_flags = argv[len(prefix):]
     port_text = flag_value(all_flags, "--port") or str(config.vllm_port)
@@ -124,4 +151,5 @@ def build_command(config: Config, entry: Entry) -> VllmCommand:
         port=port,
         served_model_id=served,
         gpu_memory_utilization=util,
+        sleep_mode=sleep_mode,
     )

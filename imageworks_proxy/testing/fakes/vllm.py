@@ -22,6 +22,9 @@ Test controls (flags, usually put in a registry entry's ``extra_args``):
                            tools (calls get_weather({"city": "Paris"})), missing (404 model not found)
   --fake-lock PATH         take an exclusive flock on PATH for the process group's lifetime; if another
                            fake holds it, record an "overlap" event (two "GPU users" at once)
+Started with ``--enable-sleep-mode`` and ``VLLM_SERVER_DEV_MODE=1`` it serves vLLM's sleep API and releases
+the lock while asleep (:mod:`imageworks_proxy.testing.fakes.vllm_sleep`, with its own flags). The ``start``
+event carries ``exec_t``, when the process was created (``t`` and ``exec_t`` are ``time.monotonic()``).
 Request body controls: ``fake_chunks`` (content chunks, default 3), ``fake_chunk_delay`` (seconds between
 chunks), ``fake_delay`` (seconds before a non-streamed answer), ``fake_crash_after`` (as the flag).
 """
@@ -41,6 +44,11 @@ import time
 from pathlib import Path
 
 from aiohttp import web
+
+if __package__:
+    from imageworks_proxy.testing.fakes.vllm_sleep import SleepMode, add_arguments
+else:  # run as a script: this file's folder is on sys.path
+    from vllm_sleep import SleepMode, add_arguments  # type: ignore[no-redef]
 
 PID = os.getpid()
 #: This file: run it with ``sys.executable`` followed by vLLM's flags.
@@ -73,11 +81,23 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--fake-events", default=os.environ.get("FAKE_VLLM_EVENTS"))
     p.add_argument("--fake-lock", default=os.environ.get("FAKE_VLLM_LOCK"))
     p.add_argument("--fake-reply", choices=["pid", "echo", "tools", "missing"], default="pid")
+    add_arguments(p)
     args, unknown = p.parse_known_args(argv)
     bad = [a for a in unknown if a.startswith("-") and not a.startswith("--")]
     if bad:
         p.error(f"unrecognized arguments: {' '.join(bad)}")
     return args, unknown
+
+
+def exec_time() -> float | None:
+    """When this process was created, on the ``time.monotonic()`` clock (10 ms steps; None off Linux)."""
+    try:
+        with open("/proc/self/stat") as fh:
+            fields = fh.read().rpartition(")")[2].split()
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, AttributeError):
+        return None
+    return time.monotonic() - age
 
 
 def last_user_text(body: dict) -> str:
@@ -98,6 +118,7 @@ class Fake:
         self.extra = extra
         self.served = (args.served_model_name or [args.model])[0]
         self.lock_fd: int | None = None
+        self.sleep = SleepMode(args, self.event, lambda: self.lock_fd)
 
     def event(self, name: str, **more) -> None:
         if not self.args.fake_events:
@@ -157,6 +178,9 @@ class Fake:
         os._exit(70)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        refused = self.sleep.refuse_chat()
+        if refused is not None:
+            return refused
         body = await request.json()
         model = body.get("model")
         if model != self.served or self.args.fake_reply == "missing":
@@ -174,6 +198,8 @@ class Fake:
         text = f"served by {self.served} pid {PID}"
         if self.args.fake_reply == "echo":
             text = "echo: " + last_user_text(body)
+        if self.sleep.garbage():
+            text = "garbage: the weights were discarded and never reloaded"
         tool_call = None
         if self.args.fake_reply == "tools":
             # real vLLM says "chatcmpl-tool-<uuid>"; the conformance suite expects the OpenAI "call_" style
@@ -320,7 +346,7 @@ class Fake:
             f"chat_template={a.chat_template} extra={self.extra}",
             flush=True,
         )
-        self.event("start", argv=sys.argv[1:])
+        self.event("start", argv=sys.argv[1:], exec_t=exec_time())
         self.take_lock()
         if a.fake_engine_child:
             self.spawn_engine_child()
@@ -352,6 +378,7 @@ class Fake:
         else:
             app.router.add_post("/v1/chat/completions", self.chat)
             app.router.add_post("/v1/completions", self.completions)
+        self.sleep.add_routes(app)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, a.host, a.port, reuse_address=True)
@@ -373,12 +400,18 @@ class Fake:
         self.event("stop")
         await asyncio.sleep(a.fake_stop_delay)
         await runner.cleanup()
+        self.event("exit")
         return 0
 
 
 def main() -> int:
     args, extra = parse(sys.argv[1:])
-    return asyncio.run(Fake(args, extra).run())
+    code = asyncio.run(Fake(args, extra).run())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Gone the moment the server has shut down: the interpreter's own teardown (a few hundred ms on a busy
+    # machine) is no part of a vLLM's exit, and a benchmark would count it as the proxy's.
+    os._exit(code)
 
 
 if __name__ == "__main__":
