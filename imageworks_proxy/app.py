@@ -128,6 +128,8 @@ def create_app(
         + ([auth_middleware] if config.api_keys or config.admin_keys else [])
         + [body_limits(config)],
         client_max_size=config.max_body_bytes,
+        # request bodies are inflated by the views (http/bodies.py): a corrupt one is then one 400
+        handler_args={"auto_decompress": False},
     )
     if config.allowed_origins:
         app.on_response_prepare.append(cors_headers(config))

@@ -81,16 +81,6 @@ def _pos_float(raw: str) -> float:
     return n
 
 
-def _nonneg_float(raw: str) -> float:
-    try:
-        n = float(raw.strip())
-    except ValueError:
-        raise ValueError("expected a number of seconds (0 = never)") from None
-    if not n >= 0:  # negative, or NaN
-        raise ValueError("expected a number of seconds >= 0 (0 = never)")
-    return n
-
-
 def _fraction(raw: str) -> float:
     try:
         n = float(raw.strip())
@@ -230,6 +220,18 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     _s("BACKEND_TIMEOUT_MS", _pos_int, 120_000, "Upstream request timeout in ms"),
     _s("STREAM_IDLE_TIMEOUT_MS", _pos_int, 60_000, "Streaming idle cutoff in ms"),
+    _s(
+        "CLIENT_STALL_TIMEOUT_MS",
+        _pos_int,
+        60_000,
+        "A streamed write a client does not take within this many ms ends the stream (client_stalled)",
+    ),
+    _s(
+        "MAX_UPSTREAM_BODY_BYTES",
+        _pos_int,
+        67_108_864,
+        "Cap on a non-streamed upstream reply in bytes (502 beyond it)",
+    ),
     _s("LOG_PATH", _str, "logs/chat_proxy.jsonl", "JSONL chat log (rotates by size)"),
     _s("MAX_LOG_BYTES", _pos_int, 25_000_000, "Log rotation threshold in bytes"),
     _s("LOG_PROMPTS", _bool, False, "Include prompt payloads in the JSONL log"),
@@ -257,7 +259,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s("OLLAMA_BASE_URL", _url, "http://127.0.0.1:11434", "Ollama for entries that name no host"),
     _s("OLLAMA_KEEP_ALIVE", _opt_str, None, "keep_alive sent with Ollama chat requests (e.g. 10m, -1)"),
     _s("OLLAMA_STOP_TIMEOUT_S", _pos_float, 30.0, "How long to wait for Ollama to unload its models"),
-    _s("OLLAMA_IDLE_UNLOAD_S", _nonneg_float, 0.0, "Unload Ollama's models after this long idle (0 = never)"),
+    _s("OLLAMA_IDLE_UNLOAD_S", _nonneg_int, 0, "Unload Ollama's models after this many idle s (0: never)"),
     _s("GPU_EXCLUSIVE", _bool, True, "One GPU tenant at a time (Ollama or vLLM)"),
     _s("AUTOSTART_ENABLED", _bool, False, "Enable backend autostart commands"),
     _s("AUTOSTART_MAP", _autostart_map, {}, "JSON map of logical model -> command"),
@@ -271,12 +273,8 @@ SETTINGS: tuple[Setting, ...] = (
         None,
         "Launcher prefix for orchestrated vLLM (default: <python> -m vllm.entrypoints.openai.api_server)",
     ),
-    _s(
-        "VLLM_STATE_PATH",
-        _str,
-        "_staging/active_vllm.json",
-        "Metadata file tracking the active vLLM instance",
-    ),
+    _s("VLLM_STATE_PATH", _str, "_staging/active_vllm.json",
+       "Metadata file tracking the active vLLM instance"),
     _s("VLLM_LOG_DIR", _str, "logs/vllm", "Directory of per-model vLLM logs"),
     _s("VLLM_START_TIMEOUT_S", _pos_float, 180.0, "Time budget (seconds) for vLLM startup + health"),
     _s("VLLM_STOP_TIMEOUT_S", _pos_float, 30.0, "Graceful shutdown timeout before SIGKILL"),
@@ -284,7 +282,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s("VLLM_GPU_MEMORY_UTILIZATION", _fraction, 0.75, "Fraction of GPU memory vLLM should claim"),
     _s("VLLM_MAX_MODEL_LEN", _opt_pos_int, None, "Override max sequence length passed to vLLM"),
     _s("VLLM_MAX_QUEUE", _pos_int, 64, "Requests waiting for a model switch before 429"),
-    _s("VLLM_IDLE_UNLOAD_S", _nonneg_float, 0.0, "Stop the active vLLM after this long idle (0 = never)"),
+    _s("VLLM_IDLE_UNLOAD_S", _nonneg_int, 0, "Stop the active vLLM after this many idle seconds (0 = never)"),
     _s(
         "VLLM_FAILURE_BACKOFF_S",
         _pos_float,
@@ -353,6 +351,8 @@ class Config:
     max_connections: int
     backend_timeout_ms: int
     stream_idle_timeout_ms: int
+    client_stall_timeout_ms: int
+    max_upstream_body_bytes: int
     log_path: str
     max_log_bytes: int
     log_prompts: bool
@@ -368,7 +368,7 @@ class Config:
     ollama_base_url: str
     ollama_keep_alive: str | None
     ollama_stop_timeout_s: float
-    ollama_idle_unload_s: float
+    ollama_idle_unload_s: int
     gpu_exclusive: bool
     autostart_enabled: bool
     autostart_map: Mapping[str, Any] = attrs.field(eq=False)
@@ -385,7 +385,7 @@ class Config:
     vllm_gpu_memory_utilization: float
     vllm_max_model_len: int | None
     vllm_max_queue: int
-    vllm_idle_unload_s: float
+    vllm_idle_unload_s: int
     vllm_failure_backoff_s: float
     vllm_keep_on_exit: bool
     vllm_sleep_level: int

@@ -179,3 +179,62 @@ def test_redaction_replaces_inline_image_audio_and_file_data_and_keeps_text():
     assert parts[4]["file"] == {"file_data": "<application/pdf 30 bytes>", "filename": "a.pdf"}
     assert "AAAA" not in json.dumps(out)
     assert messages[1]["content"][1]["image_url"]["url"] == png  # the request itself is untouched
+
+
+async def test_records_with_huge_values_are_bounded_and_cannot_rotate_earlier_records_away(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    rlog = RequestLog(str(path), max_bytes=1_000_000)
+    await rlog.start()
+    for i in range(20):
+        rlog.submit({"n": i, "model": "m-echo", "status": 200})
+    for i in range(3):  # a client sending megabyte model names, prompts kept in the log
+        rlog.submit({"n": 20 + i, "model": "m" * 1_000_000, "status": 404,
+                     "messages": [{"role": "user", "content": "x" * 2_000_000}], "reply": None})
+    await rlog.stop()
+    records = read_lines(path)
+    assert [r["n"] for r in records] == list(range(23))
+    assert rlog.rotations == 0 and path.stat().st_size < 1_000_000 / 4
+    big = records[-1]
+    assert big["status"] == 404 and big["record_truncated"] is True
+    assert big["model"].startswith("mmm") and len(big["model"]) < 600
+    assert isinstance(big["messages"], str) and "omitted" in big["messages"]
+    assert "record_truncated" not in records[0] and records[0]["model"] == "m-echo"
+
+
+async def test_a_record_with_long_prompts_under_the_record_limit_is_kept_whole(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    rlog = RequestLog(str(path), max_bytes=25_000_000)
+    await rlog.start()
+    messages = [{"role": "user", "content": "y" * 200_000}]
+    rlog.submit({"n": 1, "messages": messages})
+    await rlog.stop()
+    assert read_lines(path) == [{"n": 1, "messages": messages}]
+
+
+async def test_a_log_file_deleted_from_outside_is_created_again(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    rlog = RequestLog(str(path), 1_000_000)
+    await rlog.start()
+    rlog.submit({"n": 1})
+    await rlog.flush()
+    path.unlink()
+    rlog.submit({"n": 2})
+    rlog.submit({"n": 3})
+    await rlog.stop()
+    assert [r["n"] for r in read_lines(path)] == [2, 3]
+    assert rlog.written == 3 and rlog.write_errors == 0
+
+
+async def test_a_log_file_moved_aside_from_outside_is_replaced_by_a_new_one(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    moved = tmp_path / "chat.jsonl.2026-01-01"
+    rlog = RequestLog(str(path), 1_000_000)
+    await rlog.start()
+    rlog.submit({"n": 1})
+    await rlog.flush()
+    path.rename(moved)  # what logrotate does without copytruncate
+    path.write_text('{"n": 0}\n')  # and some other tool creates the file again
+    rlog.submit({"n": 2})
+    await rlog.stop()
+    assert [r["n"] for r in read_lines(moved)] == [1]
+    assert [r["n"] for r in read_lines(path)] == [0, 2]

@@ -24,7 +24,8 @@ from imageworks_proxy.adapters.base import (
 from imageworks_proxy.catalogue.registry import Entry
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.hookspecs import hookimpl
-from imageworks_proxy.upstream.errors import in_band_error, upstream_error
+from imageworks_proxy.upstream.body import read_capped, read_head
+from imageworks_proxy.upstream.errors import in_band_error, transport_failed, unreachable, upstream_error
 from imageworks_proxy.upstream.sse import EventTooLong, SSEParser
 from imageworks_proxy.upstream.urls import apply_loopback_alias, entry_base_url
 
@@ -112,10 +113,10 @@ class OpenAIPassthroughAdapter(Adapter):
                     )
                     try:
                         if resp.status >= 400:
-                            raise upstream_error(resp.status, await resp.read(), where)
+                            raise upstream_error(resp.status, await read_head(resp), where)
                         sse = call.stream and "text/event-stream" in resp.headers.get("Content-Type", "")
                         if not sse:  # a completion, or a JSON answer to a streaming request
-                            raw = await resp.read()
+                            raw = await read_capped(resp, cfg.max_upstream_body_bytes, where)
                     except BaseException:
                         resp.close()
                         raise
@@ -123,47 +124,42 @@ class OpenAIPassthroughAdapter(Adapter):
             except aiohttp.ClientConnectorError as exc:
                 if attempt == 0 and await self.on_unreachable(call):
                     continue
-                raise ProxyError(
-                    503,
-                    "backend_unavailable",
-                    f"{where} is unreachable at {base_url}: {exc.os_error or exc}",
-                    headers={"Retry-After": "5"},
-                ) from None
-            except aiohttp.ConnectionTimeoutError:
-                # Nothing accepted the connection: as unreachable as a refused one (aiohttp's timeout
-                # errors are TimeoutErrors too, so they are told apart before the generic case below).
-                raise ProxyError(
-                    503,
-                    "backend_unavailable",
-                    f"{where} did not accept a connection at {base_url} within {timeout.sock_connect:g} s.",
-                    headers={"Retry-After": "5"},
-                ) from None
-            except aiohttp.ServerTimeoutError:
-                # sock_read, set for streams only: the idle timeout bounds upstream silence from the start
-                raise ProxyError(
-                    504,
-                    "backend_timeout",
-                    f"{where} sent nothing for {cfg.stream_idle_timeout_ms} ms "
-                    "(CHAT_PROXY_STREAM_IDLE_TIMEOUT_MS).",
-                ) from None
-            except TimeoutError:
-                raise ProxyError(
-                    504,
-                    "backend_timeout",
-                    f"{where} did not answer within {cfg.backend_timeout_ms} ms "
-                    "(CHAT_PROXY_BACKEND_TIMEOUT_MS).",
-                ) from None
-            except aiohttp.ClientError as exc:
-                raise ProxyError(
-                    502, "backend_error", f"{where} failed: {type(exc).__name__}: {exc}"
-                ) from None
+                raise unreachable(where, call.request_id, f"{base_url}: {exc.os_error or exc}") from None
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise self._transport_error(exc, call, base_url, timeout) from None
         if sse:
-            return self._events(resp, where)
+            return self._events(resp, where, usage_asked=_asks_usage(call.body))
         resp.release()
         completion = self._completion(raw, where)
         if not call.stream:
             return completion
         return self._replay_text(completion) if call.endpoint == COMPLETIONS else self._replay(completion)
+
+    def _transport_error(
+        self, exc: BaseException, call: ChatCall, base_url: str, timeout: aiohttp.ClientTimeout
+    ) -> ProxyError:
+        """The client's error for a failure before the upstream answered (its address only in the log)."""
+        cfg, where = self.config, self.where(call)
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            # Nothing accepted the connection: as unreachable as a refused one (aiohttp's timeout errors are
+            # TimeoutErrors too, so they are told apart before the generic case below).
+            detail = f"{base_url}: no connection accepted within {timeout.sock_connect:g} s"
+            return unreachable(where, call.request_id, detail)
+        if isinstance(exc, aiohttp.ServerTimeoutError):
+            # sock_read, set for streams only: the idle timeout bounds upstream silence from the start
+            return ProxyError(
+                504,
+                "backend_timeout",
+                f"{where} sent nothing for {cfg.stream_idle_timeout_ms} ms "
+                "(CHAT_PROXY_STREAM_IDLE_TIMEOUT_MS).",
+            )
+        if isinstance(exc, TimeoutError):
+            return ProxyError(
+                504,
+                "backend_timeout",
+                f"{where} did not answer within {cfg.backend_timeout_ms} ms (CHAT_PROXY_BACKEND_TIMEOUT_MS).",
+            )
+        return transport_failed(where, call.request_id, exc)
 
     def _completion(self, raw: bytes, where: str) -> dict[str, Any]:
         try:
@@ -193,17 +189,31 @@ class OpenAIPassthroughAdapter(Adapter):
         """Per-backend fix-ups of a streamed chunk (vLLM overrides)."""
         return chunk
 
-    async def _events(self, resp: aiohttp.ClientResponse, where: str) -> AsyncIterator[dict[str, Any]]:
+    async def _events(
+        self, resp: aiohttp.ClientResponse, where: str, usage_asked: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The upstream's chunks. Idle time counts between data events (an upstream sending only ``: ping``
+        comments is idle), and a stream that ends without ``[DONE]`` must have finished every choice (and
+        sent its usage, when asked) or it is reported as cut short."""
         adjust = (
             self.adjust_chunk
             if type(self).adjust_chunk is not OpenAIPassthroughAdapter.adjust_chunk
             else None
         )
         parser = SSEParser()
+        ending = _StreamEnding(usage_asked)
+        idle_s = self.config.stream_idle_timeout_ms / 1000
+        loop = asyncio.get_running_loop()
         try:
+            deadline = loop.time() + idle_s
             # Each network read is split into events in one pass (no per-line awaits).
-            async for raw in resp.content.iter_any():
-                for payload in parser.feed(raw):
+            while True:
+                async with asyncio.timeout_at(deadline):
+                    raw = await resp.content.readany()
+                if not raw:
+                    break
+                events = parser.feed(raw)
+                for payload in events:
                     if payload == b"[DONE]":
                         return
                     try:
@@ -216,12 +226,19 @@ class OpenAIPassthroughAdapter(Adapter):
                         continue
                     if obj.get("error"):
                         raise in_band_error(obj, where)
+                    ending.note(obj)
                     yield adjust(obj) if adjust else obj
-        except aiohttp.ServerTimeoutError:
+                if events:  # only data restarts the idle clock; comments and partial lines do not
+                    deadline = loop.time() + idle_s
+            if not ending.complete:
+                raise ProxyError(
+                    502, "backend_error", f"{where} ended the stream before it was done ({ending.missing})."
+                )
+        except TimeoutError:  # ours, or aiohttp's sock_read (a ServerTimeoutError)
             raise ProxyError(
                 504,
                 "stream_idle_timeout",
-                f"{where} sent nothing for {self.config.stream_idle_timeout_ms} ms "
+                f"{where} sent no data for {self.config.stream_idle_timeout_ms} ms "
                 "(CHAT_PROXY_STREAM_IDLE_TIMEOUT_MS).",
             ) from None
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
@@ -239,9 +256,15 @@ class OpenAIPassthroughAdapter(Adapter):
         yield completion
 
     async def _replay(self, completion: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """An upstream that answered a streaming request with plain JSON: replay it as chunks."""
+        """An upstream that answered a streaming request with plain JSON: replay it as chunks (the chunks'
+        fields are checked like any upstream chunk's; the structure around them here)."""
         base = {k: completion.get(k) for k in ("id", "created", "model") if completion.get(k) is not None}
-        for i, choice in enumerate(completion.get("choices") or ()):
+        choices = completion.get("choices") or ()
+        if not isinstance(choices, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("message") or {}, dict) for c in choices
+        ):
+            raise ProxyError(502, "backend_error", "The backend sent a completion of the wrong shape.")
+        for i, choice in enumerate(choices):
             msg = dict(choice.get("message") or {})
             msg.pop("refusal", None) if msg.get("refusal") is None else None
             yield {
@@ -260,6 +283,47 @@ class OpenAIPassthroughAdapter(Adapter):
             }
         if completion.get("usage"):
             yield {**base, "choices": [], "usage": completion["usage"]}
+
+
+def _asks_usage(body: dict[str, Any]) -> bool:
+    opts = body.get("stream_options")
+    return isinstance(opts, dict) and bool(opts.get("include_usage"))
+
+
+class _StreamEnding:
+    """What a stream has delivered so far: choices seen and finished, a usage chunk."""
+
+    __slots__ = ("finished", "seen", "usage", "usage_asked")
+
+    def __init__(self, usage_asked: bool) -> None:
+        self.usage_asked = usage_asked
+        self.seen: set[Any] = set()
+        self.finished: set[Any] = set()
+        self.usage = False
+
+    def note(self, chunk: dict[str, Any]) -> None:
+        choices = chunk.get("choices")
+        if isinstance(choices, list):
+            for i, choice in enumerate(choices):
+                if isinstance(choice, dict):
+                    index = choice.get("index", i)
+                    index = index if isinstance(index, int) else i
+                    self.seen.add(index)
+                    if choice.get("finish_reason"):
+                        self.finished.add(index)
+        if chunk.get("usage"):
+            self.usage = True
+
+    @property
+    def missing(self) -> str:
+        if not self.seen or self.seen - self.finished:
+            return "no finish_reason, no [DONE]"
+        return "no usage chunk, no [DONE]"
+
+    @property
+    def complete(self) -> bool:
+        """Every choice finished (and usage arrived when asked): a server that omits ``[DONE]`` is done."""
+        return bool(self.seen) and self.seen <= self.finished and (self.usage or not self.usage_asked)
 
 
 @hookimpl

@@ -108,13 +108,14 @@ class Catalogue:
         matches = self.normalised.get(normalise(requested), ())
         if len(matches) == 1:
             return matches[0]
+        shown = requested if len(requested) <= 200 else requested[:200] + "..."  # never echo megabytes
         if len(matches) > 1:
             names = ", ".join(sorted(e.name for e in matches))
             raise model_not_found(
-                f"Model {requested!r} is ambiguous; it matches: {names}. Use one of these names."
+                f"Model {shown!r} is ambiguous; it matches: {names}. Use one of these names."
             )
         raise model_not_found(
-            f"Model {requested!r} is not served by this proxy. GET /v1/models lists the models."
+            f"Model {shown!r} is not served by this proxy. GET /v1/models lists the models."
         )
 
     def id_of(self, entry: Entry) -> str:

@@ -251,6 +251,9 @@ def make_runner(app: web.Application, config: Config, *, handle_signals: bool = 
         handler_cancellation=True,
         keepalive_timeout=config.keepalive_timeout_s,
         lingering_time=LINGER_S,
+        # as create_app asks (its handler_args do not reach a custom server): request bodies are inflated
+        # by the views (http/bodies.py), so a corrupt gzip body is one 400 and the connection lives on
+        auto_decompress=False,
     )
 
 

@@ -8,6 +8,11 @@ under load one thread hop covers many records. When the queue is full the record
 counted; a disk error is counted and logged, never raised.
 Before a line would take the file past ``max_bytes`` the file is renamed to ``<path>.1`` (replacing the
 previous generation) and a new one starts.
+
+Records are bounded, so a client cannot wipe the log with a few giant requests: top-level strings are cut
+to :data:`MAX_FIELD_CHARS`, and a record still over its byte limit loses its large values (prompts, reply)
+and says so with ``record_truncated: true``. A file deleted or moved aside from outside (an operator, a
+log rotator) is noticed once per batch and the log starts a new file at its path.
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ DEFAULT_MAX_QUEUE = 10_000
 #: After the first record of a quiet spell, wait this long so a batch can gather: under load this is
 #: one thread hop (and one write) per interval rather than per request.
 DEFAULT_BATCH_DELAY_S = 0.05
+#: Top-level string values (``model``, ``error_code``, ...) longer than this are cut.
+MAX_FIELD_CHARS = 512
+#: The most one record may take: 1 MiB, and never more than an eighth of a log generation.
+MAX_RECORD_BYTES = 1024 * 1024
 
 
 class RequestLog:
@@ -57,6 +66,7 @@ class RequestLog:
     ) -> None:
         self.path = path
         self.max_bytes = max_bytes
+        self.max_record_bytes = max(4096, min(MAX_RECORD_BYTES, max_bytes // 8))
         self.max_queue = max_queue
         self.batch_delay_s = batch_delay_s
         self.written = 0
@@ -71,6 +81,7 @@ class RequestLog:
         self._hurry: asyncio.Event | None = None
         # Only the writer thread touches these (one batch at a time).
         self._fh: BinaryIO | None = None
+        self._file_id: tuple[int, int] | None = None  # (device, inode) of the open file
         self._size = 0
         self._failing = False
         self._iso_second = -1
@@ -176,11 +187,24 @@ class RequestLog:
         ts = record.get("ts")
         if isinstance(ts, float):
             record["ts"] = self._iso(ts)
+        for key, value in record.items():
+            if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
+                record[key] = value[:MAX_FIELD_CHARS] + "..."
         try:
-            return orjson.dumps(record, default=str) + b"\n"
+            line = orjson.dumps(record, default=str) + b"\n"
+            if len(line) > self.max_record_bytes:
+                line = orjson.dumps(self._shrunk(record, len(line)), default=str) + b"\n"
+            return line
         except (TypeError, orjson.JSONEncodeError) as exc:
             log.warning("request log: cannot encode a record (%s)", exc)
             return None
+
+    def _shrunk(self, record: dict[str, Any], size: int) -> dict[str, Any]:
+        """``record`` without its lists and objects (the prompts, the reply): it was ``size`` bytes."""
+        note = f"<omitted: the record was {size} bytes, over the {self.max_record_bytes}-byte limit>"
+        out = {k: note if isinstance(v, (dict, list, tuple)) else v for k, v in record.items()}
+        out["record_truncated"] = True
+        return out
 
     def _write_batch(self, batch: list[dict[str, Any]]) -> None:
         lines = [line for line in map(self._encode, batch) if line is not None]
@@ -215,14 +239,26 @@ class RequestLog:
         self.written += done
 
     def _open(self) -> BinaryIO:
+        if self._fh is not None and not self._still_at_path():
+            log.info("request log %s was deleted or moved aside; starting a new file there", self.path)
+            self._close()
         if self._fh is None:
             directory = os.path.dirname(self.path)
             if directory:
                 os.makedirs(directory, exist_ok=True)
             fh = open(self.path, "ab")  # noqa: SIM115 - kept open across batches, closed in _close
-            self._size = os.fstat(fh.fileno()).st_size
+            st = os.fstat(fh.fileno())
+            self._size, self._file_id = st.st_size, (st.st_dev, st.st_ino)
             self._fh = fh
         return self._fh
+
+    def _still_at_path(self) -> bool:
+        """Is the open file still the one at ``path``? (One stat per batch, not per record.)"""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == self._file_id
 
     def _open_quietly(self) -> None:
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from imageworks_proxy.hookspecs import hookimpl
 from imageworks_proxy.pipeline.completions import TextCompletionConformance, ValidateCompletions
-from imageworks_proxy.pipeline.conformance import Conformance
+from imageworks_proxy.pipeline.conformance import Conformance, UpstreamShape
 from imageworks_proxy.pipeline.embeddings import EmbeddingsConformance, ValidateEmbeddings
 from imageworks_proxy.pipeline.images import ImageLimits
 from imageworks_proxy.pipeline.observe import ObserveStage
@@ -33,6 +33,7 @@ def register_stages(register):
     register(VisionDownscale)  # 550
     register(TemplateStage)  # 600
     register(GenerationDefaults)  # 700, chat and text completions
+    register(UpstreamShape)  # 800
     register(ToolCallSynthesis)  # 900
     register(Conformance)  # 1000, chat
     register(EmbeddingsConformance)  # 1000, embeddings

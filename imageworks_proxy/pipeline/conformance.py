@@ -1,12 +1,17 @@
-"""Conformance fill-in: whatever the backend sent, what leaves the proxy validates against the OpenAI
-schemas — required fields are filled in, the first delta carries the role, a stream ends with a
-finish reason."""
+"""Conformance: whatever the backend sent, what leaves the proxy validates against the OpenAI schemas.
+
+Two stages. :class:`UpstreamShape` runs first on every reply and refuses JSON of the wrong types
+(``choices: "abc"``, ``content: 5``, ``tool_calls: 5``) as the backend's fault, a 502 ``backend_error``,
+before any later stage trips over it. :class:`Conformance` fills in what is missing: required fields, the
+role in the first delta, a finish reason at the end of a stream.
+"""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
+from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.pipeline.stage import ChatContext, Stage
 from imageworks_proxy.wire.ids import completion_id
 
@@ -23,15 +28,191 @@ def _finish(value: Any) -> str:
     return "stop"
 
 
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def fix_usage(usage: Any) -> dict[str, Any] | None:
     if not isinstance(usage, dict):
         return None
-    p = usage.get("prompt_tokens") if isinstance(usage.get("prompt_tokens"), int) else 0
-    c = usage.get("completion_tokens") if isinstance(usage.get("completion_tokens"), int) else 0
+    p = usage.get("prompt_tokens") if _count(usage.get("prompt_tokens")) else 0
+    c = usage.get("completion_tokens") if _count(usage.get("completion_tokens")) else 0
     usage["prompt_tokens"], usage["completion_tokens"] = p, c
-    if not isinstance(usage.get("total_tokens"), int):
+    if not _count(usage.get("total_tokens")):
         usage["total_tokens"] = p + c
     return usage
+
+
+_TEXT = (str, list)  # content may come as a list of parts
+_ARGS = (str, dict)  # arguments as JSON text, or an object (Ollama-style) the tool-call stage encodes
+#: The types a field may have besides null, in a message or delta, a tool call, a function, a choice.
+_MESSAGE = {"role": str, "content": _TEXT, "refusal": str, "reasoning": str, "reasoning_content": str,
+            "tool_calls": list, "function_call": dict}
+_CALL = {"index": int, "id": str, "function": dict}
+_FUNCTION = {"name": str, "arguments": _ARGS}
+_CHOICE = {"index": int, "finish_reason": str, "logprobs": dict}
+_LOGPROBS = {"content": list, "refusal": list}
+_TOKEN = {"bytes": list, "top_logprobs": list}
+
+
+class _WrongType(Exception):
+    """A field of the wrong type at ``path`` (relative until the callers above prefix theirs)."""
+
+    def __init__(self, path: str, value: Any) -> None:
+        super().__init__(path)
+        self.path, self.value = path, value
+
+    def under(self, prefix: str) -> _WrongType:
+        return _WrongType(f"{prefix}.{self.path}" if self.path else prefix, self.value)
+
+
+def _fields(obj: dict[str, Any], types: dict[str, Any]) -> None:
+    """Check the fields ``obj`` has (the common chunk has one or two) against ``types``."""
+    for key, value in obj.items():
+        expected = types.get(key)
+        if (
+            expected is not None
+            and value is not None
+            and (not isinstance(value, expected) or value is True or value is False)
+        ):
+            raise _WrongType(key, value)
+
+
+def _object(value: Any, types: dict[str, Any]) -> None:
+    if not isinstance(value, dict):
+        raise _WrongType("", value)
+    _fields(value, types)
+
+
+def _message(msg: dict[str, Any]) -> None:
+    """A completion's ``message`` or a chunk's ``delta``: text fields, tool calls, legacy function call."""
+    _fields(msg, _MESSAGE)
+    calls = msg.get("tool_calls")
+    for i, call in enumerate(calls or ()):
+        try:
+            _object(call, _CALL)
+            _function(call)
+        except _WrongType as exc:
+            raise exc.under(f"tool_calls[{i}]") from None
+    _function(msg, "function_call")
+
+
+def _function(obj: dict[str, Any], key: str = "function") -> None:
+    if obj.get(key):
+        try:
+            _object(obj[key], _FUNCTION)
+        except _WrongType as exc:
+            raise exc.under(key) from None
+
+
+def _token(entry: Any, top: bool = False) -> None:
+    """One logprobs entry: ``token`` and ``logprob`` are required, ``bytes`` integers when present."""
+    if not isinstance(entry, dict):
+        raise _WrongType("", entry)
+    if not isinstance(entry.get("token"), str):
+        raise _WrongType("token", entry.get("token"))
+    logprob = entry.get("logprob")
+    if not isinstance(logprob, (int, float)) or isinstance(logprob, bool):
+        raise _WrongType("logprob", logprob)
+    _fields(entry, _TOKEN)
+    if entry.get("bytes") and not all(isinstance(b, int) and not isinstance(b, bool) for b in entry["bytes"]):
+        raise _WrongType("bytes", entry["bytes"])
+    for j, alt in enumerate((entry.get("top_logprobs") or ()) if not top else ()):
+        try:
+            _token(alt, top=True)
+        except _WrongType as exc:
+            raise exc.under(f"top_logprobs[{j}]") from None
+
+
+def _logprobs(logprobs: dict[str, Any]) -> None:
+    _fields(logprobs, _LOGPROBS)
+    for key in ("content", "refusal"):
+        for j, entry in enumerate(logprobs.get(key) or ()):
+            try:
+                _token(entry)
+            except _WrongType as exc:
+                raise exc.under(f"{key}[{j}]") from None
+
+
+def _choice(choice: Any, inner: str) -> None:
+    if not isinstance(choice, dict):
+        raise _WrongType("", choice)
+    _fields(choice, _CHOICE)
+    msg = choice.get(inner)
+    if msg is not None:
+        if not isinstance(msg, dict):
+            raise _WrongType(inner, msg)
+        try:
+            _message(msg)
+        except _WrongType as exc:
+            raise exc.under(inner) from None
+    if choice.get("logprobs"):
+        try:
+            _logprobs(choice["logprobs"])
+        except _WrongType as exc:
+            raise exc.under("logprobs") from None
+
+
+def _choices(obj: dict[str, Any], inner: str) -> None:
+    """Raise :class:`_WrongType` for the first field of ``obj``'s choices that has the wrong type."""
+    choices = obj.get("choices")
+    if choices is None:
+        return
+    if not isinstance(choices, list):
+        raise _WrongType("choices", choices)
+    for i, choice in enumerate(choices):
+        try:
+            _choice(choice, inner)
+        except _WrongType as exc:
+            raise exc.under(f"choices[{i}]") from None
+
+
+def _flat_text(msg: dict[str, Any]) -> None:
+    """Content sent as a list of parts (some APIs answer so) becomes the text of its text parts."""
+    content = msg.get("content")
+    if isinstance(content, list):
+        msg["content"] = "".join(
+            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
+
+
+def _fill_logprobs(choice: dict[str, Any]) -> None:
+    """The fields the schema requires of logprobs that some servers leave out, as null (``[]`` for
+    ``top_logprobs``)."""
+    logprobs = choice.get("logprobs")
+    if not isinstance(logprobs, dict):
+        return
+    for key in ("content", "refusal"):
+        for entry in logprobs.setdefault(key, None) or ():
+            entry.setdefault("bytes", None)
+            for alt in entry.setdefault("top_logprobs", []):
+                alt.setdefault("bytes", None)
+
+
+class UpstreamShape(Stage):
+    """Refuses a completion or chunk whose fields have the wrong JSON types: 502 ``backend_error``."""
+
+    name = "upstream-shape"
+    order = 800
+
+    def _check(self, ctx: ChatContext, obj: dict[str, Any], inner: str) -> None:
+        try:
+            _choices(obj, inner)
+        except _WrongType as exc:
+            raise ProxyError(
+                502,
+                "backend_error",
+                f"Backend for {ctx.model!r} sent a reply with {exc.path} of the wrong type "
+                f"({type(exc.value).__name__}).",
+            ) from None
+
+    def response(self, ctx: ChatContext, completion: dict[str, Any]) -> dict[str, Any]:
+        self._check(ctx, completion, "message")
+        return completion
+
+    def chunk(self, ctx: ChatContext, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        self._check(ctx, chunk, "delta")
+        return [chunk]
 
 
 class _Ids:
@@ -76,7 +257,7 @@ class Conformance(Stage):
         else:
             ids.id = obj["id"]
         obj["object"] = kind
-        if not isinstance(obj.get("created"), int):
+        if not _count(obj.get("created")):
             obj["created"] = ids.created
         # Clients see the id they asked for, not the upstream's internal name.
         obj["model"] = ctx.model or obj.get("model") or ""
@@ -89,17 +270,20 @@ class Conformance(Stage):
         for i, choice in enumerate(choices):
             if not isinstance(choice, dict):
                 choices[i] = choice = {}
-            choice.setdefault("index", i)
+            if not _count(choice.get("index")):
+                choice["index"] = i
             message = choice.get("message")
             if not isinstance(message, dict):
                 message = choice["message"] = {}
             message["role"] = "assistant"
             message.setdefault("content", None)
+            _flat_text(message)
             message.setdefault("refusal", None)
             if message.get("reasoning") and not message.get("reasoning_content"):
                 message["reasoning_content"] = message["reasoning"]
             choice["finish_reason"] = _finish(choice.get("finish_reason"))
             choice.setdefault("logprobs", None)
+            _fill_logprobs(choice)
         if "usage" in completion:
             usage = fix_usage(completion["usage"])
             if usage is None:
@@ -117,7 +301,9 @@ class Conformance(Stage):
         for i, choice in enumerate(choices):
             if not isinstance(choice, dict):
                 choices[i] = choice = {}
-            index = choice.setdefault("index", i)
+            index = choice.get("index")
+            if not _count(index):
+                index = choice["index"] = i
             if index not in ids.choices:
                 ids.choices.add(index)
             delta = choice.get("delta")
@@ -129,6 +315,9 @@ class Conformance(Stage):
                 del delta["role"]  # a repeated role would be concatenated by accumulating clients
             if delta.get("reasoning") and not delta.get("reasoning_content"):
                 delta["reasoning_content"] = delta["reasoning"]
+            _flat_text(delta)
+            if "logprobs" in choice:
+                _fill_logprobs(choice)
             fr = choice.get("finish_reason")
             if fr is None:
                 choice["finish_reason"] = None

@@ -13,6 +13,72 @@ from imageworks_proxy.pipeline.stage import ChatContext, Stage
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 
+#: Longer ``model`` values are refused: no registry name is this long, and a megabyte name would otherwise
+#: be echoed in the 404 and fill the request log.
+MAX_MODEL_CHARS = 256
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` for an error message, cut to about ``limit`` characters (a client's value may be
+    huge); lists and objects are named by their type."""
+    text = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _objects(value: Any, param: str, what: str) -> list[dict[str, Any]]:
+    """``value`` as a list of objects, or a 400 naming ``param`` (or the offending item)."""
+    if not isinstance(value, list):
+        raise invalid_request(f"'{param}' must be a list of {what} objects.", param)
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise invalid_request(f"{param}[{i}] must be an object ({what}).", f"{param}[{i}]")
+        fn = item.get("function")
+        if fn is not None and not isinstance(fn, dict):
+            raise invalid_request(f"{param}[{i}].function must be an object.", f"{param}[{i}].function")
+    return value
+
+
+def _check_message(i: int, msg: Any) -> None:
+    if not isinstance(msg, dict):
+        raise invalid_request(f"messages[{i}] must be an object.", f"messages[{i}]")
+    role = msg.get("role")
+    if not isinstance(role, str) or role not in _ROLES:
+        raise invalid_request(
+            f"messages[{i}].role must be one of {', '.join(sorted(_ROLES))}; got {shown(role)}.",
+            f"messages[{i}].role",
+        )
+    if role == "developer":
+        # Few local chat templates know "developer"; it means "system" to them.
+        msg["role"] = "system"
+    content = msg.get("content")
+    if content is not None and not isinstance(content, (str, list)):
+        raise invalid_request(
+            f"messages[{i}].content must be a string or a list of parts.", f"messages[{i}].content"
+        )
+    if msg.get("tool_calls") is not None:
+        _objects(msg["tool_calls"], f"messages[{i}].tool_calls", "tool call")
+
+
+def _check_tools(body: dict[str, Any]) -> None:
+    for field, what in (("tools", "tool"), ("functions", "function")):
+        if body.get(field) is not None:
+            _objects(body[field], field, what)
+    choice = body.get("tool_choice")
+    if choice is not None and not isinstance(choice, (str, dict)):
+        raise invalid_request("'tool_choice' must be a string or an object.", "tool_choice")
+
+
+def _check_max_tokens(body: dict[str, Any]) -> None:
+    # A negative limit would mean "unlimited" to Ollama (num_predict -1); OpenAI and vLLM refuse < 1.
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = body.get(field)
+        if value is None:
+            continue
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not whole or value < 1:
+            raise invalid_request(f"'{field}' must be an integer of at least 1; got {shown(value)}.", field)
+
+
 class ValidateRequest(Stage):
     """400 for a body the proxy cannot route; unknown fields are kept and forwarded."""
 
@@ -26,26 +92,17 @@ class ValidateRequest(Stage):
             raise invalid_request(
                 "'model' must be a non-empty string naming a model from GET /v1/models.", "model"
             )
+        if len(model) > MAX_MODEL_CHARS:
+            raise invalid_request(
+                f"'model' is {len(model)} characters long; model ids have at most {MAX_MODEL_CHARS}.", "model"
+            )
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise invalid_request("'messages' must be a non-empty list of message objects.", "messages")
         for i, msg in enumerate(messages):
-            if not isinstance(msg, dict):
-                raise invalid_request(f"messages[{i}] must be an object.", f"messages[{i}]")
-            role = msg.get("role")
-            if role not in _ROLES:
-                raise invalid_request(
-                    f"messages[{i}].role must be one of {', '.join(sorted(_ROLES))}; got {role!r}.",
-                    f"messages[{i}].role",
-                )
-            if role == "developer":
-                # Few local chat templates know "developer"; it means "system" to them.
-                msg["role"] = "system"
-            content = msg.get("content")
-            if content is not None and not isinstance(content, (str, list)):
-                raise invalid_request(
-                    f"messages[{i}].content must be a string or a list of parts.", f"messages[{i}].content"
-                )
+            _check_message(i, msg)
+        _check_tools(body)
+        _check_max_tokens(body)
         stream = body.get("stream", False)
         if stream is not None and not isinstance(stream, bool):
             raise invalid_request("'stream' must be true or false.", "stream")

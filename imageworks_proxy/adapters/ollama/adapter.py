@@ -37,14 +37,15 @@ from imageworks_proxy.adapters.ollama.request import (
     to_ollama_request,
 )
 from imageworks_proxy.adapters.ollama.response import ChunkTranslator, completion_from_ollama
-from imageworks_proxy.adapters.ollama.stream import LineTranslator, OllamaChunkStream, describe
+from imageworks_proxy.adapters.ollama.stream import LineTranslator, OllamaChunkStream
 from imageworks_proxy.catalogue.registry import Entry
-from imageworks_proxy.errors import ProxyError, backend_unavailable
+from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.gpu.scheduler import GpuScheduler
 from imageworks_proxy.gpu.tenancy import Lease, NoLease, Tenant, tenancy
 from imageworks_proxy.hookspecs import hookimpl
 from imageworks_proxy.upstream.autostart import ensure_started
-from imageworks_proxy.upstream.errors import json_error_message
+from imageworks_proxy.upstream.body import read_capped, read_head
+from imageworks_proxy.upstream.errors import json_error_message, no_api_error, transport_failed, unreachable
 from imageworks_proxy.upstream.urls import apply_loopback_alias, entry_base_url
 
 log = logging.getLogger("imageworks_proxy.ollama")
@@ -60,6 +61,7 @@ PS_TIMEOUT_S = 2.0
 STREAM_COMMIT_AFTER_S = 2.0
 UNLOAD_POLL_S = 0.2
 _JSON = {"Content-Type": "application/json"}
+_START_HINT = "is `ollama serve` running?"
 
 
 def _tag_key(tag: str) -> str:
@@ -309,20 +311,24 @@ class OllamaAdapter(Adapter):
 
     async def _complete(self, call: ChatCall, base: str, ex: _Exchange) -> Completion:
         timeout = aiohttp.ClientTimeout(total=self._backend_s, sock_connect=self._connect_s)
-        with self._upstream_errors(base):
+        where = _where(call)
+        with self._upstream_errors(call, base):
             async with self.http.post(
                 base + ex.path, data=orjson.dumps(ex.payload), headers=_JSON, timeout=timeout
             ) as resp:
                 status = resp.status
-                raw = await resp.read()
+                if status >= 400:
+                    raw = await read_head(resp)
+                else:
+                    raw = await read_capped(resp, self.config.max_upstream_body_bytes, where)
         if status >= 400:
-            raise self._http_error(status, raw, call, ex, base)
+            raise self._http_error(status, raw, call, ex)
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError:
             data = None
         if not isinstance(data, dict):
-            raise ProxyError(502, "backend_error", f"Ollama at {base} sent a reply that is not a JSON object")
+            raise ProxyError(502, "backend_error", f"{where} sent a reply that is not a JSON object")
         if data.get("error"):
             raise ProxyError(502, "backend_error", f"Ollama error: {json_error_message(raw)}")
         return ex.reply(data)
@@ -334,14 +340,16 @@ class OllamaAdapter(Adapter):
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_s)
         resp: aiohttp.ClientResponse | None = None
         try:
-            with self._upstream_errors(base):
+            with self._upstream_errors(call, base):
                 async with asyncio.timeout(self._backend_s):
                     resp = await self.http.post(
                         base + ex.path, data=orjson.dumps(ex.payload), headers=_JSON, timeout=timeout
                     )
                     if resp.status >= 400:
-                        raise self._http_error(resp.status, await resp.read(), call, ex, base)
-                    stream = OllamaChunkStream(resp, ex.lines(), base=base, idle_s=self._idle_s, lease=lease)
+                        raise self._http_error(resp.status, await read_head(resp), call, ex)
+                    stream = OllamaChunkStream(
+                        resp, ex.lines(), where=_where(call), idle_s=self._idle_s, lease=lease
+                    )
                     # Ollama sends its headers with the first line, so waiting for that line costs nothing and
                     # lets an immediate {"error": ...} line (e.g. a prompt the model cannot take) become a
                     # proper JSON error response instead of an in-band one.
@@ -353,39 +361,34 @@ class OllamaAdapter(Adapter):
         return stream
 
     @contextlib.contextmanager
-    def _upstream_errors(self, base: str) -> Iterator[None]:
-        """Map transport failures talking to Ollama to the proxy's errors (docs/errors.md)."""
+    def _upstream_errors(self, call: ChatCall, base: str) -> Iterator[None]:
+        """Map transport failures talking to Ollama to the proxy's errors (docs/api.md); Ollama's address
+        and the OS error go to the log, not to the client."""
+        where = _where(call)
         try:
             yield
-        except aiohttp.ConnectionTimeoutError as exc:
-            raise self._unreachable(base, exc) from None
+        except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
+            raise unreachable(where, call.request_id, f"{base}: {_describe(exc)}", _START_HINT) from None
         except TimeoutError:
             raise ProxyError(
                 504,
                 "backend_timeout",
-                f"Ollama at {base} did not answer within {self.config.backend_timeout_ms} ms "
+                f"{where} did not answer within {self.config.backend_timeout_ms} ms "
                 "(CHAT_PROXY_BACKEND_TIMEOUT_MS)",
             ) from None
-        except aiohttp.ClientConnectorError as exc:
-            raise self._unreachable(base, exc) from None
         except aiohttp.ClientError as exc:
-            raise ProxyError(
-                502, "backend_error", f"talking to Ollama at {base} failed: {describe(exc)}"
-            ) from None
+            raise transport_failed(where, call.request_id, exc) from None
 
-    def _unreachable(self, base: str, exc: BaseException) -> ProxyError:
-        return backend_unavailable(
-            f"Ollama at {base} is unreachable ({describe(exc)}); is `ollama serve` running?"
-        )
-
-    def _http_error(self, status: int, raw: bytes, call: ChatCall, ex: _Exchange, base: str) -> ProxyError:
+    def _http_error(self, status: int, raw: bytes, call: ChatCall, ex: _Exchange) -> ProxyError:
         message = json_error_message(raw)
         tag = ex.payload.get("model")
-        if status == 404 and message is not None:
+        if message is None:  # an HTML page or nothing: not Ollama's own answer
+            return no_api_error(status, raw, _where(call))
+        if status == 404:
             return ProxyError(
                 404,
                 "model_not_found",
-                f"Model {call.model!r} (Ollama tag {tag!r}) is not available in Ollama at {base}: {message}",
+                f"Model {call.model!r} (Ollama tag {tag!r}) is not available in Ollama: {message}",
                 param="model",
                 hint=f"install it with: ollama pull {tag}",
             )
@@ -397,9 +400,8 @@ class OllamaAdapter(Adapter):
                 f"Model {call.model!r} (Ollama tag {tag!r}) does not make embeddings; Ollama said: {message}",
                 param="model",
             )
-        if status >= 500 or message is None:
-            detail = message or f"HTTP {status}: {raw[:200].decode('utf-8', 'replace')}"
-            return ProxyError(502, "backend_error", f"Ollama at {base} failed: {detail}")
+        if status >= 500:
+            return ProxyError(502, "backend_error", f"{_where(call)} failed: {message}")
         return ProxyError(status, "backend_rejected", f"Ollama rejected the request: {message}")
 
     # -- GPU tenancy primitives ----------------------------------------------------------------
@@ -476,7 +478,16 @@ class OllamaAdapter(Adapter):
                 if resp.status >= 400:
                     log.warning("Ollama at %s refused to unload %s: HTTP %s", base, name, resp.status)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("unloading %s from Ollama at %s failed: %s", name, base, describe(exc))
+            log.warning("unloading %s from Ollama at %s failed: %s", name, base, _describe(exc))
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _where(call: ChatCall) -> str:
+    return f"Ollama for {call.model!r}"
 
 
 @hookimpl

@@ -30,29 +30,54 @@ def _finish_reason(done_reason: Any, tool_calls: bool) -> str:
     return "length" if done_reason == "length" else "stop"
 
 
+def _wrong(value: Any, what: str) -> ProxyError:
+    return ProxyError(502, "backend_error", f"Ollama sent {what} of the wrong type ({type(value).__name__}).")
+
+
+def _expect(value: Any, types: type | tuple[type, ...], what: str) -> Any:
+    """``value`` when it is None or of ``types`` (true/false are not numbers); otherwise Ollama sent JSON
+    of the wrong shape: 502."""
+    if value is None or (isinstance(value, types) and not isinstance(value, bool)):
+        return value
+    raise _wrong(value, what)
+
+
 def usage_from(data: Mapping[str, Any]) -> dict[str, int]:
-    prompt = int(data.get("prompt_eval_count") or 0)
-    completion = int(data.get("eval_count") or 0)
+    prompt = _expect(data.get("prompt_eval_count"), int, "prompt_eval_count") or 0
+    completion = _expect(data.get("eval_count"), int, "eval_count") or 0
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _tool_call(call: Any) -> tuple[str, str, str]:
-    """(id, name, JSON arguments) of one Ollama tool call."""
-    fn = call.get("function") if isinstance(call, Mapping) else None
-    fn = fn if isinstance(fn, Mapping) else {}
-    call_id = call.get("id") if isinstance(call, Mapping) else None
+def _message(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The reply's ``message`` ({} when absent), its text fields and tool calls checked for type."""
+    msg = _expect(data.get("message"), Mapping, "a message") or {}
+    for field in ("content", "thinking"):
+        _expect(msg.get(field), str, f"message.{field}")
+    for call in _expect(msg.get("tool_calls"), list, "message.tool_calls") or ():
+        if not isinstance(call, Mapping):
+            raise _wrong(call, "a tool call")
+        fn = _expect(call.get("function"), Mapping, "a tool function") or {}
+        _expect(fn.get("name"), str, "a tool name")
+        _expect(fn.get("arguments"), (Mapping, str), "tool arguments")
+    return msg
+
+
+def _tool_call(call: Mapping[str, Any]) -> tuple[str, str, str]:
+    """(id, name, JSON arguments) of one Ollama tool call (checked by :func:`_message`)."""
+    fn = call.get("function") or {}
+    call_id = call.get("id")
     if not isinstance(call_id, str) or not call_id:
         call_id = ids.tool_call_id()
-    return call_id, str(fn.get("name") or ""), _arguments_json(fn.get("arguments"))
+    return call_id, fn.get("name") or "", _arguments_json(fn.get("arguments"))
 
 
 def completion_from_ollama(
     data: Mapping[str, Any], *, model: str, completion_id: str | None = None, created: int | None = None
 ) -> dict[str, Any]:
     """A ``chat.completion`` for a non-streamed ``/api/chat`` reply; ``model`` is the id the client
-    asked for."""
-    msg = data.get("message") if isinstance(data.get("message"), Mapping) else {}
-    content = msg.get("content") if isinstance(msg.get("content"), str) else ""
+    asked for. Raises :class:`ProxyError` 502 when a field has the wrong type (``tool_calls: 5``)."""
+    msg = _message(data)
+    content = msg.get("content") or ""
     calls = [_tool_call(c) for c in msg.get("tool_calls") or ()]
     message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
     if calls:
@@ -88,7 +113,7 @@ class ChunkTranslator:
     Feed every decoded line to :meth:`feed`; it returns the chunks to send (role first; content and
     reasoning deltas; each tool call as one delta with index, id, type, name and its JSON arguments, since
     Ollama sends calls whole; on ``done`` the finish chunk and, with ``include_usage``, the usage chunk).
-    Raises :class:`ProxyError` for an ``{"error": ...}`` line.
+    Raises :class:`ProxyError` 502 for an ``{"error": ...}`` line and for fields of the wrong type.
     """
 
     def __init__(self, *, model: str, include_usage: bool = False) -> None:
@@ -120,7 +145,7 @@ class ChunkTranslator:
         if not self._started:
             self._started = True
             out.append(self._chunk({"role": "assistant", "content": ""}))
-        msg = line.get("message") if isinstance(line.get("message"), Mapping) else {}
+        msg = _message(line)
         # Oversized deltas are cut into pieces by the SSE writer (sse.py), so each field goes out whole here.
         thinking = msg.get("thinking")
         if isinstance(thinking, str) and thinking:

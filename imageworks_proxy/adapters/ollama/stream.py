@@ -1,5 +1,5 @@
-"""A streamed answer from Ollama's native API (NDJSON lines), as OpenAI chunks: owns the upstream response
-and the GPU tenancy lease until it is closed."""
+"""One streamed Ollama reply: NDJSON lines read off the upstream response and translated into chunks
+(``/api/chat`` into chat chunks, ``/api/generate`` into text completion chunks)."""
 
 from __future__ import annotations
 
@@ -24,19 +24,14 @@ class LineTranslator(Protocol):
     def feed(self, line: Any) -> list[dict[str, Any]]: ...
 
 
-def describe(exc: BaseException) -> str:
-    """An exception for an error message: its type, and its text when it has one."""
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 class OllamaChunkStream:
     """The chunks of one streamed Ollama reply; owns the upstream response and the tenancy lease.
 
     Closing it (the core always does) closes the upstream connection, which makes Ollama stop
     generating, and releases the lease. Errors while iterating are :class:`ProxyError`: 504
-    ``stream_idle_timeout`` after ``CHAT_PROXY_STREAM_IDLE_TIMEOUT_MS`` without bytes, 502
-    ``backend_error`` for an ``{"error": ...}`` line, bad data or a stream cut short.
+    ``stream_idle_timeout`` after ``CHAT_PROXY_STREAM_IDLE_TIMEOUT_MS`` without a line (blank lines do not
+    count), 502 ``backend_error`` for an ``{"error": ...}`` line, bad data, a line over the NDJSON cap or
+    a stream cut short.
     """
 
     def __init__(
@@ -44,16 +39,16 @@ class OllamaChunkStream:
         resp: aiohttp.ClientResponse,
         translator: LineTranslator,
         *,
-        base: str,
+        where: str,
         idle_s: float,
         lease: Lease,
     ) -> None:
         self._resp = resp
         self._translator = translator
-        self._base = base
+        self._where = where
         self._idle_s = idle_s
         self._lease = lease
-        self._splitter = NdjsonSplitter()
+        self._splitter = NdjsonSplitter(where)
         self._lines: collections.deque[bytes] = collections.deque()
         self._pending: collections.deque[dict[str, Any]] = collections.deque()
         self._eof = False
@@ -67,43 +62,48 @@ class OllamaChunkStream:
         return self
 
     async def __anext__(self) -> dict[str, Any]:
+        deadline: float | None = None
         while not self._pending:
             if self._closed or self._translator.finished:
                 await self.aclose()
                 raise StopAsyncIteration
-            await self._advance(self._idle_s)
+            if self._lines or self._eof:
+                self._take_line()
+                deadline = None  # a line is upstream activity, even one that makes no chunk
+                continue
+            if deadline is None:
+                deadline = asyncio.get_running_loop().time() + self._idle_s
+            await self._read(deadline)
         return self._pending.popleft()
 
     async def prime(self) -> None:
         """Read until the first line is translated (no idle limit: the caller bounds this wait)."""
         while not self._pending and not self._translator.finished:
-            await self._advance(None)
+            if self._lines or self._eof:
+                self._take_line()
+            else:
+                await self._read(None)
 
-    async def _advance(self, idle_s: float | None) -> None:
+    def _take_line(self) -> None:
         # One line at a time, so an error line only counts for what came before it.
-        if self._lines:
-            self._pending.extend(self._translator.feed(decode_line(self._lines.popleft(), "Ollama")))
-        elif self._eof:
-            raise ProxyError(
-                502, "backend_error", f"Ollama at {self._base} ended the stream before it was done"
-            )
-        else:
-            await self._read(idle_s)
+        if not self._lines:
+            raise ProxyError(502, "backend_error", f"{self._where} ended the stream before it was done")
+        self._pending.extend(self._translator.feed(decode_line(self._lines.popleft(), "Ollama")))
 
-    async def _read(self, idle_s: float | None) -> None:
+    async def _read(self, deadline: float | None) -> None:
         try:
-            async with asyncio.timeout(idle_s):
+            async with asyncio.timeout_at(deadline):
                 data = await self._resp.content.readany()
         except TimeoutError:
             raise ProxyError(
                 504,
                 "stream_idle_timeout",
-                f"Ollama at {self._base} sent nothing for {idle_s * 1000:.0f} ms "
+                f"{self._where} sent no data for {self._idle_s * 1000:.0f} ms "
                 "(CHAT_PROXY_STREAM_IDLE_TIMEOUT_MS)",
             ) from None
         except aiohttp.ClientError as exc:
             raise ProxyError(
-                502, "backend_error", f"the stream from Ollama at {self._base} broke: {describe(exc)}"
+                502, "backend_error", f"The stream from {self._where} broke ({type(exc).__name__})"
             ) from None
         if data:
             self._lines.extend(self._splitter.feed(data))

@@ -15,6 +15,7 @@ from aiohttp import web
 from imageworks_proxy import keys
 from imageworks_proxy.adapters.base import CHAT, COMPLETIONS, EMBEDDINGS, ChatCall
 from imageworks_proxy.errors import ProxyError, invalid_request
+from imageworks_proxy.http.bodies import read_body
 from imageworks_proxy.http.middlewares import request_id
 from imageworks_proxy.http.responses import json_response
 from imageworks_proxy.http.sse import ClientGone, SSEWriter
@@ -32,11 +33,7 @@ async def _no_wait() -> None:
 
 async def _read(request: web.Request) -> bytes:
     try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        limit = keys.config(request.app).max_body_bytes
-        raise ProxyError(413, "payload_too_large",
-                         f"The request body is over {limit} bytes (CHAT_PROXY_MAX_BODY_BYTES).") from None
+        return await read_body(request, keys.config(request.app).max_body_bytes)
     except ConnectionError:
         raise ClientGone() from None  # left while sending the body
 
@@ -80,7 +77,7 @@ async def serve(request: web.Request, endpoint: str) -> web.StreamResponse:
         ctx.adapter_name = adapter.name
         ctx.body["model"] = entry.upstream_model
         if ctx.stream:
-            writer = SSEWriter(request, rid)
+            writer = SSEWriter(request, rid, stall_s=keys.config(app).client_stall_timeout_ms / 1000)
         call = ChatCall(rid, entry, ctx.model, ctx.body, ctx.stream,
                         waiting=writer.commit_and_keep_alive if writer else _no_wait, endpoint=endpoint)
         try:
@@ -104,12 +101,12 @@ async def serve(request: web.Request, endpoint: str) -> web.StreamResponse:
             return writer.response  # type: ignore[return-value]
         raise
     except ClientGone:  # left while sending its body, or while the adapter waited (keep-alive, commit)
-        ctx.status, ctx.error_code = 499, "client_disconnected"
+        ctx.status, ctx.error_code = 499, _gone(writer)
         if writer is not None and writer.response is not None:
             return writer.response
         return web.Response(status=499)  # nobody will read it; aiohttp needs a response
     except asyncio.CancelledError:
-        ctx.status, ctx.error_code = 499, "client_disconnected"
+        ctx.status, ctx.error_code = 499, _gone(writer)
         raise
     except Exception:
         ctx.status, ctx.error_code = 500, "internal_error"
@@ -129,6 +126,11 @@ async def serve(request: web.Request, endpoint: str) -> web.StreamResponse:
         except Exception:
             # A broken log or metrics stage must not turn an answer the client already has into an error.
             log.exception("a pipeline finish hook failed (request %s)", rid)
+
+
+def _gone(writer: SSEWriter | None) -> str:
+    """The request log's code for a client that went away: it left, or it stopped reading."""
+    return "client_stalled" if writer is not None and writer.stalled else "client_disconnected"
 
 
 async def _send_error(writer: SSEWriter, exc: ProxyError) -> None:
@@ -172,9 +174,10 @@ async def _stream(
             await writer.send(out)
         await writer.finish()
     except ClientGone:
-        # Only a failed write to the client means it left; an adapter's own ConnectionError is an error
-        # the client must see in-band. Stop reading upstream at once (the finally closes the iterator).
-        ctx.status, ctx.error_code = 499, "client_disconnected"
+        # Only a failed or stalled write to the client means it left; an adapter's own ConnectionError is
+        # an error the client must see in-band. Stop reading upstream at once (the finally closes the
+        # iterator, which closes the upstream response and releases a GPU lease).
+        ctx.status, ctx.error_code = 499, _gone(writer)
     finally:
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
