@@ -82,7 +82,12 @@ async def main(entries: int, requests: int) -> None:
         registry = tmp_path / "registry.json"
         registry.write_text(json.dumps(generate(entries, weights, f"http://127.0.0.1:{ollama_port}")))
         config = load_config(
-            {"CHAT_PROXY_REGISTRY": str(registry), "CHAT_PROXY_LOG_PATH": str(tmp_path / "l.jsonl")}
+            {
+                "CHAT_PROXY_REGISTRY": str(registry),
+                "CHAT_PROXY_LOG_PATH": str(tmp_path / "l.jsonl"),
+                # the state lock and the remembered model ids live next to it: in the temp dir, not in ./
+                "CHAT_PROXY_VLLM_STATE_PATH": str(tmp_path / "state" / "active_vllm.json"),
+            }
         )
         app = create_app(config, plugin_manager=make_plugin_manager(load_entrypoints=False))
         runner = web.AppRunner(app, access_log=None)

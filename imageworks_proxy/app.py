@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 
@@ -13,6 +14,7 @@ from aiohttp import web
 
 from imageworks_proxy import keys
 from imageworks_proxy.adapters.base import Adapter
+from imageworks_proxy.catalogue.idstore import IdStore
 from imageworks_proxy.catalogue.registry import RegistryStore
 from imageworks_proxy.catalogue.service import ModelService
 from imageworks_proxy.config import Config, load_config
@@ -34,6 +36,8 @@ from imageworks_proxy.plugins import (
     unique_by_name,
 )
 from imageworks_proxy.upstream.autostart import autostart_ctx
+from imageworks_proxy.upstream.process import url_host
+from imageworks_proxy.vllm.lock import StateLock
 
 log = logging.getLogger("imageworks_proxy")
 
@@ -60,8 +64,35 @@ def _build_pipeline(app: web.Application, config: Config, pm: PluginManager) -> 
     return Pipeline(stages)
 
 
+def _state_lock(config: Config) -> StateLock | None:
+    """Take the vLLM state file for this app's life (docs/vllm.md, "One proxy per state file"), before any
+    adapter looks at vLLM; raises :class:`~imageworks_proxy.vllm.lock.StateLockHeld` when another proxy
+    (or ``imageworks-loader``) has it. Without single-port orchestration the file is not used: no lock."""
+    if not config.vllm_single_port:
+        return None
+    lock = StateLock(config.vllm_state_path)
+    lock.acquire({
+        "pid": os.getpid(),
+        "program": "imageworks-chat-proxy",
+        "url": f"http://{url_host(config.host)}:{config.port}",
+    })
+    return lock
+
+
 async def _resources(app: web.Application) -> AsyncIterator[None]:
-    """Every resource with a lifetime: the pooled client session, NVML, adapters, the registry watcher."""
+    """Every resource with a lifetime: the state-file lock, the pooled client session, NVML, adapters, the
+    registry watcher, the remembered model ids."""
+    lock = _state_lock(app[keys.CONFIG])
+    try:
+        async for _ in _running(app):
+            yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+async def _running(app: web.Application) -> AsyncIterator[None]:
+    """What :func:`_resources` runs once the lock is held."""
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30)
     # No session-wide timeout: each call sets its own (backend timeout, stream idle timeout).
     app[keys.HTTP] = aiohttp.ClientSession(
@@ -81,8 +112,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             await adapter.start()
             started.append(adapter)
         watcher = asyncio.get_running_loop().create_task(models.store.watch(), name="registry-watcher")
+        if models.ids is not None:
+            await models.ids.start()
         yield
     finally:
+        if models.ids is not None:
+            await models.ids.close()
         if watcher is not None:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -143,7 +178,7 @@ def create_app(
         backoff_s=config.vllm_failure_backoff_s,
     )
     store = RegistryStore(config.registry, config.registry_poll_s)
-    models = ModelService(config, store)
+    models = ModelService(config, store, IdStore(config.names_path))
     app[keys.MODELS] = models
     models.set_adapters(_build_adapters(app, config, pm))
     metrics_views.install(app, config)  # request log + metrics, before the stages that feed them

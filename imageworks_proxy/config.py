@@ -1,21 +1,38 @@
-"""Configuration: environment > optional TOML file > defaults (every setting: docs/configuration.md).
+"""Configuration: command line > environment > optional TOML file > defaults (every setting:
+docs/configuration.md).
 
-``load_config`` is a pure function of the environment mapping (and the TOML file it may name), so tests
-build configs in code and two apps in one process can run with different settings.
+``load_config`` is a pure function of the environment mapping, the command-line values and the TOML file
+they may name, so tests build configs in code and two apps in one process can run with different settings.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import re
 import sys
-import tomllib
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
 import orjson
+
+from imageworks_proxy.config_file import FileError, did_you_mean, read_settings_file
+from imageworks_proxy.config_values import (
+    _autostart_map,
+    _bool,
+    _fetch_allow,
+    _fraction,
+    _keys,
+    _names,
+    _nonneg_int,
+    _opt_pos_int,
+    _opt_str,
+    _port,
+    _pos_float,
+    _pos_int,
+    _sleep_level,
+    _str,
+    _url,
+)
 
 PREFIX = "CHAT_PROXY_"
 
@@ -29,143 +46,6 @@ class ConfigError(ValueError):
 
 def _default_vllm_command() -> str:
     return f"{sys.executable} -m vllm.entrypoints.openai.api_server"
-
-
-def _bool(raw: str) -> bool:
-    v = raw.strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError("expected 0/1 (or true/false, yes/no, on/off)")
-
-
-def _int(raw: str) -> int:
-    try:
-        return int(raw.strip())
-    except ValueError:
-        raise ValueError("expected an integer") from None
-
-
-def _nonneg_int(raw: str) -> int:
-    n = _int(raw)
-    if n < 0:
-        raise ValueError("expected an integer >= 0")
-    return n
-
-
-def _pos_int(raw: str) -> int:
-    n = _int(raw)
-    if n <= 0:
-        raise ValueError("expected an integer > 0")
-    return n
-
-
-def _port(raw: str) -> int:
-    try:
-        n = int(raw.strip())
-    except ValueError:
-        raise ValueError("expected a TCP port number (1-65535)") from None
-    if not 1 <= n <= 65535:
-        raise ValueError("expected a TCP port number (1-65535)")
-    return n
-
-
-def _pos_float(raw: str) -> float:
-    try:
-        n = float(raw.strip())
-    except ValueError:
-        raise ValueError("expected a number") from None
-    if n <= 0:
-        raise ValueError("expected a number > 0")
-    return n
-
-
-def _fraction(raw: str) -> float:
-    try:
-        n = float(raw.strip())
-    except ValueError:
-        raise ValueError("expected a fraction between 0 and 1") from None
-    if not 0 < n <= 1:
-        raise ValueError("expected a fraction between 0 and 1")
-    return n
-
-
-def _sleep_level(raw: str) -> int:
-    n = _int(raw)
-    if n not in (0, 1, 2):
-        raise ValueError("expected 0 (off), 1 or 2")
-    return n
-
-
-def _str(raw: str) -> str:
-    return raw
-
-
-def _opt_str(raw: str) -> str | None:
-    return raw.strip() or None
-
-
-def _opt_pos_int(raw: str) -> int | None:
-    return _pos_int(raw) if raw.strip() else None
-
-
-def _url(raw: str) -> str:
-    v = raw.strip().rstrip("/")
-    if not v.startswith(("http://", "https://")):
-        raise ValueError("expected an http:// or https:// URL")
-    return v
-
-
-def _keys(raw: str) -> tuple[str, ...]:
-    return tuple(k.strip() for k in raw.split(",") if k.strip())
-
-
-def _names(raw: str) -> tuple[str, ...]:
-    """Comma-separated host names or origins, lower-cased (they compare without case)."""
-    return tuple(k.strip().lower().rstrip("/") for k in raw.split(",") if k.strip())
-
-
-_HOST_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*$")
-
-
-def _fetch_allow(raw: str) -> tuple[str, ...]:
-    """Host names and IP networks (``nas.lan``, ``10.0.0.5``, ``192.168.0.0/16``), checked here so a typo
-    stops start-up instead of silently allowing nothing."""
-    for item in (items := _names(raw)):
-        try:
-            ipaddress.ip_network(item, strict=False)
-        except ValueError:
-            if not _HOST_NAME.match(item) or item.replace(".", "").isdigit():
-                raise ValueError(
-                    f"{item!r} is neither an IP address or network (192.168.1.0/24) nor a host name"
-                ) from None
-    return items
-
-
-def _autostart_map(raw: str) -> dict[str, tuple[str, ...] | str]:
-    """Logical name -> shell command string, argv list, or {"command": [...]}."""
-    if not raw.strip():
-        return {}
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"expected a JSON object (logical name -> command): {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError("expected a JSON object (logical name -> command)")
-    out: dict[str, tuple[str, ...] | str] = {}
-    for name, cmd in data.items():
-        if isinstance(cmd, dict):
-            cmd = cmd.get("command")
-        if isinstance(cmd, str) and cmd.strip():
-            out[name] = cmd
-        elif isinstance(cmd, list) and cmd and all(isinstance(a, str) for a in cmd):
-            out[name] = tuple(cmd)
-        else:
-            raise ValueError(
-                f'entry {name!r}: expected a command string, an argv list or {{"command": [...]}}'
-            )
-    return out
 
 
 @attrs.frozen
@@ -273,8 +153,19 @@ SETTINGS: tuple[Setting, ...] = (
         None,
         "Launcher prefix for orchestrated vLLM (default: <python> -m vllm.entrypoints.openai.api_server)",
     ),
-    _s("VLLM_STATE_PATH", _str, "_staging/active_vllm.json",
-       "Metadata file tracking the active vLLM instance"),
+    _s(
+        "VLLM_STATE_PATH",
+        _str,
+        "_staging/active_vllm.json",
+        "Metadata file tracking the active vLLM instance",
+    ),
+    _s(
+        "NAMES_PATH",
+        _opt_str,
+        None,
+        "File remembering which entry each public model id names (default: model_ids.json next to the "
+        "vLLM state file)",
+    ),
     _s("VLLM_LOG_DIR", _str, "logs/vllm", "Directory of per-model vLLM logs"),
     _s("VLLM_START_TIMEOUT_S", _pos_float, 180.0, "Time budget (seconds) for vLLM startup + health"),
     _s("VLLM_STOP_TIMEOUT_S", _pos_float, 30.0, "Graceful shutdown timeout before SIGKILL"),
@@ -378,6 +269,7 @@ class Config:
     vllm_host: str
     vllm_command: str
     vllm_state_path: str
+    names_path: str
     vllm_log_dir: str
     vllm_start_timeout_s: float
     vllm_stop_timeout_s: float
@@ -397,21 +289,11 @@ class Config:
     allowed_origins: tuple[str, ...]
     image_fetch_allow: tuple[str, ...]
     config_file: str | None
-    #: Which source set each setting: "env", "file" or "default".
+    #: Which source set each setting: "command line", "env", "file" or "default".
     sources: Mapping[str, str] = attrs.field(factory=dict, eq=False, repr=False)
-
-
-def _read_toml(path: str) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"{PREFIX}CONFIG_FILE={path!r}: file not found") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{PREFIX}CONFIG_FILE={path!r}: cannot read TOML: {exc}") from None
-    # Accept a [chat_proxy] table as well as top-level keys.
-    table = data.get("chat_proxy", data)
-    return {str(k).lower().removeprefix("chat_proxy_"): v for k, v in table.items()}
+    #: Named mistakes that did not stop the load (unknown variables, ignored file keys), one line each;
+    #: the server logs them at start-up.
+    warnings: tuple[str, ...] = attrs.field(default=(), eq=False, repr=False)
 
 
 def _file_value_to_text(value: Any) -> str:
@@ -424,25 +306,46 @@ def _file_value_to_text(value: Any) -> str:
     return str(value)
 
 
-def load_config(environ: Mapping[str, str] | None = None) -> Config:
-    """Build the effective :class:`Config` from ``environ`` and the TOML file it names.
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """A warning for each ``CHAT_PROXY_*`` variable that is not a setting, with a "did you mean"."""
+    known = {s.env for s in SETTINGS}
+    return [
+        f"{name} is not a setting{did_you_mean(name, known)}; ignored"
+        for name in sorted(env)
+        if name.startswith(PREFIX) and name not in known
+    ]
 
-    ``environ`` None means ``os.environ``. Raises :class:`ConfigError` naming the variable, the value and
-    what was expected.
+
+def load_config(
+    environ: Mapping[str, str] | None = None, *, command_line: Mapping[str, str] | None = None
+) -> Config:
+    """Build the effective :class:`Config` from ``command_line``, ``environ`` and the TOML file they name.
+
+    ``environ`` None means ``os.environ``. ``command_line`` maps setting names (``"port"``) to their text,
+    as the server's options give them; it wins over everything. Raises :class:`ConfigError` naming the
+    option or variable, the value and what was expected.
     """
     env = dict(os.environ if environ is None else environ)
-    file_path = (env.get(PREFIX + "CONFIG_FILE") or "").strip() or None
-    file_values = _read_toml(file_path) if file_path else {}
-    unknown = sorted(set(file_values) - set(_BY_ATTR))
-    if unknown:
-        raise ConfigError(f"{PREFIX}CONFIG_FILE={file_path!r}: unknown setting(s) {', '.join(unknown)}")
+    cli = {k: v for k, v in (command_line or {}).items() if v is not None}
+    unknown_cli = set(cli) - set(_BY_ATTR)
+    if unknown_cli:
+        raise ValueError(f"load_config: not settings: {sorted(unknown_cli)}")
+    file_path = (cli.get("config_file") or env.get(PREFIX + "CONFIG_FILE") or "").strip() or None
+    file_where = "--config" if cli.get("config_file") else PREFIX + "CONFIG_FILE"
+    try:
+        file = read_settings_file(file_path, set(_BY_ATTR) - {"config_file"}) if file_path else None
+    except FileError as exc:
+        raise ConfigError(f"{file_where}={file_path!r}: {exc}") from None
+    file_values = file.values if file else {}
 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for s in SETTINGS:
         # An empty variable counts as unset (compose files often pass `- CHAT_PROXY_X=`); an empty
         # CHAT_PROXY_HOST must never turn into "listen on every interface".
-        if env.get(s.env, "").strip():
+        if s.attr in cli:
+            raw, source = cli[s.attr], "command line"
+        elif env.get(s.env, "").strip():
             raw, source = env[s.env], "env"
         elif s.attr in file_values:
             raw, source = _file_value_to_text(file_values[s.attr]), "file"
@@ -452,8 +355,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         try:
             values[s.attr] = s.parse(raw)
         except ValueError as exc:
-            where = s.env if source == "env" else f'{s.env} ("{s.attr}" in {file_path})'
-            raise ConfigError(f"{where}={raw!r}: {exc}") from None
+            raise ConfigError(f"{_where(s, source, file, file_path)}={raw!r}: {exc}") from None
         sources[s.attr] = source
 
     if values["registry"] is None:
@@ -461,14 +363,26 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         sources["registry"] = (
             "env (IMAGEWORKS_REGISTRY_DIR)" if env.get("IMAGEWORKS_REGISTRY_DIR") else "default"
         )
+    if values["names_path"] is None:
+        # next to the state file, so a test or a second deployment that moves one moves both
+        values["names_path"] = os.path.join(os.path.dirname(values["vllm_state_path"]), "model_ids.json")
     if values["vllm_command"] is None:
         values["vllm_command"] = _default_vllm_command()
     if values["log_level"].upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise ConfigError(
-            f"{PREFIX}LOG_LEVEL={values['log_level']!r}: expected DEBUG, INFO, WARNING or ERROR"
-        )
+        where = _where(_BY_ATTR["log_level"], sources["log_level"], file, file_path)
+        raise ConfigError(f"{where}={values['log_level']!r}: expected DEBUG, INFO, WARNING or ERROR")
     values["log_level"] = values["log_level"].upper()
-    return Config(**values, sources=sources)
+    warnings = unknown_variables(env) + [f"{file_path}: {w}" for w in (file.warnings if file else ())]
+    return Config(**values, sources=sources, warnings=tuple(warnings))
+
+
+def _where(setting: Setting, source: str, file: Any, file_path: str | None) -> str:
+    """How an error names where a bad value came from: the option, the variable or the file's key."""
+    if source == "command line":
+        return "--" + setting.attr.replace("_", "-")
+    if source == "file" and file is not None:
+        return f"{setting.env} ({file.places.get(setting.attr, setting.attr)} in {file_path})"
+    return setting.env
 
 
 def describe_config(config: Config) -> list[tuple[str, str, str, str]]:

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "docker-compose.openwebui.yml"
 DOCKERFILES = {"cuda": DOCKER / "Dockerfile.chat-proxy", "slim": DOCKER / "Dockerfile"}
+COMPOSE_FILES = {"cuda": COMPOSE, "slim": DOCKER / "docker-compose.slim.yml"}
 KNOWN_SETTINGS = {s.env for s in SETTINGS}
 
 
@@ -90,17 +91,25 @@ def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
 
 
+@pytest.fixture(scope="module", params=sorted(COMPOSE_FILES))
+def any_compose(request) -> tuple[str, dict]:
+    """Each compose file, as (kind, parsed)."""
+    return request.param, yaml.safe_load(COMPOSE_FILES[request.param].read_text())
+
+
 # -- compose --------------------------------------------------------------------------------------------
 
 
-def test_compose_builds_the_cuda_image_from_files_that_exist(compose):
+def test_compose_builds_its_image_from_files_that_exist(any_compose):
+    kind, compose = any_compose
     build = compose["services"]["chat-proxy"]["build"]
     context = (COMPOSE.parent / build["context"]).resolve()
     assert context == ROOT  # paths resolve from the compose file's folder
-    assert (context / build["dockerfile"]).resolve() == DOCKERFILES["cuda"]
+    assert (context / build["dockerfile"]).resolve() == DOCKERFILES[kind]
 
 
-def test_compose_proxy_environment_is_the_seeds(compose):
+def test_compose_proxy_environment_is_the_seeds(any_compose):
+    kind, compose = any_compose
     env = compose_env(compose["services"]["chat-proxy"])
     assert {
         k: env[k]
@@ -118,16 +127,19 @@ def test_compose_proxy_environment_is_the_seeds(compose):
     }
     # Defaults that the user may override from the shell before `docker compose up`.
     assert env["CHAT_PROXY_INCLUDE_NON_INSTALLED"] == "${CHAT_PROXY_INCLUDE_NON_INSTALLED:-0}"
-    assert env["CHAT_PROXY_VLLM_SINGLE_PORT"] == "${CHAT_PROXY_VLLM_SINGLE_PORT:-1}"
+    # The CUDA image starts vLLM itself unless told not to; the slim one has no vLLM to start.
+    single_port = {"cuda": "${CHAT_PROXY_VLLM_SINGLE_PORT:-1}", "slim": "0"}[kind]
+    assert env["CHAT_PROXY_VLLM_SINGLE_PORT"] == single_port
     unknown = {k for k in env if k.startswith("CHAT_PROXY_")} - KNOWN_SETTINGS
     assert not unknown, f"compose sets variables the proxy does not know: {unknown}"
 
 
-def test_compose_lets_openwebui_call_the_proxy_by_its_service_name(compose):
+def test_compose_lets_openwebui_call_the_proxy_by_its_service_name(any_compose):
     """OpenWebUI sends ``Host: chat-proxy:8100``; the proxy answers only names it was told about."""
     from imageworks_proxy.config import load_config
     from imageworks_proxy.http.guards import HostPolicy
 
+    _kind, compose = any_compose
     env = {k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", v)
            for k, v in compose_env(compose["services"]["chat-proxy"]).items() if k.startswith("CHAT_PROXY_")}
     hosts = HostPolicy.from_config(load_config(env))
@@ -136,10 +148,19 @@ def test_compose_lets_openwebui_call_the_proxy_by_its_service_name(compose):
     assert not hosts.allows("evil.example:8100")
 
 
-def test_compose_gives_the_proxy_the_gpu_the_host_and_the_weights_at_the_same_path(compose):
+def test_only_the_cuda_compose_reserves_the_gpu(any_compose):
+    kind, compose = any_compose
     proxy = compose["services"]["chat-proxy"]
+    if kind == "slim":
+        assert "deploy" not in proxy and "ipc" not in proxy
+        return
     devices = proxy["deploy"]["resources"]["reservations"]["devices"]
     assert {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]} in devices
+
+
+def test_compose_gives_the_proxy_the_host_the_weights_and_a_state_volume(any_compose):
+    _kind, compose = any_compose
+    proxy = compose["services"]["chat-proxy"]
     assert "host.docker.internal:host-gateway" in proxy["extra_hosts"]
     binds = [v for v in proxy["volumes"] if isinstance(v, dict) and v["type"] == "bind"]
     weights = next(v for v in binds if "IMAGEWORKS_WEIGHTS_DIR" in v["source"])
@@ -148,24 +169,43 @@ def test_compose_gives_the_proxy_the_gpu_the_host_and_the_weights_at_the_same_pa
     assert registry["read_only"] is True
     assert registry["target"] == compose_env(proxy)["CHAT_PROXY_REGISTRY"]
     assert proxy["ports"] == ["127.0.0.1:8100:8100"]  # published on the host's loopback only
+    # The state folder (remembered model ids, the vLLM state file) outlives the container.
+    volumes = {v["target"]: v for v in proxy["volumes"] if isinstance(v, dict)}
+    assert volumes["/srv/imageworks/_staging"]["type"] == "volume"
 
 
-def test_compose_healthcheck_asks_the_proxys_health_route(compose):
+def test_compose_healthcheck_asks_the_proxys_health_route(any_compose):
+    kind, compose = any_compose
     test = compose["services"]["chat-proxy"]["healthcheck"]["test"]
-    assert test[0] == "CMD" and "http://127.0.0.1:8100/v1/health" in test
-    assert "curl" in test[1]
+    assert test[0] == "CMD" and any("http://127.0.0.1:8100/v1/health" in word for word in test)
+    # The slim image (python:3.12-slim) has no curl.
+    assert test[1] == {"cuda": "curl", "slim": "python"}[kind]
 
 
-def test_openwebui_waits_for_a_healthy_proxy_and_uses_it_as_its_only_backend(compose):
+def test_openwebui_waits_for_a_healthy_proxy_and_uses_it_as_its_only_backend(any_compose):
+    _kind, compose = any_compose
     webui = compose["services"]["openwebui"]
     assert webui["depends_on"] == {"chat-proxy": {"condition": "service_healthy"}}
     env = compose_env(webui)
     assert env["OPENAI_API_BASE_URL"] == "http://chat-proxy:8100/v1"
     assert env["ENABLE_OLLAMA_API"] == "false"
     assert env["OLLAMA_BASE_URLS"] == "" and env["OLLAMA_API_CONFIGS"] == ""
-    assert env["RESET_CONFIG_ON_START"] == "true"
+    # Applied on the first start only: what the user changes in OpenWebUI later is kept across restarts.
+    assert "RESET_CONFIG_ON_START" not in env
     # OpenWebUI needs some key: EMPTY unless keys are set
     assert env["OPENAI_API_KEY"] == "${CHAT_PROXY_API_KEYS:-EMPTY}"
+
+
+def test_every_compose_command_in_the_docs_names_its_file():
+    """Run from the repository root, `docker compose up` finds no compose file: each command says which."""
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for line in doc.read_text().splitlines():
+            for command in re.findall(r"docker compose[^`|;&]*", line):
+                if command.strip() in ("docker compose",):
+                    continue  # the tool's name in prose
+                assert re.search(r"-f docker/docker-compose\.(openwebui|slim)\.yml", command), (
+                    f"{doc.name}: {command!r}"
+                )
 
 
 # -- Dockerfiles ----------------------------------------------------------------------------------------
@@ -295,7 +335,7 @@ def test_container_command_serves_health_on_all_interfaces_and_passes_the_image_
     try:
         health = wait_for_json(proc, f"http://127.0.0.1:{port}/v1/health")
         assert health["status"] == "ok"
-        assert health["registry"]["models"] == 4 and health["registry"]["error"] is None
+        assert health["registry"]["models"] == 5 and health["registry"]["error"] is None
         for kind in sorted(DOCKERFILES):
             if kind == "cuda" and not any((Path(d) / "curl").exists() for d in env["PATH"].split(os.pathsep)):
                 continue  # the CUDA image installs curl; this machine may not have it

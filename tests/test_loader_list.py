@@ -1,9 +1,11 @@
-"""``imageworks-loader list``: the registry's models with id, logical name, backend, installed."""
+"""``imageworks-loader list``: the registry's models with id, logical name, backend, installed, status and
+whether ``/v1/models`` lists them (the proxy's own rules, from the proxy's own objects)."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -43,9 +45,55 @@ def test_list_prints_every_registry_model(tmp_path):
     result = _run("list", cwd=tmp_path, CHAT_PROXY_REGISTRY=str(registry))
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == [
-        {"id": "gpt-oss-20b", "logical_name": "a-missing", "backend": "vllm", "installed": False},
-        {"id": "qwen2.5-7b-instruct (AWQ)", "logical_name": "b-vllm", "backend": "vllm", "installed": True},
+        {
+            "id": "gpt-oss-20b",
+            "logical_name": "a-missing",
+            "backend": "vllm",
+            "installed": False,
+            "status": "stopped",
+            "listed": False,
+            "hidden_because": f"not installed: {tmp_path / 'nope'} not found",
+        },
+        {
+            "id": "qwen2.5-7b-instruct (AWQ)",
+            "logical_name": "b-vllm",
+            "backend": "vllm",
+            "installed": True,
+            "status": "stopped",
+            "listed": True,
+            "hidden_because": None,
+        },
     ]
+
+
+def test_list_follows_the_proxys_rules_for_ollama_entries_while_ollama_is_down(tmp_path):
+    registry = tmp_path / "r.json"
+    registry.write_text(
+        json.dumps(
+            [
+                # as ImageWorks' importer writes them: the download_path is no file
+                {
+                    "name": "llama3.2-3b",
+                    "backend": "ollama",
+                    "backend_config": {"model_path": "ollama:/llama3.2:3b"},
+                    "download_path": "ollama:/llama3.2:3b",
+                },
+                {"name": "demo", "backend": "demo", "metadata": {"testing": True}},
+            ]
+        )
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    result = _run(
+        "list", cwd=tmp_path, CHAT_PROXY_REGISTRY=str(registry),
+        CHAT_PROXY_OLLAMA_BASE_URL=f"http://127.0.0.1:{closed}",
+    )
+    assert result.returncode == 0, result.stderr
+    rows = {r["logical_name"]: r for r in json.loads(result.stdout)}
+    assert rows["llama3.2-3b"]["installed"] is True and rows["llama3.2-3b"]["listed"] is True
+    assert rows["llama3.2-3b"]["status"] == "unavailable"
+    assert rows["demo"]["listed"] is False and rows["demo"]["hidden_because"].startswith("test model")
 
 
 def test_list_with_a_broken_registry_fails_with_one_line(tmp_path):

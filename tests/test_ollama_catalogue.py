@@ -1,4 +1,5 @@
-"""Which Ollama models /v1/models lists: installed-only through Ollama's /api/tags."""
+"""Which Ollama models /v1/models lists: installed-only through Ollama's /api/tags; all of them, marked
+unavailable, while Ollama does not answer."""
 
 from __future__ import annotations
 
@@ -12,6 +13,11 @@ async def _ids(client) -> list[str]:
     body = await resp.json()
     validate_models(body)
     return sorted(m["id"] for m in body["data"])
+
+
+async def _statuses(client) -> dict[str, str | None]:
+    body = await (await client.get("/v1/models")).json()
+    return {m["id"]: m["extensions"]["status"] for m in body["data"]}
 
 
 async def test_lists_only_tags_installed_in_ollama(aiohttp_server, registry_file, make_config, proxy_client):
@@ -29,7 +35,7 @@ async def test_lists_only_tags_installed_in_ollama(aiohttp_server, registry_file
     assert await _ids(client_all) == ["llama short tag", "not pulled", "qwen"]
 
 
-async def test_ollama_down_lists_entries_whose_files_are_visible(
+async def test_ollama_down_lists_its_entries_as_unavailable(
     tmp_path, registry_file, make_config, proxy_client, unused_tcp_port_factory
 ):
     weights = tmp_path / "blob.gguf"
@@ -49,7 +55,8 @@ async def test_ollama_down_lists_entries_whose_files_are_visible(
         ]
     )
     client = await proxy_client(make_config())
-    assert await _ids(client) == ["on disk"]
+    assert await _ids(client) == ["elsewhere", "no path", "on disk"]
+    assert set((await _statuses(client)).values()) == {"unavailable"}
 
 
 async def test_host_and_port_entries_and_the_loopback_alias(
@@ -60,6 +67,6 @@ async def test_host_and_port_entries_and_the_loopback_alias(
     server = await aiohttp_server(fake.app(), host="127.0.0.2")
     registry_file([ollama_entry(None, backend_config={"host": "localhost", "port": server.port})])
     plain = await proxy_client(make_config())
-    assert await _ids(plain) == []
+    assert await _statuses(plain) == {"llama3.2 3b": "unavailable"}  # localhost: nothing answers there
     aliased = await proxy_client(make_config(LOOPBACK_ALIAS="127.0.0.2"))
-    assert await _ids(aliased) == ["llama3.2 3b"]
+    assert await _statuses(aliased) == {"llama3.2 3b": "available"}

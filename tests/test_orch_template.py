@@ -7,7 +7,12 @@ import pytest
 from imageworks_proxy.catalogue.registry import parse_entry
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.pipeline.stage import ChatContext
-from imageworks_proxy.pipeline.template import TemplateStage, template_source
+from imageworks_proxy.pipeline.template import (
+    TemplateStage,
+    check_template,
+    template_known_missing,
+    template_source,
+)
 
 
 def vllm(tmp_path, **fields):
@@ -83,3 +88,27 @@ async def test_the_stage_refuses_only_orchestrated_vllm_entries_and_honours_the_
     await _run(make_config, make_app, registry_file, tmp_path, external)  # vllm-external: vLLM decides
     ollama = {"name": "m", "backend": "ollama", "backend_config": {"model_path": "ollama:/llama3"}}
     await _run(make_config, make_app, registry_file, tmp_path, ollama)
+
+
+async def test_a_hub_id_vllm_will_download_is_left_to_vllm_unless_the_local_cache_says_no(
+    make_config, make_app, registry_file, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    hub = {"name": "m", "backend": "vllm", "backend_config": {"model_path": "org/chat-7b"}}
+    entry = parse_entry(hub)
+    assert template_source(entry) is None and not template_known_missing(entry)
+    check_template(entry)  # no copy here: vLLM fetches the tokenizer config and reports a missing template
+    await _run(make_config, make_app, registry_file, tmp_path, hub)
+    from imageworks_proxy import keys
+
+    app = make_app(make_config(INCLUDE_NON_INSTALLED="1"))
+    listed = (await keys.models(app).listing())["data"]
+    assert listed[0]["extensions"]["has_chat_template"] is None  # unknown until vLLM has it
+
+    snap = tmp_path / "hub" / "models--org--chat-7b" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')
+    assert template_known_missing(entry)  # the cached copy has none: refused up front
+    with pytest.raises(ProxyError) as exc:
+        await _run(make_config, make_app, registry_file, tmp_path, hub)
+    assert exc.value.code == "template_required"

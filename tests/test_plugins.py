@@ -23,7 +23,7 @@ from imageworks_proxy.pipeline.stage import Stage
 from imageworks_proxy.plugins import PluginError, builtin_adapters, make_plugin_manager
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILTINS = {"ollama", "vllm-orchestrated", "vllm-external", "openai-passthrough"}
+BUILTINS = {"ollama", "vllm-orchestrated", "vllm-external", "openai-passthrough", "demo"}
 EXTERNAL = {"base_url": "http://127.0.0.1:9/v1"}
 
 
@@ -96,7 +96,7 @@ async def _models(client) -> dict[str, dict]:
 
 # -- entry points and the manager factory -------------------------------------------------------------------
 
-def test_installed_distribution_registers_the_four_builtin_adapters_as_entry_points():
+def test_installed_distribution_registers_the_builtin_adapters_as_entry_points():
     eps = {ep.name: ep for ep in md.entry_points(group="imageworks_proxy")}
     assert set(eps) >= BUILTINS
     for name in BUILTINS:

@@ -111,10 +111,26 @@ class Adapter:
         or it has none and its upstream is external)."""
         return None
 
-    def model_status(self, entry: Entry) -> str | None:
-        """``loaded`` / ``loading`` / ``asleep`` / ``stopped`` for models this adapter starts itself, else
-        ``None``."""
+    def not_installed_reason(self, entry: Entry) -> str:
+        """Why :meth:`installed` said no, for the start-up summary (one short phrase)."""
+        return "not installed"
+
+    def entry_problem(self, entry: Entry) -> str | None:
+        """Why ``entry`` cannot be served as the registry describes it (a missing URL, nothing to load), or
+        ``None`` when it can. Called on each registry load, on the event loop: no I/O. An entry with a
+        problem is reported in the log and ``/v1/health``; ``/v1/models`` marks it ``unavailable``."""
         return None
+
+    def model_status(self, entry: Entry) -> str | None:
+        """``extensions.status`` in ``/v1/models``: ``loaded`` / ``loading`` / ``asleep`` / ``stopped`` for
+        models this adapter starts itself, ``unavailable`` when its server does not answer, ``None`` when
+        unknown."""
+        return None
+
+    async def check_upstreams(self, entries: Sequence[Entry]) -> dict[str, bool]:
+        """Called once at start-up for the summary with the entries routed here: each server address
+        these entries use, and whether it answered (a second or two at most). Default: ``{}``."""
+        return {}
 
     def native_tool_parser(self, entry: Entry) -> bool:
         """Does the upstream serving ``entry`` turn the model's tool-call output into ``tool_calls`` itself?

@@ -6,7 +6,7 @@ import asyncio
 import io
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import aiohttp
@@ -34,6 +34,8 @@ log = logging.getLogger("imageworks_proxy.passthrough")
 #: Upstream SSE lines may be long (reasoning traces, tool output); aiohttp's default caps a line at 128 KiB.
 READ_BUFSIZE = 4 * 1024 * 1024
 BIG_BODY = 512 * 1024
+#: How long the start-up check waits for each upstream's ``/models``.
+CHECK_TIMEOUT_S = 1.5
 
 
 class OpenAIPassthroughAdapter(Adapter):
@@ -50,6 +52,47 @@ class OpenAIPassthroughAdapter(Adapter):
                 headers={"Retry-After": "30"},
             )
         return apply_loopback_alias(url, self.config.loopback_alias)
+
+    def _sends_to_entry_urls(self) -> bool:
+        """Whether chats go to the URL the entry names: this class's ``chat``, or a subclass with its own
+        ``base_url``. A subclass that sends elsewhere (a plugin starting its own server) is not judged by
+        the entry's URL."""
+        cls, base = type(self), OpenAIPassthroughAdapter
+        return cls.chat is base.chat or cls.base_url is not base.base_url
+
+    def entry_problem(self, entry: Entry) -> str | None:
+        if not self._sends_to_entry_urls():
+            return None
+        try:
+            self.base_url(entry)
+        except ProxyError:
+            return (
+                f"backend {entry.backend!r} is served by {self.name}, which needs backend_config.base_url "
+                "(or host and port) to know where the server is"
+            )
+        return None
+
+    async def check_upstreams(self, entries: Sequence[Entry]) -> dict[str, bool]:
+        """Whether each upstream answers ``GET /models`` at all (any HTTP status counts)."""
+        if not self._sends_to_entry_urls():
+            return {}
+        urls = {}
+        for entry in entries:
+            try:
+                urls[self.base_url(entry)] = entry
+            except ProxyError:
+                continue
+
+        async def answers(url: str) -> bool:
+            try:
+                timeout = aiohttp.ClientTimeout(total=CHECK_TIMEOUT_S)
+                async with self.http.get(url + "/models", headers=self.headers(urls[url]), timeout=timeout):
+                    return True
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                return False
+
+        results = await asyncio.gather(*(answers(u) for u in urls))
+        return dict(zip(urls, results, strict=True))
 
     def headers(self, entry: Entry) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}

@@ -17,7 +17,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -86,6 +86,19 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
         if path and _looks_local(path):
             return os.path.exists(os.path.expanduser(path))
         return True  # a hub id: vLLM fetches it itself
+
+    def not_installed_reason(self, entry: Entry) -> str:
+        return f"not installed: {entry.backend_config.model_path} not found"
+
+    def entry_problem(self, entry: Entry) -> str | None:
+        try:
+            build_command(self.config, entry)
+        except ProxyError as exc:
+            return exc.message
+        return None
+
+    async def check_upstreams(self, entries: Sequence[Entry]) -> dict[str, bool]:
+        return {}  # it starts its server itself; the models' status says whether one runs
 
     def model_status(self, entry: Entry) -> str | None:
         return self.supervisor.status_of(entry.name)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import attrs
 
@@ -101,8 +101,11 @@ class Catalogue:
     id_by_name: dict[str, str] = attrs.field(factory=dict)
 
     def resolve(self, requested: str) -> Entry:
-        """Exact logical name, exact id, then a normalised match; ambiguity and misses are 404s."""
-        entry = self.by_name.get(requested) or self.ids.get(requested)
+        """Exact id, exact logical name, then a normalised match; ambiguity and misses are 404s.
+
+        Ids come first: a remembered id that a newer entry's logical name happens to equal still names
+        the entry it was listed for."""
+        entry = self.ids.get(requested) or self.by_name.get(requested)
         if entry is not None:
             return entry
         matches = self.normalised.get(normalise(requested), ())
@@ -127,34 +130,68 @@ def _tag_key(tag: str) -> str:
     return tag if ":" in tag else f"{tag}:latest"  # Ollama's "llama3" is "llama3:latest"
 
 
-def build_catalogue(entries: Iterable[Entry]) -> Catalogue:
+def _remembered(
+    assigned: Mapping[str, str], by_name: Mapping[str, Entry], duplicates: set[str]
+) -> dict[str, Entry]:
+    """The remembered ids that still hold: their entry is in the registry, not deprecated, not a duplicate
+    Ollama tag, and not renamed by a ``display_name`` that differs from the id."""
+    kept: dict[str, Entry] = {}
+    taken: set[str] = set()
+    for public, name in sorted(assigned.items()):
+        entry = by_name.get(name)
+        if entry is None or entry.deprecated or name in duplicates or name in taken:
+            continue
+        if entry.display_name and entry.display_name != public:
+            continue  # the user renamed it
+        kept[public] = entry
+        taken.add(name)
+    return kept
+
+
+def _duplicate_tags(ordered: list[Entry], keep: set[str]) -> set[str]:
+    """Entries whose Ollama tag an earlier entry has (listed once); entries in ``keep`` go first."""
+    seen: set[str] = set()
+    duplicates: set[str] = set()
+    first = sorted(ordered, key=lambda e: (e.deprecated, e.name not in keep))  # stable: name order
+    for entry in first:
+        if entry.backend == "ollama" and entry.ollama_tag:
+            tag = _tag_key(entry.ollama_tag)
+            if tag in seen:
+                duplicates.add(entry.name)
+            seen.add(tag)
+    return duplicates
+
+
+def build_catalogue(entries: Iterable[Entry], assigned: Mapping[str, str] | None = None) -> Catalogue:
     """Public ids for ``entries`` and the tables that resolve a request's ``model``.
 
-    Ids are handed out in logical-name order, visible entries before deprecated ones (so a hidden
-    twin never takes the clean name). An id that is taken, or that is another entry's logical name
-    (which resolves first), falls back to the entry's own logical name; so every entry but a
-    duplicate Ollama tag is listed, and every listed id resolves to the entry it is listed for.
+    ``assigned`` holds the ids handed out before (id -> logical name, :mod:`~.idstore`): each keeps naming
+    its entry while that entry is in the registry and not deprecated, unless its ``display_name`` now says
+    otherwise. The other entries get ids in logical-name order, visible entries before deprecated ones (so
+    a hidden twin never takes the clean name). An id that is taken, or that is another entry's logical name
+    (a request naming it would be ambiguous), falls back to the entry's own logical name; so every entry
+    but a duplicate Ollama tag is listed, and every listed id resolves to the entry it is listed for.
     """
     ordered = sorted(entries, key=lambda e: e.name)
     names = {e.name for e in ordered}
-    ids: dict[str, Entry] = {}
-    listed: list[Listed] = []
-    seen_tags: set[str] = set()
-    duplicates: set[str] = set()
+    by_name = {e.name: e for e in ordered}
+    assigned = assigned or {}
+    duplicates = _duplicate_tags(ordered, set(assigned.values()))
+    ids = _remembered(assigned, by_name, duplicates)
+    chosen = {entry.name for entry in ids.values()}
+    listed = [Listed(public, entry) for public, entry in ids.items()]
     for entry in sorted(ordered, key=lambda e: e.deprecated):  # stable: name order within each group
-        if entry.backend == "ollama" and entry.ollama_tag:
-            tag = _tag_key(entry.ollama_tag)
-            if tag in seen_tags:
-                duplicates.add(entry.name)  # two entries for the same Ollama tag are listed once
-                continue
-            seen_tags.add(tag)
+        if entry.name in duplicates or entry.name in chosen:
+            continue
         wanted = simplified_name(entry)
         taken = wanted in ids or (wanted in names and wanted != entry.name)
         public = entry.name if taken else wanted
+        n = 2
+        while public in ids:  # a remembered id equals this entry's logical name
+            public, n = f"{entry.name} ({n})", n + 1
         ids[public] = entry
         listed.append(Listed(public, entry))
     listed.sort(key=lambda item: item.entry.name)
-    by_name = {e.name: e for e in ordered}
     norm: dict[str, dict[str, Entry]] = {}
 
     def add(key: str | None, entry: Entry) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
+
+import attrs
 
 from imageworks_proxy.adapters.base import (
     ANY_BACKEND,
@@ -14,11 +17,14 @@ from imageworks_proxy.adapters.base import (
     Adapter,
     default_installed,
 )
+from imageworks_proxy.catalogue.idstore import IdStore
 from imageworks_proxy.catalogue.naming import Catalogue, build_catalogue
 from imageworks_proxy.catalogue.registry import Entry, Registry, RegistryStore
-from imageworks_proxy.catalogue.templates import find_chat_template
+from imageworks_proxy.catalogue.templates import has_chat_template
 from imageworks_proxy.config import Config
 from imageworks_proxy.errors import ProxyError
+
+log = logging.getLogger("imageworks_proxy.catalogue")
 
 _INSTALLED_TTL_S = 2.0
 #: Capabilities of a model that writes text: an entry with any of them is a chat model.
@@ -40,14 +46,34 @@ def endpoints_of(entry: Entry) -> list[str]:
     return [CHAT, COMPLETIONS] + ([EMBEDDINGS] if "embedding" in entry.capabilities else [])
 
 
-class ModelService:
-    """Everything about models that the routes need; rebuilt (cheaply) on each registry reload."""
+@attrs.frozen
+class Row:
+    """One catalogue entry as ``/v1/models`` sees it: its id, adapter, ``extensions.status``, and why the
+    list leaves it out (``hidden``; ``None``: listed)."""
 
-    def __init__(self, config: Config, store: RegistryStore) -> None:
+    id: str
+    entry: Entry
+    adapter: Adapter | None
+    installed: bool
+    status: str | None
+    hidden: str | None
+    has_template: bool | None
+
+
+class ModelService:
+    """Everything about models that the routes need; rebuilt (cheaply) on each registry reload.
+
+    ``ids`` remembers the public ids handed out (``CHAT_PROXY_NAMES_PATH``); ``None``: nothing is
+    remembered (every rebuild computes them afresh)."""
+
+    def __init__(self, config: Config, store: RegistryStore, ids: IdStore | None = None) -> None:
         self.config = config
         self.store = store
+        self.ids = ids
         self.adapters: dict[str, Adapter] = {}
         self.catalogue: Catalogue = build_catalogue(())
+        #: logical name -> why the entry cannot be served as the registry describes it (load-time check)
+        self.problems: dict[str, str] = {}
         self._routes: dict[str, Adapter | None] = {}
         self._by_adapter: dict[Adapter, list[Entry]] = {}
         # name -> (default installed rule, has chat template), refreshed in one batch off the event loop
@@ -61,7 +87,10 @@ class ModelService:
         self._rebuild(self.store.registry)
 
     def _rebuild(self, registry: Registry) -> None:
-        self.catalogue = build_catalogue(registry.entries)
+        self.catalogue = build_catalogue(registry.entries, self.ids.ids if self.ids is not None else None)
+        if self.ids is not None and registry.loaded_at:  # not the empty stand-in before the first load
+            # An entry that leaves the registry (or is deprecated) gives its id up.
+            self.ids.update({i.id: i.entry.name for i in self.catalogue.listed if not i.entry.deprecated})
         self._routes = {e.name: self._route(e) for e in registry.entries}
         self._by_adapter = {}
         for e in registry.entries:
@@ -70,6 +99,25 @@ class ModelService:
                 self._by_adapter.setdefault(routed, []).append(e)
         self._fs_cache = {}
         self._fs_checked_at = float("-inf")
+        problems = {e.name: p for e in registry.entries if (p := self._problem(e)) is not None}
+        for name, problem in problems.items():
+            if self.problems.get(name) != problem:
+                log.warning("registry %s: entry %r cannot be served: %s", registry.source, name, problem)
+        self.problems = problems
+
+    def _problem(self, entry: Entry) -> str | None:
+        adapter = self._routes.get(entry.name)
+        if adapter is None:
+            if not self.adapters:
+                return None  # the adapters are not set yet
+            wanted = entry.backend_config.adapter
+            if wanted:
+                return f"backend_config.adapter names {wanted!r}, which is not installed (GET /v1/plugins)"
+            return f"no installed adapter serves backend {entry.backend!r} (GET /v1/plugins)"
+        try:
+            return adapter.entry_problem(entry)
+        except Exception as exc:  # a third-party adapter's check must not break a registry load
+            return f"{adapter.name} could not check it: {type(exc).__name__}: {exc}"
 
     def _route(self, entry: Entry) -> Adapter | None:
         """The routing rule: ``backend_config.adapter`` names the adapter; else an adapter that claims the
@@ -118,7 +166,7 @@ class ModelService:
     @staticmethod
     def _fs_scan(entries: list[Entry]) -> dict[str, tuple[bool, bool | None]]:
         return {
-            e.name: (default_installed(e), find_chat_template(e) is not None if e.backend == "vllm" else None)
+            e.name: (default_installed(e), has_chat_template(e) if e.backend == "vllm" else None)
             for e in entries
         }
 
@@ -140,27 +188,65 @@ class ModelService:
         if catalogue is self.catalogue:  # not replaced by a registry reload meanwhile
             self._fs_cache, self._fs_checked_at = facts, time.monotonic()
 
-    async def listing(self) -> dict[str, Any]:
-        cfg = self.config
+    async def _prepare(self) -> None:
         if self._by_adapter:
             await asyncio.gather(
                 *(a.prepare_listing(entries) for a, entries in self._by_adapter.items()),
                 return_exceptions=True,
             )
         await self._refresh_fs_facts()
+
+    def _hidden(self, entry: Entry, adapter: Adapter | None) -> str | None:
+        """Why ``/v1/models`` leaves ``entry`` out, or ``None`` when it is listed."""
+        cfg = self.config
+        if entry.deprecated:
+            return "deprecated"
+        if entry.testing and not cfg.include_test_models:
+            return "test model (CHAT_PROXY_INCLUDE_TEST_MODELS=1 lists it)"
+        if cfg.include_non_installed or self._installed(entry, adapter):
+            return None
+        if adapter is None or adapter.installed(entry) is None:
+            return f"not installed: {entry.download_path} not found"
+        return adapter.not_installed_reason(entry)
+
+    def status(self, entry: Entry, adapter: Adapter | None) -> str | None:
+        """``extensions.status``: ``unavailable`` for an entry that cannot be served as written (no
+        adapter, no URL: :attr:`problems`), else what its adapter says."""
+        if adapter is None or entry.name in self.problems:
+            return "unavailable"
+        return adapter.model_status(entry)
+
+    def _installed(self, entry: Entry, adapter: Adapter | None) -> bool:
+        """The adapter's installed rule, else the default one (``download_path`` exists)."""
+        installed = adapter.installed(entry) if adapter is not None else None
+        return self._fs_facts(entry)[0] if installed is None else installed
+
+    async def survey(self) -> list[Row]:
+        """Every catalogue entry with its id, adapter, status and whether (and why not) ``/v1/models``
+        lists it, in logical-name order. Asks the adapters first, as :meth:`listing` does."""
+        await self._prepare()
+        rows = []
+        for item in self.catalogue.listed:
+            entry = item.entry
+            adapter = self._routes.get(entry.name)
+            hidden = self._hidden(entry, adapter)
+            has_template = self._fs_facts(entry)[1] if hidden is None else None
+            status = self.status(entry, adapter)
+            installed = self._installed(entry, adapter)
+            rows.append(Row(item.id, entry, adapter, installed, status, hidden, has_template))
+        return rows
+
+    async def listing(self) -> dict[str, Any]:
+        """The ``/v1/models`` body."""
+        await self._prepare()
         created = int(self.store.registry.loaded_at) or int(time.time())
         data = []
         for item in self.catalogue.listed:
             entry = item.entry
-            if entry.deprecated or (entry.testing and not cfg.include_test_models):
-                continue
             adapter = self._routes.get(entry.name)
-            fs_installed, has_template = self._fs_facts(entry)
-            if not cfg.include_non_installed:
-                installed = adapter.installed(entry) if adapter is not None else None
-                if not (fs_installed if installed is None else installed):
-                    continue
-            data.append(self._model_object(item.id, entry, adapter, created, has_template))
+            if self._hidden(entry, adapter) is None:
+                has_template = self._fs_facts(entry)[1]
+                data.append(self._model_object(item.id, entry, adapter, created, has_template))
         return {"object": "list", "data": data}
 
     def _model_object(
@@ -181,7 +267,7 @@ class ModelService:
             "has_chat_template": has_template,
             "kind": model_kind(entry),
             "endpoints": endpoints_of(entry),
-            "status": adapter.model_status(entry) if adapter is not None else None,
+            "status": self.status(entry, adapter),
             "schema_version": self.config.schema_version,
         }
         label = public_id

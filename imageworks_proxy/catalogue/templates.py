@@ -1,4 +1,5 @@
-"""Does a vLLM model have a chat template?"""
+"""Does a vLLM model have a chat template? Found, not found, or cannot be known here (a Hugging Face hub
+id that vLLM will download, with no copy in the local HF cache)."""
 
 from __future__ import annotations
 
@@ -55,3 +56,25 @@ def find_chat_template(entry: Entry) -> str | None:
     if isinstance(data, dict) and data.get("chat_template"):
         return tok
     return None
+
+
+def hub_id_not_cached(entry: Entry) -> bool:
+    """Whether vLLM will fetch ``entry``'s model from the Hugging Face hub and no copy is in the local HF
+    cache: then whether it has a chat template is only known once vLLM has it (vLLM reports it)."""
+    if entry.chat_template_path:
+        return False
+    path = entry.backend_config.model_path or entry.download_path
+    if not path or os.path.exists(os.path.expanduser(path)):
+        return False
+    if path.count("/") != 1 or path.startswith(("/", ".", "~")):
+        return False
+    return hub_snapshot_dir(path) is None
+
+
+def has_chat_template(entry: Entry) -> bool | None:
+    """``True``/``False`` from the files, ``None`` when it cannot be known here (:func:`hub_id_not_cached`).
+
+    Reads files: call it off the event loop."""
+    if find_chat_template(entry) is not None:
+        return True
+    return None if hub_id_not_cached(entry) else False

@@ -3,8 +3,10 @@
 ``activate-model NAME``, ``activate-model --stop``, ``current-model``, and with sleep mode ``sleep-model``
 and ``stop-model NAME``, go through the running proxy's admin API when it answers; otherwise they act
 directly on the state file and the processes it names, with the same code the proxy uses (a pid whose
-command line does not match the file is never signalled). A model started here keeps running after the
-command exits; the proxy adopts it when it starts.
+command line does not match the file is never signalled). Acting directly needs the state file's lock:
+while a proxy holds it, the loader talks to that proxy (at the URL it wrote into the lock file) instead. A
+model started here keeps running after the command exits; the proxy adopts it when it starts. ``list``
+shows what the proxy's ``/v1/models`` would, by the same rules.
 Exit codes: 0 ok, 1 failure, 2 usage or configuration error.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -22,11 +25,10 @@ import aiohttp
 import orjson
 
 from imageworks_proxy import keys
-from imageworks_proxy.adapters.base import default_installed
-from imageworks_proxy.catalogue.naming import build_catalogue
-from imageworks_proxy.catalogue.registry import Entry, RegistryError, load_registry
+from imageworks_proxy.catalogue.registry import Entry, RegistryError
 from imageworks_proxy.config import Config, ConfigError, load_config
 from imageworks_proxy.errors import ProxyError
+from imageworks_proxy.vllm.lock import StateLock, StateLockHeld
 from imageworks_proxy.vllm.supervisor import Instance, VllmSupervisor
 
 OK, FAILED, USAGE = 0, 1, 2
@@ -47,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
         "CHAT_PROXY_API_KEYS; prefer those variables: other users can see command lines)",
     )
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="the registry's models: id, logical name, backend, installed")
+    sub.add_parser("list", help="the registry's models: id, logical name, backend, installed, status, "
+                   "listed (or why /v1/models hides it)")
     sub.add_parser("current-model", help="print the active vLLM model (and sleeping ones) as JSON, or null")
     act = sub.add_parser("activate-model", help="start NAME as the active vLLM model, or --stop it")
     act.add_argument("name", nargs="?", help="logical name or listed id of an orchestrated vLLM model")
@@ -68,22 +71,42 @@ def _err(msg: str) -> None:
 
 
 # -- registry ------------------------------------------------------------------------------------
-def cmd_list(config: Config) -> int:
-    try:
-        registry = load_registry(config.registry)
-    except RegistryError as exc:
-        _err(str(exc))
-        return FAILED
-    catalogue = build_catalogue(registry.entries)
-    rows = [
+async def _list_rows(config: Config) -> list[dict[str, Any]] | None:
+    """The proxy's own catalogue, built as a proxy builds it (its adapters decide installed and status)."""
+    from imageworks_proxy.app import create_app
+
+    app = create_app(config)
+    models = keys.models(app)
+    if models.store.error:
+        _err(models.store.error)
+        return None
+    async with aiohttp.ClientSession() as session:
+        app[keys.HTTP] = session
+        # Ask each backend server once and wait for the answers (a proxy does this in the background).
+        await asyncio.gather(
+            *(a.check_upstreams(models.entries_for(a)) for a in models.adapters.values()),
+            return_exceptions=True,
+        )
+        rows = await models.survey()
+    return [
         {
-            "id": item.id,
-            "logical_name": item.entry.name,
-            "backend": item.entry.backend,
-            "installed": default_installed(item.entry),
+            "id": row.id,
+            "logical_name": row.entry.name,
+            "backend": row.entry.backend,
+            "installed": row.installed,
+            "status": row.status,
+            "listed": row.hidden is None,
+            "hidden_because": row.hidden,
         }
-        for item in catalogue.listed
+        for row in rows
     ]
+
+
+def cmd_list(config: Config) -> int:
+    logging.basicConfig(level=logging.CRITICAL)  # a registry error is printed below, once
+    rows = asyncio.run(_list_rows(config))
+    if rows is None:
+        return FAILED
     _print(rows)
     return OK
 
@@ -298,6 +321,28 @@ async def direct(config: Config, args: argparse.Namespace) -> int:
             gpu.close()
 
 
+def direct_with_lock(config: Config, args: argparse.Namespace, tried: str | None) -> int:
+    """Act directly while holding the state file's lock; when a proxy holds it, go through that proxy's
+    admin API instead (unless ``--direct`` was asked for, or its URL is the one that did not answer)."""
+    lock = StateLock(config.vllm_state_path)
+    try:
+        lock.acquire({"pid": os.getpid(), "program": "imageworks-loader"})
+    except StateLockHeld as exc:
+        url = exc.holder.get("url")
+        if args.direct or not isinstance(url, str) or url == tried:
+            _err(str(exc))
+            return FAILED
+        try:
+            return via_api(config, url, args)
+        except Unreachable:
+            _err(str(exc))
+            return FAILED
+    try:
+        return asyncio.run(direct(config, args))
+    finally:
+        lock.release()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     try:
@@ -317,17 +362,18 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_list(config)
     logging.basicConfig(level=logging.WARNING, format="imageworks-loader: %(message)s")
     try:
+        tried = None
         if not args.direct:
-            base = _base_url(config, args.url)
+            tried = _base_url(config, args.url)
             try:
-                _call(config, base, "GET", "/v1/health", timeout=2.0)
+                _call(config, tried, "GET", "/v1/health", timeout=2.0)
             except Unreachable:
                 if args.url:
-                    _err(f"no proxy answers at {base}")
+                    _err(f"no proxy answers at {tried}")
                     return FAILED
             else:
-                return via_api(config, base, args)
-        return asyncio.run(direct(config, args))
+                return via_api(config, tried, args)
+        return direct_with_lock(config, args, tried)
     except ProxyError as exc:
         _err(f"{exc.message} ({exc.code})")
         if exc.hint:

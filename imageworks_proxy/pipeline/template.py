@@ -2,7 +2,9 @@
 refused with 409 ``template_required`` before anything is started (``CHAT_PROXY_REQUIRE_TEMPLATE=1``).
 
 vLLM itself would start (minutes) and then answer every chat request with a 400 ("default chat template
-is no longer allowed"); refusing up front with the places we looked is the better experience.
+is no longer allowed"); refusing up front with the places we looked is the better experience. A Hugging
+Face hub id that is not in the local HF cache cannot be checked here: vLLM downloads it with its
+tokenizer config, so the request goes ahead and vLLM's own error, if any, reaches the client.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import time
 
 from imageworks_proxy import keys
 from imageworks_proxy.catalogue.registry import Entry
-from imageworks_proxy.catalogue.templates import find_chat_template
+from imageworks_proxy.catalogue.templates import find_chat_template, hub_id_not_cached
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.pipeline.stage import ChatContext, Stage
 from imageworks_proxy.vllm.command import has_flag
@@ -42,9 +44,14 @@ def template_error(entry: Entry) -> ProxyError:
     )
 
 
+def template_known_missing(entry: Entry) -> bool:
+    """Whether ``entry`` surely has no chat template (a hub id not in the local cache is not sure)."""
+    return template_source(entry) is None and not hub_id_not_cached(entry)
+
+
 def check_template(entry: Entry) -> None:
     """Raise 409 ``template_required`` when ``entry`` has no chat template (synchronous file checks)."""
-    if template_source(entry) is None:
+    if template_known_missing(entry):
         raise template_error(entry)
 
 
@@ -76,7 +83,7 @@ class TemplateStage(Stage):
         if cached is not None and now - cached[0] < _CACHE_TTL_S and cached[1] == depends:
             found = cached[2]
         else:
-            found = await asyncio.to_thread(template_source, entry) is not None
+            found = not await asyncio.to_thread(template_known_missing, entry)
             self._cache[entry.name] = (now, depends, found)
         if not found:
             raise template_error(entry)

@@ -21,7 +21,6 @@ from imageworks_proxy.adapters.base import (
     ChunkStream,
     Completion,
     Embeddings,
-    default_installed,
 )
 from imageworks_proxy.adapters.ollama.embed import embeddings_from_ollama, to_embed_request
 from imageworks_proxy.adapters.ollama.generate import (
@@ -38,6 +37,7 @@ from imageworks_proxy.adapters.ollama.request import (
 )
 from imageworks_proxy.adapters.ollama.response import ChunkTranslator, completion_from_ollama
 from imageworks_proxy.adapters.ollama.stream import LineTranslator, OllamaChunkStream
+from imageworks_proxy.adapters.ollama.tags import TagCache, tag_key
 from imageworks_proxy.catalogue.registry import Entry
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.gpu.scheduler import GpuScheduler
@@ -50,10 +50,6 @@ from imageworks_proxy.upstream.urls import apply_loopback_alias, entry_base_url
 
 log = logging.getLogger("imageworks_proxy.ollama")
 
-TAGS_TTL_S = 5.0
-TAGS_TIMEOUT_S = 1.5
-#: How long ``/v1/models`` waits for a first ``/api/tags`` answer before listing without it.
-FIRST_TAGS_WAIT_S = 0.3
 #: Connecting to Ollama never waits longer than this (a refused or black-holed host is "unavailable").
 CONNECT_TIMEOUT_S = 10.0
 PS_TIMEOUT_S = 2.0
@@ -62,10 +58,11 @@ STREAM_COMMIT_AFTER_S = 2.0
 UNLOAD_POLL_S = 0.2
 _JSON = {"Content-Type": "application/json"}
 _START_HINT = "is `ollama serve` running?"
-
-
-def _tag_key(tag: str) -> str:
-    return tag if ":" in tag else f"{tag}:latest"
+#: The ``hint`` of that 503: its models stay listed (unavailable) while Ollama is down (docs/ollama.md).
+_START_ADVICE = (
+    "Start Ollama (`ollama serve`), or point the entry's backend_config.host/port or "
+    "CHAT_PROXY_OLLAMA_BASE_URL at where it runs."
+)
 
 
 @attrs.frozen
@@ -87,9 +84,7 @@ class OllamaAdapter(Adapter):
 
     def __init__(self, app, config) -> None:
         super().__init__(app, config)
-        # base url -> (fetched_at, tags or None when unreachable)
-        self._tags: dict[str, tuple[float, frozenset[str] | None]] = {}
-        self._refreshing: dict[str, asyncio.Task[None]] = {}
+        self.tags = TagCache(lambda: self.http)
         self.tenant = Tenant(
             "ollama", "Ollama", start=None, stop=self.free_gpu, idle_unload_s=config.ollama_idle_unload_s
         )
@@ -138,57 +133,35 @@ class OllamaAdapter(Adapter):
             await self.unload_all()
 
     async def close(self) -> None:
-        for task in self._refreshing.values():
-            task.cancel()
-        await asyncio.gather(*self._refreshing.values(), return_exceptions=True)
-        self._refreshing.clear()
+        await self.tags.close()
 
     # -- catalogue -----------------------------------------------------------------------------
-    async def _fetch_tags(self, base: str) -> None:
-        tags: frozenset[str] | None
-        try:
-            timeout = aiohttp.ClientTimeout(total=TAGS_TIMEOUT_S)
-            async with self.http.get(f"{base}/api/tags", timeout=timeout) as resp:
-                resp.raise_for_status()
-                data = await resp.json(content_type=None)
-            tags = frozenset(
-                _tag_key(str(m.get("name") or m.get("model")))
-                for m in data.get("models", [])
-                if isinstance(m, dict) and (m.get("name") or m.get("model"))
-            )
-        except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError) as exc:
-            log.debug("ollama /api/tags at %s unavailable: %s", base, exc)
-            tags = None
-        self._tags[base] = (time.monotonic(), tags)
-
-    def _refresh(self, base: str) -> asyncio.Task[None]:
-        task = self._refreshing.get(base)
-        if task is None or task.done():
-            task = asyncio.get_running_loop().create_task(self._fetch_tags(base))
-            self._refreshing[base] = task
-        return task
-
     async def prepare_listing(self, entries: Sequence[Entry]) -> None:
-        now = time.monotonic()
-        first: list[asyncio.Task[None]] = []
-        for base in {self.base_url(e) for e in entries}:
-            cached = self._tags.get(base)
-            if cached is None or now - cached[0] > TAGS_TTL_S:
-                task = self._refresh(base)
-                if cached is None:
-                    first.append(task)
-        if first:
-            # Only the very first listing waits, briefly; later ones use the last answer while refreshing.
-            await asyncio.wait(first, timeout=FIRST_TAGS_WAIT_S)
+        await self.tags.prepare(self.base_url(e) for e in entries)
 
     def installed(self, entry: Entry) -> bool | None:
-        cached = self._tags.get(self.base_url(entry))
-        tags = cached[1] if cached else None
+        tags = self.tags.known(self.base_url(entry))
         if tags is None:
-            # Ollama unreachable (or not asked yet): list entries whose files we can see.
-            return default_installed(entry) if entry.download_path else False
+            # Ollama down (or not asked yet): whether the tag is pulled is unknown, and an importer-written
+            # download_path ("ollama:/<tag>") is no file; keep it listed, its status says unavailable.
+            return True
         tag = entry.ollama_tag
-        return bool(tag) and _tag_key(tag) in tags
+        return bool(tag) and tag_key(tag) in tags
+
+    def not_installed_reason(self, entry: Entry) -> str:
+        tag = entry.ollama_tag or entry.name
+        return f"not installed: Ollama at {self.base_url(entry)} has no {tag!r} (ollama pull {tag})"
+
+    def model_status(self, entry: Entry) -> str | None:
+        base = self.base_url(entry)
+        if self.tags.down(base):
+            return "unavailable"
+        return "available" if self.tags.known(base) is not None else None
+
+    async def check_upstreams(self, entries: Sequence[Entry]) -> dict[str, bool]:
+        bases = sorted({self.base_url(e) for e in entries})
+        await asyncio.gather(*(self.tags.fetch(b) for b in bases))
+        return {b: not self.tags.down(b) for b in bases}
 
     # -- the three routes ----------------------------------------------------------------------
     def _tag(self, call: ChatCall) -> str:
@@ -368,7 +341,9 @@ class OllamaAdapter(Adapter):
         try:
             yield
         except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
-            raise unreachable(where, call.request_id, f"{base}: {_describe(exc)}", _START_HINT) from None
+            error = unreachable(where, call.request_id, f"{base}: {_describe(exc)}", _START_HINT)
+            error.hint = _START_ADVICE
+            raise error from None
         except TimeoutError:
             raise ProxyError(
                 504,

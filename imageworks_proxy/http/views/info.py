@@ -29,6 +29,8 @@ async def health(request: web.Request) -> web.Response:
             "loaded_at": store.registry.loaded_at or None,
             "error": store.error,
             "warnings": list(store.registry.warnings),
+            # entries no adapter can serve as written; /v1/models marks them unavailable
+            "problems": [f"entry {name!r}: {problem}" for name, problem in models.problems.items()],
         },
         **models.adapter_states(),
         "tenancy": _tenancy(app),
