@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE))
 import drivers  # noqa: E402
 import registry_gen  # noqa: E402
 from procs import Service, Services, cpu_plan, free_port  # noqa: E402
-from run import MODEL, chat_body, proxy_env  # noqa: E402
+from run import MODEL, ROUTES, body_for, proxy_env  # noqa: E402
 
 
 def summarise(collapsed: Path, top: int) -> str:
@@ -51,7 +51,7 @@ def summarise(collapsed: Path, top: int) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description="Profile the proxy under one load scenario with py-spy.")
-    p.add_argument("--mode", choices=("non-stream", "stream", "models"), default="non-stream")
+    p.add_argument("--mode", choices=("non-stream", "stream", "embeddings", "models"), default="non-stream")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--seconds", type=int, default=10)
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
@@ -92,8 +92,8 @@ def main() -> int:
             base + "/v1/health",
             timeout=60,
         )
-        url = base + ("/v1/models" if args.mode == "models" else "/v1/chat/completions")
-        method, body = ("GET", b"") if args.mode == "models" else ("POST", chat_body(args.mode == "stream"))
+        url = base + ("/v1/models" if args.mode == "models" else "/v1" + ROUTES[args.mode])
+        method, body = ("GET", b"") if args.mode == "models" else ("POST", body_for(args.mode))
         driver.loadgen(url, concurrency=8, requests=300, method=method, body=body)
         collapsed = work / "profile.collapsed"
         spy = subprocess.Popen(

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""The yardstick: the thinnest honest aiohttp chat passthrough.
+"""The yardstick: the thinnest honest aiohttp chat (and embeddings) passthrough.
 
 It does the least a real proxy must do (read and parse the JSON body, rewrite ``model``, forward it
-with a pooled client session, parse every streamed chunk and serialise it again) and nothing else, so
-it shows what an aiohttp design can reach on this machine. The proxy is measured against it.
+with a pooled client session, parse every streamed chunk and serialise it again; for embeddings parse the
+answer and name the requested model in it) and nothing else, so it shows what an aiohttp design can reach
+on this machine. The proxy is measured against it.
 
 Usage: ``ref_passthrough.py PORT UPSTREAM_BASE`` (UPSTREAM_BASE like ``http://127.0.0.1:9000/v1``).
 """
@@ -41,6 +42,18 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return resp
 
 
+async def embeddings(request: web.Request) -> web.Response:
+    body = orjson.loads(await request.read())
+    model, body["model"] = body.get("model"), "stub-embed"
+    url = request.app[UPSTREAM] + "/embeddings"
+    async with request.app[SESSION].post(
+        url, data=orjson.dumps(body), headers={"Content-Type": "application/json"}
+    ) as upstream:
+        answer = orjson.loads(await upstream.read())
+    answer["model"] = model
+    return web.Response(body=orjson.dumps(answer), content_type="application/json")
+
+
 async def session_ctx(app: web.Application):
     app[SESSION] = ClientSession(connector=TCPConnector(limit=0))
     yield
@@ -52,6 +65,7 @@ def main(argv: list[str]) -> None:
     app[UPSTREAM] = argv[2].rstrip("/")
     app.cleanup_ctx.append(session_ctx)
     app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/embeddings", embeddings)
     loop = None
     try:
         import uvloop

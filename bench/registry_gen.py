@@ -14,6 +14,10 @@ _QUANTS = ("q4_k_m", "awq", "fp8", "", "q8_0", "gptq")
 _FAMILIES = ("llama", "qwen2.5", "mistral", "gemma2", "phi3", "deepseek-r1")
 
 
+#: The embedding entry served by the stub (its ``/embeddings``).
+EMBED_MODEL = "bench-embed"
+
+
 def entries(n: int, stub_base: str, bench_model: str, files: Path) -> list[dict]:
     out: list[dict] = [
         {
@@ -23,10 +27,17 @@ def entries(n: int, stub_base: str, bench_model: str, files: Path) -> list[dict]
             "served_model_id": "stub",
             "family": bench_model,
             "capabilities": ["tools"],
-        }
+        },
+        {
+            "name": EMBED_MODEL,
+            "backend": "openai",
+            "backend_config": {"base_url": stub_base},
+            "served_model_id": "stub-embed",
+            "capabilities": ["embedding"],
+        },
     ]
     host, port = stub_base.split("//", 1)[1].split("/", 1)[0].split(":")
-    for i in range(1, n):
+    for i in range(2, n):
         family = f"{_FAMILIES[i % len(_FAMILIES)]}-{i}"
         size = f"{(i % 70) + 1}b"
         entry: dict = {"name": f"bench-model-{i}", "quantization": _QUANTS[i % len(_QUANTS)]}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+#: The scenarios, in report order: chat without and with streaming, then embeddings.
+MODES = ("non-stream", "stream", "embeddings")
 GOAL_RPS_RATIO = 0.60
 GOAL_ADDED_RATIO = 2.0
 GOAL_MODELS_MS = 20.0
@@ -35,7 +37,7 @@ def targets(results: dict) -> list[tuple[str, str, str, str, str, bool | None]]:
     """Rows (what, proxy, reference, ratio, goal, met) for the performance targets; met None: not measured."""
     idx = _index(results.get("chat", []))
     rows = []
-    for mode in ("non-stream", "stream"):
+    for mode in MODES:
         p, r = idx.get((mode, 32, "proxy")), idx.get((mode, 32, "reference"))
         ratio = _ratio(p and p["rps"], r and r["rps"])
         rows.append(
@@ -128,7 +130,7 @@ def markdown(results: dict) -> str:
         "",
     ]
     for target, why in results.get("skipped", {}).items():
-        lines += [f"> **{target} chat not measured**: {why}", ""]
+        lines += [f"> **{target} not measured**: {why}", ""]
     lines += [
         "## Targets",
         "",
@@ -138,14 +140,14 @@ def markdown(results: dict) -> str:
     lines += [f"| {w} | {p} | {r} | {q} | {g} | {_met(ok)} |" for w, p, r, q, g, ok in targets(results)]
     lines += [
         "",
-        "## Chat completions",
+        "## Chat completions and embeddings",
         "",
         "| mode | conc. | target | req/s | p50 ms | p99 ms | added p50 ms | req/s vs ref | added p50 vs ref "
         "| server CPU µs/req | errors |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     idx = _index(results.get("chat", []))
-    for mode in ("non-stream", "stream"):
+    for mode in MODES:
         for conc in (1, 32):
             ref = idx.get((mode, conc, "reference"))
             for target in ("upstream", "reference", "proxy"):

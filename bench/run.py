@@ -3,7 +3,8 @@
 
 Starts the upstream stub, the reference passthrough and ``imageworks-chat-proxy`` (request log and
 metrics on, a generated 500-entry registry), drives all three with the same load (wrk, or
-``loadgen.py`` when wrk is missing) and writes a Markdown report.
+``loadgen.py`` when wrk is missing): chat completions, streamed and not, and embeddings. Writes a
+Markdown report.
 
     python bench/run.py            # full run, about 5 minutes, writes bench/RESULTS.md
     python bench/run.py --quick    # a few seconds per figure, writes bench/out/RESULTS.quick.md
@@ -33,7 +34,9 @@ import report  # noqa: E402
 from procs import Service, Services, cpu_plan, cpu_seconds, free_port, http_get, http_post, rss_mb  # noqa: E402
 
 TARGETS = ("upstream", "reference", "proxy")
-MODES = ("non-stream", "stream")
+MODES = ("non-stream", "stream", "embeddings")
+#: The route of each mode, below the /v1 base URL of each target.
+ROUTES = {"non-stream": "/chat/completions", "stream": "/chat/completions", "embeddings": "/embeddings"}
 CONCURRENCY = (1, 32)
 MODEL = "bench-stub"
 
@@ -50,6 +53,20 @@ def chat_body(stream: bool) -> bytes:
         "stream": stream,
     }
     return json.dumps(body, separators=(",", ":")).encode()
+
+
+def embed_body() -> bytes:
+    """What OpenWebUI's RAG sends for one chunk of a document (floats, as it asks for them)."""
+    body = {
+        "model": registry_gen.EMBED_MODEL,
+        "input": ["The quick brown fox jumps over the lazy dog; a short passage from a document."],
+        "encoding_format": "float",
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def body_for(mode: str) -> bytes:
+    return embed_body() if mode == "embeddings" else chat_body(mode == "stream")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -104,14 +121,18 @@ def proxy_env(port: int, registry: Path, work: Path, stub_base: str) -> dict[str
     return env
 
 
-def probe_chat(url: str) -> str | None:
-    """None when the route answers a chat request with 200, else why not."""
-    for _ in range(5):
-        status, body = http_post(url, chat_body(False))
-        if status == 200:
-            return None
-        time.sleep(0.2)
-    return f"POST /v1/chat/completions answered {status or 'nothing'}: {body[:200].decode(errors='replace')}"
+def probe(base: str) -> str | None:
+    """None when the proxy answers a chat and an embeddings request with 200, else why not."""
+    for mode in ("non-stream", "embeddings"):
+        for _ in range(5):
+            status, body = http_post(base + ROUTES[mode], body_for(mode))
+            if status == 200:
+                break
+            time.sleep(0.2)
+        else:
+            why = body[:200].decode(errors="replace")
+            return f"POST /v1{ROUTES[mode]} answered {status or 'nothing'}: {why}"
+    return None
 
 
 def median_result(results: list[drivers.LoadResult]) -> dict:
@@ -129,16 +150,17 @@ def median_result(results: list[drivers.LoadResult]) -> dict:
 
 
 def run_chat(
-    args, driver: drivers.Driver, urls: dict[str, str], pids: dict[str, int], skip: set[str]
+    args, driver: drivers.Driver, bases: dict[str, str], pids: dict[str, int], skip: set[str]
 ) -> list[dict]:
-    """Every scenario for every target, interleaved, ``rounds`` times; medians per (scenario, target)."""
+    """Every scenario (chat, streamed and not, and embeddings) for every target, interleaved, ``rounds``
+    times; medians per (scenario, target)."""
     raw: dict[tuple[str, int, str], list[drivers.LoadResult]] = {}
     warm = 20 if args.quick else 300
     for target in TARGETS:
         if target in skip:
             continue
         for mode in MODES:  # warm pools and caches before anything is measured
-            driver.loadgen(urls[target], concurrency=8, requests=warm, body=chat_body(mode == "stream"))
+            driver.loadgen(bases[target] + ROUTES[mode], concurrency=8, requests=warm, body=body_for(mode))
     for rnd in range(args.rounds):
         for mode in MODES:
             for conc in CONCURRENCY:
@@ -146,9 +168,8 @@ def run_chat(
                     if target in skip:
                         continue
                     cpu0 = cpu_seconds(pids[target])
-                    r = driver.run(
-                        urls[target], concurrency=conc, seconds=args.seconds, body=chat_body(mode == "stream")
-                    )
+                    url = bases[target] + ROUTES[mode]
+                    r = driver.run(url, concurrency=conc, seconds=args.seconds, body=body_for(mode))
                     cpu1 = cpu_seconds(pids[target])
                     if cpu0 is not None and cpu1 is not None and r.requests:
                         r.cpu_us = (cpu1 - cpu0) / r.requests * 1e6
@@ -239,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     stub_base = f"http://127.0.0.1:{ports['upstream']}/v1"
     registry = registry_gen.write(work, args.entries, stub_base, MODEL)
     py = sys.executable
-    urls = {t: f"http://127.0.0.1:{ports[t]}/v1/chat/completions" for t in TARGETS}
+    bases = {t: f"http://127.0.0.1:{ports[t]}/v1" for t in TARGETS}
+    urls = {t: bases[t] + ROUTES["stream"] for t in TARGETS}  # chat: TTFB and the soak
     results: dict = {"meta": machine.describe(driver.name, args, cpus), "skipped": {}}
     print(
         f"benchmark: {driver.name}; {args.rounds} round(s) of {args.seconds:g} s per figure; work dir {work}",
@@ -280,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(1.0)
         results["rss"] = {"proxy_idle_mb": rss_mb(proxy.pid), "reference_idle_mb": rss_mb(ref.pid)}
         skip: set[str] = set()
-        why = probe_chat(urls["proxy"])
+        why = probe(bases["proxy"])
         if why:
             print(f"proxy chat not measured: {why}", file=sys.stderr)
             results["skipped"]["proxy"] = why
@@ -291,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         pids = {"upstream": stub.pid, "reference": ref.pid, "proxy": proxy.pid}
-        results["chat"] = run_chat(args, driver, urls, pids, skip)
+        results["chat"] = run_chat(args, driver, bases, pids, skip)
         results["ttfb"] = run_ttfb(args, driver, urls, skip)
         time.sleep(1.0)
         results["rss"]["proxy_after_load_mb"] = rss_mb(proxy.pid)

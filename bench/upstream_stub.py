@@ -7,6 +7,8 @@ protocol so that the stub itself is never what limits a run. Every answer is pre
 - ``POST .../chat/completions``: a canned ``chat.completion``; with ``"stream": true`` in the body, a
   chunked ``text/event-stream`` of one role chunk, CHUNKS content chunks, a finish chunk and ``[DONE]``,
   each event written separately as a real server would.
+- ``POST .../embeddings``: a canned embeddings list holding one 768-dimension vector (the size of
+  nomic-embed-text, a common RAG embedding model).
 - ``GET .../models``, ``GET .../health``, ``GET /api/tags`` (Ollama tags ``bench0:latest`` …
   ``bench999:latest``, for the generated registry's Ollama entries).
 
@@ -21,6 +23,7 @@ import re
 import sys
 
 CREATED = 1767225600
+EMBEDDING_DIMS = 768
 _STREAM_FLAG = re.compile(rb'"stream"\s*:\s*true')
 
 
@@ -66,6 +69,15 @@ def build_answers(chunks: int) -> dict[str, bytes]:
             "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19},
         }
     )
+    vector = [round(((i * 7919) % 2000 - 1000) / 1000 * 0.05, 8) for i in range(EMBEDDING_DIMS)]
+    embeddings = _json(
+        {
+            "object": "list",
+            "data": [{"object": "embedding", "index": 0, "embedding": vector}],
+            "model": "stub-embed",
+            "usage": {"prompt_tokens": 9, "total_tokens": 9},
+        }
+    )
     events = [_chunk_event({"role": "assistant", "content": ""})]
     events += [_chunk_event({"content": f"tok{i} "}) for i in range(chunks)]
     events += [_chunk_event({}, "stop"), b"data: [DONE]\n\n"]
@@ -78,6 +90,7 @@ def build_answers(chunks: int) -> dict[str, bytes]:
     stream.append(b"0\r\n\r\n")
     return {
         "completion": _plain("200 OK", completion),
+        "embeddings": _plain("200 OK", embeddings),
         "models": _plain(
             "200 OK",
             _json(
@@ -145,6 +158,8 @@ class StubProtocol(asyncio.Protocol):
                     t.write(piece)
             else:
                 t.write(a["completion"])
+        elif method == "POST" and path.endswith("/embeddings"):
+            t.write(a["embeddings"])
         elif method == "GET" and path.endswith("/models"):
             t.write(a["models"])
         elif method == "GET" and path.endswith("/health"):

@@ -23,7 +23,7 @@ from imageworks_proxy.gpu.scheduler import GpuScheduler
 from imageworks_proxy.http.guards import browser_guard, cors_headers
 from imageworks_proxy.http.limits import body_limits, defer_continue
 from imageworks_proxy.http.middlewares import access_log_middleware, auth_middleware, error_middleware
-from imageworks_proxy.http.views import chat, info
+from imageworks_proxy.http.views import chat, completions, embeddings, info
 from imageworks_proxy.http.views import metrics as metrics_views
 from imageworks_proxy.http.views import status as status_views
 from imageworks_proxy.pipeline.stage import Pipeline, Stage
@@ -190,6 +190,12 @@ def create_app(
     app.router.add_get("/v1/plugins", info.list_plugins, name="plugins")
     app.router.add_post(
         "/v1/chat/completions", chat.chat_completions, name="chat", expect_handler=defer_continue
+    )
+    app.router.add_post(
+        "/v1/embeddings", embeddings.embeddings, name="embeddings", expect_handler=defer_continue
+    )
+    app.router.add_post(
+        "/v1/completions", completions.completions, name="completions", expect_handler=defer_continue
     )
     status_views.install(app)  # the status page at / and GET /v1/status
     app.cleanup_ctx.append(_resources)

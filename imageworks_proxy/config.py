@@ -141,6 +141,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s("OLLAMA_BASE_URL", _url, "http://127.0.0.1:11434", "Ollama for entries that name no host"),
     _s("OLLAMA_KEEP_ALIVE", _opt_str, None, "keep_alive sent with Ollama chat requests (e.g. 10m, -1)"),
     _s("OLLAMA_STOP_TIMEOUT_S", _pos_float, 30.0, "How long to wait for Ollama to unload its models"),
+    _s("OLLAMA_IDLE_UNLOAD_S", _nonneg_int, 0, "Unload Ollama's models after this many idle s (0: never)"),
     _s("GPU_EXCLUSIVE", _bool, True, "One GPU tenant at a time (Ollama or vLLM)"),
     _s("AUTOSTART_ENABLED", _bool, False, "Enable backend autostart commands"),
     _s("AUTOSTART_MAP", _autostart_map, {}, "JSON map of logical model -> command"),
@@ -174,6 +175,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s("VLLM_GPU_MEMORY_UTILIZATION", _fraction, 0.75, "Fraction of GPU memory vLLM should claim"),
     _s("VLLM_MAX_MODEL_LEN", _opt_pos_int, None, "Override max sequence length passed to vLLM"),
     _s("VLLM_MAX_QUEUE", _pos_int, 64, "Requests waiting for a model switch before 429"),
+    _s("VLLM_IDLE_UNLOAD_S", _nonneg_int, 0, "Stop the active vLLM after this many idle seconds (0 = never)"),
     _s(
         "VLLM_FAILURE_BACKOFF_S",
         _pos_float,
@@ -259,6 +261,7 @@ class Config:
     ollama_base_url: str
     ollama_keep_alive: str | None
     ollama_stop_timeout_s: float
+    ollama_idle_unload_s: int
     gpu_exclusive: bool
     autostart_enabled: bool
     autostart_map: Mapping[str, Any] = attrs.field(eq=False)
@@ -276,6 +279,7 @@ class Config:
     vllm_gpu_memory_utilization: float
     vllm_max_model_len: int | None
     vllm_max_queue: int
+    vllm_idle_unload_s: int
     vllm_failure_backoff_s: float
     vllm_keep_on_exit: bool
     vllm_sleep_level: int

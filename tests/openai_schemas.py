@@ -59,3 +59,22 @@ def validate_error(body: Any) -> None:
 
 def validate_models(body: Any) -> None:
     validate("ListModelsResponse", body)
+
+
+def validate_embeddings(body: Any) -> None:
+    validate("CreateEmbeddingResponse", body)
+
+
+def validate_text_completion(body: Any) -> None:
+    validate("CreateCompletionResponse", body)
+
+
+def validate_text_completion_chunk(body: Any) -> None:
+    """One streamed text completion chunk. OpenAI's streams carry ``finish_reason: null`` until a choice
+    ends, which the schema (shared with the non-streamed object) does not allow; that one field is checked
+    as "null or a finish reason", everything else as the schema says."""
+    relaxed = json.loads(json.dumps(body))
+    for choice in relaxed.get("choices") or ():
+        if isinstance(choice, dict) and choice.get("finish_reason") is None and "finish_reason" in choice:
+            choice["finish_reason"] = "stop"
+    validate("CreateCompletionResponse", relaxed)

@@ -44,7 +44,7 @@ def _run_quick(tmp_path: Path, *extra: str) -> tuple[dict, str]:
 def _check(results: dict, report: str) -> None:
     assert not results["skipped"], results["skipped"]
     chat = {(r["mode"], r["concurrency"], r["target"]): r for r in results["chat"]}
-    for mode in ("non-stream", "stream"):
+    for mode in ("non-stream", "stream", "embeddings"):
         for conc in (1, 32):
             for target in ("upstream", "reference", "proxy"):
                 row = chat[(mode, conc, target)]
@@ -63,6 +63,8 @@ def _check(results: dict, report: str) -> None:
     assert "## Targets" in report
     assert "| non-stream | 32 | proxy |" in report
     assert "| stream | 1 | proxy |" in report
+    assert "| embeddings | 32 | proxy |" in report
+    assert "embeddings, c=32: requests/s" in report
 
 
 def test_quick_benchmark_produces_numbers_for_every_scenario(tmp_path):

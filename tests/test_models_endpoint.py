@@ -62,6 +62,8 @@ async def test_model_list_shape_and_extensions(make_config, registry_file, proxy
         "capabilities": ["audio", "reasoning", "tools", "vision"],
         "modalities": ["text", "image", "audio"],
         "has_chat_template": True,
+        "kind": "chat",
+        "endpoints": ["chat/completions", "completions"],
         "status": "stopped",  # orchestrated vLLM, not started
         "schema_version": 7,
     }

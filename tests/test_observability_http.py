@@ -55,6 +55,7 @@ async def settle(client) -> list[dict]:
 FIELDS = {
     "ts",
     "request_id",
+    "endpoint",
     "model",
     "logical_name",
     "backend",

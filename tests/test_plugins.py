@@ -230,6 +230,35 @@ async def test_hook_register_backends_third_party_adapter_claims_a_new_backend(
     assert MyAdapter.events == ["start", "close"]
 
 
+class ChatOnlyAdapter(Adapter):
+    name = "chat-only"
+    backends = ("chatonly",)
+
+    async def chat(self, call):
+        return {"choices": [{"message": {"content": "hi"}}]}
+
+
+class ChatOnlyPlugin:
+    @hookimpl
+    def register_backends(self, register):
+        register(ChatOnlyAdapter)
+
+
+async def test_an_adapter_without_the_other_routes_answers_501_in_the_openai_shape(
+    make_config, registry_file, proxy_client
+):
+    registry_file([{"name": "talker", "backend": "chatonly"}])
+    client = await proxy_client(make_config(), plugins=(ChatOnlyPlugin(),))
+    chat = {"model": "talker", "messages": [{"role": "user", "content": "x"}]}
+    assert (await client.post("/v1/chat/completions", json=chat)).status == 200
+    for path, body in (("/v1/embeddings", {"input": "x"}), ("/v1/completions", {"prompt": "x"})):
+        resp = await client.post(path, json={"model": "talker", **body})
+        assert resp.status == 501
+        error = (await resp.json())["error"]
+        assert error["code"] == "not_implemented" and error["param"] == "model"
+        assert "'talker' does not serve" in error["message"]
+
+
 async def test_third_party_adapter_wins_over_the_builtin_for_a_backend(
     make_config, registry_file, proxy_client
 ):
@@ -292,6 +321,52 @@ async def test_hook_register_stages_adds_a_stage_in_order(make_config, registry_
     stages = keys.pipeline(client.app).stages
     assert "shout" in [s.name for s in stages]
     assert [s.order for s in stages] == sorted(s.order for s in stages)
+
+
+class ChatBodyStage(Stage):
+    """Written for chat bodies only: it would fail on any other route's body."""
+
+    name = "needs-messages"
+    order = 250
+    seen: list[str] = []
+
+    async def request(self, ctx):
+        self.seen.append(ctx.body["messages"][-1]["content"])
+
+
+class EveryRouteStage(Stage):
+    name = "every-route"
+    order = 250
+    endpoints = frozenset({"chat/completions", "embeddings", "completions"})
+    seen: list[str] = []
+
+    async def request(self, ctx):
+        self.seen.append(ctx.endpoint)
+
+
+class RouteStagesPlugin:
+    @hookimpl
+    def register_stages(self, register):
+        register(ChatBodyStage)
+        register(EveryRouteStage)
+
+
+async def test_a_stage_sees_only_the_routes_it_names(
+    make_config, registry_file, proxy_client, aiohttp_server
+):
+    from imageworks_proxy.testing.fakes.openai import make_fake_openai
+
+    server = await aiohttp_server(make_fake_openai())
+    registry_file([{"name": "m", "backend": "openai", "served_model_id": "echo",
+                    "backend_config": {"base_url": str(server.make_url("/v1"))}}])
+    ChatBodyStage.seen, EveryRouteStage.seen = [], []
+    client = await proxy_client(make_config(), plugins=(RouteStagesPlugin(),))
+    assert (await client.post("/v1/embeddings", json={"model": "m", "input": "x"})).status == 200
+    assert (await client.post("/v1/completions", json={"model": "m", "prompt": "x"})).status == 200
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
+    assert (await client.post("/v1/chat/completions", json=chat)).status == 200
+    assert ChatBodyStage.seen == ["hello"]  # stages are chat-only unless they say otherwise
+    assert EveryRouteStage.seen == ["embeddings", "completions", "chat/completions"]
 
 
 def test_hook_register_stages_duplicate_names_stop_startup(make_app, make_config, registry_file):

@@ -19,21 +19,31 @@ if TYPE_CHECKING:
 
     from imageworks_proxy.config import Config
 
-#: A non-streamed answer: an OpenAI ``chat.completion`` object (missing required fields are filled in later).
+#: A non-streamed answer: an OpenAI ``chat.completion`` object, or a ``text_completion`` for
+#: :meth:`Adapter.completions` (missing required fields are filled in later).
 Completion = dict[str, Any]
-#: A streamed answer: ``chat.completion.chunk`` objects, in order.
+#: A streamed answer: ``chat.completion.chunk`` objects (``text_completion`` ones for text completions), in
+#: order.
 ChunkStream = AsyncIterator[dict[str, Any]]
+#: An embeddings answer: an OpenAI ``list`` of ``embedding`` objects with ``usage``.
+Embeddings = dict[str, Any]
 #: In :attr:`Adapter.backends`: claims every registry backend that no other adapter claims.
 ANY_BACKEND = "*"
+
+#: :attr:`ChatCall.endpoint` values: the OpenAI route, below ``/v1``, that a request came in on.
+CHAT = "chat/completions"
+EMBEDDINGS = "embeddings"
+COMPLETIONS = "completions"
 
 
 @attrs.define
 class ChatCall:
-    """What an adapter gets for one chat request, after the request stages ran.
+    """What an adapter gets for one request, after the request stages ran: a chat, or (``endpoint``) an
+    embeddings or legacy text completion request.
 
-    ``body`` is the OpenAI request body with ``model`` already set to the upstream (served) name and
-    unknown fields kept. ``waiting`` must be awaited before any wait for a model switch or a backend
-    start: for streaming requests it commits the SSE response and starts keep-alive comments.
+    ``body`` is the OpenAI request body of that route with ``model`` already set to the upstream (served)
+    name and unknown fields kept. ``waiting`` must be awaited before any wait for a model switch or a
+    backend start: for streaming requests it commits the SSE response and starts keep-alive comments.
     """
 
     request_id: str
@@ -44,6 +54,8 @@ class ChatCall:
     waiting: Callable[[], Awaitable[None]]
     #: Milliseconds spent waiting for a model switch or start; adapters add to it.
     queue_ms: float = 0.0
+    #: The route the body belongs to: :data:`CHAT`, :data:`EMBEDDINGS` or :data:`COMPLETIONS`.
+    endpoint: str = CHAT
     #: Request fields the adapter dropped to get the request accepted (:meth:`Adapter.retry_refused`); the
     #: request log shows them.
     adapted: list[str] = attrs.field(factory=list)
@@ -174,6 +186,29 @@ class Adapter:
         raised while iterating becomes an in-band error event). Raise :class:`ProxyError` for failures.
         """
         raise ProxyError(501, "not_implemented", f"adapter {self.name!r} does not serve chat completions")
+
+    async def embeddings(self, call: ChatCall) -> Embeddings:
+        """``POST /v1/embeddings`` for ``call.entry``: return the OpenAI ``list`` of ``embedding`` objects
+        (``model`` is set to the id the client asked for afterwards). Raise :class:`ProxyError` for
+        failures. Default: 501, the model does not serve embeddings."""
+        raise not_served(self, call)
+
+    async def completions(self, call: ChatCall) -> Completion | ChunkStream:
+        """``POST /v1/completions`` (legacy text completions) for ``call.entry``: return the
+        ``text_completion`` object, or when streaming an async iterator of ``text_completion`` chunks, with
+        the same rules as :meth:`chat`. Default: 501, the model does not serve text completions."""
+        raise not_served(self, call)
+
+
+def not_served(adapter: Adapter, call: ChatCall) -> ProxyError:
+    """The error for a route an adapter does not implement: 501 ``not_implemented``, naming the model."""
+    what = "embeddings" if call.endpoint == EMBEDDINGS else "text completions"
+    return ProxyError(
+        501,
+        "not_implemented",
+        f"Model {call.model!r} does not serve {what}: adapter {adapter.name!r} has no /v1/{call.endpoint}.",
+        param="model",
+    )
 
 
 def default_installed(entry: Entry) -> bool:

@@ -12,7 +12,15 @@ from typing import Any
 import aiohttp
 import orjson
 
-from imageworks_proxy.adapters.base import ANY_BACKEND, Adapter, ChatCall, ChunkStream, Completion
+from imageworks_proxy.adapters.base import (
+    ANY_BACKEND,
+    COMPLETIONS,
+    Adapter,
+    ChatCall,
+    ChunkStream,
+    Completion,
+    Embeddings,
+)
 from imageworks_proxy.catalogue.registry import Entry
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.hookspecs import hookimpl
@@ -102,6 +110,15 @@ class OpenAIPassthroughAdapter(Adapter):
     async def chat(self, call: ChatCall) -> Completion | ChunkStream:
         return await self.forward(call, self.base_url(call.entry))
 
+    # The OpenAI-compatible family serves the other routes the way it serves chat, to the upstream's path
+    # for call.endpoint: a subclass whose chat() takes a GPU lease or starts a server (vLLM, llama.cpp)
+    # does the same for embeddings and text completions without overriding them.
+    async def embeddings(self, call: ChatCall) -> Embeddings:
+        return await self.chat(call)  # type: ignore[return-value]
+
+    async def completions(self, call: ChatCall) -> Completion | ChunkStream:
+        return await self.chat(call)
+
     async def on_unreachable(self, call: ChatCall) -> bool:
         """The upstream refused the connection: return True after starting it (autostart) to retry once."""
         from imageworks_proxy.upstream.autostart import ensure_started
@@ -114,7 +131,8 @@ class OpenAIPassthroughAdapter(Adapter):
     async def forward(
         self, call: ChatCall, base_url: str, headers: dict[str, str] | None = None
     ) -> Completion | ChunkStream:
-        """POST the request to ``{base_url}/chat/completions`` and return the completion or chunk stream.
+        """POST the request to ``{base_url}/{call.endpoint}`` (``chat/completions``, ``embeddings``,
+        ``completions``) and return the answer or the chunk stream.
 
         An upstream that refuses the request's tools or thinking (vLLM without a tool parser) gets it again
         without them (:meth:`~imageworks_proxy.adapters.base.Adapter.retry_refused`; once per capability)."""
@@ -129,7 +147,7 @@ class OpenAIPassthroughAdapter(Adapter):
         self, call: ChatCall, base_url: str, headers: dict[str, str] | None
     ) -> Completion | ChunkStream:
         cfg = self.config
-        url = base_url.rstrip("/") + "/chat/completions"
+        url = base_url.rstrip("/") + "/" + call.endpoint
         hdrs = headers if headers is not None else self.headers(call.entry)
         data: bytes | io.BytesIO = orjson.dumps(call.body)
         if len(data) > BIG_BODY:  # aiohttp writes big raw bodies in one go; a BytesIO is streamed in pieces
@@ -169,7 +187,9 @@ class OpenAIPassthroughAdapter(Adapter):
             return self._events(resp, where, usage_asked=_asks_usage(call.body))
         resp.release()
         completion = self._completion(raw, where)
-        return self._replay(completion) if call.stream else completion
+        if not call.stream:
+            return completion
+        return self._replay_text(completion) if call.endpoint == COMPLETIONS else self._replay(completion)
 
     def _transport_error(
         self, exc: BaseException, call: ChatCall, base_url: str, timeout: aiohttp.ClientTimeout
@@ -204,7 +224,11 @@ class OpenAIPassthroughAdapter(Adapter):
             raise ProxyError(502, "backend_error", f"{where} sent a reply that is not JSON.") from None
         if not isinstance(completion, dict):
             raise ProxyError(502, "backend_error", f"{where} sent a reply that is not a completion object.")
-        if "choices" not in completion and (completion.get("error") or completion.get("object") == "error"):
+        if (
+            "choices" not in completion
+            and "data" not in completion  # an embeddings answer
+            and (completion.get("error") or completion.get("object") == "error")
+        ):
             # an error answered with HTTP 200 (some servers and gateways do): still an error for the client
             code = completion.get("code")
             if isinstance(completion.get("error"), dict):
@@ -281,6 +305,11 @@ class OpenAIPassthroughAdapter(Adapter):
             raise ProxyError(502, "backend_error", f"{where} sent {exc}.") from None
         finally:
             resp.close()
+
+    async def _replay_text(self, completion: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """A text completion answered as JSON to a streaming request: a streamed text completion's chunks
+        have the same shape, so the answer is its own (single) chunk."""
+        yield completion
 
     async def _replay(self, completion: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """An upstream that answered a streaming request with plain JSON: replay it as chunks (the chunks'

@@ -23,10 +23,11 @@ from typing import Any
 from aiohttp import web
 
 from imageworks_proxy import keys
-from imageworks_proxy.adapters.base import ChatCall, ChunkStream, Completion
+from imageworks_proxy.adapters.base import ChatCall, ChunkStream, Completion, Embeddings
 from imageworks_proxy.adapters.vllm_external import VllmExternalAdapter
 from imageworks_proxy.catalogue.capabilities import Capabilities
 from imageworks_proxy.catalogue.registry import Entry, Registry
+from imageworks_proxy.catalogue.service import model_kind
 from imageworks_proxy.config import Config
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.gpu.scheduler import GpuScheduler
@@ -212,6 +213,7 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
             revision=revision,
             exclusive=True,  # one vLLM at a time: they share the port and most of the GPU memory
             model=entry.name,
+            idle_unload_s=self.config.vllm_idle_unload_s,
         )
 
     def _tenant_for_name(self, name: str) -> Tenant:
@@ -222,16 +224,23 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
             except ProxyError:
                 pass
         return Tenant(
-            TENANT_PREFIX + name, f"vLLM model {name!r}", stop=self._stopper(name), exclusive=True, model=name
+            TENANT_PREFIX + name,
+            f"vLLM model {name!r}",
+            stop=self._stopper(name),
+            exclusive=True,
+            model=name,
+            idle_unload_s=self.config.vllm_idle_unload_s,
         )
 
     def _stopper(self, name: str) -> Any:
         async def stop() -> dict[str, Any]:
-            target = self.scheduler.switching_to
+            # an idle unload frees the GPU and host memory: the model is stopped, never put to sleep
+            idle = self.scheduler.stop_reason == "idle"
+            target = None if idle else self.scheduler.switching_to
             outcome = await self.supervisor.evict(
                 name,
-                "GPU needed by another model",
-                sleep=not self._retired(name),
+                "idle for CHAT_PROXY_VLLM_IDLE_UNLOAD_S" if idle else "GPU needed by another model",
+                sleep=not idle and not self._retired(name),
                 keep=target.model if target is not None and is_vllm_tenant(target) else None,
             )
             return {"evicted": outcome.action, "engine_s": outcome.engine_s}
@@ -311,6 +320,20 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
                 return result
             return self._hold(result, lease)
 
+    async def embeddings(self, call: ChatCall) -> Embeddings:
+        """Only for entries marked as embedding models: starting a chat model for an embeddings request
+        would evict the running model just to be refused."""
+        if "embedding" not in call.entry.capabilities:
+            raise ProxyError(
+                409,
+                "capability_mismatch",
+                f"Model {call.model!r} is not an embedding model: its registry entry does not list the "
+                "\"embedding\" capability (vLLM serves embeddings from a model started with "
+                "--runner pooling in backend_config.extra_args).",
+                param="model",
+            )
+        return await super().embeddings(call)
+
     async def _hold(self, chunks: ChunkStream, lease: Lease) -> AsyncIterator[dict[str, Any]]:
         try:
             async for chunk in chunks:
@@ -328,7 +351,7 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
     async def activate(self, entry: Entry) -> dict[str, Any]:
         """Make ``entry`` the active model (waiting for in-flight requests on another one to finish),
         ignoring a start-failure backoff. Returns :meth:`public_state`."""
-        if self.config.require_template:
+        if self.config.require_template and model_kind(entry) == "chat":  # embedding models need none
             check_template(entry)
         lease = await self.acquire(entry, _Activation(), force=True)
         lease.release()
@@ -370,8 +393,9 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
     # -- state ---------------------------------------------------------------------------------
     def public_state(self) -> dict[str, Any]:
         """``{"active": logical name or None, "state": "stopped"|"loading"|"loaded"|"draining"|"sleeping"|
-        "waking"|"stopping", ..., "sleeping": [sleeping models]}`` for ``/v1/health`` and the admin API.
-        Never does I/O."""
+        "waking"|"stopping", ..., "sleeping": [sleeping models], "idle_unload_s": the idle limit or None,
+        "idle_unload_in_s": seconds until the idle model is stopped or None}`` for ``/v1/health`` and the
+        admin API. Never does I/O."""
         sup = self.supervisor
         inst = sup.instance
         sched = self.scheduler
@@ -401,6 +425,9 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
             }
             for s in sup.sleepers
         ]
+        out["idle_unload_s"] = self.config.vllm_idle_unload_s or None
+        # seconds until the running model is stopped for idleness; None: no such stop is pending
+        out["idle_unload_in_s"] = sched.idle.remaining_s(TENANT_PREFIX + active) if active else None
         return out
 
     def _active_state(self) -> tuple[str | None, str]:

@@ -83,6 +83,9 @@ class BackendConfig:
     extra_args: tuple[str, ...] = ()
     adapter: str | None = None
     api_key_env: str | None = None
+    #: ``False``: the model runs without the GPU (a CPU embedding model), so its requests take no GPU
+    #: tenancy; ``None`` (absent): it uses the GPU.
+    gpu: bool | None = None
     #: vLLM the proxy starts: a tool-call parser name adds ``--enable-auto-tool-choice --tool-call-parser``.
     tool_call_parser: str | None = None
     #: vLLM the proxy starts: a reasoning parser name adds ``--reasoning-parser``.

@@ -9,7 +9,14 @@ from typing import Any
 
 import attrs
 
-from imageworks_proxy.adapters.base import ANY_BACKEND, Adapter, default_installed
+from imageworks_proxy.adapters.base import (
+    ANY_BACKEND,
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    Adapter,
+    default_installed,
+)
 from imageworks_proxy.catalogue.capabilities import CapabilityStore, Effective
 from imageworks_proxy.catalogue.idstore import IdStore
 from imageworks_proxy.catalogue.naming import Catalogue, build_catalogue
@@ -21,6 +28,23 @@ from imageworks_proxy.errors import ProxyError
 log = logging.getLogger("imageworks_proxy.catalogue")
 
 _INSTALLED_TTL_S = 2.0
+#: Capabilities of a model that writes text: an entry with any of them is a chat model.
+_GENERATES = frozenset({"text", "completion", "tools", "vision", "reasoning"})
+
+
+def model_kind(entry: Entry) -> str:
+    """``"embedding"`` for an embedding-only model (its capabilities name ``embedding`` and nothing that
+    writes text: no ``text``/``chat``, ``completion``, ``tools``, ``vision`` or ``reasoning``), else
+    ``"chat"``."""
+    caps = entry.capabilities
+    return "embedding" if "embedding" in caps and not caps & _GENERATES else "chat"
+
+
+def endpoints_of(entry: Entry) -> list[str]:
+    """The routes below ``/v1`` the registry says ``entry`` serves (``/v1/models`` shows them)."""
+    if model_kind(entry) == "embedding":
+        return [EMBEDDINGS]
+    return [CHAT, COMPLETIONS] + ([EMBEDDINGS] if "embedding" in entry.capabilities else [])
 
 
 @attrs.frozen
@@ -260,6 +284,8 @@ class ModelService:
             "capabilities": caps.names(),
             "modalities": modalities,
             "has_chat_template": has_template,
+            "kind": model_kind(entry),
+            "endpoints": endpoints_of(entry),
             "status": self.status(entry, adapter),
             "schema_version": self.config.schema_version,
         }

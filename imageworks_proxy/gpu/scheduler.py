@@ -11,7 +11,9 @@ with ``CHAT_PROXY_GPU_EXCLUSIVE=1`` every other GPU user (``ollama``, plugin ser
 - requests for a tenant that is starting join that start; a cancelled wait leaves the queue;
 - more than ``CHAT_PROXY_VLLM_MAX_QUEUE`` waiting requests → 429 ``queue_full``;
 - a start failure reaches every waiter for that tenant; the tenant is then not restarted for a backoff
-  period (doubling per consecutive failure) unless its ``revision`` changed or the start is forced.
+  period (doubling per consecutive failure) unless its ``revision`` changed or the start is forced;
+- an active tenant with ``idle_unload_s`` is stopped once it has been idle (no lease, nobody waiting)
+  that long (:mod:`imageworks_proxy.gpu.idle`).
 
 One background task (the driver) makes every decision, so there is never a race between two switches.
 """
@@ -28,9 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.gpu.backoff import StartBackoff
+from imageworks_proxy.gpu.idle import IdleTimer
 from imageworks_proxy.gpu.swaplog import SwapLog
 from imageworks_proxy.gpu.tenancy import Lease, NoLease, Tenant
-from imageworks_proxy.gpu.waiters import GrantedLease, Waiter, WaitQueue, everything
+from imageworks_proxy.gpu.waiters import GrantedLease, Waiter, WaitQueue, to_evict
 
 if TYPE_CHECKING:
     from imageworks_proxy.adapters.base import ChatCall
@@ -86,6 +89,10 @@ class GpuScheduler:
         self._driver: asyncio.Task[None] | None = None
         self._closed = False
         self._switch_started: float | None = None
+        #: The pending idle unload of the active tenant (``idle.remaining_s(key)`` for health pages).
+        self.idle = IdleTimer(clock, self._kick.set)
+        #: ``"idle"`` while the idle unload runs, else None: a ``stop`` then frees everything (no sleep).
+        self.stop_reason: str | None = None
         self.swaplog = SwapLog()
         #: Called with a dict for every switch, start failure and stop (observability hooks in here).
         self.listeners = self.swaplog.listeners
@@ -146,6 +153,7 @@ class GpuScheduler:
         self._residents.pop(tenant.key, None)
         self._active, self._phase = tenant, READY
         self._generation += 1
+        self.idle.arm(tenant)
         return True
 
     def lost(self, key: str) -> None:
@@ -197,6 +205,7 @@ class GpuScheduler:
             "inflight": self._inflight,
             "active": self._active.key if self._active is not None else None,
             "phase": self._phase,
+            "idle_unload_in_s": self.idle.remaining_s(self.idle.key) if self.idle.key else None,
         }
 
     async def start(self) -> None:
@@ -206,6 +215,7 @@ class GpuScheduler:
     async def close(self) -> None:
         """Stop the driver (an in-progress start is cancelled) and fail every waiter with 503."""
         self._closed = True
+        self.idle.cancel()
         if self._driver is not None:
             self._driver.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -247,6 +257,8 @@ class GpuScheduler:
         return True
 
     def _grant(self, tenant: Tenant) -> GrantedLease:
+        if self.idle.key is not None:
+            self.idle.cancel()
         self._inflight += 1
         self._stats["admitted"] += 1
         return GrantedLease(self._release, self._active or tenant, self._generation)
@@ -259,6 +271,8 @@ class GpuScheduler:
             self._inflight = 0
             if self._waiters:
                 self._kick.set()
+            elif self._active is not None and self._phase == READY:
+                self.idle.arm(self._active)
 
     def _check_backoff(self, tenant: Tenant) -> None:
         if self._active is not None and self._active.key == tenant.key and self._phase == STARTING:
@@ -276,23 +290,11 @@ class GpuScheduler:
                 await call.waiting()
             result = await asyncio.shield(waiter.future)
         except BaseException:  # cancelled (client gone), or the start failed
-            self._abandon(waiter)
+            if self._waiters.abandon(waiter):
+                self._stats["cancelled_waits"] += 1
+            self._kick.set()
             raise
         return result
-
-    def _abandon(self, waiter: Waiter) -> None:
-        """The waiting request went away (disconnect, cancel): leave the queue, or give back a lease
-        that was granted in the same instant."""
-        self._waiters.remove(waiter)
-        fut = waiter.future
-        if fut.done() and not fut.cancelled() and fut.exception() is None:
-            lease = fut.result()
-            if lease is not None:
-                lease.release()
-        elif not fut.done():
-            fut.cancel()
-            self._stats["cancelled_waits"] += 1
-        self._kick.set()
 
     def _admit(self, key: str) -> None:
         """Admit every queued request for ``key`` (the active, ready tenant) together."""
@@ -319,10 +321,17 @@ class GpuScheduler:
         if not self._waiters:
             if self._phase == DRAINING:
                 self._phase = READY
+            idle = self.idle.update(self._active if self._phase == READY and not self._inflight else None)
+            if idle is not None:  # its idle time ran out: stop it alone
+                self.stop_reason = "idle"
+                try:
+                    await self._switch(idle)
+                finally:
+                    self.stop_reason = None
             return
         head = self._waiters.head
         active = self._active
-        if head.tenant is None and (active is None or not (head.vacate or everything)(active)):
+        if head.tenant is None and (active is None or not head.vacates(active)):
             await self._switch(head)  # nothing in flight needs to drain for this vacate
             self._kick.set()
             return
@@ -371,36 +380,23 @@ class GpuScheduler:
         self._stats["stops"] += 1
         return self._clock() - t0, info
 
-    def _to_evict(self, head: Waiter) -> list[Tenant]:
-        """The tenants ``head`` needs gone: the active one and every resident that is not the target
-        (for a vacate, only those its predicate matches)."""
-        target, old = head.tenant, self._active
-        evict = [old] if old is not None and (target is None or old.key != target.key) else []
-        evict += [
-            t
-            for k, t in list(self._residents.items())
-            if (target is None or k != target.key) and (old is None or k != old.key)
-        ]
-        if target is None:
-            predicate = head.vacate or everything
-            evict = [t for t in evict if predicate(t)]
-        return evict
-
     async def _switch(self, head: Waiter) -> None:
         """Serve the head of the queue: evict what is in the way, then start its tenant (or, for a
         vacate, just evict). Runs only in the driver, with nothing in flight on what it evicts."""
         began = self._switch_started if self._switch_started is not None else self._clock()
         self._switch_started = None
+        self.idle.cancel()
         target = head.tenant
         record: dict[str, Any] = {
             "from": self._active.key if self._active else None,
             "to": target.key if target else None,
             "kind": "switch",
             "drain_s": round(self._clock() - began, 3),
+            **({"reason": head.reason} if head.reason else {}),
         }
         self._phase = STOPPING
         stop_s = 0.0
-        for tenant in self._to_evict(head):
+        for tenant in to_evict(head, self._active, self._residents):
             self._residents.pop(tenant.key, None)
             if self._active is tenant:
                 self._active = None
@@ -426,8 +422,7 @@ class GpuScheduler:
 
     def _vacated(self, head: Waiter, record: dict[str, Any]) -> None:
         """A vacate request is done: the GPU is free of every tenant it named."""
-        predicate = head.vacate or everything
-        if self._active is not None and not predicate(self._active):
+        if self._active is not None and not head.vacates(self._active):
             self._phase = READY
         else:
             self._active, self._phase = None, IDLE

@@ -33,6 +33,9 @@ class Tenant:
     llama.cpp). With ``CHAT_PROXY_GPU_EXCLUSIVE=1`` every tenant is scheduled that way.
     ``model`` is the logical name of the registry entry the tenant serves, when it serves one model
     (shown as the active model in the metrics).
+    ``idle_unload_s`` > 0: once the tenant is active and has had no lease and nobody waiting for it for
+    that many seconds, the scheduler stops it (its ``stop``) to free the GPU; the next request starts it
+    again. 0 (the default): never.
     """
 
     key: str
@@ -42,6 +45,7 @@ class Tenant:
     revision: str | None = attrs.field(default=None, eq=False)
     exclusive: bool = attrs.field(default=False, eq=False)
     model: str | None = attrs.field(default=None, eq=False)
+    idle_unload_s: float = attrs.field(default=0.0, eq=False)
 
 
 class Lease(Protocol):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -24,10 +24,16 @@ class Waiter:
     force: bool = False
     #: For a vacate: which tenants to stop.
     vacate: Callable[[Tenant], bool] | None = None
+    #: Why, when it is not a request's (``"idle"``: the idle unload); kept in the swap record.
+    reason: str | None = None
 
     @property
     def key(self) -> str | None:
         return self.tenant.key if self.tenant is not None else None
+
+    def vacates(self, tenant: Tenant) -> bool:
+        """For a vacate: whether ``tenant`` is one it stops."""
+        return (self.vacate or everything)(tenant)
 
 
 class WaitQueue:
@@ -52,6 +58,20 @@ class WaitQueue:
     def remove(self, waiter: Waiter) -> None:
         with contextlib.suppress(ValueError):
             self._items.remove(waiter)
+
+    def abandon(self, waiter: Waiter) -> bool:
+        """The waiting request went away (disconnect, cancel): leave the queue, or give back a lease
+        that was granted in the same instant. Returns whether a wait was cut short."""
+        self.remove(waiter)
+        fut = waiter.future
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            lease = fut.result()
+            if lease is not None:
+                lease.release()
+        elif not fut.done():
+            fut.cancel()
+            return True
+        return False
 
     def prune(self) -> None:
         if any(w.future.done() for w in self._items):
@@ -105,3 +125,18 @@ class GrantedLease:
 def everything(tenant: Tenant) -> bool:
     """The vacate predicate that matches every tenant."""
     return True
+
+
+def to_evict(head: Waiter, active: Tenant | None, residents: Mapping[str, Tenant]) -> list[Tenant]:
+    """The tenants ``head`` needs gone: the ``active`` one and every resident that is not the target (for
+    a vacate, only those it names)."""
+    target = head.tenant
+    evict = [active] if active is not None and (target is None or active.key != target.key) else []
+    evict += [
+        t
+        for k, t in list(residents.items())
+        if (target is None or k != target.key) and (active is None or k != active.key)
+    ]
+    if target is None:
+        evict = [t for t in evict if head.vacates(t)]
+    return evict

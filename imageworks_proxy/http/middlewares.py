@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from imageworks_proxy import keys
+from imageworks_proxy.adapters.base import CHAT, COMPLETIONS, EMBEDDINGS
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.keys import REQUEST_ID
 from imageworks_proxy.pipeline.stage import ChatContext
@@ -27,6 +28,9 @@ _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 PUBLIC_ROUTES = frozenset({"health", "status_page", "status_asset"})
 #: Routes polled by health checks, scrapers and the status page: their access lines are DEBUG, not INFO.
 QUIET_ROUTES = frozenset({"health", "metrics", "prometheus", "status", "status_asset"})
+#: Routes served by adapters, with the route each serves (``ChatContext.endpoint``): their requests count
+#: as in flight in the metrics and each ends in one request-log record, even when refused before the view.
+ADAPTER_ROUTES = {"chat": CHAT, "embeddings": EMBEDDINGS, "completions": COMPLETIONS}
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f\"\\]")
 
 
@@ -43,7 +47,10 @@ def _http_exception_error(exc: web.HTTPException) -> ProxyError:
     status = exc.status
     if status == 404:
         return ProxyError(
-            404, "not_found", "Unknown route. The proxy serves /v1/models, /v1/chat/completions, /v1/health."
+            404,
+            "not_found",
+            "Unknown route. The proxy serves /v1/models, /v1/chat/completions, /v1/embeddings, "
+            "/v1/completions, /v1/health.",
         )
     if status == 405:
         return ProxyError(
@@ -84,14 +91,18 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 def _record_refused_chat(request: web.Request, err: ProxyError, rid: str) -> None:
-    """A chat request refused before its handler ran (bad key, origin, host, size) still gets its one
-    request-log record and metrics sample, like every chat request."""
-    if getattr(request.match_info.route, "name", None) != "chat" or keys.CHAT_CONTEXT in request:
+    """A request on an adapter route (chat, embeddings, text completions) refused before its handler ran
+    (bad key, origin, host, size) still gets its one request-log record and metrics sample, like every
+    such request."""
+    endpoint = ADAPTER_ROUTES.get(getattr(request.match_info.route, "name", None))
+    if endpoint is None or keys.CHAT_CONTEXT in request:
         return
-    ctx = ChatContext(request_id=rid, body={}, app=request.app, status=err.status, error_code=err.code)
+    ctx = ChatContext(
+        request_id=rid, body={}, app=request.app, status=err.status, error_code=err.code, endpoint=endpoint
+    )
     request[keys.CHAT_CONTEXT] = ctx  # the access line shows the error code too
     try:
-        keys.pipeline(request.app).run_finish(ctx)
+        keys.pipeline(request.app).for_endpoint(endpoint).run_finish(ctx)
     except Exception:
         log.exception("recording refused request %s failed", rid)
 
@@ -160,14 +171,14 @@ def _clean(text: str, limit: int) -> str:
 async def access_log_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """One line per request: method, path, model, status, ms and request id (never bodies or headers).
 
-    Outermost middleware, so it sees the final status of error responses too. Also counts chat requests
-    in flight for the metrics.
+    Outermost middleware, so it sees the final status of error responses too. Also counts requests on the
+    adapter routes (chat, embeddings, text completions) in flight for the metrics.
     """
     started = time.perf_counter()
     rid = request_id(request)
     route = request.match_info.route
     route_name = getattr(route, "name", None)
-    metrics = request.app.get(keys.METRICS) if route_name == "chat" else None
+    metrics = request.app.get(keys.METRICS) if route_name in ADAPTER_ROUTES else None
     if metrics is not None:
         metrics.in_flight += 1
     status = 500

@@ -1,5 +1,5 @@
-"""The observability stage: every chat request ends in one request-log record and one
-metrics sample, whatever happened to it.
+"""The observability stage: every request on an adapter route (chat, embeddings, text completions) ends
+in one request-log record and one metrics sample, whatever happened to it.
 
 It runs last (order 1100). While a reply passes through it counts the reply's characters (for a token
 estimate when the backend reports no usage) and, only when ``CHAT_PROXY_LOG_PROMPTS=1``, keeps the reply
@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from imageworks_proxy import keys
+from imageworks_proxy.adapters.base import CHAT, COMPLETIONS, EMBEDDINGS
 from imageworks_proxy.observability.metrics import Sample
 from imageworks_proxy.observability.recent import RequestSummary, shorten
 from imageworks_proxy.observability.requestlog import redact_messages
@@ -58,6 +59,19 @@ def estimate_prompt_tokens(messages: Any) -> int:
     return math.ceil(chars / CHARS_PER_TOKEN) + 4 * len(messages)
 
 
+def estimate_input_tokens(value: Any) -> int:
+    """A text completion's prompt or an embeddings input: characters / 4, token ids counted as they are."""
+    if isinstance(value, str):
+        return math.ceil(len(value) / CHARS_PER_TOKEN)
+    if isinstance(value, list):
+        return sum(estimate_input_tokens(v) if isinstance(v, (str, list)) else 1 for v in value)
+    return 0
+
+
+#: What the log keeps of a request's own text with CHAT_PROXY_LOG_PROMPTS=1, by route.
+_PROMPT_FIELD = {CHAT: "messages", COMPLETIONS: "prompt", EMBEDDINGS: "input"}
+
+
 def _merge_call(calls: dict[int, dict[str, Any]], delta_call: Any) -> None:
     if not isinstance(delta_call, dict):
         return
@@ -80,6 +94,7 @@ def _merge_call(calls: dict[int, dict[str, Any]], delta_call: Any) -> None:
 class ObserveStage(Stage):
     name = "observe"
     order = 1100
+    endpoints = frozenset({CHAT, EMBEDDINGS, COMPLETIONS})
 
     def __init__(self, app, config) -> None:  # type: ignore[no-untyped-def]
         super().__init__(app, config)
@@ -97,6 +112,8 @@ class ObserveStage(Stage):
         first = choices[0] if isinstance(choices, list) and choices else None
         message = first.get("message") if isinstance(first, dict) else None
         if not isinstance(message, dict):
+            if isinstance(first, dict) and isinstance(first.get("text"), str):  # a text completion
+                self._text_reply(ctx, first["text"], completion)
             return completion
         if self.keep_prompts:
             reply: dict[str, Any] = {"content": message.get("content")}
@@ -113,6 +130,13 @@ class ObserveStage(Stage):
                     st.chars += len(str((call.get("function") or {}).get("arguments") or ""))
         return completion
 
+    def _text_reply(self, ctx: ChatContext, text: str, completion: dict[str, Any]) -> None:
+        if self.keep_prompts:
+            ctx.reply = {"text": text}
+        if ctx.usage is None and not isinstance(completion.get("usage"), dict):
+            st = ctx.state[self.name] = _Reply()
+            st.chars = len(text)
+
     def chunk(self, ctx: ChatContext, chunk: dict[str, Any]) -> list[dict[str, Any]]:
         st = ctx.state.get(self.name)
         if st is None:
@@ -125,6 +149,11 @@ class ObserveStage(Stage):
         for choice in chunk.get("choices") or ():
             delta = choice.get("delta") if isinstance(choice, dict) else None
             if not delta or choice.get("index", 0) != 0:
+                text = choice.get("text") if delta is None and isinstance(choice, dict) else None
+                if text and isinstance(text, str) and choice.get("index", 0) == 0:  # a text completion
+                    st.chars += len(text)
+                    if st.parts is not None:
+                        st.parts.append(text)
                 continue
             content = delta.get("content")
             if content:
@@ -151,6 +180,8 @@ class ObserveStage(Stage):
     def _reply(self, ctx: ChatContext, st: _Reply | None) -> dict[str, Any] | None:
         if ctx.reply is not None or st is None or st.parts is None:
             return ctx.reply
+        if ctx.endpoint == COMPLETIONS:
+            return {"text": "".join(st.parts)}
         reply: dict[str, Any] = {"content": "".join(st.parts) if st.parts else None}
         if st.reasoning:
             reply["reasoning_content"] = "".join(st.reasoning)
@@ -173,10 +204,13 @@ class ObserveStage(Stage):
         estimated = False
         if usage is not None:
             prompt_tokens = usage.get("prompt_tokens")
-            completion_tokens = usage.get("completion_tokens")
+            completion_tokens = usage.get("completion_tokens", 0 if ctx.endpoint == EMBEDDINGS else None)
         elif ctx.first_byte is not None or (st is not None and st.chars):
             # The backend answered but said nothing about tokens: estimate, and say so.
-            prompt_tokens = estimate_prompt_tokens(ctx.body.get("messages"))
+            if ctx.endpoint == CHAT:
+                prompt_tokens = estimate_prompt_tokens(ctx.body.get("messages"))
+            else:
+                prompt_tokens = estimate_input_tokens(ctx.body.get(_PROMPT_FIELD.get(ctx.endpoint, "")))
             completion_tokens = math.ceil(st.chars / CHARS_PER_TOKEN) if st is not None else 0
             estimated = True
         else:
@@ -209,6 +243,7 @@ class ObserveStage(Stage):
             # arrival time, as a POSIX timestamp the writer turns into ISO-8601 UTC off the event loop
             "ts": arrived,
             "request_id": ctx.request_id,
+            "endpoint": ctx.endpoint,
             "model": ctx.model or None,
             "logical_name": logical,
             "backend": entry.backend if entry is not None else None,
@@ -231,6 +266,10 @@ class ObserveStage(Stage):
         if ctx.images_resized:
             record["image_resizes"] = ctx.images_resized
         if self.keep_prompts:
-            record["messages"] = redact_messages(ctx.body.get("messages"))
+            if ctx.endpoint == CHAT:
+                record["messages"] = redact_messages(ctx.body.get("messages"))
+            else:
+                field = _PROMPT_FIELD.get(ctx.endpoint, "prompt")
+                record[field] = ctx.body.get(field)
             record["reply"] = self._reply(ctx, st)
         self.request_log.submit(record)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from imageworks_proxy import keys
-from imageworks_proxy.errors import invalid_request
+from imageworks_proxy.adapters.base import CHAT, COMPLETIONS, EMBEDDINGS
+from imageworks_proxy.catalogue.service import model_kind
+from imageworks_proxy.errors import ProxyError, invalid_request
 from imageworks_proxy.pipeline.stage import ChatContext, Stage
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -116,13 +118,23 @@ class ValidateRequest(Stage):
 
 
 class ResolveModel(Stage):
-    """The request's ``model`` → a registry entry (404 ``model_not_found``)."""
+    """The request's ``model`` → a registry entry (404 ``model_not_found``); an embedding-only model asked
+    to write text → 409 ``capability_mismatch`` (before any backend is woken for it)."""
 
     name = "resolve"
     order = 200
+    endpoints = frozenset({CHAT, EMBEDDINGS, COMPLETIONS})
 
     async def request(self, ctx: ChatContext) -> None:
-        ctx.entry = keys.models(self.app).resolve(ctx.model)
+        entry = ctx.entry = keys.models(self.app).resolve(ctx.model)
+        # "embedding" first: the chat path pays one set lookup
+        if "embedding" in entry.capabilities and ctx.endpoint != EMBEDDINGS and model_kind(entry) != "chat":
+            raise ProxyError(
+                409,
+                "capability_mismatch",
+                f"Model {ctx.model!r} is an embedding model; send it to POST /v1/embeddings.",
+                param="model",
+            )
 
 
 class DefaultSystemPrompt(Stage):
@@ -156,10 +168,11 @@ _DEFAULT_KEYS = {
 
 
 class GenerationDefaults(Stage):
-    """Registry ``generation_defaults`` for keys the request omits."""
+    """Registry ``generation_defaults`` for keys the request omits (chat and text completions)."""
 
     name = "generation-defaults"
     order = 700
+    endpoints = frozenset({CHAT, COMPLETIONS})
 
     async def request(self, ctx: ChatContext) -> None:
         entry = ctx.entry

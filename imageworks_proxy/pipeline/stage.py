@@ -1,8 +1,8 @@
-"""The chat pipeline: stage objects run in a fixed order around the adapter call (docs/architecture.md).
+"""The pipeline: stage objects run in a fixed order around the adapter call (docs/architecture.md).
 
 A stage is a small object with plain methods, testable without HTTP. Request-side methods run in
 ascending ``order`` before dispatch; response-side methods run in the same order on the completion or
-on each streamed chunk.
+on each streamed chunk. A stage runs for the routes it names in ``endpoints`` (chat only by default).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
+
+from imageworks_proxy.adapters.base import CHAT
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -53,6 +55,8 @@ class ChatContext:
     state: dict[str, Any] = attrs.field(factory=dict)
     #: Reply text and tool calls, collected only when the request log keeps prompts.
     reply: dict[str, Any] | None = None
+    #: The route (``chat/completions``, ``embeddings`` or ``completions``; adapters/base.py names them).
+    endpoint: str = CHAT
 
 
 class Stage:
@@ -64,6 +68,10 @@ class Stage:
 
     name: ClassVar[str] = ""
     order: ClassVar[int] = 0
+    #: The routes whose requests this stage sees (:data:`~imageworks_proxy.adapters.base.CHAT`,
+    #: ``EMBEDDINGS``, ``COMPLETIONS``). Chat only by default: a stage written for chat bodies never
+    #: meets another route's.
+    endpoints: ClassVar[frozenset[str]] = frozenset({CHAT})
 
     def __init__(self, app: web.Application, config: Config) -> None:
         self.app = app
@@ -89,15 +97,26 @@ class Stage:
 
 
 class Pipeline:
-    """The ordered stages of one app."""
+    """The ordered stages of one app, as they run for one route: chat (the app's pipeline) unless built
+    for another ``endpoint``; :meth:`for_endpoint` gives the others. ``stages`` lists every stage."""
 
-    def __init__(self, stages: list[Stage]) -> None:
+    def __init__(self, stages: list[Stage], endpoint: str = CHAT) -> None:
         self.stages = sorted(stages, key=lambda s: s.order)
-        self._request = [s for s in self.stages if type(s).request is not Stage.request]
-        self._response = [s for s in self.stages if type(s).response is not Stage.response]
-        self._chunk = [s for s in self.stages if type(s).chunk is not Stage.chunk]
-        self._end = [s for s in self.stages if type(s).stream_end is not Stage.stream_end]
-        self._finish = [s for s in self.stages if type(s).finish is not Stage.finish]
+        self.endpoint = endpoint
+        mine = [s for s in self.stages if endpoint in s.endpoints]
+        self._request = [s for s in mine if type(s).request is not Stage.request]
+        self._response = [s for s in mine if type(s).response is not Stage.response]
+        self._chunk = [s for s in mine if type(s).chunk is not Stage.chunk]
+        self._end = [s for s in mine if type(s).stream_end is not Stage.stream_end]
+        self._finish = [s for s in mine if type(s).finish is not Stage.finish]
+        self._routes: dict[str, Pipeline] = {endpoint: self}
+
+    def for_endpoint(self, endpoint: str) -> Pipeline:
+        """The same stages as they run for ``endpoint`` requests (built once, on first use)."""
+        route = self._routes.get(endpoint)
+        if route is None:
+            route = self._routes[endpoint] = Pipeline(self.stages, endpoint)
+        return route
 
     async def run_request(self, ctx: ChatContext) -> None:
         for stage in self._request:

@@ -10,6 +10,11 @@ def completion_id() -> str:
     return "chatcmpl-" + secrets.token_hex(12)
 
 
+def text_completion_id() -> str:
+    """``cmpl-<24 hex>``, for a legacy text completion whose upstream sent no id."""
+    return "cmpl-" + secrets.token_hex(12)
+
+
 def tool_call_id() -> str:
     """``call_<24 hex>``, for a tool call whose upstream sent no (or a repeated) id."""
     return "call_" + secrets.token_hex(12)

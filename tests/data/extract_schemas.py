@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 ROOTS = ["CreateChatCompletionResponse", "CreateChatCompletionStreamResponse", "ListModelsResponse",
-         "ErrorResponse", "Model"]
+         "ErrorResponse", "Model", "CreateEmbeddingResponse", "CreateCompletionResponse"]
 
 
 def refs(node):

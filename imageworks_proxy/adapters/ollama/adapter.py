@@ -1,4 +1,5 @@
-"""Built-in adapter plugin: Ollama through its native ``/api/chat``."""
+"""Built-in adapter plugin: Ollama through its native API: ``/api/chat`` for chat, ``/api/embed`` for
+embeddings, ``/api/generate`` for text completions."""
 
 from __future__ import annotations
 
@@ -6,14 +7,27 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import aiohttp
+import attrs
 import orjson
 
 from imageworks_proxy import keys
-from imageworks_proxy.adapters.base import Adapter, ChatCall, ChunkStream, Completion
+from imageworks_proxy.adapters.base import (
+    Adapter,
+    ChatCall,
+    ChunkStream,
+    Completion,
+    Embeddings,
+)
+from imageworks_proxy.adapters.ollama.embed import embeddings_from_ollama, to_embed_request
+from imageworks_proxy.adapters.ollama.generate import (
+    GenerateTranslator,
+    completion_from_generate,
+    to_generate_request,
+)
 from imageworks_proxy.adapters.ollama.images import fetch_images_base64, png_where_needed
 from imageworks_proxy.adapters.ollama.request import (
     image_urls,
@@ -22,11 +36,12 @@ from imageworks_proxy.adapters.ollama.request import (
     to_ollama_request,
 )
 from imageworks_proxy.adapters.ollama.response import ChunkTranslator, completion_from_ollama
-from imageworks_proxy.adapters.ollama.stream import OllamaChunkStream
+from imageworks_proxy.adapters.ollama.stream import LineTranslator, OllamaChunkStream
 from imageworks_proxy.adapters.ollama.tags import TagCache, tag_key
 from imageworks_proxy.catalogue.capabilities import Capabilities
 from imageworks_proxy.catalogue.registry import Entry, Registry
 from imageworks_proxy.errors import ProxyError
+from imageworks_proxy.gpu.scheduler import GpuScheduler
 from imageworks_proxy.gpu.tenancy import Lease, NoLease, Tenant, tenancy
 from imageworks_proxy.hookspecs import hookimpl
 from imageworks_proxy.upstream.autostart import ensure_started
@@ -51,15 +66,31 @@ _START_ADVICE = (
 )
 
 
+@attrs.frozen
+class _Exchange:
+    """One call to Ollama's native API and the way back: ``reply`` turns the whole JSON answer into the
+    OpenAI object; ``lines`` makes the line translator of a streamed answer."""
+
+    path: str
+    payload: dict[str, Any]
+    reply: Callable[[dict[str, Any]], dict[str, Any]]
+    lines: Callable[[], LineTranslator] | None = None
+    #: Builds ``payload`` again from the request body (chat: after a refused capability was dropped).
+    rebuild: Callable[[], dict[str, Any]] | None = None
+
+
 class OllamaAdapter(Adapter):
     name = "ollama"
     backends = ("ollama",)
-    description = "Ollama via its native /api/chat, translated to and from the OpenAI API"
+    state_key = "ollama"
+    description = "Ollama via its native API (/api/chat, /api/embed, /api/generate), translated both ways"
 
     def __init__(self, app, config) -> None:
         super().__init__(app, config)
         self.tags = TagCache(lambda: self.http)
-        self.tenant = Tenant("ollama", "Ollama", start=None, stop=self.free_gpu)
+        self.tenant = Tenant(
+            "ollama", "Ollama", start=None, stop=self.free_gpu, idle_unload_s=config.ollama_idle_unload_s
+        )
         self._backend_s = config.backend_timeout_ms / 1000
         self._idle_s = config.stream_idle_timeout_ms / 1000
         self._connect_s = min(CONNECT_TIMEOUT_S, self._backend_s)
@@ -75,10 +106,32 @@ class OllamaAdapter(Adapter):
             # Ollama may hold GPU memory from before this proxy started: it must unload before another
             # tenant (a vLLM start) takes the GPU.
             tenancy(self.app).add_resident(self.tenant)
+        elif self.config.ollama_idle_unload_s:
+            log.warning(
+                "CHAT_PROXY_OLLAMA_IDLE_UNLOAD_S does nothing with CHAT_PROXY_GPU_EXCLUSIVE=0 (Ollama is not "
+                "a GPU tenant then); CHAT_PROXY_OLLAMA_KEEP_ALIVE lets Ollama unload idle models itself"
+            )
         keys.models(self.app).store.on_change.append(self._registry_changed)
 
     def _registry_changed(self, registry: Registry) -> None:
         self.tags.forget_shown()
+
+    def public_state(self) -> dict[str, Any] | None:
+        """``/v1/health``'s ``ollama``: whether Ollama is a GPU tenant (``gpu_tenant``) and holds the GPU
+        now (``holds_gpu``), its requests in flight and the idle unload (``idle_unload_in_s``: seconds until
+        the proxy asks Ollama to unload, ``None`` when no unload is pending). ``None`` when the registry
+        routes no model here, or the app runs another tenancy implementation than the built-in scheduler."""
+        sched = self.app.get(keys.TENANCY)
+        if not keys.models(self.app).entries_for(self) or not isinstance(sched, GpuScheduler):
+            return None
+        holds = sched.active is not None and sched.active.key == self.tenant.key
+        return {
+            "gpu_tenant": self.config.gpu_exclusive,
+            "holds_gpu": holds,
+            "inflight": sched.inflight if holds else 0,
+            "idle_unload_s": self.tenant.idle_unload_s or None,
+            "idle_unload_in_s": sched.idle.remaining_s(self.tenant.key),
+        }
 
     async def free_gpu(self) -> None:
         """The tenant's ``stop``: unload Ollama's models, if the registry routes any model here (otherwise
@@ -124,7 +177,10 @@ class OllamaAdapter(Adapter):
         await asyncio.gather(*(self.tags.fetch(b) for b in bases))
         return {b: not self.tags.down(b) for b in bases}
 
-    # -- chat ----------------------------------------------------------------------------------
+    # -- the three routes ----------------------------------------------------------------------
+    def _tag(self, call: ChatCall) -> str:
+        return str(call.body.get("model") or call.entry.ollama_tag or call.entry.name)
+
     async def chat(self, call: ChatCall) -> Completion | ChunkStream:
         """Translate the OpenAI request to ``/api/chat``, send it and translate the answer back.
 
@@ -132,58 +188,99 @@ class OllamaAdapter(Adapter):
         until the response (stream included) is over.
         """
         entry = call.entry
-        base = self.base_url(entry)
-        tag = str(call.body.get("model") or entry.ollama_tag or entry.name)
         # Images are fetched and the request translated before taking the GPU, so bad input fails fast.
         fetched = await fetch_images_base64(
             image_urls(call.body), max_bytes=self.config.max_image_bytes, timeout_s=self._backend_s,
             allow=self.config.image_fetch_allow,
         )
         fetched.update(await png_where_needed(call.body, fetched))  # Ollama reads PNG and JPEG only
-        started = False
-        while True:
-            payload = to_ollama_request(
+
+        def payload() -> dict[str, Any]:
+            return to_ollama_request(
                 call.body,
-                model=tag,
+                model=self._tag(call),
                 stream=call.stream,
                 num_ctx=parse_num_ctx(entry.backend_config.extra_args),
                 keep_alive=self._keep_alive,
                 fetched=fetched,
             )
+
+        return await self._exchange(call, _Exchange(
+            "/api/chat",
+            payload(),
+            reply=lambda data: completion_from_ollama(data, model=call.model),
+            # Always translate Ollama's eval counts into a usage chunk: the request log gets real token
+            # counts, and the conformance stage passes the chunk on only when the client asked for it.
+            lines=lambda: ChunkTranslator(model=call.model, include_usage=True),
+            rebuild=payload,
+        ))
+
+    async def embeddings(self, call: ChatCall) -> Embeddings:
+        """``/v1/embeddings`` through ``/api/embed``; a lease like chat's unless the entry says
+        ``backend_config.gpu: false``."""
+        payload = to_embed_request(call.body, model=self._tag(call), keep_alive=self._keep_alive)
+        dims = payload.get("dimensions")
+
+        def reply(data: dict[str, Any]) -> dict[str, Any]:
+            return embeddings_from_ollama(data, model=call.model, dimensions=dims)
+
+        return await self._exchange(call, _Exchange("/api/embed", payload, reply))  # type: ignore[return-value]
+
+    async def completions(self, call: ChatCall) -> Completion | ChunkStream:
+        """``/v1/completions`` through ``/api/generate`` (``suffix`` for fill-in-the-middle), streamed as
+        ``text_completion`` chunks."""
+        payload = to_generate_request(
+            call.body,
+            model=self._tag(call),
+            stream=call.stream,
+            num_ctx=parse_num_ctx(call.entry.backend_config.extra_args),
+            keep_alive=self._keep_alive,
+        )
+        echo = payload["prompt"] if call.body.get("echo") is True else None
+        return await self._exchange(call, _Exchange(
+            "/api/generate",
+            payload,
+            reply=lambda data: completion_from_generate(data, model=call.model, echo=echo),
+            lines=lambda: GenerateTranslator(model=call.model, echo=echo),
+        ))
+
+    async def _exchange(self, call: ChatCall, ex: _Exchange) -> Completion | ChunkStream:
+        base = self.base_url(call.entry)
+        started = False
+        while True:
             try:
-                return await self._send(call, base, tag, payload)
+                return await self._send(call, base, ex)
             except ProxyError as exc:
                 # Connection refused: an autostart command for this entry may bring Ollama up; retry once.
                 if not started and exc.code == "backend_unavailable":
                     started = True
-                    if await ensure_started(self.app, entry, call):
+                    if await ensure_started(self.app, call.entry, call):
                         continue
                 # "does not support tools/thinking" (one at a time): send it again without them
-                if self.retry_refused(call, exc):
+                if ex.rebuild is not None and self.retry_refused(call, exc):
+                    ex = attrs.evolve(ex, payload=ex.rebuild())
                     continue
                 raise
 
-    async def _send(
-        self, call: ChatCall, base: str, tag: str, payload: dict[str, Any]
-    ) -> Completion | ChunkStream:
+    async def _send(self, call: ChatCall, base: str, ex: _Exchange) -> Completion | ChunkStream:
         lease = await self._acquire(call)
         if not call.stream:
             try:
-                return await self._complete(call, base, tag, payload)
+                return await self._complete(call, base, ex)
             finally:
                 lease.release()
         try:
-            return await self._open_stream_kept_alive(call, base, tag, payload, lease)
+            return await self._open_stream_kept_alive(call, base, ex, lease)
         except BaseException:
             lease.release()
             raise
 
     async def _open_stream_kept_alive(
-        self, call: ChatCall, base: str, tag: str, payload: dict[str, Any], lease: Lease
+        self, call: ChatCall, base: str, ex: _Exchange, lease: Lease
     ) -> ChunkStream:
         """Open the stream; if Ollama is slow to start it (loading the model), commit the SSE response and
         send keep-alives meanwhile. Fast failures stay JSON error responses."""
-        opening = asyncio.ensure_future(self._open_stream(call, base, tag, payload, lease))
+        opening = asyncio.ensure_future(self._open_stream(call, base, ex, lease))
         try:
             done, _ = await asyncio.wait({opening}, timeout=self.stream_commit_after_s)
             if not done:
@@ -197,7 +294,7 @@ class OllamaAdapter(Adapter):
         return await opening
 
     async def _acquire(self, call: ChatCall) -> Lease:
-        if not self.config.gpu_exclusive:
+        if not self.config.gpu_exclusive or call.entry.backend_config.gpu is False:
             return NoLease()
         started = time.perf_counter()
         lease = await tenancy(self.app).acquire(self.tenant, call)
@@ -205,12 +302,12 @@ class OllamaAdapter(Adapter):
         call.queue_ms += (time.perf_counter() - started) * 1000
         return lease
 
-    async def _complete(self, call: ChatCall, base: str, tag: str, payload: dict[str, Any]) -> Completion:
+    async def _complete(self, call: ChatCall, base: str, ex: _Exchange) -> Completion:
         timeout = aiohttp.ClientTimeout(total=self._backend_s, sock_connect=self._connect_s)
         where = _where(call)
         with self._upstream_errors(call, base):
             async with self.http.post(
-                f"{base}/api/chat", data=orjson.dumps(payload), headers=_JSON, timeout=timeout
+                base + ex.path, data=orjson.dumps(ex.payload), headers=_JSON, timeout=timeout
             ) as resp:
                 status = resp.status
                 if status >= 400:
@@ -218,7 +315,7 @@ class OllamaAdapter(Adapter):
                 else:
                     raw = await read_capped(resp, self.config.max_upstream_body_bytes, where)
         if status >= 400:
-            raise self._http_error(status, raw, call, tag)
+            raise self._http_error(status, raw, call, ex)
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -227,28 +324,24 @@ class OllamaAdapter(Adapter):
             raise ProxyError(502, "backend_error", f"{where} sent a reply that is not a JSON object")
         if data.get("error"):
             raise ProxyError(502, "backend_error", f"Ollama error: {json_error_message(raw)}")
-        return completion_from_ollama(data, model=call.model)
+        return ex.reply(data)
 
-    async def _open_stream(
-        self, call: ChatCall, base: str, tag: str, payload: dict[str, Any], lease: Lease
-    ) -> ChunkStream:
+    async def _open_stream(self, call: ChatCall, base: str, ex: _Exchange, lease: Lease) -> ChunkStream:
+        assert ex.lines is not None
         # No total timeout: the backend timeout covers the wait for the first line, the idle timeout each
         # later read.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_s)
-        # Always translate Ollama's eval counts into a usage chunk: the request log gets real token counts,
-        # and the conformance stage passes the chunk on only when the client asked for include_usage.
-        translator = ChunkTranslator(model=call.model, include_usage=True)
         resp: aiohttp.ClientResponse | None = None
         try:
             with self._upstream_errors(call, base):
                 async with asyncio.timeout(self._backend_s):
                     resp = await self.http.post(
-                        f"{base}/api/chat", data=orjson.dumps(payload), headers=_JSON, timeout=timeout
+                        base + ex.path, data=orjson.dumps(ex.payload), headers=_JSON, timeout=timeout
                     )
                     if resp.status >= 400:
-                        raise self._http_error(resp.status, await read_head(resp), call, tag)
+                        raise self._http_error(resp.status, await read_head(resp), call, ex)
                     stream = OllamaChunkStream(
-                        resp, translator, where=_where(call), idle_s=self._idle_s, lease=lease
+                        resp, ex.lines(), where=_where(call), idle_s=self._idle_s, lease=lease
                     )
                     # Ollama sends its headers with the first line, so waiting for that line costs nothing and
                     # lets an immediate {"error": ...} line (e.g. a prompt the model cannot take) become a
@@ -281,8 +374,9 @@ class OllamaAdapter(Adapter):
         except aiohttp.ClientError as exc:
             raise transport_failed(where, call.request_id, exc) from None
 
-    def _http_error(self, status: int, raw: bytes, call: ChatCall, tag: str) -> ProxyError:
+    def _http_error(self, status: int, raw: bytes, call: ChatCall, ex: _Exchange) -> ProxyError:
         message = json_error_message(raw)
+        tag = ex.payload.get("model")
         if message is None:  # an HTML page or nothing: not Ollama's own answer
             return no_api_error(status, raw, _where(call))
         if status == 404:
@@ -292,6 +386,14 @@ class OllamaAdapter(Adapter):
                 f"Model {call.model!r} (Ollama tag {tag!r}) is not available in Ollama: {message}",
                 param="model",
                 hint=f"install it with: ollama pull {tag}",
+            )
+        if status == 501 and ex.path == "/api/embed":
+            # the model's runner was started without embeddings: it is not an embedding model
+            return ProxyError(
+                409,
+                "capability_mismatch",
+                f"Model {call.model!r} (Ollama tag {tag!r}) does not make embeddings; Ollama said: {message}",
+                param="model",
             )
         if status >= 500:
             return ProxyError(502, "backend_error", f"{_where(call)} failed: {message}")

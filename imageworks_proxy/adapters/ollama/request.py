@@ -279,7 +279,9 @@ def _think(body: Mapping[str, Any]) -> Any:
     return None
 
 
-def _options(body: Mapping[str, Any], num_ctx: int | None) -> dict[str, Any]:
+def generation_options(body: Mapping[str, Any], num_ctx: int | None) -> dict[str, Any]:
+    """Ollama ``options`` for an OpenAI request's sampling fields (``max_tokens`` → ``num_predict``,
+    ``stop``, Ollama-only options sent as top-level fields, an ``options`` object as is)."""
     options: dict[str, Any] = {}
     if num_ctx:
         options["num_ctx"] = num_ctx
@@ -334,7 +336,7 @@ def to_ollama_request(
         tools = named or tools
     if tools and choice != "none":
         payload["tools"] = tools
-    options = _options(body, num_ctx)
+    options = generation_options(body, num_ctx)
     if options:
         payload["options"] = options
     fmt = _format(body.get("response_format"))
@@ -343,9 +345,15 @@ def to_ollama_request(
     think = _think(body)
     if think is not None:
         payload["think"] = think
-    request_keep_alive = body.get("keep_alive")
-    if isinstance(request_keep_alive, (str, int, float)) and not isinstance(request_keep_alive, bool):
-        payload["keep_alive"] = request_keep_alive
-    elif keep_alive is not None:
-        payload["keep_alive"] = keep_alive
+    chosen = keep_alive_for(body, keep_alive)
+    if chosen is not None:
+        payload["keep_alive"] = chosen
     return payload
+
+
+def keep_alive_for(body: Mapping[str, Any], configured: str | int | float | None) -> str | int | float | None:
+    """The request's own ``keep_alive`` (an Ollama-native client's), else the configured one."""
+    value = body.get("keep_alive")
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return value
+    return configured

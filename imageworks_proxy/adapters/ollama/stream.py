@@ -1,17 +1,27 @@
-"""One streamed Ollama reply: NDJSON lines read off the upstream response and translated into chunks."""
+"""One streamed Ollama reply: NDJSON lines read off the upstream response and translated into chunks
+(``/api/chat`` into chat chunks, ``/api/generate`` into text completion chunks)."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
-from imageworks_proxy.adapters.ollama.response import ChunkTranslator
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.gpu.tenancy import Lease
 from imageworks_proxy.upstream.ndjson import NdjsonSplitter, decode_line
+
+
+class LineTranslator(Protocol):
+    """Turns the decoded NDJSON lines of one stream into OpenAI chunks (``ChunkTranslator`` for
+    ``/api/chat``, ``GenerateTranslator`` for ``/api/generate``)."""
+
+    finished: bool
+    usage: dict[str, int] | None
+
+    def feed(self, line: Any) -> list[dict[str, Any]]: ...
 
 
 class OllamaChunkStream:
@@ -27,7 +37,7 @@ class OllamaChunkStream:
     def __init__(
         self,
         resp: aiohttp.ClientResponse,
-        translator: ChunkTranslator,
+        translator: LineTranslator,
         *,
         where: str,
         idle_s: float,

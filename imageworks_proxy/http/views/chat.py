@@ -1,4 +1,5 @@
-"""``POST /v1/chat/completions``: the pipeline around the adapter call, JSON or SSE out."""
+"""``POST /v1/chat/completions``, and the plumbing it shares with the other adapter routes
+(``/v1/embeddings``, ``/v1/completions``): the pipeline around the adapter call, JSON or SSE out."""
 
 from __future__ import annotations
 
@@ -12,24 +13,34 @@ import orjson
 from aiohttp import web
 
 from imageworks_proxy import keys
-from imageworks_proxy.adapters.base import ChatCall
+from imageworks_proxy.adapters.base import CHAT, COMPLETIONS, EMBEDDINGS, ChatCall
 from imageworks_proxy.errors import ProxyError, invalid_request
 from imageworks_proxy.http.bodies import read_body
 from imageworks_proxy.http.middlewares import request_id
 from imageworks_proxy.http.responses import json_response
 from imageworks_proxy.http.sse import ClientGone, SSEWriter
-from imageworks_proxy.pipeline.stage import ChatContext
+from imageworks_proxy.pipeline.stage import ChatContext, Pipeline
 
 log = logging.getLogger("imageworks_proxy.chat")
+
+#: The adapter method that serves each route.
+_ADAPTER_METHOD = {CHAT: "chat", EMBEDDINGS: "embeddings", COMPLETIONS: "completions"}
 
 
 async def _no_wait() -> None:
     return None
 
 
+async def _read(request: web.Request) -> bytes:
+    try:
+        return await read_body(request, keys.config(request.app).max_body_bytes)
+    except ConnectionError:
+        raise ClientGone() from None  # left while sending the body
+
+
 def _parse(raw: bytes) -> dict[str, Any]:
     if not raw:
-        raise invalid_request("The request body is empty; send a JSON chat completion request.")
+        raise invalid_request("The request body is empty; send a JSON request.")
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -40,18 +51,25 @@ def _parse(raw: bytes) -> dict[str, Any]:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/chat/completions``."""
+    return await serve(request, CHAT)
+
+
+async def serve(request: web.Request, endpoint: str) -> web.StreamResponse:
+    """Run one request of an adapter route (:data:`~imageworks_proxy.adapters.base.CHAT`, ``EMBEDDINGS``
+    or ``COMPLETIONS``): read and parse the body, the route's request stages, the adapter's method for the
+    route, then the response stages on the JSON answer or on each streamed chunk; the finish stages run
+    whatever happened."""
     app = request.app
     rid = request_id(request)
     pipeline = keys.pipeline(app)
-    ctx = ChatContext(request_id=rid, body={}, app=app)
+    if endpoint != CHAT:
+        pipeline = pipeline.for_endpoint(endpoint)
+    ctx = ChatContext(request_id=rid, body={}, app=app, endpoint=endpoint)
     request[keys.CHAT_CONTEXT] = ctx
     writer: SSEWriter | None = None
     try:
-        try:
-            raw = await read_body(request, keys.config(app).max_body_bytes)
-        except ConnectionError:
-            raise ClientGone() from None  # left while sending the body
-        ctx.body = _parse(raw)
+        ctx.body = _parse(await _read(request))
         await pipeline.run_request(ctx)
         entry = ctx.entry
         assert entry is not None  # the resolve stage sets it or raises
@@ -61,9 +79,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if ctx.stream:
             writer = SSEWriter(request, rid, stall_s=keys.config(app).client_stall_timeout_ms / 1000)
         call = ChatCall(rid, entry, ctx.model, ctx.body, ctx.stream,
-                        waiting=writer.commit_and_keep_alive if writer else _no_wait, adapted=ctx.adapted)
+                        waiting=writer.commit_and_keep_alive if writer else _no_wait, endpoint=endpoint,
+                        adapted=ctx.adapted)
         try:
-            result = await adapter.chat(call)
+            if endpoint == CHAT:
+                result = await adapter.chat(call)
+            else:
+                result = await getattr(adapter, _ADAPTER_METHOD[endpoint])(call)
         finally:
             ctx.queue_ms = call.queue_ms
         if writer is None:
@@ -71,7 +93,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             resp = json_response(completion, headers={"X-Request-Id": rid})
             ctx.first_byte = time.perf_counter()
             return resp
-        await _stream(ctx, writer, result)  # type: ignore[arg-type]
+        await _stream(ctx, pipeline, writer, result)  # type: ignore[arg-type]
         return writer.response  # type: ignore[return-value]
     except ProxyError as exc:
         ctx.status, ctx.error_code = exc.status, exc.code
@@ -134,8 +156,9 @@ async def _abandon(chunks: AsyncIterator[dict[str, Any]]) -> None:
         step.exception()  # retrieved: a chunk or an error nobody will see
 
 
-async def _stream(ctx: ChatContext, writer: SSEWriter, chunks: AsyncIterator[dict[str, Any]]) -> None:
-    pipeline = keys.pipeline(ctx.app)
+async def _stream(
+    ctx: ChatContext, pipeline: Pipeline, writer: SSEWriter, chunks: AsyncIterator[dict[str, Any]]
+) -> None:
     try:
         try:
             await writer.commit()

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from imageworks_proxy import keys
 from imageworks_proxy._version import __version__
+from imageworks_proxy.gpu.scheduler import GpuScheduler
 from imageworks_proxy.http.responses import json_response
 
 
@@ -32,10 +33,30 @@ async def health(request: web.Request) -> web.Response:
             "problems": [f"entry {name!r}: {problem}" for name, problem in models.problems.items()],
         },
         **models.adapter_states(),
+        "tenancy": _tenancy(app),
         "gpu": keys.gpu(app).devices(),
         "plugins": {"errors": [{"name": f.name, "error": f.error} for f in pm.failures]},
     }
     return json_response(body)
+
+
+def _tenancy(app: web.Application) -> dict[str, Any] | None:
+    """Who holds the GPU: the active tenant, what the scheduler is doing, requests in flight and waiting,
+    and the pending idle unload (``idle_unload_in_s``: seconds until it is stopped; ``None``: never).
+    ``None`` when the app runs another tenancy implementation than the built-in scheduler."""
+    sched = app.get(keys.TENANCY)
+    if not isinstance(sched, GpuScheduler):
+        return None
+    active = sched.active
+    return {
+        "active": active.key if active is not None else None,
+        "model": active.model if active is not None else None,
+        "phase": sched.phase,
+        "inflight": sched.inflight,
+        "queue_depth": sched.queue_depth,
+        "idle_unload_s": (active.idle_unload_s or None) if active is not None else None,
+        "idle_unload_in_s": sched.idle.remaining_s(active.key) if active is not None else None,
+    }
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -45,10 +45,12 @@ def snapshot(app: web.Application) -> dict[str, Any]:
     state = prom.read_state() if prom is not None else present_state(app)
     rlog = keys.request_log(app)
     window = rolling.snapshot()
-    # each adapter's own state (e.g. "vllm"), reduced to its active model and state
+    # each adapter's own state (e.g. "vllm"), reduced to its active model and state, for adapters that have
+    # a model state (Ollama's shows only its GPU tenancy)
     adapters = {
         key: {"active_model": st.get("active"), "state": st.get("state")}
         for key, st in keys.models(app).adapter_states().items()
+        if "state" in st
     }
     return {
         "object": "metrics",

@@ -156,6 +156,8 @@ def _gpu(app: web.Application) -> dict[str, Any]:
         ),
         "inflight": sched.inflight,
         "queue_depth": sched.queue_depth,
+        # seconds until the idle active tenant is stopped (docs/vllm.md#idle-unload); None: not pending
+        "idle_unload_in_s": sched.idle.remaining_s(active.key) if active is not None else None,
         "devices": keys.gpu(app).devices(),
     }
 

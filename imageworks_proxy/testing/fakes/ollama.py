@@ -1,9 +1,12 @@
-"""A fake Ollama speaking Ollama's native API (``/api/chat``, ``/api/tags``, ``/api/show``, ``/api/ps``),
-for tests.
+"""A fake Ollama speaking Ollama's native API (``/api/chat``, ``/api/generate``, ``/api/embed``,
+``/api/tags``, ``/api/show``, ``/api/ps``), for tests.
 
 Run it with ``aiohttp_server(fake.app())``. What it answers is scripted per request by
-``fake.responder(body) -> Reply``; it validates requests the way Ollama does (content must be a string,
-images raw base64, tool-call arguments objects, ``think`` true/false or "low"/"medium"/"high"/"max") and
+``fake.responder(body) -> Reply`` (chat) and ``fake.generate_responder(body) -> Reply`` (generate);
+embeddings are deterministic vectors of the text. It validates requests the way Ollama does (content must
+be a string, images raw base64, tool-call arguments objects, ``think`` true/false or
+"low"/"medium"/"high"/"max", capabilities: ``completion`` for chat and generate, ``insert`` for a
+``suffix``; a model without ``embedding`` answers ``/api/embed`` with 501 as Ollama's runner does) and
 refuses what a tag lacks the capability for, with Ollama's messages: tools (400 "<name> does not support
 tools"), thinking (400 "\"<model>\" does not support thinking"). Each tag's capabilities are in
 ``/api/show`` and, like recent Ollama, in ``/api/tags`` (``list_capabilities=False`` leaves them out there,
@@ -15,13 +18,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 
 import attrs
 from aiohttp import web
+
+from imageworks_proxy.testing.fakes.ollama_models import ModelRoutes
 
 
 @attrs.define
@@ -84,7 +91,20 @@ def echo_responder(body: dict[str, Any]) -> Reply:
     return Reply(content=text, thinking="Let me think." if body.get("think") else "")
 
 
-class FakeOllama:
+def echo_prompt(body: dict[str, Any]) -> Reply:
+    """Default ``/api/generate`` answer: echo the prompt (thinking models think first, as Ollama's do)."""
+    return Reply(content=f"echo: {body.get('prompt')}", thinking="Let me think.")
+
+
+def text_vector(text: str, dims: int) -> list[float]:
+    """A deterministic unit vector for ``text`` (Ollama normalises its embeddings too)."""
+    raw = hashlib.sha256(text.encode()).digest() * (dims // 32 + 1)
+    vector = [b / 127.5 - 1.0 for b in raw[:dims]]
+    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+    return [v / norm for v in vector]
+
+
+class FakeOllama(ModelRoutes):
     """State and handlers of one fake Ollama server."""
 
     def __init__(
@@ -92,15 +112,24 @@ class FakeOllama:
         models: dict[str, tuple[str, ...]] | None = None,
         *,
         responder: Callable[[dict[str, Any]], Reply] = echo_responder,
+        generate_responder: Callable[[dict[str, Any]], Reply] = echo_prompt,
         list_capabilities: bool = True,
     ) -> None:
-        #: Installed tags -> capabilities (``completion``, ``vision``, ``tools``, ``thinking``).
+        #: Installed tags -> capabilities (``completion``, ``vision``, ``tools``, ``thinking``, ``insert``,
+        #: ``embedding``).
         self.models: dict[str, tuple[str, ...]] = dict(
             models
             if models is not None
             else {"llama3.2:latest": ("completion", "tools", "vision", "thinking")}
         )
         self.responder = responder
+        self.generate_responder = generate_responder
+        #: Length of the vectors ``/api/embed`` makes; ``knows_dimensions`` False: ignore ``dimensions``
+        #: (Ollama before it had the field).
+        self.embedding_dims = 8
+        self.knows_dimensions = True
+        self.generates: list[dict[str, Any]] = []
+        self.embeds: list[dict[str, Any]] = []
         #: Whether ``/api/tags`` lists each tag's capabilities (Ollama does since 2025; older ones do not).
         self.list_capabilities = list_capabilities
         self.chats: list[dict[str, Any]] = []
@@ -119,6 +148,7 @@ class FakeOllama:
         app = web.Application()
         app.router.add_post("/api/chat", self.chat)
         app.router.add_post("/api/generate", self.generate)
+        app.router.add_post("/api/embed", self.embed)
         app.router.add_get("/api/tags", self.tags)
         app.router.add_post("/api/show", self.show)
         app.router.add_get("/api/ps", self.ps)
@@ -149,7 +179,8 @@ class FakeOllama:
         if self.unload_delay_s is not None and tag in self.loaded:
             self.loaded[tag] = time.monotonic() + self.unload_delay_s
 
-    def _loaded_now(self) -> list[str]:
+    def loaded_now(self) -> list[str]:
+        """The tags ``/api/ps`` lists now."""
         now = time.monotonic()
         for tag in [t for t, until in self.loaded.items() if until <= now]:
             del self.loaded[tag]
@@ -272,8 +303,17 @@ class FakeOllama:
             lines.append(line(thinking=reply.thinking[i : i + reply.piece]))
         for i in range(0, len(reply.content), reply.piece):
             lines.append(line(content=reply.content[i : i + reply.piece]))
-        if reply.tool_calls and not reply.calls_in_done:
+        final = self._final(tag, reply, whole=False)
+        if reply.tool_calls and reply.calls_in_done:
+            final["message"]["tool_calls"] = reply.tool_calls  # as Ollama's built-in parsers can
+        elif reply.tool_calls:
             lines.append(line(tool_calls=reply.tool_calls))  # Ollama sends each call whole, in one line
+        return await self._send_lines(request, reply, lines, final)
+
+    async def _send_lines(
+        self, request: web.Request, reply: Reply, lines: list[dict[str, Any]], final: dict[str, Any]
+    ) -> web.StreamResponse:
+        """Stream NDJSON ``lines`` and the ``final`` (done) line, with the failures ``reply`` scripts."""
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         # Like Ollama (gin's c.Stream), headers go out with the first line.
         prepared = False
@@ -282,9 +322,7 @@ class FakeOllama:
                 if reply.error is not None and reply.error_after == n:
                     item = {"error": reply.error}
                 elif item is None:
-                    item = self._final(tag, reply, whole=False)
-                    if reply.calls_in_done and reply.tool_calls:
-                        item["message"]["tool_calls"] = reply.tool_calls
+                    item = final
                 if reply.cut_after == n:
                     if not prepared:
                         await resp.prepare(request)
@@ -312,79 +350,89 @@ class FakeOllama:
             raise
         return resp
 
-    async def generate(self, request: web.Request) -> web.Response:
-        body = await request.json()
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except json.JSONDecodeError:
+            return _ollama_error(400, "invalid character in request body")
         tag = self._resolve(body.get("model"))
         if tag is None:
             return _ollama_error(404, f"model '{body.get('model')}' not found")
         if not body.get("prompt") and body.get("keep_alive") == 0:
             self._schedule_unload(tag)
             return web.json_response({"model": tag, "response": "", "done": True, "done_reason": "unload"})
+        caps = self.models[tag]
+        if "completion" not in caps:
+            return _ollama_error(400, f'"{body["model"]}" does not support generate')
+        if body.get("suffix") and "insert" not in caps:
+            return _ollama_error(400, f"registry.ollama.ai/library/{tag} does not support insert")
+        if body.get("think") and "thinking" not in caps:
+            return _ollama_error(400, f'"{body["model"]}" does not support thinking')
         self.loaded[tag] = float("inf")
-        return web.json_response({"model": tag, "response": "ok", "done": True, "done_reason": "stop"})
+        if not body.get("prompt"):
+            return web.json_response({"model": tag, "response": "", "done": True, "done_reason": "load"})
+        self.generates.append(body)
+        reply = self.generate_responder(body)
+        if reply.delay_s:
+            await self._pause(reply.delay_s)
+        if reply.status != 200:
+            return _ollama_error(reply.status, reply.error or "internal error")
+        thinking = reply.thinking if "thinking" in caps and body.get("think") is not False else ""
+        text = reply.content
+        limit = (body.get("options") or {}).get("num_predict")
+        if isinstance(limit, int) and limit >= 0 and len(text) > limit * reply.piece:  # a piece is a token
+            reply = attrs.evolve(reply, done_reason="length", eval_count=limit)
+            text = text[: limit * reply.piece]
+        final = {k: v for k, v in self._final(tag, reply, whole=False).items() if k != "message"}
+        if body.get("stream", True):
+            step = reply.piece
+            pieces = [{"thinking": thinking[i : i + step]} for i in range(0, len(thinking), step)]
+            pieces += [{"response": text[i : i + step]} for i in range(0, len(text), step)]
+            lines = [{"model": tag, "created_at": final["created_at"], "response": "", **p, "done": False}
+                     for p in pieces]
+            return await self._send_lines(request, reply, lines, {**final, "response": "", "context": [1, 2]})
+        whole = {**final, "response": text, "context": [1, 2]}
+        if thinking:
+            whole["thinking"] = thinking
+        return web.json_response(whole)
 
-    async def tags(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "models": [
-                    {
-                        "name": tag,
-                        "model": tag,
-                        "modified_at": "2026-01-01T00:00:00Z",
-                        "size": 2_000_000_000,
-                        "digest": "sha256:" + "0" * 64,
-                        "details": {
-                            "format": "gguf",
-                            "family": tag.split(":")[0],
-                            "parameter_size": "3.2B",
-                            "quantization_level": "Q4_K_M",
-                        },
-                        **({"capabilities": list(caps)} if self.list_capabilities else {}),
-                    }
-                    for tag, caps in self.models.items()
-                ]
-            }
-        )
-
-    async def show(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        name = body.get("model") or body.get("name")
-        tag = self._resolve(name)
-        self.shows.append(str(name))
+    async def embed(self, request: web.Request) -> web.Response:
+        """``/api/embed`` as Ollama answers it: input checked, then the model; a model whose runner cannot
+        embed (no ``embedding`` capability) answers 501 with llama-server's message."""
+        try:
+            body = await request.json()
+        except json.JSONDecodeError:
+            return _ollama_error(400, "invalid character in request body")
+        text = body.get("input")
+        if isinstance(text, str):
+            inputs = [text] if text else []
+        elif isinstance(text, list) and all(isinstance(t, str) for t in text):
+            inputs = list(text)
+        elif text is None:
+            inputs = []
+        else:
+            return _ollama_error(400, "invalid input type")
+        tag = self._resolve(body.get("model"))
         if tag is None:
-            return _ollama_error(404, f"model '{name}' not found")
-        return web.json_response(
-            {
-                "modelfile": f"FROM {tag}",
-                "template": "{{ .Prompt }}",
-                "details": {"format": "gguf", "family": tag.split(":")[0], "parameter_size": "3.2B",
-                            "quantization_level": "Q4_K_M"},
-                "model_info": {"general.architecture": tag.split(":")[0]},
-                "capabilities": list(self.models[tag]),
-                "modified_at": "2026-01-01T00:00:00Z",
-            }
-        )
-
-    async def ps(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "models": [
-                    {
-                        "name": tag,
-                        "model": tag,
-                        "size": 3_000_000_000,
-                        "size_vram": 3_000_000_000,
-                        "digest": "sha256:" + "0" * 64,
-                        "expires_at": "2026-01-05T10:05:00Z",
-                        "context_length": 4096,
-                    }
-                    for tag in self._loaded_now()
-                ]
-            }
-        )
-
-    async def version(self, request: web.Request) -> web.Response:
-        return web.json_response({"version": "0.33.0"})
+            return _ollama_error(404, f"model '{body.get('model')}' not found")
+        self.embeds.append(body)
+        self.loaded[tag] = float("inf")
+        if body.get("keep_alive") == 0:
+            self._schedule_unload(tag)
+        if not inputs:
+            return web.json_response({"model": body["model"], "embeddings": []})
+        if "embedding" not in self.models[tag]:
+            return _ollama_error(501, "This server does not support embeddings. Start it with `--embeddings`")
+        dims = (body.get("dimensions") or 0) if self.knows_dimensions else 0
+        # cut to `dimensions` and normalised again: text_vector's first `dims` values, normalised
+        size = dims if 0 < dims < self.embedding_dims else self.embedding_dims
+        return web.json_response({
+            "model": body["model"],
+            "embeddings": [text_vector(item, size) for item in inputs],
+            "total_duration": 14_000_000,
+            "load_duration": 1_000_000,
+            "prompt_eval_count": sum(max(1, len(t.split())) for t in inputs),
+        })
 
 
 def ollama_entry(

@@ -2,7 +2,9 @@
 
 echo, tools, tools_object_args, legacy, json_tool, reasoning, minimal, huge, slow_headers, slow_first_chunk,
 hang, drop, error400_flat, error404, error500, error200, midstream_error, slow_stream, not_json,
-json_for_stream.
+json_for_stream. ``/v1/embeddings`` (vectors of the text; ``minimal``: bare vectors, floats only, no usage)
+and ``/v1/completions`` (``echo: <prompt>``, streamed word by word; ``minimal``, ``error404``,
+``json_for_stream``) answer too.
 Every request is recorded in ``app[REQUESTS]`` (body and headers); cancelled streams in ``app[CANCELLED]``.
 A test can also script a stream exactly: ``app[SCRIPTS][name] = [chunk dict or raw bytes, ...]`` streams those
 events (then ``[DONE]``) for ``model == name``; chunk dicts get id/object/created/model filled in.
@@ -13,8 +15,11 @@ vLLM, 400 to ``tools: []``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import struct
 import time
+import zlib
 from typing import Any
 
 from aiohttp import web
@@ -235,6 +240,84 @@ async def chat(request: web.Request) -> web.StreamResponse:
     return web.json_response(_completion(mode, message, finish))
 
 
+def _bad_request(message: str, param: str | None = None) -> web.Response:
+    error = {"message": message, "type": "invalid_request_error", "param": param, "code": None}
+    return web.json_response({"error": error}, status=400)
+
+
+def _not_found(model: Any) -> web.Response:
+    return web.json_response(
+        {"error": {"message": f"The model `{model}` does not exist.", "type": "NotFoundError", "param": None,
+                   "code": 404}},
+        status=404,
+    )
+
+
+def _vector(text: str, dims: int) -> list[float]:
+    return [round((zlib.crc32(f"{i}:{text}".encode()) % 2000 - 1000) / 1000, 4) for i in range(dims)]
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    """``/v1/embeddings`` as OpenAI and vLLM answer it (8 dimensions, or ``dimensions``)."""
+    body = await request.json()
+    request.app[REQUESTS].append({"body": body, "headers": dict(request.headers), "path": request.path})
+    mode, text = body.get("model"), body.get("input")
+    if mode == "error404":
+        return _not_found(mode)
+    if isinstance(text, str) and text:
+        inputs: list[Any] = [text]
+    elif isinstance(text, list) and text and all(isinstance(t, (str, int, list)) for t in text):
+        inputs = [text] if all(isinstance(t, int) for t in text) else text
+    else:
+        return _bad_request("'$.input' is invalid. Please check the API reference.", "input")
+    vectors = [_vector(str(item), body.get("dimensions") or 8) for item in inputs]
+    if mode == "minimal":  # a bare server: no object, index or usage, and floats whatever was asked
+        return web.json_response({"data": [{"embedding": v} for v in vectors]})
+    b64 = body.get("encoding_format") == "base64"
+    data = [
+        {"object": "embedding", "index": i,
+         "embedding": base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() if b64 else v}
+        for i, v in enumerate(vectors)
+    ]
+    tokens = sum(len(item) if isinstance(item, list) else len(str(item).split()) for item in inputs)
+    return web.json_response({"object": "list", "data": data, "model": mode,
+                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+def _text_chunk(mode: str, text: str, finish: str | None = None, **extra: Any) -> bytes:
+    obj = {"id": "cmpl-fake", "object": "text_completion", "created": 1767225600, "model": mode,
+           "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}], **extra}
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    """``/v1/completions`` (legacy text completions): ``echo: <prompt>``, streamed word by word."""
+    body = await request.json()
+    request.app[REQUESTS].append({"body": body, "headers": dict(request.headers), "path": request.path})
+    mode, stream = body.get("model"), bool(body.get("stream"))
+    if body.get("stream_options") and not stream:
+        return _bad_request("Stream options can only be defined when `stream=True`.", "stream_options")
+    if mode == "error404":
+        return _not_found(mode)
+    text = f"echo: {body.get('prompt')}"
+    words = len(text.split())
+    usage = {"prompt_tokens": 4, "completion_tokens": words, "total_tokens": 4 + words}
+    if not stream or mode == "json_for_stream":
+        if mode == "minimal":
+            return web.json_response({"choices": [{"text": text}]})
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}
+        return web.json_response({"id": "cmpl-fake", "object": "text_completion", "created": 1767225600,
+                                  "model": mode, "usage": usage, "choices": [choice]})
+    resp = await _sse(request)
+    for word in text.split(" "):
+        await resp.write(_text_chunk(mode, word + " "))
+    await resp.write(_text_chunk(mode, "", "stop"))
+    if (body.get("stream_options") or {}).get("include_usage"):
+        await resp.write(_text_chunk(mode, "", choices=[], usage=usage))
+    await resp.write(b"data: [DONE]\n\n")
+    return resp
+
+
 async def _scripted(request: web.Request, mode: str, events: list[Any]) -> web.StreamResponse:
     resp = await _sse(request)
     try:
@@ -282,6 +365,8 @@ def make_fake_openai() -> web.Application:
     app[CANCELLED] = []
     app[SCRIPTS] = {}
     app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1/completions", completions)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
     return app

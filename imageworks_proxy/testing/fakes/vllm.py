@@ -10,7 +10,9 @@ vLLM 0.33 does not have (``data/vllm-0.33.0-flags.txt``) ends it with exit statu
 ``unrecognized arguments`` message; ``--enable-auto-tool-choice`` without ``--tool-call-parser``, or a parser
 name vLLM does not register (``data/vllm-0.33.0-parsers.txt``), ends it with status 1 like vLLM's checks.
 
-It serves ``/health``, ``/v1/models`` and ``/v1/chat/completions`` (JSON and SSE) and, like vLLM, refuses:
+It serves ``/health``, ``/v1/models``, ``/v1/chat/completions`` (JSON and SSE) and ``/v1/completions``
+(JSON); with ``--runner pooling`` it is an embedding model instead, like vLLM: ``/v1/embeddings`` and no
+generation routes (404). Like vLLM, chat refuses:
 ``tools: []`` (400), tools without both ``--enable-auto-tool-choice`` and ``--tool-call-parser`` (400
 ``"auto" tool choice requires ...``), ``stream_options`` without ``stream`` (400), another model (404).
 With ``--reasoning-parser`` replies carry ``reasoning`` (unless ``chat_template_kwargs.enable_thinking`` is
@@ -240,6 +242,31 @@ class Fake:
         self.event("crash")
         os._exit(70)
 
+    async def completions(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if body.get("model") != self.served:
+            error = {"message": f"The model `{body.get('model')}` does not exist.", "type": "NotFoundError",
+                     "param": None, "code": 404}
+            return web.json_response({"error": error}, status=404)
+        text = f"completed by {self.served} pid {PID}"
+        return web.json_response({
+            "id": f"cmpl-fake{PID}", "object": "text_completion", "created": int(time.time()),
+            "model": self.served,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8},
+        })
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        inputs = body.get("input")
+        inputs = inputs if isinstance(inputs, list) else [inputs]
+        data = [{"index": i, "object": "embedding", "embedding": [0.6, 0.8, float(PID % 7)]}
+                for i, _ in enumerate(inputs)]
+        return web.json_response({
+            "id": f"embd-fake{PID}", "object": "list", "created": int(time.time()), "model": self.served,
+            "data": data, "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
+        })
+
     # -- main --------------------------------------------------------------------------------------
     def _fail_start(self, message: str) -> int:
         print("INFO Loading model weights ...", flush=True)
@@ -255,7 +282,11 @@ class Fake:
         app = web.Application()
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
-        app.router.add_post("/v1/chat/completions", self.chat)
+        if self.args.runner == "pooling":  # vLLM only registers the routes of the tasks the model supports
+            app.router.add_post("/v1/embeddings", self.embeddings)
+        else:
+            app.router.add_post("/v1/chat/completions", self.chat)
+            app.router.add_post("/v1/completions", self.completions)
         self.sleep.add_routes(app)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
