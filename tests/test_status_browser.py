@@ -90,6 +90,15 @@ async def test_the_page_shows_every_model_the_active_one_and_a_request_just_made
         DOCS_SCREENSHOT.write_bytes(data)
 
 
+async def test_the_page_counts_down_to_the_idle_unload_of_the_active_model(env, browser):
+    e = await env(vllm_idle_unload_s="120")
+    await e.chat("alpha")
+    tab = await browser.open(str(e.client.make_url("/")))
+    await tab.wait_for("document.getElementById('gpu-idle').textContent.startsWith('in ')")
+    seconds = int((await tab.evaluate("document.getElementById('gpu-idle').textContent")).split()[1])
+    assert 0 < seconds <= 120
+
+
 async def test_activate_and_stop_from_the_page_switch_the_gpu(env, browser):
     e = await env()
     await e.chat("alpha")

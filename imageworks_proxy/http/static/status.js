@@ -185,6 +185,9 @@
     $("gpu-phase").textContent = gpu.phase;
     $("gpu-inflight").textContent = String(gpu.inflight);
     $("gpu-queue").textContent = gpu.queue_depth ? gpu.queue_depth + " request(s)" : "nobody";
+    // CHAT_PROXY_VLLM_IDLE_UNLOAD_S / _OLLAMA_IDLE_UNLOAD_S: when the idle active model will be stopped
+    const idle = gpu.idle_unload_in_s;
+    $("gpu-idle").textContent = idle === null || idle === undefined ? "not pending" : "in " + Math.ceil(idle) + " s";
     $("gpu-devices").replaceChildren(...(gpu.devices.length ? [] : [el("li", { className: "muted" }, "No GPU seen (NVML)")]),
       ...gpu.devices.map((d) => {
       const used = d.memory_used_bytes / d.memory_total_bytes;
