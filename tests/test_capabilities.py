@@ -340,3 +340,17 @@ async def test_an_unknown_tool_parser_makes_the_start_fail_with_vllms_reason(
     error = (await resp.json())["error"]
     assert resp.status == 503 and error["code"] == "model_start_failed"
     assert "invalid tool call parser: hermez" in error["message"]
+
+
+async def test_an_image_reaches_a_model_ollama_says_has_vision_though_the_registry_is_silent(ollama_proxy):
+    """The image stages act on the effective capabilities: Ollama's own list makes the tag a vision model,
+    so its image goes through instead of becoming a placeholder (or a 409 without alt text)."""
+    fake = FakeOllama({"llama3.2-vision:latest": ("completion", "vision")})
+    client = await ollama_proxy(fake)  # the registry entry lists no capabilities
+    png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+    parts = [{"type": "text", "text": "what is this?"},
+             {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]
+    resp = await client.post("/v1/chat/completions",
+                             json={"model": "vision", "messages": [{"role": "user", "content": parts}]})
+    assert resp.status == 200, await resp.text()
+    assert fake.chats[-1]["messages"][-1]["images"] == [png]

@@ -33,7 +33,7 @@ class ImageLimits(Stage):
         if not parts:
             return
         entry = ctx.entry
-        if entry is not None and not entry.vision:
+        if entry is not None and not ctx.can("vision"):
             missing = [p for _, _, p in parts if alt_text_of(p) is None]
             if missing:
                 raise ProxyError(

@@ -58,6 +58,15 @@ class ChatContext:
     #: The route (``chat/completions``, ``embeddings`` or ``completions``; adapters/base.py names them).
     endpoint: str = CHAT
 
+    def can(self, capability: str) -> bool:
+        """Whether the model takes ``capability`` (``vision``, ``tools``...) as far as the proxy knows: the
+        effective capabilities where a source said (registry, the adapter — e.g. Ollama's own list —, a
+        learned refusal), else whether the registry entry lists it."""
+        known = self.capabilities.has(capability) if self.capabilities is not None else None
+        if known is not None:
+            return known
+        return self.entry is not None and capability in self.entry.capabilities
+
 
 class Stage:
     """Base class for pipeline stages; override only the methods you need.

@@ -62,7 +62,7 @@ class VisionHistoryTruncation(Stage):
 
     async def request(self, ctx: ChatContext) -> None:
         cfg = self.config
-        if not cfg.vision_truncate_history or not ctx.images or ctx.entry is None or not ctx.entry.vision:
+        if not cfg.vision_truncate_history or not ctx.images or ctx.entry is None or not ctx.can("vision"):
             return
         kept, dropped = truncate_history(
             ctx.body["messages"],

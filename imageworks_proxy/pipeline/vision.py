@@ -91,7 +91,7 @@ class VisionDownscale(Stage):
 
     async def request(self, ctx: ChatContext) -> None:
         entry = ctx.entry
-        if not (self.config.vision_downscale and ctx.images and entry is not None and entry.vision):
+        if not (self.config.vision_downscale and ctx.images and entry is not None and ctx.can("vision")):
             return
         if not self._applies(entry):
             return
