@@ -22,40 +22,26 @@ hold their memory at once. Steps:
      process holds), read at every step.
 
 Usage (from the repository root): python3 tests/device/check_sleep_release.py [FRACTION, default 0.55]
-Needs: PyTorch with CUDA, nvidia-ml-py (pynvml). Loads the proxy's two modules it uses by file path, so the
-proxy's other dependencies are not needed. Writes the report to $OUT/sleep_release.json too when $OUT is set.
+Needs: PyTorch with CUDA, nvidia-ml-py (pynvml). Loads the proxy's two modules it uses by file path
+(devicekit.py), so the proxy's other dependencies are not needed. Writes the report to
+$OUT/sleep_release.json too when $OUT is set.
 Exit code 0 when every step behaved as the orchestrator assumes (verdict PASS), else 1.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
-import os
-import socket
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from devicekit import device_summary, free_port, log_dir, mib, process, run_check
+
 FRACTION = float(sys.argv[1]) if len(sys.argv) > 1 else 0.55
 POLL_S = 0.005
-GIB = 1 << 30
-
-
-def _load(name: str, rel: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-process = _load("iw_process", "imageworks_proxy/upstream/process.py")
-gpu_mod = _load("iw_gpu", "imageworks_proxy/gpu/nvml.py")
 
 HOLDER = r"""
 import http.server, json, sys, time, torch
@@ -90,12 +76,6 @@ server = http.server.HTTPServer(("127.0.0.1", port), Handler)
 print("ready", flush=True)
 server.serve_forever()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(port: int, path: str, timeout: float = 600.0) -> tuple[int, dict, float]:
@@ -135,9 +115,9 @@ class Card:
         return time.monotonic() - t0
 
 
-def start_holder(nbytes: int, log_dir: Path, name: str) -> tuple[int, int]:
+def start_holder(nbytes: int, logs: Path, name: str) -> tuple[int, int]:
     port = free_port()
-    pid = process.spawn([sys.executable, "-c", HOLDER, str(nbytes), str(port)], str(log_dir / f"{name}.log"))
+    pid = process.spawn([sys.executable, "-c", HOLDER, str(nbytes), str(port)], str(logs / f"{name}.log"))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
@@ -145,17 +125,13 @@ def start_holder(nbytes: int, log_dir: Path, name: str) -> tuple[int, int]:
                 return pid, port
         except (urllib.error.URLError, OSError):
             if not process.pid_alive(pid):
-                tail = process.log_tail(str(log_dir / f"{name}.log"), 5)
+                tail = process.log_tail(str(logs / f"{name}.log"), 5)
                 raise RuntimeError(f"holder {name} exited: {tail}") from None
             time.sleep(0.05)
     raise RuntimeError(f"holder {name} never became ready")
 
 
-def mib(n: float) -> int:
-    return round(n / (1 << 20))
-
-
-def run(card: Card, log_dir: Path) -> dict:
+def run(card: Card, logs: Path) -> dict:
     total = card.dev()["memory_total_bytes"]
     nbytes = int(total * FRACTION)
     base = card.dev()["memory_used_bytes"]
@@ -163,7 +139,7 @@ def run(card: Card, log_dir: Path) -> dict:
     report: dict = {"claim_mib": mib(nbytes), "baseline_used_mib": mib(base), "steps": {}}
     steps = report["steps"]
 
-    a_pid, a_port = start_holder(nbytes, log_dir, "a")
+    a_pid, a_port = start_holder(nbytes, logs, "a")
     steps["1_a_awake"] = {"used_over_baseline_mib": mib(card.dev()["memory_used_bytes"] - base),
                           "a_per_pid_mib": mib(card.held_by(a_pid)),
                           "room_for_another": card.room_for(nbytes)}
@@ -178,7 +154,7 @@ def run(card: Card, log_dir: Path) -> dict:
                            "used_over_baseline_mib": mib(card.dev()["memory_used_bytes"] - base),
                            "room_for_another": card.room_for(nbytes)}
 
-    b_pid, b_port = start_holder(nbytes, log_dir, "b")
+    b_pid, b_port = start_holder(nbytes, logs, "b")
     steps["3_b_started"] = {"ok": card.held_by(b_pid) >= 0.9 * nbytes,
                             "handover_s": round(time.monotonic() - t_sleep, 3),
                             "b_per_pid_mib": mib(card.held_by(b_pid)),
@@ -213,30 +189,15 @@ def run(card: Card, log_dir: Path) -> dict:
     return report
 
 
-def main() -> int:
-    gpu = gpu_mod.Gpu()
-    if not gpu.open():
-        print(json.dumps({"error": f"NVML unavailable: {gpu.error}"}))
-        return 1
-    log_dir = Path(os.environ.get("OUT") or "/tmp") / "sleep_release_logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
+def check(gpu) -> dict:
     card = Card(gpu)
+    report = {"device": device_summary(card.dev()), "fraction": FRACTION}
     try:
-        dev = card.dev()
-        report = {"device": {k: (mib(v) if k.startswith("memory") else v) for k, v in dev.items()},
-                  "fraction": FRACTION}
-        try:
-            report.update(run(card, log_dir))
-        except Exception as exc:  # report what happened rather than a traceback alone
-            report.update({"error": f"{type(exc).__name__}: {exc}", "verdict": "FAIL"})
-    finally:
-        gpu.close()
-    text = json.dumps(report, indent=1)
-    print(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "sleep_release.json").write_text(text)
-    return 0 if report["verdict"] == "PASS" else 1
+        report.update(run(card, log_dir("sleep_release")))
+    except Exception as exc:  # report what happened rather than a traceback alone
+        report.update({"error": f"{type(exc).__name__}: {exc}", "verdict": "FAIL"})
+    return report
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_check("sleep_release", check))

@@ -16,37 +16,24 @@ For each: NVML used memory before/while/after, the pids NVML lists, the group's 
 and whether the same amount can be allocated again the moment stop_group returns (the next model start).
 Usage (from the repository root): python3 tests/device/check_vram_release.py [GiB, default 8]
 Needs: PyTorch with CUDA, nvidia-ml-py (pynvml). Does not need the proxy's other dependencies: the two
-modules it uses are loaded by file path. Writes the report to $OUT/vram_release.json too when $OUT is set.
+modules it uses are loaded by file path (devicekit.py). Writes the report to $OUT/vram_release.json too when
+$OUT is set.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from devicekit import device_summary, free_port, log_dir, mib, process, run_check
+
 GIB = float(sys.argv[1]) if len(sys.argv) > 1 else 8.0
 TERM_TIMEOUT_S = 3.0
-
-
-def _load(name: str, rel: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-process = _load("iw_process", "imageworks_proxy/upstream/process.py")
-gpu_mod = _load("iw_gpu", "imageworks_proxy/gpu/nvml.py")
 
 HOLDER = r"""
 import signal, sys, time, torch
@@ -75,16 +62,6 @@ while True:
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def mib(n: int) -> int:
-    return round(n / (1 << 20))
-
-
 def used(gpu) -> int:
     return gpu.devices()[0]["memory_used_bytes"]
 
@@ -108,9 +85,9 @@ def reallocate_ok() -> bool:
     return out.returncode == 0 and "ready" in out.stdout
 
 
-def trial(gpu, scenario: str, log_dir: Path) -> dict:
+def trial(gpu, scenario: str, logs: Path) -> dict:
     base = used(gpu)
-    log = str(log_dir / f"{scenario}.log")
+    log = str(logs / f"{scenario}.log")
     if scenario == "graceful":
         pid = process.spawn([sys.executable, "-c", HOLDER, str(GIB), "graceful"], log)
     else:
@@ -163,46 +140,34 @@ def trial(gpu, scenario: str, log_dir: Path) -> dict:
     return report
 
 
-def main() -> int:
-    gpu = gpu_mod.Gpu()
-    if not gpu.open():
-        print(json.dumps({"error": f"NVML unavailable: {gpu.error}"}))
-        return 1
-    try:
-        dev = gpu.devices()[0]
-        t = time.perf_counter()
-        for _ in range(200):
-            gpu.pids_holding_memory()
-        pids_query_us = (time.perf_counter() - t) / 200 * 1e6
-        claim = dev["memory_total_bytes"] * 0.75
-        report = {
-            "device": {k: (mib(v) if k.startswith("memory") else v) for k, v in dev.items()},
-            "gib_per_holder": GIB,
-            "term_timeout_s": TERM_TIMEOUT_S,
-            "pids_holding_memory_query_us": round(pids_query_us, 1),
-            "start_warning_at_default_0.75_would_fire": dev["memory_free_bytes"] < claim,
-            "trials": [],
-        }
-        log_dir = Path(os.environ.get("OUT") or "/tmp") / "vram_release_logs"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        for scenario in ("graceful", "engine", "orphan"):
-            try:
-                report["trials"].append(trial(gpu, scenario, log_dir))
-            except Exception as exc:  # report and go on with the next scenario
-                report["trials"].append({"scenario": scenario, "error": f"{type(exc).__name__}: {exc}"})
-        ok = all(
-            t.get("stop_group", {}).get("gpu_released") and t.get("reallocate_same_amount_ok")
-            for t in report["trials"]
-        )
-        report["verdict"] = "PASS" if ok else "FAIL"
-    finally:
-        gpu.close()
-    text = json.dumps(report, indent=1)
-    print(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "vram_release.json").write_text(text)
-    return 0 if report["verdict"] == "PASS" else 1
+def check(gpu) -> dict:
+    dev = gpu.devices()[0]
+    t = time.perf_counter()
+    for _ in range(200):
+        gpu.pids_holding_memory()
+    pids_query_us = (time.perf_counter() - t) / 200 * 1e6
+    claim = dev["memory_total_bytes"] * 0.75
+    report = {
+        "device": device_summary(dev),
+        "gib_per_holder": GIB,
+        "term_timeout_s": TERM_TIMEOUT_S,
+        "pids_holding_memory_query_us": round(pids_query_us, 1),
+        "start_warning_at_default_0.75_would_fire": dev["memory_free_bytes"] < claim,
+        "trials": [],
+    }
+    logs = log_dir("vram_release")
+    for scenario in ("graceful", "engine", "orphan"):
+        try:
+            report["trials"].append(trial(gpu, scenario, logs))
+        except Exception as exc:  # report and go on with the next scenario
+            report["trials"].append({"scenario": scenario, "error": f"{type(exc).__name__}: {exc}"})
+    ok = all(
+        t.get("stop_group", {}).get("gpu_released") and t.get("reallocate_same_amount_ok")
+        for t in report["trials"]
+    )
+    report["verdict"] = "PASS" if ok else "FAIL"
+    return report
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_check("vram_release", check))
