@@ -14,6 +14,7 @@ import pytest
 from imageworks_proxy.testing import free_port
 from imageworks_proxy.testing.fakes import vllm as fake_vllm
 from imageworks_proxy.upstream import process
+from imageworks_proxy.vllm import ready
 
 
 def test_the_explaining_line_is_the_root_cause_not_the_pointer_to_it():
@@ -62,7 +63,7 @@ def _spawn_fake(tmp_path, port, *extra):
 
 async def _ready(pid, port, tmp_path, timeout=30.0):
     async with aiohttp.ClientSession() as s:
-        await process.wait_ready(
+        await ready.wait_ready(
             s,
             f"http://127.0.0.1:{port}/health",
             deadline=time.monotonic() + timeout,
@@ -143,7 +144,7 @@ async def test_readiness_times_out_when_nothing_becomes_healthy(tmp_path):
     try:
         with pytest.raises(process.StartTimeout):
             async with aiohttp.ClientSession() as s:
-                await process.wait_ready(
+                await ready.wait_ready(
                     s,
                     f"http://127.0.0.1:{free_port()}/health",
                     deadline=time.monotonic() + 0.3,

@@ -1,5 +1,6 @@
-"""Process primitives for servers the proxy launches: spawn in an own process group with a log file,
-readiness polling, and a stop that really waits until the server is gone.
+"""Process primitives for servers the proxy launches: spawn in an own process group with a log file, the
+log line that explains a failed start, and a stop that really waits until the server is gone (readiness:
+vllm/ready.py).
 
 Why a process group: vLLM keeps the GPU memory in a separate engine-core process; signalling only the API
 server can orphan it (the port is freed, the GPU stays full). So every signal goes to the group, and a stop
@@ -19,10 +20,6 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import aiohttp
 
 log = logging.getLogger("imageworks_proxy.orchestrator")
 
@@ -269,7 +266,7 @@ def explaining_line(lines: Sequence[str]) -> str | None:
     return lines[-1].strip()[:2000] if lines else None
 
 
-# -- readiness -----------------------------------------------------------------------------------
+# -- readiness (the wait itself: vllm/ready.py) ---------------------------------------------------
 class StartFailed(Exception):
     """The process exited before it became ready; ``line`` is the log line that explains why."""
 
@@ -280,44 +277,7 @@ class StartFailed(Exception):
 
 
 class StartTimeout(Exception):
-    pass
-
-
-async def wait_ready(
-    session: aiohttp.ClientSession,
-    url: str,
-    *,
-    deadline: float,
-    try_timeout: float,
-    exited: Callable[[], int | bool | None],
-    log_path: str | None,
-) -> None:
-    """Poll ``url`` until it answers 200, the process exits (``StartFailed`` with the explaining log
-    line) or ``deadline`` (monotonic) passes (``StartTimeout``).
-
-    ``exited()`` returns ``False`` while the process runs, else its exit code (or ``None`` if unknown).
-    """
-    import aiohttp  # here, so this module loads without it (tests/device/check_vram_release.py)
-
-    delay = POLL_S
-    while True:
-        code = exited()
-        if code is not False:
-            lines = log_tail(log_path) if log_path else []
-            raise StartFailed(code if isinstance(code, int) else None, explaining_line(lines))
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise StartTimeout()
-        try:
-            timeout = aiohttp.ClientTimeout(total=max(0.05, min(try_timeout, remaining)))
-            async with session.get(url, timeout=timeout) as resp:
-                await resp.read()
-                if resp.status == 200:
-                    return
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            pass
-        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-        delay = min(delay * 1.5, 0.5)
+    """The process was not ready before its deadline."""
 
 
 # -- stopping ------------------------------------------------------------------------------------
