@@ -286,10 +286,24 @@ def opt_flag(value: Any, _: Any = None) -> bool | None:
     return None if _absent(value) else flag(value)
 
 
-def _name(value: Any, _: Any = None) -> str:
+def text(value: Any, _: Any = None) -> str:
+    """A string with something besides blanks in it."""
     if isinstance(value, str) and value.strip():
         return value
     raise InvalidValue(f"expected a non-empty string, got {_got(value)}")
+
+
+def required(hook: Callable[[Any], Any], what: str) -> Callable[[Any, Any], Any]:
+    """``hook`` (one of the ``opt_*`` hooks above) for a field that must have a value: an absent one is
+    refused as "expected ``what``"."""
+
+    def structure(value: Any, _: Any = None) -> Any:
+        result = hook(value)
+        if result is None:
+            raise InvalidValue(f"expected {what}, got {_got(value)}")
+        return result
+
+    return structure
 
 
 def _backend(value: Any, _: Any = None) -> str:
@@ -446,7 +460,7 @@ def make_registry_converter() -> Converter:
     entry_fields = make_dict_structure_fn(
         Entry,
         conv,
-        name=override(struct_hook=_name),
+        name=override(struct_hook=text),
         backend=override(struct_hook=_backend),
         capabilities=override(struct_hook=_capabilities),
         generation_defaults=override(struct_hook=_generation_defaults),

@@ -29,7 +29,15 @@ from cattrs.errors import ClassValidationError
 from cattrs.gen import make_dict_structure_fn, override
 from cattrs.preconf.orjson import make_converter
 
-from imageworks_proxy.catalogue.entry import InvalidValue, describe, opt_int, opt_number, opt_str
+from imageworks_proxy.catalogue.entry import (
+    InvalidValue,
+    describe,
+    opt_int,
+    opt_number,
+    opt_str,
+    required,
+    text,
+)
 from imageworks_proxy.upstream import process
 
 log = logging.getLogger("imageworks_proxy.orchestrator")
@@ -69,28 +77,16 @@ class VllmState:
         return self.sleep_level > 0
 
 
-def _text(value: Any, _: Any = None) -> str:
-    if isinstance(value, str) and value:
-        return value
-    raise InvalidValue(f"expected a non-empty string, got {value!r}")
-
-
 def _host(value: Any, _: Any = None) -> str:
     return opt_str(value) or DEFAULT_HOST
 
 
-def _integer(value: Any, _: Any = None) -> int:
-    number = opt_int(value)
-    if number is None:
-        raise InvalidValue(f"expected an integer, got {value!r}")
-    return number
+_integer = required(opt_int, "an integer")
+_number = required(opt_number, "a number")
 
 
 def _time(value: Any, _: Any = None) -> float:
-    number = opt_number(value)
-    if number is None:
-        raise InvalidValue(f"expected a number, got {value!r}")
-    return float(number)
+    return float(_number(value))
 
 
 def _command(value: Any, _: Any = None) -> tuple[str, ...]:
@@ -132,8 +128,8 @@ def make_state_converter() -> Converter:
     fields = make_dict_structure_fn(
         VllmState,
         conv,
-        logical_name=override(struct_hook=_text),
-        served_model_id=override(struct_hook=_text),
+        logical_name=override(struct_hook=text),
+        served_model_id=override(struct_hook=text),
         host=override(struct_hook=_host),
         port=override(struct_hook=_integer),
         pid=override(struct_hook=_integer),
