@@ -218,10 +218,18 @@ async def test_positive_or_null_max_tokens_go_through(env, value):
 # -- giant strings are neither echoed nor logged whole ----------------------------------------------
 
 
-async def test_a_megabyte_model_name_is_refused_without_echoing_it(env):
+@pytest.mark.parametrize(
+    "route, body",
+    [
+        ("/v1/chat/completions", {"messages": user("x")}),
+        ("/v1/embeddings", {"input": "x"}),
+        ("/v1/completions", {"prompt": "x"}),
+    ],
+)
+async def test_a_megabyte_model_name_is_refused_without_echoing_it(env, route, body):
     client, _ = await env()
     name = "m" * 1_000_000
-    resp = await client.post("/v1/chat/completions", json={"model": name, "messages": user("x")})
+    resp = await client.post(route, json={"model": name, **body})
     assert resp.status == 400
     raw = await resp.read()
     assert len(raw) < 2_000

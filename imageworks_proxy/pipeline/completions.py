@@ -11,6 +11,7 @@ from imageworks_proxy.adapters.base import COMPLETIONS
 from imageworks_proxy.errors import invalid_request
 from imageworks_proxy.pipeline.conformance import fix_usage
 from imageworks_proxy.pipeline.embeddings import input_kind
+from imageworks_proxy.pipeline.request import check_model, check_stream
 from imageworks_proxy.pipeline.stage import ChatContext, Stage
 from imageworks_proxy.wire.ids import text_completion_id
 
@@ -32,11 +33,7 @@ class ValidateCompletions(Stage):
 
     async def request(self, ctx: ChatContext) -> None:
         body = ctx.body
-        model = body.get("model")
-        if not isinstance(model, str) or not model.strip():
-            raise invalid_request(
-                "'model' must be a non-empty string naming a model from GET /v1/models.", "model"
-            )
+        model = check_model(body)
         prompt = body.get("prompt")
         if prompt != "" and input_kind(prompt) is None:
             raise invalid_request(
@@ -46,17 +43,8 @@ class ValidateCompletions(Stage):
             )
         if body.get("suffix") is not None and not isinstance(body["suffix"], str):
             raise invalid_request("'suffix' must be a string.", "suffix")
-        stream = body.get("stream", False)
-        if stream is not None and not isinstance(stream, bool):
-            raise invalid_request("'stream' must be true or false.", "stream")
-        opts = body.get("stream_options")
-        if opts is not None and not isinstance(opts, dict):
-            raise invalid_request("'stream_options' must be an object.", "stream_options")
-        ctx.client_wants_usage = bool(stream) and isinstance(opts, dict) and bool(opts.get("include_usage"))
-        if not stream and "stream_options" in body:
-            del body["stream_options"]  # vLLM and OpenAI refuse it without stream
+        check_stream(ctx, body)
         ctx.model = model
-        ctx.stream = bool(stream)
 
 
 class _Seen:

@@ -9,6 +9,7 @@ from typing import Any
 
 from imageworks_proxy.adapters.base import EMBEDDINGS
 from imageworks_proxy.errors import ProxyError, invalid_request
+from imageworks_proxy.pipeline.request import check_model
 from imageworks_proxy.pipeline.stage import ChatContext, Stage
 
 _INPUT_SHAPES = "a string, a list of strings, a list of token ids or a list of token-id lists"
@@ -48,11 +49,7 @@ class ValidateEmbeddings(Stage):
 
     async def request(self, ctx: ChatContext) -> None:
         body = ctx.body
-        model = body.get("model")
-        if not isinstance(model, str) or not model.strip():
-            raise invalid_request(
-                "'model' must be a non-empty string naming a model from GET /v1/models.", "model"
-            )
+        model = check_model(body)
         if input_kind(body.get("input")) is None:
             raise invalid_request(f"'input' must be {_INPUT_SHAPES}, and not empty.", "input")
         if body.get("encoding_format") not in (None, "float", "base64"):

@@ -79,6 +79,37 @@ def _check_max_tokens(body: dict[str, Any]) -> None:
             raise invalid_request(f"'{field}' must be an integer of at least 1; got {shown(value)}.", field)
 
 
+def check_model(body: dict[str, Any]) -> str:
+    """The request's ``model``; a 400 naming ``model`` when it is not a non-empty string or is longer than
+    any id (checked by every route that names a model)."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise invalid_request(
+            "'model' must be a non-empty string naming a model from GET /v1/models.", "model"
+        )
+    if len(model) > MAX_MODEL_CHARS:
+        raise invalid_request(
+            f"'model' is {len(model)} characters long; model ids have at most {MAX_MODEL_CHARS}.", "model"
+        )
+    return model
+
+
+def check_stream(ctx: ChatContext, body: dict[str, Any]) -> None:
+    """Check ``stream`` and ``stream_options`` (400 naming the field), and set ``ctx.stream`` and
+    ``ctx.client_wants_usage``. ``stream_options`` without ``stream`` is dropped: vLLM and OpenAI answer
+    400 to it, and it means nothing here anyway."""
+    stream = body.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise invalid_request("'stream' must be true or false.", "stream")
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise invalid_request("'stream_options' must be an object.", "stream_options")
+    ctx.client_wants_usage = bool(stream) and isinstance(opts, dict) and bool(opts.get("include_usage"))
+    if not stream and "stream_options" in body:
+        del body["stream_options"]
+    ctx.stream = bool(stream)
+
+
 class ValidateRequest(Stage):
     """400 for a body the proxy cannot route; unknown fields are kept and forwarded."""
 
@@ -87,15 +118,7 @@ class ValidateRequest(Stage):
 
     async def request(self, ctx: ChatContext) -> None:
         body = ctx.body
-        model = body.get("model")
-        if not isinstance(model, str) or not model.strip():
-            raise invalid_request(
-                "'model' must be a non-empty string naming a model from GET /v1/models.", "model"
-            )
-        if len(model) > MAX_MODEL_CHARS:
-            raise invalid_request(
-                f"'model' is {len(model)} characters long; model ids have at most {MAX_MODEL_CHARS}.", "model"
-            )
+        model = check_model(body)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise invalid_request("'messages' must be a non-empty list of message objects.", "messages")
@@ -103,18 +126,8 @@ class ValidateRequest(Stage):
             _check_message(i, msg)
         _check_tools(body)
         _check_max_tokens(body)
-        stream = body.get("stream", False)
-        if stream is not None and not isinstance(stream, bool):
-            raise invalid_request("'stream' must be true or false.", "stream")
-        opts = body.get("stream_options")
-        if opts is not None and not isinstance(opts, dict):
-            raise invalid_request("'stream_options' must be an object.", "stream_options")
-        ctx.client_wants_usage = bool(stream) and isinstance(opts, dict) and bool(opts.get("include_usage"))
-        if not stream and "stream_options" in body:
-            # vLLM and OpenAI answer 400 to stream_options without stream; it means nothing here anyway.
-            del body["stream_options"]
+        check_stream(ctx, body)
         ctx.model = model
-        ctx.stream = bool(stream)
 
 
 class ResolveModel(Stage):
