@@ -14,9 +14,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from imageworks_proxy.adapters.ollama.request import generation_options, keep_alive_for
-from imageworks_proxy.adapters.ollama.response import usage_from
+from imageworks_proxy.adapters.ollama.response import stream_line, usage_from
 from imageworks_proxy.errors import ProxyError
-from imageworks_proxy.upstream.errors import error_fields
 from imageworks_proxy.wire import ids
 
 #: OpenAI's ``max_tokens`` default for text completions (vLLM's too); Ollama's is unbounded.
@@ -125,11 +124,7 @@ class GenerateTranslator:
         }
 
     def feed(self, line: Any) -> list[dict[str, Any]]:
-        if not isinstance(line, Mapping):
-            raise ProxyError(502, "backend_error", "Ollama sent a stream line that is not a JSON object")
-        if "error" in line:
-            message = error_fields(line)[0] or "unknown error"
-            raise ProxyError(502, "backend_error", f"Ollama error: {message}")
+        line = stream_line(line)
         out: list[dict[str, Any]] = []
         if self._echo is not None:
             out.append(self._chunk(self._echo))

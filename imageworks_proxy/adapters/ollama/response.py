@@ -107,6 +107,17 @@ def completion_from_ollama(
     }
 
 
+def stream_line(line: Any) -> Mapping[str, Any]:
+    """One NDJSON line of an Ollama stream (``/api/chat`` or ``/api/generate``), checked: a line that is not
+    a JSON object, or that carries Ollama's ``error``, is a 502 ``backend_error``."""
+    if not isinstance(line, Mapping):
+        raise ProxyError(502, "backend_error", "Ollama sent a stream line that is not a JSON object")
+    if "error" in line:
+        message = error_fields(line)[0] or "unknown error"
+        raise ProxyError(502, "backend_error", f"Ollama error: {message}")
+    return line
+
+
 class ChunkTranslator:
     """Turns ``/api/chat`` NDJSON lines into ``chat.completion.chunk`` dicts for one stream.
 
@@ -136,11 +147,7 @@ class ChunkTranslator:
         }
 
     def feed(self, line: Any) -> list[dict[str, Any]]:
-        if not isinstance(line, Mapping):
-            raise ProxyError(502, "backend_error", "Ollama sent a stream line that is not a JSON object")
-        if "error" in line:
-            message = error_fields(line)[0] or "unknown error"
-            raise ProxyError(502, "backend_error", f"Ollama error: {message}")
+        line = stream_line(line)
         out: list[dict[str, Any]] = []
         if not self._started:
             self._started = True
