@@ -2,4 +2,4 @@
 built with an explicit plugin manager (no entry-point scan), test clients (see docs/testing.md); and
 pytester, to run the kit the way an adapter author does."""
 
-pytest_plugins = ["imageworks_proxy.testing.pytest_plugin", "pytester"]
+pytest_plugins = ["imageworks_proxy.testing.pytest_plugin", "pytester", "tests.proxy_helpers"]

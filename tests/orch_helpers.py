@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,20 @@ def vllm_entry(name: str, tmp: Path, *extra: str, **fields: Any) -> dict[str, An
     }
     entry.update(fields)
     return entry
+
+
+async def until(predicate, timeout=30.0):
+    """Poll until ``predicate()`` holds (a condition the test needs, not a timing assertion)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "condition never became true"
+        await asyncio.sleep(0.02)
+
+
+def pid_of(text: str) -> int:
+    """The pid in the fake vLLM's answer (``... pid 1234``)."""
+    return int(text.rsplit("pid ", 1)[1])
 
 
 def events(tmp: Path) -> list[dict[str, Any]]:

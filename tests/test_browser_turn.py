@@ -21,6 +21,7 @@ from imageworks_proxy.testing.fakes import vllm as fake_vllm
 from imageworks_proxy.testing.fakes.ollama import FakeOllama, Reply, echo_responder
 from tests.openai_schemas import validate_chunk, validate_completion
 from tests.orch_helpers import orch_settings
+from tests.proxy_helpers import log_records
 
 QUESTION = "What time is it?"
 
@@ -190,8 +191,6 @@ async def test_reasoning_effort_is_dropped_for_a_model_that_cannot_think_and_rea
 
 
 async def test_what_was_dropped_is_logged_once_per_model_and_in_the_request_log(proxy, caplog):
-    from tests.test_observability_http import settle
-
     with caplog.at_level(logging.INFO, logger="imageworks_proxy.capabilities"):
         for _ in range(2):
             await turn(proxy, "llama-vision", False, reasoning_effort="high")
@@ -199,7 +198,7 @@ async def test_what_was_dropped_is_logged_once_per_model_and_in_the_request_log(
     assert len(lines) == 2, lines  # tools once, reasoning once
     assert "llama-vision has no tools capability (Ollama /api/tags for llama3.2-vision:latest)" in lines[0]
     assert "dropping tools" in lines[0] and "dropping reasoning_effort" in lines[1]
-    record = (await settle(proxy))[-1]
+    record = (await log_records(proxy))[-1]
     assert record["capabilities"] == ["vision"]
     assert record["adapted"] == ["tools", "reasoning_effort"]
 

@@ -12,32 +12,15 @@ import pytest
 
 from imageworks_proxy.testing import sse_events, user
 from imageworks_proxy.testing.fakes import openai as fake_openai
-from imageworks_proxy.testing.fakes.openai import CANCELLED, make_fake_openai, registry_for
-from tests.openai_schemas import validate_chunk, validate_error
+from imageworks_proxy.testing.fakes.openai import CANCELLED, make_fake_openai
+from tests.openai_schemas import validate_chunk
+from tests.proxy_helpers import error_of
 
 
 @pytest.fixture
-async def env(aiohttp_server, registry_file, make_config, proxy_client, monkeypatch):
+def env(fake_openai_proxy, monkeypatch):
     monkeypatch.setattr(fake_openai, "DELAY", 1.0)
-
-    async def start(extra_entries=(), vision=False, **overrides):
-        fake = make_fake_openai()
-        server = await aiohttp_server(fake)
-        registry_file(registry_for(str(server.make_url("/v1")), vision=vision) + list(extra_entries))
-        client = await proxy_client(make_config(**overrides))
-        return client, fake
-
-    return start
-
-
-async def error_of(resp, status, code):
-    assert resp.status == status, await resp.text()
-    assert resp.headers["Content-Type"].startswith("application/json")
-    body = await resp.json()
-    validate_error(body)
-    assert body["error"]["code"] == code
-    assert body["error"]["request_id"] == resp.headers["X-Request-Id"]
-    return body
+    return fake_openai_proxy
 
 
 @pytest.mark.parametrize(

@@ -40,10 +40,9 @@ def ch(delta=None, finish=None, **extra):
 
 
 @pytest.fixture
-async def env(aiohttp_server, registry_file, make_config, proxy_client):
+def env(aiohttp_server, registry_file, make_config, proxy_client, openai_sdk):
     """start(scripts={name: events}, vision=False, backend="openai", tool_parser=None, **config)
     -> (client, fake, sdk); ``tool_parser`` goes into the scripted entries' ``metadata``."""
-    sdks = []
 
     async def start(scripts=None, vision=False, backend="openai", tool_parser=None, **overrides):
         fake = make_fake_openai()
@@ -59,13 +58,9 @@ async def env(aiohttp_server, registry_file, make_config, proxy_client):
             entries.append(entry)
         registry_file(entries)
         client = await proxy_client(make_config(**overrides))
-        sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="x", max_retries=0)
-        sdks.append(sdk)
-        return client, fake, sdk
+        return client, fake, openai_sdk(client)
 
-    yield start
-    for sdk in sdks:
-        await sdk.close()
+    return start
 
 
 async def stream_events(client, model, **body):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 
-import openai
 import orjson
 import pytest
 
@@ -15,9 +14,7 @@ from tests.openai_schemas import validate_chunk, validate_completion
 
 
 @pytest.fixture
-async def env(aiohttp_server, registry_file, make_config, proxy_client):
-    sdks = []
-
+def env(aiohttp_server, registry_file, make_config, proxy_client, openai_sdk):
     async def start(**overrides):
         fake = make_fake_openai()
         server = await aiohttp_server(fake)
@@ -27,13 +24,9 @@ async def env(aiohttp_server, registry_file, make_config, proxy_client):
             entry["metadata"] = {"tool_parser": tool_parser}
         registry_file(entries)
         client = await proxy_client(make_config(**overrides))
-        sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="unused", max_retries=0)
-        sdks.append(sdk)
-        return client, fake, sdk
+        return client, fake, openai_sdk(client)
 
-    yield start
-    for sdk in sdks:
-        await sdk.close()
+    return start
 
 
 async def test_sdk_non_streaming_completion_is_valid_and_names_the_requested_model(env):

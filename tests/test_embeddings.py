@@ -4,18 +4,17 @@ the request log, the model list and GPU tenancy make of it; seen from the openai
 from __future__ import annotations
 
 import base64
-import json
 import math
 import struct
 
 import openai
 import pytest
 
-from imageworks_proxy import keys
 from imageworks_proxy.testing import user
 from imageworks_proxy.testing.fakes.ollama import FakeOllama, ollama_entry
-from imageworks_proxy.testing.fakes.openai import REQUESTS, make_fake_openai, registry_for
+from imageworks_proxy.testing.fakes.openai import REQUESTS
 from tests.openai_schemas import validate_embeddings, validate_error
+from tests.proxy_helpers import log_records
 
 EMBED_TAG = "nomic-embed-text:latest"
 CHAT_TAG = "llama3.2:latest"
@@ -27,12 +26,9 @@ def floats(b64: str) -> list[float]:
 
 
 @pytest.fixture
-async def passthrough(aiohttp_server, registry_file, make_config, proxy_client, openai_sdk):
+async def passthrough(fake_openai_proxy, openai_sdk):
     """A proxy in front of the fake OpenAI-compatible server: entries m-<mode>, served id <mode>."""
-    fake = make_fake_openai()
-    server = await aiohttp_server(fake)
-    registry_file(registry_for(str(server.make_url("/v1"))))
-    client = await proxy_client(make_config())
+    client, fake = await fake_openai_proxy()
     return client, fake, openai_sdk(client)
 
 
@@ -117,13 +113,11 @@ async def test_unknown_models_and_bad_input_get_openai_errors(passthrough):
     assert all(r["body"].get("model") != "no-such-model" for r in fake[REQUESTS])
 
 
-async def test_embeddings_are_logged_with_their_route_and_token_counts(passthrough, tmp_path):
+async def test_embeddings_are_logged_with_their_route_and_token_counts(passthrough):
     client, fake, sdk = passthrough
     await sdk.embeddings.create(model="m-echo", input="three short words")
     await sdk.embeddings.create(model="m-minimal", input="sixteen chars ok")  # no usage upstream
-    await keys.request_log(client.app).flush()
-    log = tmp_path / "logs" / "chat_proxy.jsonl"
-    echo, minimal = [json.loads(line) for line in log.read_text().splitlines()]
+    echo, minimal = await log_records(client)
     assert (echo["endpoint"], echo["status"], echo["logical_name"]) == ("embeddings", 200, "m-echo")
     assert (echo["prompt_tokens"], echo["completion_tokens"], echo["tokens_estimated"]) == (3, 0, False)
     estimate = (minimal["prompt_tokens"], minimal["completion_tokens"], minimal["tokens_estimated"])
@@ -193,16 +187,11 @@ async def test_an_embedding_only_model_refuses_chat_and_is_marked_in_the_model_l
     assert models["llama3.2 3b"]["endpoints"] == ["chat/completions", "completions"]
 
 
-async def test_a_refused_embeddings_request_is_logged_too(aiohttp_server, registry_file, make_config,
-                                                           proxy_client, tmp_path):
-    server = await aiohttp_server(make_fake_openai())
-    registry_file(registry_for(str(server.make_url("/v1"))))
-    client = await proxy_client(make_config(API_KEYS="sekrit"))
+async def test_a_refused_embeddings_request_is_logged_too(fake_openai_proxy):
+    client, _ = await fake_openai_proxy(API_KEYS="sekrit")
     resp = await client.post("/v1/embeddings", json={"model": "m-echo", "input": "x"})
     assert resp.status == 401
-    await keys.request_log(client.app).flush()
-    log = (tmp_path / "logs" / "chat_proxy.jsonl").read_text()
-    [record] = [json.loads(line) for line in log.splitlines()]
+    [record] = await log_records(client)
     assert (record["endpoint"], record["status"], record["error_code"]) == (
         "embeddings", 401, "invalid_api_key"
     )

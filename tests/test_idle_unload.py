@@ -13,18 +13,9 @@ from imageworks_proxy.gpu.scheduler import GpuScheduler
 from imageworks_proxy.gpu.tenancy import Tenant
 from imageworks_proxy.testing import free_port, pid_alive, user
 from imageworks_proxy.testing.fakes.ollama import FakeOllama, ollama_entry
-from tests.orch_helpers import chat, events, orch_settings, started, vllm_entry
+from tests.orch_helpers import chat, events, orch_settings, started, until, vllm_entry
 
 IDLE_S = 0.3
-
-
-async def until(predicate, timeout=30.0):
-    """Poll until ``predicate()`` holds (a condition the test needs, not a timing assertion)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition never became true"
-        await asyncio.sleep(0.02)
 
 
 class Call:

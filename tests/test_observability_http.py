@@ -14,6 +14,7 @@ from imageworks_proxy import ProxyError, Tenant, keys
 from imageworks_proxy.testing import sse_events, user
 from imageworks_proxy.testing.fakes.openai import make_fake_openai, registry_for
 from tests.openai_schemas import validate_error
+from tests.proxy_helpers import log_records
 
 PNG = "data:image/png;base64,iVBORw0KGgo="  # 8 bytes
 SECRET_PROMPT = "PURPLE-ELEPHANT-PROMPT-42"
@@ -39,17 +40,6 @@ def read_records(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-async def settle(client) -> list[dict]:
-    """Wait until no chat request is in flight and the log writer caught up; return the records."""
-    app = client.app
-    for _ in range(1000):
-        if keys.metrics(app).in_flight == 0:
-            break
-        await asyncio.sleep(0.01)
-    await keys.request_log(app).flush()
-    return read_records(log_path(client))
 
 
 FIELDS = {
@@ -89,7 +79,7 @@ async def test_a_successful_request_is_one_record_with_the_spec_fields(env):
     )
     assert resp.status == 200
     assert resp.headers["X-Request-Id"] == "my-trace-1"
-    [rec] = await settle(client)
+    [rec] = await log_records(client)
     assert set(rec) == FIELDS
     assert rec["ts"].endswith("Z") and rec["ts"][:2] == "20"
     assert rec["request_id"] == "my-trace-1"
@@ -112,7 +102,7 @@ async def test_client_errors_are_recorded_with_their_code(env):
     r2 = await client.post("/v1/chat/completions", data=b"{not json")
     r3 = await client.post("/v1/chat/completions", json={"model": "m-error404", "messages": user("hi")})
     assert (r1.status, r2.status, r3.status) == (404, 400, 404)
-    recs = {r["request_id"]: r for r in await settle(client)}
+    recs = {r["request_id"]: r for r in await log_records(client)}
     a, b, c = (recs[r.headers["X-Request-Id"]] for r in (r1, r2, r3))
     assert (a["status"], a["error_code"], a["model"], a["logical_name"], a["adapter"]) == (
         404,
@@ -133,7 +123,7 @@ async def test_backend_failures_are_recorded_as_5xx(env):
     client = await env()
     resp = await client.post("/v1/chat/completions", json={"model": "m-error500", "messages": user("hi")})
     assert resp.status == 502
-    [rec] = await settle(client)
+    [rec] = await log_records(client)
     assert (rec["status"], rec["error_code"], rec["logical_name"]) == (502, "backend_error", "m-error500")
 
 
@@ -151,7 +141,7 @@ async def test_a_streamed_request_has_ttft_the_request_id_header_and_usage_token
     assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
     rid = resp.headers["X-Request-Id"]
     assert sse_events(await resp.read())[-1] == "[DONE]"
-    [rec] = await settle(client)
+    [rec] = await log_records(client)
     assert rec["request_id"] == rid and rec["stream"] is True and rec["status"] == 200
     assert 0 < rec["ttft_ms"] <= rec["duration_ms"]
     assert (rec["prompt_tokens"], rec["completion_tokens"], rec["tokens_estimated"]) == (5, 3, False)
@@ -168,7 +158,7 @@ async def test_a_stream_without_usage_gets_estimated_and_flagged_token_counts(en
         "/v1/chat/completions", json={"model": "m-minimal", "messages": user("alpha beta")}
     )
     assert (await resp.json())["choices"][0]["message"]["content"] == "echo: alpha beta"  # and no usage
-    streamed, plain = await settle(client)
+    streamed, plain = await log_records(client)
     assert streamed["tokens_estimated"] is True and plain["tokens_estimated"] is True
     # "echo: alpha beta gamma delta " is 29 characters: about 8 tokens; "echo: alpha beta" 16: 4 tokens
     assert streamed["completion_tokens"] == 8 and plain["completion_tokens"] == 4
@@ -183,7 +173,7 @@ async def test_a_vllm_stream_logs_real_token_counts_without_sending_usage_the_cl
     events = sse_events(await resp.read())
     assert events[-1] == "[DONE]"
     assert all(e["choices"] and "usage" not in e for e in events[:-1])  # no usage chunk reached the client
-    [rec] = await settle(client)
+    [rec] = await log_records(client)
     assert (rec["prompt_tokens"], rec["completion_tokens"], rec["tokens_estimated"]) == (5, 3, False)
 
 
@@ -194,7 +184,7 @@ async def test_an_error_inside_a_stream_is_recorded_with_its_code(env):
     )
     assert resp.status == 200
     await resp.read()
-    [rec] = await settle(client)
+    [rec] = await log_records(client)
     assert rec["stream"] is True and rec["error_code"] is not None and rec["status"] >= 500
     assert rec["ttft_ms"] is not None
 
@@ -210,7 +200,7 @@ async def test_a_cancelled_stream_is_recorded_as_a_client_disconnect(env, handle
     await resp.content.readuntil(b"\n\n")  # the first event has arrived
     rid = resp.headers["X-Request-Id"]
     resp.close()  # the client goes away mid-stream
-    [rec] = await settle(client)
+    [rec] = await log_records(client)
     assert rec["request_id"] == rid
     assert (rec["status"], rec["error_code"]) == (499, "client_disconnected")
     assert rec["ttft_ms"] is not None and rec["tokens_estimated"] is True
@@ -231,7 +221,7 @@ async def test_images_and_truncation_are_counted(env):
     ]
     resp = await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": messages})
     assert resp.status == 200
-    [rec] = await settle(client)
+    [rec] = await log_records(client)
     assert rec["images"] == 1 and rec["truncated_messages"] == 2
 
 
@@ -258,7 +248,7 @@ async def test_without_log_prompts_no_prompt_or_reply_text_appears_anywhere(env,
         )
         body = await resp.read()
         assert SECRET_PROMPT.encode() in body  # the echo reply carries it: the reply text is secret too
-    recs = await settle(client)
+    recs = await log_records(client)
     assert len(recs) == 2
     raw = log_path(client).read_text()
     assert SECRET_PROMPT not in raw and "iVBOR" not in raw and "echo:" not in raw
@@ -288,7 +278,7 @@ async def test_with_log_prompts_messages_have_images_redacted_and_the_reply_is_k
             "/v1/chat/completions", json={"model": "m-tools", "messages": user("weather?"), "stream": True}
         )
     ).read()
-    plain, streamed, tools = await settle(client)
+    plain, streamed, tools = await log_records(client)
     for rec in (plain, streamed):
         parts = rec["messages"][-1]["content"]
         assert parts[0] == {"type": "text", "text": "describe " + SECRET_PROMPT}
@@ -318,7 +308,7 @@ async def test_rotation_under_concurrent_load_keeps_every_record_of_the_two_gene
         return resp.headers["X-Request-Id"]
 
     rids = await asyncio.gather(*(one(i) for i in range(100)))
-    current = await settle(client)
+    current = await log_records(client)
     rotated = read_records(Path(str(log_path(client)) + ".1"))
     rlog = keys.request_log(client.app)
     # ~400-byte records: 100 of them need two generations of 30 kB, so exactly one rotation, nothing lost
@@ -333,7 +323,7 @@ async def test_an_unwritable_log_never_fails_a_request(env, tmp_path):
     client = await env(log_path=str(blocker / "chat.jsonl"), enable_metrics="1")
     resp = await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": user("hi")})
     assert resp.status == 200
-    await settle(client)
+    await log_records(client)
     metrics = await (await client.get("/v1/metrics")).json()
     assert metrics["request_log"]["write_errors"] == 1 and metrics["request_log"]["written"] == 0
 
@@ -367,7 +357,7 @@ async def test_v1_metrics_reports_the_window_by_model_and_backend(env):
         await client.post("/v1/chat/completions", json={"model": "m-error500", "messages": user("hi")})
     ).read()
     await (await client.post("/v1/chat/completions", json={"model": "nope", "messages": user("hi")})).read()
-    await settle(client)
+    await log_records(client)
     resp = await client.get("/v1/metrics")
     assert resp.status == 200
     m = await resp.json()
@@ -451,7 +441,7 @@ async def test_prometheus_text_parses_back_with_bounded_labels(env):
             "/v1/chat/completions", json={"model": "free text model name", "messages": user("x")}
         )
     ).read()
-    await settle(client)
+    await log_records(client)
     resp = await client.get("/metrics")
     assert resp.status == 200
     assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
@@ -491,10 +481,10 @@ async def test_prometheus_text_parses_back_with_bounded_labels(env):
     }
     assert tokens["prompt"] >= 10 and tokens["completion"] >= 6
     assert families["imageworks_proxy_in_flight_requests"].samples[0].value == 0
-    log_records = [
+    written = [
         s.value for s in families["imageworks_proxy_request_log_records"].samples if s.name.endswith("_total")
     ]
-    assert log_records == [5]
+    assert written == [5]
     # the free-text model name never became a label value
     assert "free text model name" not in await resp.text()
 
@@ -510,7 +500,7 @@ async def test_two_apps_in_one_process_keep_separate_metrics(env):
     a = await env(enable_metrics="1")
     b = await env(enable_metrics="1")
     await (await a.post("/v1/chat/completions", json={"model": "m-echo", "messages": user("hi")})).read()
-    await settle(a)
+    await log_records(a)
     ma = await (await a.get("/v1/metrics")).json()
     mb = await (await b.get("/v1/metrics")).json()
     assert ma["overall"]["requests"] == 1 and mb["overall"]["requests"] == 0
@@ -537,7 +527,7 @@ async def test_one_access_line_per_request_with_model_status_ms_and_request_id(e
     )
     assert bad.status == 401
     await client.get("/v1/models", headers=auth)
-    await settle(client)
+    await log_records(client)
     lines = [r.getMessage() for r in caplog.records if r.name == "imageworks_proxy.access"]
     assert len(lines) == 3
     ok, denied, models = lines
@@ -559,7 +549,7 @@ async def test_access_line_shows_an_in_band_error_and_health_is_quiet(env, caplo
         )
     ).read()
     await client.get("/v1/health")
-    await settle(client)
+    await log_records(client)
     lines = [r.getMessage() for r in caplog.records if r.name == "imageworks_proxy.access"]
     assert len(lines) == 1
     assert " status=200 error=" in lines[0]
@@ -585,5 +575,5 @@ async def test_a_failure_inside_observability_never_fails_the_request(env, caplo
     resp = await client.post("/v1/chat/completions", json={"model": "m-echo", "messages": user("hi")})
     assert resp.status == 200
     assert (await resp.json())["choices"][0]["message"]["content"] == "echo: hi"
-    await settle(client)
+    await log_records(client)
     assert any("metrics bug" in (r.exc_text or str(r.exc_info)) for r in caplog.records if r.exc_info)

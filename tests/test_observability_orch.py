@@ -4,15 +4,12 @@ Runs once the vLLM orchestrator is present (it reads the orchestrator's ``stats(
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from imageworks_proxy import keys
 from imageworks_proxy.testing import free_port, user
 from tests import orch_helpers
+from tests.proxy_helpers import log_records
 
 pytest.importorskip("imageworks_proxy.gpu.scheduler", reason="the vLLM orchestrator is not merged yet")
 
@@ -24,8 +21,7 @@ async def test_switches_show_up_as_swaps_queue_time_and_the_active_model(tmp_pat
     for model in ("alpha", "beta", "alpha"):
         resp = await client.post("/v1/chat/completions", json={"model": model, "messages": user("hi")})
         assert resp.status == 200
-    await keys.request_log(client.app).flush()
-    records = [json.loads(line) for line in Path(keys.config(client.app).log_path).read_text().splitlines()]
+    records = await log_records(client)
     assert [r["logical_name"] for r in records] == ["alpha", "beta", "alpha"]
     assert all(r["adapter"] == "vllm-orchestrated" and r["queue_ms"] > 0 for r in records)  # each waited
     m = await (await client.get("/v1/metrics")).json()

@@ -11,7 +11,7 @@ import pytest
 from imageworks_proxy.adapters.vllm_orchestrated import orchestrator
 from imageworks_proxy.testing import free_port, sse_events, user
 from tests.openai_schemas import validate_chunk, validate_completion, validate_error
-from tests.orch_helpers import orch_settings, started, vllm_entry
+from tests.orch_helpers import orch_settings, started, until, vllm_entry
 
 
 @pytest.fixture
@@ -21,14 +21,6 @@ def orch(tmp_path, make_config, registry_file, proxy_client):
         return await proxy_client(make_config(**orch_settings(free_port(), **overrides)))
 
     return start
-
-
-async def until(predicate, timeout=30.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition never became true"
-        await asyncio.sleep(0.02)
 
 
 async def test_a_stream_for_a_cold_model_gets_headers_and_a_keep_alive_at_once_then_the_answer(

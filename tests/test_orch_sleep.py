@@ -14,7 +14,7 @@ from imageworks_proxy import keys
 from imageworks_proxy.adapters.vllm_orchestrated import orchestrator
 from imageworks_proxy.testing import free_port
 from imageworks_proxy.upstream import process
-from tests.orch_helpers import chat, events, orch_settings, overlaps, started, vllm_entry
+from tests.orch_helpers import chat, events, orch_settings, overlaps, pid_of, started, vllm_entry
 
 
 @pytest.fixture
@@ -28,10 +28,6 @@ def orch(tmp_path, make_config, registry_file, make_app, aiohttp_client):
         return await aiohttp_client(make_app(cfg))
 
     return start
-
-
-def pid_of(text: str) -> int:
-    return int(text.rsplit("pid ", 1)[1])
 
 
 def of(tmp: Path, name: str) -> list[dict]:

@@ -16,7 +16,7 @@ from imageworks_proxy.adapters.vllm_orchestrated import orchestrator
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.testing import free_port
 from imageworks_proxy.upstream import process
-from tests.orch_helpers import chat, events, orch_settings, overlaps, started, vllm_entry
+from tests.orch_helpers import chat, events, orch_settings, overlaps, pid_of, started, until, vllm_entry
 
 
 @pytest.fixture
@@ -29,19 +29,6 @@ def orch(tmp_path, make_config, registry_file, make_app, aiohttp_client):
         return await aiohttp_client(make_app(cfg))
 
     return start
-
-
-def pid_of(text: str) -> int:
-    return int(text.rsplit("pid ", 1)[1])
-
-
-async def until(predicate, timeout=30.0):
-    """Poll until ``predicate()`` holds (a condition the test needs, not a timing assertion)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition never became true"
-        await asyncio.sleep(0.02)
 
 
 async def models_status(client) -> dict[str, str]:

@@ -14,26 +14,12 @@ from aiohttp import web
 from imageworks_proxy.testing import user
 from imageworks_proxy.testing.fakes.openai import REQUESTS, make_fake_openai, registry_for
 from tests.openai_schemas import validate_error
+from tests.proxy_helpers import error_of
 
 
 @pytest.fixture
-async def env(aiohttp_server, registry_file, make_config, proxy_client):
-    async def start(**overrides):
-        fake = make_fake_openai()
-        server = await aiohttp_server(fake)
-        registry_file(registry_for(str(server.make_url("/v1"))))
-        client = await proxy_client(make_config(**overrides))
-        return client, fake
-
-    return start
-
-
-async def error_of(resp, status, code):
-    assert resp.status == status, await resp.text()
-    body = await resp.json()
-    validate_error(body)
-    assert body["error"]["code"] == code
-    return body
+def env(fake_openai_proxy):
+    return fake_openai_proxy
 
 
 # -- compressed bodies ------------------------------------------------------------------------------

@@ -5,18 +5,15 @@ in CI (docs/security.md)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-from pathlib import Path
 
 import pytest
 from aiohttp import web
 
-from imageworks_proxy import keys
 from imageworks_proxy.testing.fakes import openai as fake_openai
-from imageworks_proxy.testing.fakes.openai import make_fake_openai, registry_for
 from tests.chromium import Chromium, find_chromium
+from tests.proxy_helpers import log_records
 
 CHROMIUM = find_chromium()
 #: The name a rebinding attacker's DNS points at 127.0.0.1, after the victim loaded the page from it.
@@ -65,15 +62,8 @@ async def browser(tmp_path):
 
 
 @pytest.fixture
-async def env(aiohttp_server, registry_file, make_config, proxy_client):
-    async def start(**overrides):
-        fake = make_fake_openai()
-        upstream = await aiohttp_server(fake)
-        registry_file(registry_for(str(upstream.make_url("/v1"))))
-        client = await proxy_client(make_config(**overrides))
-        return client, fake
-
-    return start
+def env(fake_openai_proxy):
+    return fake_openai_proxy
 
 
 async def page_server(aiohttp_server, html: str) -> str:
@@ -88,16 +78,6 @@ async def page_server(aiohttp_server, html: str) -> str:
     return str(server.make_url("/"))
 
 
-async def chat_records(client) -> list[dict]:
-    for _ in range(1000):
-        if keys.metrics(client.app).in_flight == 0:
-            break
-        await asyncio.sleep(0.01)
-    await keys.request_log(client.app).flush()
-    path = Path(keys.config(client.app).log_path)
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 async def test_a_page_on_another_site_cannot_chat_stop_models_or_read_answers(env, browser, aiohttp_server):
     client, fake = await env()
     proxy = str(client.make_url("")).rstrip("/")
@@ -105,7 +85,7 @@ async def test_a_page_on_another_site_cannot_chat_stop_models_or_read_answers(en
     chat, stop, models = await tab.evaluate("window.done")
     assert models == "unreadable"
     assert fake[fake_openai.REQUESTS] == []  # no chat reached a model
-    records = await chat_records(client)
+    records = await log_records(client)
     assert [(r["status"], r["error_code"]) for r in records] == [(403, "origin_not_allowed")]
     assert (chat, stop) == ("sent", "sent")  # the browser did send them: the proxy refused them
 

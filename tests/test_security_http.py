@@ -16,42 +16,15 @@ import pytest
 from imageworks_proxy import keys
 from imageworks_proxy.testing import sse_events, user
 from imageworks_proxy.testing.fakes import openai as fake_openai
-from imageworks_proxy.testing.fakes.openai import make_fake_openai, registry_for
-from tests.openai_schemas import validate_error
+from tests.proxy_helpers import error_of, log_records
 
 CHAT = {"model": "m-echo", "messages": user("hello")}
 EVIL = "https://evil.example"
 
 
 @pytest.fixture
-async def env(aiohttp_server, registry_file, make_config, proxy_client):
-    async def start(**overrides):
-        fake = make_fake_openai()
-        server = await aiohttp_server(fake)
-        registry_file(registry_for(str(server.make_url("/v1"))))
-        client = await proxy_client(make_config(**overrides))
-        return client, fake
-
-    return start
-
-
-async def error_of(resp, status, code):
-    assert resp.status == status, (await resp.text())[:300]
-    body = await resp.json()
-    validate_error(body)
-    assert body["error"]["code"] == code
-    return body
-
-
-async def settle(client) -> list[dict]:
-    """The request-log records once no chat is in flight and the writer caught up."""
-    for _ in range(1000):
-        if keys.metrics(client.app).in_flight == 0:
-            break
-        await asyncio.sleep(0.01)
-    await keys.request_log(client.app).flush()
-    path = Path(keys.config(client.app).log_path)
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+def env(fake_openai_proxy):
+    return fake_openai_proxy
 
 
 async def raw_request(client, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
@@ -209,7 +182,7 @@ async def test_a_refused_key_is_one_request_log_line_with_no_key_in_it(env):
                        "invalid_api_key")
     assert (await client.post("/v1/chat/completions", json=CHAT,
                               headers={"Authorization": "Bearer right-key"})).status == 200
-    records = await settle(client)
+    records = await log_records(client)
     assert [(r["status"], r["error_code"]) for r in records] == [
         (401, "invalid_api_key"), (401, "invalid_api_key"), (200, None)]
     text = Path(keys.config(client.app).log_path).read_text()

@@ -4,27 +4,21 @@ SDK and raw HTTP."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import openai
 import pytest
 
-from imageworks_proxy import keys
 from imageworks_proxy.testing import sse_events
 from imageworks_proxy.testing.fakes.ollama import FakeOllama, Reply, ollama_entry
-from imageworks_proxy.testing.fakes.openai import REQUESTS, make_fake_openai, registry_for
+from imageworks_proxy.testing.fakes.openai import REQUESTS
 from tests.openai_schemas import validate_error, validate_text_completion, validate_text_completion_chunk
+from tests.proxy_helpers import log_records
 
 CODER_TAG = "qwen2.5-coder:latest"
 
 
 @pytest.fixture
-async def passthrough(aiohttp_server, registry_file, make_config, proxy_client, openai_sdk):
-    fake = make_fake_openai()
-    server = await aiohttp_server(fake)
-    registry_file(registry_for(str(server.make_url("/v1"))))
-    client = await proxy_client(make_config())
+async def passthrough(fake_openai_proxy, openai_sdk):
+    client, fake = await fake_openai_proxy()
     return client, fake, openai_sdk(client)
 
 
@@ -206,9 +200,7 @@ async def test_ollama_text_completions_are_in_the_request_log(ollama):
     client, fake, sdk = ollama
     await sdk.completions.create(model="coder", prompt="x")
     await stream_text(sdk, model="coder", prompt="y")
-    await keys.request_log(client.app).flush()
-    log = Path(keys.config(client.app).log_path)
-    records = [json.loads(line) for line in log.read_text().splitlines()]
+    records = await log_records(client)
     assert [(r["endpoint"], r["stream"], r["status"]) for r in records] == [
         ("completions", False, 200),
         ("completions", True, 200),

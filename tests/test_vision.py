@@ -3,22 +3,18 @@ says. Images are made with Pillow the way a phone or a browser makes them."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
-import json
 import struct
 import zlib
-from pathlib import Path
 
-import openai
 import pytest
 from PIL import Image
 
-from imageworks_proxy import keys
 from imageworks_proxy.testing.fakes.ollama import FakeOllama, ollama_entry
 from imageworks_proxy.testing.fakes.openai import REQUESTS, make_fake_openai
 from tests.openai_schemas import validate_error
+from tests.proxy_helpers import log_records
 
 ORIENTATION = 0x0112
 
@@ -71,22 +67,11 @@ def received_images(fake) -> list[Image.Image]:
     return out
 
 
-async def log_records(client) -> list[dict]:
-    app = client.app
-    for _ in range(500):
-        if keys.metrics(app).in_flight == 0:
-            break
-        await asyncio.sleep(0.01)
-    await keys.request_log(app).flush()
-    path = Path(keys.config(app).log_path)
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 @pytest.fixture
-async def env(aiohttp_server, registry_file, make_config, proxy_client):
-    """start(backend="vllm", metadata=None, **config) -> (client, fake): one vision entry ``vis`` served by
-    a fake OpenAI-compatible upstream that records what it receives (``vllm`` + base_url: vllm-external)."""
-    sdks = []
+def env(aiohttp_server, registry_file, make_config, proxy_client, openai_sdk):
+    """start(backend="vllm", metadata=None, **config) -> (client, fake, sdk): one vision entry ``vis``
+    served by a fake OpenAI-compatible upstream that records what it receives (``vllm`` + base_url:
+    vllm-external)."""
 
     async def start(backend="vllm", metadata=None, capabilities=("vision",), **overrides):
         fake = make_fake_openai()
@@ -95,13 +80,9 @@ async def env(aiohttp_server, registry_file, make_config, proxy_client):
                         "backend_config": {"base_url": str(server.make_url("/v1"))},
                         "capabilities": list(capabilities), "metadata": metadata or {}}])
         client = await proxy_client(make_config(**overrides))
-        sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="x", max_retries=0)
-        sdks.append(sdk)
-        return client, fake, sdk
+        return client, fake, openai_sdk(client)
 
-    yield start
-    for sdk in sdks:
-        await sdk.close()
+    return start
 
 
 async def test_a_4000x3000_photo_reaches_a_vision_vllm_entry_at_the_target_edge_and_the_log_says_so(env):
