@@ -4,6 +4,8 @@ actions. tests/test_status_browser.py looks at the same page in a real browser."
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from unittest import mock
 
 import orjson
@@ -15,6 +17,12 @@ from imageworks_proxy.observability.recent import RecentActivity, RequestSummary
 from imageworks_proxy.testing import check_error
 from tests import status_helpers
 
+ROOT = Path(__file__).resolve().parents[1]
+#: Every state a model row or an adapter line can show: a model's ``extensions.status``
+#: (vllm/supervisor.py status_of, the Ollama adapter's model_status) and the orchestrator's own word for
+#: the active model (adapters/vllm_orchestrated.py _active_state), sleep mode's included.
+STATES = ("loaded", "loading", "asleep", "sleeping", "waking", "draining", "stopping", "stopped",
+          "available", "unavailable")
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
 SECRET = "the launch code is 0000 — never on the status page"
 
@@ -57,6 +65,16 @@ async def test_the_page_files_come_from_the_package_and_nothing_else_is_served(e
         resp = await e.client.get(path)
         assert resp.status == 404, path
         check_error(await resp.json())
+
+
+def test_every_state_a_model_can_be_in_has_its_own_style_and_a_row_in_the_docs():
+    css = (ROOT / "imageworks_proxy" / "http" / "static" / "status.css").read_text()
+    styled = set(re.findall(r"\.pill\.state-([a-z]+)", css))
+    docs = (ROOT / "docs" / "status-page.md").read_text()
+    rows = {name for line in docs.splitlines() if line.startswith("| `")
+            for name in re.findall(r"`([a-z]+)`", line.split("|")[1])}
+    assert set(STATES) - styled == set(), "no style: the pill shows grey, like an unknown state"
+    assert set(STATES) - rows == set(), "no row in docs/status-page.md's table of states"
 
 
 async def test_status_lists_every_model_with_its_backend_state_and_the_active_one(env):
