@@ -4,6 +4,7 @@ the values the proxy refuses, and names every field the proxy reads or knows to 
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,15 @@ def test_the_schema_names_every_key_the_proxy_reads_or_ignores_on_purpose(schema
     capability_forms = schema["$defs"]["capabilities"]["anyOf"]
     named = next(f["properties"] for f in capability_forms if f.get("type") == "object")
     assert set(CAPABILITY_SYNONYMS.values()) <= set(named)
+
+
+def test_every_metadata_key_the_proxy_reads_is_in_the_schema(schema):
+    read: set[str] = set()
+    for path in (ROOT / "imageworks_proxy").rglob("*.py"):
+        read |= set(re.findall(r'\bmeta(?:data)?\.get\("([a-z_]+)"', path.read_text()))
+    assert "default_system_prompt" in read  # the pattern finds them
+    assert read - fields_read()["metadata"] == set()
+    assert read - set(schema["$defs"]["metadata"]["properties"]) == set()
 
 
 GOOD = [

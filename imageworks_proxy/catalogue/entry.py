@@ -55,6 +55,8 @@ METADATA_READ = (
     "ollama_parameter_size",
     "ollama_capabilities",
     "testing",
+    "tool_parser",
+    "vision",
 )
 
 _INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")
