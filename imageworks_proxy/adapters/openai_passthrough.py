@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import logging
 import os
@@ -34,6 +35,18 @@ class OpenAIPassthroughAdapter(Adapter):
     name = "openai-passthrough"
     backends = ("openai", ANY_BACKEND)
     description = "Any OpenAI-compatible server (base_url or http://host:port/v1)"
+
+    @functools.cached_property
+    def _client_timeouts(self) -> tuple[aiohttp.ClientTimeout, aiohttp.ClientTimeout]:
+        """aiohttp's timeouts for a (non-streamed, streamed) call, made once: the configuration is fixed."""
+        cfg = self.config
+        # at most half a short backend budget, so a host that never accepts shows as unreachable
+        connect = min(10.0, cfg.backend_timeout_ms / 2000)
+        idle = cfg.stream_idle_timeout_ms / 1000
+        return (
+            aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=None),
+            aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=idle),
+        )
 
     def base_url(self, entry: Entry) -> str:
         url = entry_base_url(entry, default_port=None, default_url=None, path="/v1")
@@ -121,12 +134,7 @@ class OpenAIPassthroughAdapter(Adapter):
         data: bytes | io.BytesIO = orjson.dumps(call.body)
         if len(data) > BIG_BODY:  # aiohttp writes big raw bodies in one go; a BytesIO is streamed in pieces
             data = io.BytesIO(data)
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            # at most half a short backend budget, so a host that never accepts shows as unreachable
-            sock_connect=min(10.0, cfg.backend_timeout_ms / 2000),
-            sock_read=cfg.stream_idle_timeout_ms / 1000 if call.stream else None,
-        )
+        timeout = self._client_timeouts[call.stream]
         where = self.where(call)
         for attempt in (0, 1):
             if isinstance(data, io.BytesIO):
