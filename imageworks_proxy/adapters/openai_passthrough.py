@@ -19,6 +19,7 @@ from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.hookspecs import hookimpl
 from imageworks_proxy.upstream.body import read_capped, read_head
 from imageworks_proxy.upstream.errors import in_band_error, transport_failed, unreachable, upstream_error
+from imageworks_proxy.upstream.idle import IdleDeadline
 from imageworks_proxy.upstream.sse import EventTooLong, SSEParser
 from imageworks_proxy.upstream.urls import apply_loopback_alias, entry_base_url
 
@@ -229,14 +230,14 @@ class OpenAIPassthroughAdapter(Adapter):
         )
         parser = SSEParser()
         ending = _StreamEnding(usage_asked)
-        idle_s = self.config.stream_idle_timeout_ms / 1000
-        loop = asyncio.get_running_loop()
+        content = resp.content
+        idle = IdleDeadline(content, self.config.stream_idle_timeout_ms / 1000)
         try:
-            deadline = loop.time() + idle_s
             # Each network read is split into events in one pass (no per-line awaits).
             while True:
-                async with asyncio.timeout_at(deadline):
-                    raw = await resp.content.readany()
+                idle.arm()
+                raw = await content.readany()
+                idle.waiting = False
                 if not raw:
                     break
                 events = parser.feed(raw)
@@ -256,12 +257,12 @@ class OpenAIPassthroughAdapter(Adapter):
                     ending.note(obj)
                     yield adjust(obj) if adjust else obj
                 if events:  # only data restarts the idle clock; comments and partial lines do not
-                    deadline = loop.time() + idle_s
+                    idle.restart()
             if not ending.complete:
                 raise ProxyError(
                     502, "backend_error", f"{where} ended the stream before it was done ({ending.missing})."
                 )
-        except TimeoutError:  # ours, or aiohttp's sock_read (a ServerTimeoutError)
+        except TimeoutError:  # the idle deadline's, or aiohttp's sock_read (a ServerTimeoutError)
             raise ProxyError(
                 504,
                 "stream_idle_timeout",
@@ -275,6 +276,7 @@ class OpenAIPassthroughAdapter(Adapter):
         except EventTooLong as exc:
             raise ProxyError(502, "backend_error", f"{where} sent {exc}.") from None
         finally:
+            idle.cancel()
             resp.close()
 
     async def _replay(self, completion: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
