@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import logging
 import os
@@ -26,6 +27,7 @@ from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.hookspecs import hookimpl
 from imageworks_proxy.upstream.body import read_capped, read_head
 from imageworks_proxy.upstream.errors import in_band_error, transport_failed, unreachable, upstream_error
+from imageworks_proxy.upstream.idle import IdleDeadline
 from imageworks_proxy.upstream.sse import EventTooLong, SSEParser
 from imageworks_proxy.upstream.urls import apply_loopback_alias, entry_base_url
 
@@ -42,6 +44,18 @@ class OpenAIPassthroughAdapter(Adapter):
     name = "openai-passthrough"
     backends = ("openai", ANY_BACKEND)
     description = "Any OpenAI-compatible server (base_url or http://host:port/v1)"
+
+    @functools.cached_property
+    def _client_timeouts(self) -> tuple[aiohttp.ClientTimeout, aiohttp.ClientTimeout]:
+        """aiohttp's timeouts for a (non-streamed, streamed) call, made once: the configuration is fixed."""
+        cfg = self.config
+        # at most half a short backend budget, so a host that never accepts shows as unreachable
+        connect = min(10.0, cfg.backend_timeout_ms / 2000)
+        idle = cfg.stream_idle_timeout_ms / 1000
+        return (
+            aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=None),
+            aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=idle),
+        )
 
     def base_url(self, entry: Entry) -> str:
         url = entry_base_url(entry, default_port=None, default_url=None, path="/v1")
@@ -152,12 +166,7 @@ class OpenAIPassthroughAdapter(Adapter):
         data: bytes | io.BytesIO = orjson.dumps(call.body)
         if len(data) > BIG_BODY:  # aiohttp writes big raw bodies in one go; a BytesIO is streamed in pieces
             data = io.BytesIO(data)
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            # at most half a short backend budget, so a host that never accepts shows as unreachable
-            sock_connect=min(10.0, cfg.backend_timeout_ms / 2000),
-            sock_read=cfg.stream_idle_timeout_ms / 1000 if call.stream else None,
-        )
+        timeout = self._client_timeouts[call.stream]
         where = self.where(call)
         for attempt in (0, 1):
             if isinstance(data, io.BytesIO):
@@ -258,14 +267,14 @@ class OpenAIPassthroughAdapter(Adapter):
         )
         parser = SSEParser()
         ending = _StreamEnding(usage_asked)
-        idle_s = self.config.stream_idle_timeout_ms / 1000
-        loop = asyncio.get_running_loop()
+        content = resp.content
+        idle = IdleDeadline(content, self.config.stream_idle_timeout_ms / 1000)
         try:
-            deadline = loop.time() + idle_s
             # Each network read is split into events in one pass (no per-line awaits).
             while True:
-                async with asyncio.timeout_at(deadline):
-                    raw = await resp.content.readany()
+                idle.arm()
+                raw = await content.readany()
+                idle.waiting = False
                 if not raw:
                     break
                 events = parser.feed(raw)
@@ -285,12 +294,12 @@ class OpenAIPassthroughAdapter(Adapter):
                     ending.note(obj)
                     yield adjust(obj) if adjust else obj
                 if events:  # only data restarts the idle clock; comments and partial lines do not
-                    deadline = loop.time() + idle_s
+                    idle.restart()
             if not ending.complete:
                 raise ProxyError(
                     502, "backend_error", f"{where} ended the stream before it was done ({ending.missing})."
                 )
-        except TimeoutError:  # ours, or aiohttp's sock_read (a ServerTimeoutError)
+        except TimeoutError:  # the idle deadline's, or aiohttp's sock_read (a ServerTimeoutError)
             raise ProxyError(
                 504,
                 "stream_idle_timeout",
@@ -304,6 +313,7 @@ class OpenAIPassthroughAdapter(Adapter):
         except EventTooLong as exc:
             raise ProxyError(502, "backend_error", f"{where} sent {exc}.") from None
         finally:
+            idle.cancel()
             resp.close()
 
     async def _replay_text(self, completion: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:

@@ -33,6 +33,8 @@ ALLOW_METHODS = "GET, POST, OPTIONS"
 ALLOW_HEADERS = "Authorization, Content-Type, Accept, X-Request-Id"
 EXPOSE_HEADERS = "X-Request-Id, Retry-After"
 PREFLIGHT_MAX_AGE = "600"
+#: Distinct ``Host`` values whose verdict the guard remembers.
+HOST_VERDICTS = 64
 _HEADER_LIST = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*$")
 
 
@@ -144,13 +146,22 @@ def browser_guard(config: Config) -> Middleware:
     for allowed origins. Runs before authentication: a preflight carries no key."""
     hosts = HostPolicy.from_config(config)
     origins = OriginPolicy.from_config(config)
+    # Host header -> verdict. Clients send the same few values on every request, and parsing one (an IP
+    # address check) costs more than the rest of the guard; bounded, so random names cannot grow it.
+    verdicts: dict[str | None, bool] = {}
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        host = request.headers.get("Host")
-        if not hosts.allows(host):
+        headers = request.headers
+        host = headers.get("Host")
+        allowed = verdicts.get(host)
+        if allowed is None:
+            allowed = hosts.allows(host)
+            if len(verdicts) < HOST_VERDICTS:
+                verdicts[host] = allowed
+        if not allowed:
             raise host_refused(host or "")
-        origin = request.headers.get("Origin")
+        origin = headers.get("Origin")
         if origin is not None:
             if not origins.allows(origin, host):
                 raise origin_refused(origin)

@@ -50,8 +50,11 @@ async def _send_continue(request: web.Request) -> None:
 
 async def _read_body(request: web.Request, timeout_s: float, limit: int) -> None:
     try:
-        async with asyncio.timeout(timeout_s):
+        if request.content.is_eof():  # all of it has arrived (the usual small body): nothing to wait for
             await request.read()
+        else:
+            async with asyncio.timeout(timeout_s):
+                await request.read()
     except TimeoutError:
         raise ProxyError(
             408, "request_timeout",

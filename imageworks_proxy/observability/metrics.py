@@ -17,9 +17,7 @@ import time
 from array import array
 from collections import deque
 from collections.abc import Callable
-from typing import Any
-
-import attrs
+from typing import Any, NamedTuple
 
 #: Time slots per window.
 SLOTS = 60
@@ -62,9 +60,8 @@ class _Slot:
         self.seen = 0
 
 
-@attrs.frozen
-class Sample:
-    """One finished chat request, as the metrics see it."""
+class Sample(NamedTuple):
+    """One finished chat request, as the metrics see it (a named tuple: one is made per request)."""
 
     model: str | None  # logical name; None when the request never resolved a model
     backend: str | None  # adapter name

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import collections
 import time
-from typing import Any
-
-import attrs
+from typing import Any, NamedTuple
 
 #: Request summaries kept: enough for a screenful of recent traffic.
 RECENT_REQUESTS = 50
@@ -25,9 +23,8 @@ MAX_NAME_CHARS = 120
 SWITCH_EVENTS = frozenset({"swap", "vacate"})
 
 
-@attrs.frozen
-class RequestSummary:
-    """One finished request as the status page shows it."""
+class RequestSummary(NamedTuple):
+    """One finished request as the status page shows it (a named tuple: one is made per request)."""
 
     ts: float  # arrival, POSIX seconds
     request_id: str
@@ -64,7 +61,7 @@ class RecentActivity:
 
     def requests(self) -> list[dict[str, Any]]:
         """The request summaries as JSON-ready dicts, the most recent first."""
-        return [attrs.asdict(s) for s in reversed(self._requests)]
+        return [s._asdict() for s in reversed(self._requests)]
 
     def switches(self) -> list[dict[str, Any]]:
         """The scheduler's switch and stop events plus ``at`` (POSIX seconds), the most recent first."""

@@ -187,17 +187,27 @@ class RequestLog:
         ts = record.get("ts")
         if isinstance(ts, float):
             record["ts"] = self._iso(ts)
-        for key, value in record.items():
-            if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
-                record[key] = value[:MAX_FIELD_CHARS] + "..."
         try:
             line = orjson.dumps(record, default=str) + b"\n"
+            # A string over the limit makes the line longer than the limit: only then look for one.
+            if len(line) > MAX_FIELD_CHARS and self._cut_strings(record):
+                line = orjson.dumps(record, default=str) + b"\n"
             if len(line) > self.max_record_bytes:
                 line = orjson.dumps(self._shrunk(record, len(line)), default=str) + b"\n"
             return line
         except (TypeError, orjson.JSONEncodeError) as exc:
             log.warning("request log: cannot encode a record (%s)", exc)
             return None
+
+    @staticmethod
+    def _cut_strings(record: dict[str, Any]) -> bool:
+        """Cut top-level strings to :data:`MAX_FIELD_CHARS`; whether any was."""
+        cut = False
+        for key, value in record.items():
+            if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
+                record[key] = value[:MAX_FIELD_CHARS] + "..."
+                cut = True
+        return cut
 
     def _shrunk(self, record: dict[str, Any], size: int) -> dict[str, Any]:
         """``record`` without its lists and objects (the prompts, the reply): it was ``size`` bytes."""

@@ -86,15 +86,24 @@ def _object(value: Any, types: dict[str, Any]) -> None:
 
 def _message(msg: dict[str, Any]) -> None:
     """A completion's ``message`` or a chunk's ``delta``: text fields, tool calls, legacy function call."""
-    _fields(msg, _MESSAGE)
+    for key, value in msg.items():  # _fields, inlined: this runs for every streamed chunk
+        expected = _MESSAGE.get(key)
+        if (
+            expected is not None
+            and value is not None
+            and (not isinstance(value, expected) or value is True or value is False)
+        ):
+            raise _WrongType(key, value)
     calls = msg.get("tool_calls")
-    for i, call in enumerate(calls or ()):
-        try:
-            _object(call, _CALL)
-            _function(call)
-        except _WrongType as exc:
-            raise exc.under(f"tool_calls[{i}]") from None
-    _function(msg, "function_call")
+    if calls:
+        for i, call in enumerate(calls):
+            try:
+                _object(call, _CALL)
+                _function(call)
+            except _WrongType as exc:
+                raise exc.under(f"tool_calls[{i}]") from None
+    if msg.get("function_call"):
+        _function(msg, "function_call")
 
 
 def _function(obj: dict[str, Any], key: str = "function") -> None:
@@ -137,7 +146,14 @@ def _logprobs(logprobs: dict[str, Any]) -> None:
 def _choice(choice: Any, inner: str) -> None:
     if not isinstance(choice, dict):
         raise _WrongType("", choice)
-    _fields(choice, _CHOICE)
+    for key, value in choice.items():  # _fields, inlined
+        expected = _CHOICE.get(key)
+        if (
+            expected is not None
+            and value is not None
+            and (not isinstance(value, expected) or value is True or value is False)
+        ):
+            raise _WrongType(key, value)
     msg = choice.get(inner)
     if msg is not None:
         if not isinstance(msg, dict):
@@ -195,23 +211,27 @@ class UpstreamShape(Stage):
     name = "upstream-shape"
     order = 800
 
-    def _check(self, ctx: ChatContext, obj: dict[str, Any], inner: str) -> None:
-        try:
-            _choices(obj, inner)
-        except _WrongType as exc:
-            raise ProxyError(
-                502,
-                "backend_error",
-                f"Backend for {ctx.model!r} sent a reply with {exc.path} of the wrong type "
-                f"({type(exc.value).__name__}).",
-            ) from None
+    @staticmethod
+    def _refusal(ctx: ChatContext, exc: _WrongType) -> ProxyError:
+        return ProxyError(
+            502,
+            "backend_error",
+            f"Backend for {ctx.model!r} sent a reply with {exc.path} of the wrong type "
+            f"({type(exc.value).__name__}).",
+        )
 
     def response(self, ctx: ChatContext, completion: dict[str, Any]) -> dict[str, Any]:
-        self._check(ctx, completion, "message")
+        try:
+            _choices(completion, "message")
+        except _WrongType as exc:
+            raise self._refusal(ctx, exc) from None
         return completion
 
     def chunk(self, ctx: ChatContext, chunk: dict[str, Any]) -> list[dict[str, Any]]:
-        self._check(ctx, chunk, "delta")
+        try:
+            _choices(chunk, "delta")
+        except _WrongType as exc:
+            raise self._refusal(ctx, exc) from None
         return [chunk]
 
 
@@ -292,8 +312,21 @@ class Conformance(Stage):
         return completion
 
     def chunk(self, ctx: ChatContext, chunk: dict[str, Any]) -> list[dict[str, Any]]:
-        ids = self._ids(ctx)
-        self._top(ctx, chunk, "chat.completion.chunk", ids)
+        # Runs for every streamed chunk: _ids, _top, _count and the common no-op helpers inlined.
+        ids = ctx.state.get(self.name)
+        if ids is None:
+            ids = ctx.state[self.name] = _Ids()
+        upstream_id = chunk.get("id")
+        if isinstance(upstream_id, str) and upstream_id:
+            ids._id = upstream_id
+        else:
+            chunk["id"] = ids.id
+        chunk["object"] = "chat.completion.chunk"
+        created = chunk.get("created")
+        if not isinstance(created, int) or isinstance(created, bool):
+            chunk["created"] = ids.created
+        # Clients see the id they asked for, not the upstream's internal name.
+        chunk["model"] = ctx.model or chunk.get("model") or ""
         choices = chunk.get("choices")
         if not isinstance(choices, list):
             choices = chunk["choices"] = []
@@ -302,10 +335,9 @@ class Conformance(Stage):
             if not isinstance(choice, dict):
                 choices[i] = choice = {}
             index = choice.get("index")
-            if not _count(index):
+            if not isinstance(index, int) or isinstance(index, bool):
                 index = choice["index"] = i
-            if index not in ids.choices:
-                ids.choices.add(index)
+            ids.choices.add(index)
             delta = choice.get("delta")
             if not isinstance(delta, dict):
                 delta = choice["delta"] = {}
@@ -315,8 +347,9 @@ class Conformance(Stage):
                 del delta["role"]  # a repeated role would be concatenated by accumulating clients
             if delta.get("reasoning") and not delta.get("reasoning_content"):
                 delta["reasoning_content"] = delta["reasoning"]
-            _flat_text(delta)
-            if "logprobs" in choice:
+            if isinstance(delta.get("content"), list):
+                _flat_text(delta)
+            if choice.get("logprobs") is not None:
                 _fill_logprobs(choice)
             fr = choice.get("finish_reason")
             if fr is None:
@@ -331,20 +364,21 @@ class Conformance(Stage):
             ids.role_sent = True
         usage = chunk.get("usage")
         if usage is not None:
-            chunk["usage"] = fix_usage(usage)
-            if chunk["usage"] is not None:
-                ctx.usage = chunk["usage"]
+            usage = chunk["usage"] = fix_usage(usage)
+            if usage is not None:
+                ctx.usage = usage
         if repeated:
             # drop what only repeated a finish; keep anything else the chunk carries (text, usage)
             choices = [c for c in choices if c["delta"] or c["finish_reason"] or c.get("logprobs")]
             chunk["choices"] = choices
-            if not choices and not chunk.get("usage"):
+            if not choices and not usage:
                 return []
-        if not choices and chunk.get("usage") and not ctx.client_wants_usage:
-            return []  # asked upstream for the request log's token counts, not by the client
-        if not choices and chunk.get("usage") and not (ids.choices and ids.choices <= ids.finished):
-            ids.held_usage = chunk  # the usage chunk comes last: after the finish still to be sent
-            return []
+        if not choices and usage:
+            if not ctx.client_wants_usage:
+                return []  # asked upstream for the request log's token counts, not by the client
+            if not (ids.choices and ids.choices <= ids.finished):
+                ids.held_usage = chunk  # the usage chunk comes last: after the finish still to be sent
+                return []
         return [chunk]
 
     def stream_end(self, ctx: ChatContext) -> list[dict[str, Any]]:

@@ -197,15 +197,17 @@ class ObserveStage(Stage):
 
     def _finish(self, ctx: ChatContext) -> None:
         now = time.perf_counter()
-        duration_ms = (now - ctx.started) * 1000
-        ttft_ms = (ctx.first_byte - ctx.started) * 1000 if ctx.first_byte is not None else None
+        started = ctx.started
+        duration_ms = (now - started) * 1000
+        first_byte = ctx.first_byte
+        ttft_ms = (first_byte - started) * 1000 if first_byte is not None else None
         st: _Reply | None = ctx.state.get(self.name)
         usage = ctx.usage if isinstance(ctx.usage, dict) else (st.usage if st is not None else None)
         estimated = False
         if usage is not None:
             prompt_tokens = usage.get("prompt_tokens")
             completion_tokens = usage.get("completion_tokens", 0 if ctx.endpoint == EMBEDDINGS else None)
-        elif ctx.first_byte is not None or (st is not None and st.chars):
+        elif first_byte is not None or (st is not None and st.chars):
             # The backend answered but said nothing about tokens: estimate, and say so.
             if ctx.endpoint == CHAT:
                 prompt_tokens = estimate_prompt_tokens(ctx.body.get("messages"))
@@ -220,25 +222,28 @@ class ObserveStage(Stage):
         error_code = ctx.error_code
         if error_code is not None and not isinstance(error_code, str):  # a plugin's odd code
             error_code = str(error_code)
-        queue_ms = round(ctx.queue_ms, 1)
+        status, adapter, queue = ctx.status, ctx.adapter_name, ctx.queue_ms
         if self.metrics is not None:
-            sample = Sample(logical, ctx.adapter_name, ctx.status, error_code, duration_ms, ttft_ms,
-                            ctx.queue_ms, prompt_tokens, completion_tokens)
+            sample = Sample(logical, adapter, status, error_code, duration_ms, ttft_ms, queue, prompt_tokens,
+                            completion_tokens)
             self.metrics.record(sample)
             if self.prom is not None:
                 self.prom.record(sample)
-        arrived = time.time() - (now - ctx.started)
+        if self.recent is None and self.request_log is None:
+            return
+        arrived = time.time() - (now - started)
+        duration = round(duration_ms, 1)
+        ttft = round(ttft_ms, 1) if ttft_ms is not None else None
+        queue_ms = round(queue, 1)
         if self.recent is not None:
             # figures and names only: the status page never sees prompt or reply text
             self.recent.add_request(RequestSummary(
-                ts=arrived, request_id=ctx.request_id, model=logical or shorten(ctx.model or None),
-                adapter=ctx.adapter_name, stream=ctx.stream, status=ctx.status, error_code=error_code,
-                duration_ms=round(duration_ms, 1), ttft_ms=round(ttft_ms, 1) if ttft_ms is not None else None,
-                queue_ms=queue_ms, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                tokens_estimated=estimated,
+                arrived, ctx.request_id, logical or shorten(ctx.model or None), adapter, ctx.stream, status,
+                error_code, duration, ttft, queue_ms, prompt_tokens, completion_tokens, estimated,
             ))
         if self.request_log is None:
             return
+        resized = ctx.images_resized
         record: dict[str, Any] = {
             # arrival time, as a POSIX timestamp the writer turns into ISO-8601 UTC off the event loop
             "ts": arrived,
@@ -247,24 +252,24 @@ class ObserveStage(Stage):
             "model": ctx.model or None,
             "logical_name": logical,
             "backend": entry.backend if entry is not None else None,
-            "adapter": ctx.adapter_name,
+            "adapter": adapter,
             "stream": ctx.stream,
-            "status": ctx.status,
+            "status": status,
             "error_code": error_code,
-            "duration_ms": round(duration_ms, 1),
-            "ttft_ms": round(ttft_ms, 1) if ttft_ms is not None else None,
+            "duration_ms": duration,
+            "ttft_ms": ttft,
             "queue_ms": queue_ms,
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "tokens_estimated": estimated,
             "images": ctx.images,
             "truncated_messages": ctx.truncated_messages,
-            "images_resized": len(ctx.images_resized) if ctx.images_resized else 0,
+            "images_resized": len(resized) if resized else 0,
             "capabilities": ctx.capabilities.names() if ctx.capabilities is not None else None,
             "adapted": list(ctx.adapted),
         }
-        if ctx.images_resized:
-            record["image_resizes"] = ctx.images_resized
+        if resized:
+            record["image_resizes"] = resized
         if self.keep_prompts:
             if ctx.endpoint == CHAT:
                 record["messages"] = redact_messages(ctx.body.get("messages"))

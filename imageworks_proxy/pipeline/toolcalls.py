@@ -221,7 +221,9 @@ class ToolCallSynthesis(Stage):
         choices = chunk.get("choices")
         if not choices:
             return [chunk]
-        st = self._state(ctx)
+        st = ctx.state.get(self.name)
+        if st is None:
+            st = ctx.state[self.name] = _StreamState()
         out: list[dict[str, Any]] = [chunk]
         for choice in choices:
             delta = choice.get("delta")
