@@ -91,6 +91,22 @@ def _merge_call(calls: dict[int, dict[str, Any]], delta_call: Any) -> None:
         call["function"]["arguments"] += args
 
 
+
+def _tokens(ctx: ChatContext, st: _Reply | None) -> tuple[int | None, int | None, bool]:
+    """Prompt and completion tokens as the backend counted them, else estimated (and said so)."""
+    usage = ctx.usage if isinstance(ctx.usage, dict) else (st.usage if st is not None else None)
+    if usage is not None:
+        completion = usage.get("completion_tokens", 0 if ctx.endpoint == EMBEDDINGS else None)
+        return usage.get("prompt_tokens"), completion, False
+    if ctx.first_byte is None and (st is None or not st.chars):
+        return None, None, False  # nothing reached a backend
+    # The backend answered but said nothing about tokens: estimate.
+    if ctx.endpoint == CHAT:
+        prompt = estimate_prompt_tokens(ctx.body.get("messages"))
+    else:
+        prompt = estimate_input_tokens(ctx.body.get(_PROMPT_FIELD.get(ctx.endpoint, "")))
+    return prompt, math.ceil(st.chars / CHARS_PER_TOKEN) if st is not None else 0, True
+
 class ObserveStage(Stage):
     name = "observe"
     order = 1100
@@ -202,21 +218,7 @@ class ObserveStage(Stage):
         first_byte = ctx.first_byte
         ttft_ms = (first_byte - started) * 1000 if first_byte is not None else None
         st: _Reply | None = ctx.state.get(self.name)
-        usage = ctx.usage if isinstance(ctx.usage, dict) else (st.usage if st is not None else None)
-        estimated = False
-        if usage is not None:
-            prompt_tokens = usage.get("prompt_tokens")
-            completion_tokens = usage.get("completion_tokens", 0 if ctx.endpoint == EMBEDDINGS else None)
-        elif first_byte is not None or (st is not None and st.chars):
-            # The backend answered but said nothing about tokens: estimate, and say so.
-            if ctx.endpoint == CHAT:
-                prompt_tokens = estimate_prompt_tokens(ctx.body.get("messages"))
-            else:
-                prompt_tokens = estimate_input_tokens(ctx.body.get(_PROMPT_FIELD.get(ctx.endpoint, "")))
-            completion_tokens = math.ceil(st.chars / CHARS_PER_TOKEN) if st is not None else 0
-            estimated = True
-        else:
-            prompt_tokens = completion_tokens = None  # nothing reached a backend
+        prompt_tokens, completion_tokens, estimated = _tokens(ctx, st)
         entry = ctx.entry
         logical = entry.name if entry is not None else None
         error_code = ctx.error_code
