@@ -9,7 +9,7 @@ from typing import Any
 
 from imageworks_proxy.adapters.base import COMPLETIONS
 from imageworks_proxy.errors import invalid_request
-from imageworks_proxy.pipeline.conformance import fix_usage
+from imageworks_proxy.pipeline.conformance import fix_usage, take_usage
 from imageworks_proxy.pipeline.embeddings import input_kind
 from imageworks_proxy.pipeline.request import check_model, check_stream
 from imageworks_proxy.pipeline.stage import ChatContext, Stage
@@ -98,11 +98,7 @@ class TextCompletionConformance(Stage):
         self._top(ctx, completion, self._seen(ctx))
         for choice in completion["choices"]:
             choice["finish_reason"] = _finish(choice.get("finish_reason"))
-        if "usage" in completion:
-            usage = fix_usage(completion["usage"])
-            if usage is None:
-                del completion["usage"]
-            ctx.usage = usage
+        take_usage(ctx, completion)
         return completion
 
     def chunk(self, ctx: ChatContext, chunk: dict[str, Any]) -> list[dict[str, Any]]:

@@ -43,6 +43,16 @@ def fix_usage(usage: Any) -> dict[str, Any] | None:
     return usage
 
 
+def take_usage(ctx: ChatContext, completion: dict[str, Any]) -> None:
+    """A completion's ``usage``, fixed (:func:`fix_usage`) and kept on ``ctx`` for the log; dropped when
+    it is not an object."""
+    if "usage" in completion:
+        usage = fix_usage(completion["usage"])
+        if usage is None:
+            del completion["usage"]
+        ctx.usage = usage
+
+
 _TEXT = (str, list)  # content may come as a list of parts
 _ARGS = (str, dict)  # arguments as JSON text, or an object (Ollama-style) the tool-call stage encodes
 #: The types a field may have besides null, in a message or delta, a tool call, a function, a choice.
@@ -86,14 +96,7 @@ def _object(value: Any, types: dict[str, Any]) -> None:
 
 def _message(msg: dict[str, Any]) -> None:
     """A completion's ``message`` or a chunk's ``delta``: text fields, tool calls, legacy function call."""
-    for key, value in msg.items():  # _fields, inlined: this runs for every streamed chunk
-        expected = _MESSAGE.get(key)
-        if (
-            expected is not None
-            and value is not None
-            and (not isinstance(value, expected) or value is True or value is False)
-        ):
-            raise _WrongType(key, value)
+    _fields(msg, _MESSAGE)
     calls = msg.get("tool_calls")
     if calls:
         for i, call in enumerate(calls):
@@ -146,14 +149,7 @@ def _logprobs(logprobs: dict[str, Any]) -> None:
 def _choice(choice: Any, inner: str) -> None:
     if not isinstance(choice, dict):
         raise _WrongType("", choice)
-    for key, value in choice.items():  # _fields, inlined
-        expected = _CHOICE.get(key)
-        if (
-            expected is not None
-            and value is not None
-            and (not isinstance(value, expected) or value is True or value is False)
-        ):
-            raise _WrongType(key, value)
+    _fields(choice, _CHOICE)
     msg = choice.get(inner)
     if msg is not None:
         if not isinstance(msg, dict):
@@ -304,11 +300,7 @@ class Conformance(Stage):
             choice["finish_reason"] = _finish(choice.get("finish_reason"))
             choice.setdefault("logprobs", None)
             _fill_logprobs(choice)
-        if "usage" in completion:
-            usage = fix_usage(completion["usage"])
-            if usage is None:
-                del completion["usage"]
-            ctx.usage = usage
+        take_usage(ctx, completion)
         return completion
 
     def chunk(self, ctx: ChatContext, chunk: dict[str, Any]) -> list[dict[str, Any]]:
