@@ -75,6 +75,8 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
         self._restarts: set[asyncio.Task[Any]] = set()
         #: Models to stop rather than put to sleep while a vacate is under way (None: every model).
         self._retiring: dict[object, set[str] | None] = {}
+        #: Entry name -> (the entry, what its launch flags say): asked before every request.
+        self._launch_capabilities: dict[str, tuple[Entry, Capabilities | None]] = {}
 
     # -- routing and listing -------------------------------------------------------------------
     def accepts(self, entry: Entry) -> bool:
@@ -105,11 +107,16 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
         return self.supervisor.status_of(entry.name)
 
     async def capabilities(self, entry: Entry) -> Capabilities | None:
-        """From the flags the entry's vLLM is (or would be) started with."""
+        """From the flags the entry's vLLM is (or would be) started with (worked out once per entry)."""
+        known = self._launch_capabilities.get(entry.name)
+        if known is not None and known[0] is entry:
+            return known[1]
         try:
-            return launch_capabilities(build_command(self.config, entry).flags)
+            says = launch_capabilities(build_command(self.config, entry).flags)
         except ProxyError:
-            return None
+            says = None
+        self._launch_capabilities[entry.name] = (entry, says)
+        return says
 
     # -- lifecycle -----------------------------------------------------------------------------
     @property

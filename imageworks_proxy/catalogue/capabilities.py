@@ -213,10 +213,14 @@ class CapabilityStore:
     def __init__(self) -> None:
         self._learned: dict[str, dict[str, str]] = {}
         self._logged: set[tuple[str, str]] = set()
+        # entry name -> (the entry, what its adapter said, the result): asked on every request, the
+        # answer only changes with the entry, the adapter's answer or what was learned
+        self._resolved: dict[str, tuple[Entry, Capabilities | None, Effective]] = {}
 
     def clear(self) -> None:
         self._learned.clear()
         self._logged.clear()
+        self._resolved.clear()
 
     def learned(self, name: str) -> Mapping[str, str]:
         """Capability -> the upstream's refusal message, for entry ``name``."""
@@ -228,6 +232,7 @@ class CapabilityStore:
         if capability in known:
             return
         known[capability] = message
+        self._resolved.pop(entry.name, None)
         log.warning(
             "model %s: the upstream refused %s (%s); sending its requests without them until the registry "
             "changes (say so in the entry's capabilities to skip the first refusal)",
@@ -259,4 +264,9 @@ class CapabilityStore:
                 says = await adapter.capabilities(entry)
             except Exception:  # a plugin's bug must not fail the chat; the registry still applies
                 log.exception("adapter %s failed to report capabilities of %s", adapter.name, entry.name)
-        return resolve(entry, says, self.learned(entry.name))
+        done = self._resolved.get(entry.name)
+        if done is not None and done[0] is entry and done[1] == says:
+            return done[2]
+        effective = resolve(entry, says, self.learned(entry.name))
+        self._resolved[entry.name] = (entry, says, effective)
+        return effective
