@@ -354,3 +354,24 @@ async def test_an_image_reaches_a_model_ollama_says_has_vision_though_the_regist
                              json={"model": "vision", "messages": [{"role": "user", "content": parts}]})
     assert resp.status == 200, await resp.text()
     assert fake.chats[-1]["messages"][-1]["images"] == [png]
+
+
+async def test_a_listing_asks_an_older_ollama_about_all_its_tags_at_once(
+    aiohttp_server, registry_file, make_config, proxy_client
+):
+    tags = {f"model{i}:latest": ("completion", "tools") if i % 2 else ("completion",) for i in range(6)}
+    fake = FakeOllama(tags, list_capabilities=False)
+    fake.show_delay_s = 0.2
+    base = str((await aiohttp_server(fake.app())).make_url("")).rstrip("/")
+    registry_file(
+        [
+            {"name": f"m{i}", "backend": "ollama",
+             "backend_config": {"base_url": base, "model_path": f"ollama:/model{i}"}}
+            for i in range(6)
+        ]
+    )
+    client = await proxy_client(make_config(suppress_decorations="0"))
+    listing = await (await client.get("/v1/models")).json()
+    caps = {m["id"]: m["extensions"]["capabilities"] for m in listing["data"]}
+    assert caps == {f"m{i}": ["tools"] if i % 2 else [] for i in range(6)}
+    assert sorted(fake.shows) == sorted(tags) and fake.most_shows_at_once == 6

@@ -75,6 +75,12 @@ class Effective:
 
     values: Mapping[str, tuple[bool, str]]
     other: frozenset[str] = frozenset()
+    _names: tuple[str, ...] = attrs.field(init=False, eq=False, repr=False)
+
+    @_names.default
+    def _listed(self) -> tuple[str, ...]:
+        on = {name for name, (value, _) in self.values.items() if value}
+        return tuple(sorted(self.other | on))
 
     def has(self, capability: str) -> bool | None:
         """``True``/``False`` when a source said so, ``None`` when nobody knows."""
@@ -88,8 +94,7 @@ class Effective:
 
     def names(self) -> list[str]:
         """The capabilities that are on, with the registry's other names: what ``/v1/models`` shows."""
-        on = {name for name, (value, _) in self.values.items() if value}
-        return sorted(self.other | on)
+        return list(self._names)
 
     def known(self) -> dict[str, bool]:
         """Capability -> on/off for the ones some source knows (for the request log)."""

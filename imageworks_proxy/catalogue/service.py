@@ -254,8 +254,10 @@ class ModelService:
             adapter = self._routes.get(entry.name)
             if self._hidden(entry, adapter) is None:
                 data.append((item.id, entry, adapter))
-        # all at once: an adapter that must ask its server waits once for all entries, not once per entry
-        caps = await asyncio.gather(*(self.capabilities.effective(e, a) for _, e, a in data))
+        # One after another: the adapters answer from their caches, and what they had to ask their servers
+        # was asked for all entries at once in prepare_listing (a task per entry here would cost more than
+        # the whole listing).
+        caps = [await self.capabilities.effective(e, a) for _, e, a in data]
         models = [
             self._model_object(public_id, entry, adapter, created, self._fs_facts(entry)[1], c)
             for (public_id, entry, adapter), c in zip(data, caps, strict=True)

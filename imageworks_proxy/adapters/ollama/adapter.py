@@ -147,6 +147,9 @@ class OllamaAdapter(Adapter):
     # -- catalogue -----------------------------------------------------------------------------
     async def prepare_listing(self, entries: Sequence[Entry]) -> None:
         await self.tags.prepare(self.base_url(e) for e in entries)
+        for entry in entries:
+            if entry.ollama_tag:
+                self.tags.start_shows(self.base_url(entry), [entry.ollama_tag])
 
     def installed(self, entry: Entry) -> bool | None:
         tags = self.tags.known(self.base_url(entry))

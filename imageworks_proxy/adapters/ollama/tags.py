@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import aiohttp
@@ -134,10 +135,11 @@ class TagCache:
         cached = self._tags.get(base)
         return cached[1] if cached else None
 
-    def known(self, base: str) -> frozenset[str] | None:
-        """The tags ``base`` reported last; ``None`` when it has not answered (yet)."""
+    def known(self, base: str) -> AbstractSet[str] | None:
+        """The tags ``base`` reported last (a view, not a copy: asked once per entry of a listing);
+        ``None`` when it has not answered (yet)."""
         infos = self._infos(base)
-        return frozenset(infos) if infos is not None else None
+        return infos.keys() if infos is not None else None
 
     def down(self, base: str) -> bool:
         """Whether ``base`` was asked and did not answer."""
@@ -149,7 +151,20 @@ class TagCache:
         """What Ollama at ``base`` says ``tag`` can do: from ``/api/tags``, else ``/api/show`` (asked once
         per digest). ``None`` when Ollama is unreachable, does not have the tag or does not say."""
         await self.prepare([base])
-        tag = tag_key(tag)
+        answer = self._lookup(base, tag_key(tag))
+        if not isinstance(answer, asyncio.Task):
+            return answer
+        done, _ = await asyncio.wait({answer}, timeout=SHOW_WAIT_S)
+        return answer.result() if done else None
+
+    def start_shows(self, base: str, tags: Iterable[str]) -> None:
+        """Start the ``/api/show`` calls ``tags`` still need, all at once, without waiting: a listing then
+        waits for them together rather than one after another."""
+        for tag in tags:
+            self._lookup(base, tag_key(tag))
+
+    def _lookup(self, base: str, tag: str) -> Capabilities | asyncio.Task[Capabilities | None] | None:
+        """The known answer for ``tag``, or the ``/api/show`` call under way for it (started here)."""
         info = (self._infos(base) or {}).get(tag)
         if info is None:
             return None
@@ -164,8 +179,7 @@ class TagCache:
             task = asyncio.get_running_loop().create_task(self._show(base, tag, info.digest))
             self._showing[key] = task
             task.add_done_callback(lambda _: self._showing.pop(key, None))
-        done, _ = await asyncio.wait({task}, timeout=SHOW_WAIT_S)
-        return task.result() if done else None
+        return task
 
     async def _show(self, base: str, tag: str, digest: str | None) -> Capabilities | None:
         caps: Capabilities | None = None

@@ -133,8 +133,12 @@ class FakeOllama(ModelRoutes):
         #: Whether ``/api/tags`` lists each tag's capabilities (Ollama does since 2025; older ones do not).
         self.list_capabilities = list_capabilities
         self.chats: list[dict[str, Any]] = []
-        #: Tags asked about through ``/api/show``, in order.
+        #: Tags asked about through ``/api/show``, in order; how long each answer takes; the most answers
+        #: under way at one time.
         self.shows: list[str] = []
+        self.show_delay_s = 0.0
+        self.shows_in_flight = 0
+        self.most_shows_at_once = 0
         self.unloads: list[str] = []
         #: tag -> monotonic time it unloads (inf: kept loaded).
         self.loaded: dict[str, float] = {}

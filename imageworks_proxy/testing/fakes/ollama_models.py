@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp import web
@@ -20,6 +21,9 @@ class ModelRoutes:
     models: dict[str, tuple[str, ...]]
     list_capabilities: bool
     shows: list[str]
+    show_delay_s: float
+    shows_in_flight: int
+    most_shows_at_once: int
 
     def _resolve(self, name: Any) -> str | None:
         raise NotImplementedError
@@ -47,6 +51,12 @@ class ModelRoutes:
         name = body.get("model") or body.get("name")
         tag = self._resolve(name)
         self.shows.append(str(name))
+        self.shows_in_flight += 1
+        self.most_shows_at_once = max(self.most_shows_at_once, self.shows_in_flight)
+        try:
+            await asyncio.sleep(self.show_delay_s)
+        finally:
+            self.shows_in_flight -= 1
         if tag is None:
             return web.json_response({"error": f"model '{name}' not found"}, status=404)
         return web.json_response(
