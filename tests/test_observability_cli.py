@@ -75,3 +75,18 @@ async def test_the_server_logs_one_line_per_request_and_writes_the_request_log(a
     [record] = [json.loads(line) for line in (tmp_path / "logs" / "chat.jsonl").read_text().splitlines()]
     assert record["request_id"] == "cli-trace-1" and record["stream"] is True and record["status"] == 200
     assert SECRET_PROMPT not in json.dumps(record)
+
+
+async def test_the_server_freezes_start_up_objects_and_collects_young_objects_less_often():
+    import gc
+
+    from imageworks_proxy.cli.server import GC_YOUNG_THRESHOLD, _freeze_startup_objects
+
+    before = gc.get_threshold()
+    try:
+        await _freeze_startup_objects(None)  # type: ignore[arg-type]  # the app is not looked at
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *before[1:])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
