@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from imageworks_proxy.testing import free_port
 
 PROXY = str(Path(sys.executable).parent / "imageworks-chat-proxy")
 
@@ -27,12 +28,6 @@ def wait_for_json(proc: subprocess.Popen[str], url: str, timeout_s: float = 30.0
         except OSError:
             assert time.monotonic() < deadline, "the proxy did not start listening"
             time.sleep(0.1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def clean_env(**settings: str) -> dict[str, str]:

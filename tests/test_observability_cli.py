@@ -6,21 +6,14 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 
 import aiohttp
 
-from imageworks_proxy.testing import user
+from imageworks_proxy.testing import free_port, user
 from imageworks_proxy.testing.fakes.openai import make_fake_openai, registry_for
 
 SECRET_PROMPT = "TANGERINE-SUBMARINE-7"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_the_server_logs_one_line_per_request_and_writes_the_request_log(aiohttp_server, tmp_path):
