@@ -149,7 +149,7 @@ class OllamaAdapter(Adapter):
         await self.tags.prepare(self.base_url(e) for e in entries)
         for entry in entries:
             if entry.ollama_tag:
-                self.tags.start_shows(self.base_url(entry), [entry.ollama_tag])
+                self.tags.start_show(self.base_url(entry), entry.ollama_tag)
 
     def installed(self, entry: Entry) -> bool | None:
         tags = self.tags.known(self.base_url(entry))

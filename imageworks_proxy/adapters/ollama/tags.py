@@ -157,11 +157,10 @@ class TagCache:
         done, _ = await asyncio.wait({answer}, timeout=SHOW_WAIT_S)
         return answer.result() if done else None
 
-    def start_shows(self, base: str, tags: Iterable[str]) -> None:
-        """Start the ``/api/show`` calls ``tags`` still need, all at once, without waiting: a listing then
-        waits for them together rather than one after another."""
-        for tag in tags:
-            self._lookup(base, tag_key(tag))
+    def start_show(self, base: str, tag: str) -> None:
+        """Start the ``/api/show`` call ``tag`` still needs, if any, without waiting for it: a listing starts
+        them all first and then waits for them together rather than one after another."""
+        self._lookup(base, tag_key(tag))
 
     def _lookup(self, base: str, tag: str) -> Capabilities | asyncio.Task[Capabilities | None] | None:
         """The known answer for ``tag``, or the ``/api/show`` call under way for it (started here)."""
