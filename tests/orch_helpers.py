@@ -10,6 +10,17 @@ from typing import Any
 from imageworks_proxy.testing.fakes import vllm as fake_vllm
 
 
+class Call:
+    """Stands in for ChatCall when a test takes a GPU lease itself: records that it was told to wait."""
+
+    def __init__(self) -> None:
+        self.queue_ms = 0.0
+        self.waited = False
+
+    async def waiting(self) -> None:
+        self.waited = True
+
+
 def orch_settings(port: int, **overrides: Any) -> dict[str, str]:
     """make_config overrides for orchestration with the fake vLLM and small timeouts."""
     base = {

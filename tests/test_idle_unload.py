@@ -13,16 +13,9 @@ from imageworks_proxy.gpu.scheduler import GpuScheduler
 from imageworks_proxy.gpu.tenancy import Tenant
 from imageworks_proxy.testing import free_port, pid_alive, user
 from imageworks_proxy.testing.fakes.ollama import FakeOllama, ollama_entry
-from tests.orch_helpers import chat, events, orch_settings, started, until, vllm_entry
+from tests.orch_helpers import Call, chat, events, orch_settings, started, until, vllm_entry
 
 IDLE_S = 0.3
-
-
-class Call:
-    queue_ms = 0.0
-
-    async def waiting(self) -> None:
-        pass
 
 
 @attrs.define

@@ -15,17 +15,7 @@ from hypothesis import strategies as st
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.gpu.scheduler import GpuScheduler
 from imageworks_proxy.gpu.tenancy import Tenant
-
-
-class Call:
-    """Stands in for ChatCall: records that the request was told it must wait."""
-
-    def __init__(self) -> None:
-        self.queue_ms = 0.0
-        self.waited = False
-
-    async def waiting(self) -> None:
-        self.waited = True
+from tests.orch_helpers import Call
 
 
 class World:

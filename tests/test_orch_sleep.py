@@ -14,7 +14,7 @@ from imageworks_proxy import keys
 from imageworks_proxy.adapters.vllm_orchestrated import orchestrator
 from imageworks_proxy.testing import free_port
 from imageworks_proxy.upstream import process
-from tests.orch_helpers import chat, events, orch_settings, overlaps, pid_of, started, vllm_entry
+from tests.orch_helpers import Call, chat, events, orch_settings, overlaps, pid_of, started, vllm_entry
 
 
 @pytest.fixture
@@ -261,12 +261,6 @@ async def test_ollama_and_vllm_take_turns_with_vllm_sleeping_instead_of_stopping
 
     keys.models(client.app).adapters["ollama"].unload_all = unload_all
     a1, _, _ = await chat(client.app, "alpha")
-
-    class Call:
-        queue_ms = 0.0
-
-        async def waiting(self):
-            pass
 
     lease = await tenancy(client.app).acquire(Tenant("ollama", "Ollama", stop=unload_all), Call())
     assert (await models_status(client))["alpha"] == "asleep"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import attrs
 import pytest
@@ -42,7 +43,7 @@ def test_a_corrupt_file_is_cleared(tmp_path, caplog):
 def test_a_file_naming_a_dead_process_is_cleared(tmp_path):
     pid = process.spawn([sys.executable, "-c", "pass"], str(tmp_path / "x.log"))
     while process.pid_alive(pid):
-        pass
+        time.sleep(0.01)
     sf = StateFile(str(tmp_path / "active_vllm.json"))
     sf.write(state_for(pid, [sys.executable, "-c", "pass"]))
     assert sf.load_live() is None
@@ -154,7 +155,7 @@ def test_several_instances_or_a_sleeping_one_are_written_as_format_2(tmp_path):
 async def test_dead_or_reused_entries_are_dropped_and_the_live_ones_kept(tmp_path):
     dead = process.spawn([sys.executable, "-c", "pass"], str(tmp_path / "x.log"))
     while process.pid_alive(dead):
-        pass
+        time.sleep(0.01)
     flags = ["-c", "import time; time.sleep(30)"]
     live = process.spawn([sys.executable, *flags], str(tmp_path / "y.log"))
     try:

@@ -16,7 +16,7 @@ from imageworks_proxy.adapters.vllm_orchestrated import orchestrator
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.testing import free_port
 from imageworks_proxy.upstream import process
-from tests.orch_helpers import chat, events, orch_settings, overlaps, pid_of, started, until, vllm_entry
+from tests.orch_helpers import Call, chat, events, orch_settings, overlaps, pid_of, started, until, vllm_entry
 
 
 @pytest.fixture
@@ -242,12 +242,6 @@ async def test_gpu_exclusive_unloads_ollama_before_starting_vllm(
     assert unloads == [0]  # before the vLLM process was launched
     # an Ollama request while vLLM is active is a switch: drain, stop vLLM, then forward
     from imageworks_proxy.gpu.tenancy import Tenant, tenancy
-
-    class Call:
-        queue_ms = 0.0
-
-        async def waiting(self):
-            pass
 
     lease = await tenancy(client.app).acquire(Tenant("ollama", "Ollama", stop=unload_all), Call())
     assert orchestrator(client.app).public_state()["state"] == "stopped"

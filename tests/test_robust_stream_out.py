@@ -145,6 +145,15 @@ async def until(condition, rlog=None):
         await asyncio.sleep(0.05)
 
 
+async def only_record(app: web.Application) -> dict:
+    """The one request-log record, once it is written."""
+    rlog = keys.request_log(app)
+    await until(lambda: rlog.written, rlog)
+    with open(rlog.path) as fh:
+        [record] = [json.loads(line) for line in fh]
+    return record
+
+
 async def test_a_client_that_stops_reading_ends_the_stream_and_the_upstream_request(
     env, registry_file, make_config, make_app
 ):
@@ -157,10 +166,7 @@ async def test_a_client_that_stops_reading_ends_the_stream_and_the_upstream_requ
     try:
         await until(lambda: upstream.cancelled)  # the proxy gives up on the client, hangs up upstream
         assert upstream.cancelled == ["flood"]
-        rlog = keys.request_log(app)
-        await until(lambda: rlog.written, rlog)
-        with open(rlog.path) as fh:
-            [record] = [json.loads(line) for line in fh]
+        record = await only_record(app)
         assert (record["status"], record["error_code"]) == (499, "client_stalled")
     finally:
         sock.close()
@@ -195,10 +201,7 @@ async def test_a_client_that_stops_reading_gives_back_the_gpu_lease(
     try:
         await until(lambda: released == [True])
         assert released == [True]
-        rlog = keys.request_log(app)
-        await until(lambda: rlog.written, rlog)
-        with open(rlog.path) as fh:
-            [record] = [json.loads(line) for line in fh]
+        record = await only_record(app)
         assert (record["status"], record["error_code"]) == (499, "client_stalled")
     finally:
         sock.close()
