@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from imageworks_proxy import keys
 from imageworks_proxy._version import __version__
-from imageworks_proxy.adapters.base import ANY_BACKEND, Adapter, ChatCall, ChunkStream, Completion
+from imageworks_proxy.adapters.base import ANY_BACKEND, Adapter, ChatCall, ChunkStream, Completion, HeldStream
 from imageworks_proxy.adapters.openai_passthrough import OpenAIPassthroughAdapter
 from imageworks_proxy.catalogue.registry import Entry
 from imageworks_proxy.config import Config, ConfigError, load_config
@@ -35,6 +35,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "Entry",
+    "HeldStream",
     "Lease",
     "OpenAIPassthroughAdapter",
     "ProxyError",

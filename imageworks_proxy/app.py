@@ -36,6 +36,7 @@ from imageworks_proxy.plugins import (
     unique_by_name,
 )
 from imageworks_proxy.upstream.autostart import autostart_ctx
+from imageworks_proxy.upstream.client import UpstreamClient
 from imageworks_proxy.upstream.process import url_host
 from imageworks_proxy.vllm.lock import StateLock
 
@@ -98,6 +99,7 @@ async def _running(app: web.Application) -> AsyncIterator[None]:
     app[keys.HTTP] = aiohttp.ClientSession(
         connector=connector, timeout=aiohttp.ClientTimeout(total=None), auto_decompress=True, trust_env=False
     )
+    app[keys.UPSTREAM] = UpstreamClient()
     gpu = keys.gpu(app)
     await asyncio.to_thread(gpu.open)
     models = keys.models(app)
@@ -134,6 +136,7 @@ async def _running(app: web.Application) -> AsyncIterator[None]:
                 await adapter.close()
             except Exception:
                 log.exception("adapter %s failed to close cleanly", adapter.name)
+        await app[keys.UPSTREAM].close()
         await app[keys.HTTP].close()
         gpu.close()
 

@@ -18,12 +18,16 @@ if TYPE_CHECKING:
     from imageworks_proxy.observability.swaps import SwapMetrics
     from imageworks_proxy.pipeline.stage import Pipeline
     from imageworks_proxy.plugins import PluginManager
+    from imageworks_proxy.upstream.client import UpstreamClient
 
 CONFIG: web.AppKey[Config] = web.AppKey("config")
 PLUGINS: web.AppKey[PluginManager] = web.AppKey("plugins")
 MODELS: web.AppKey[ModelService] = web.AppKey("models")
 PIPELINE: web.AppKey[Pipeline] = web.AppKey("pipeline")
+#: The control plane's client session: health checks, model listings, admin routes.
 HTTP: web.AppKey[ClientSession] = web.AppKey("http")
+#: The data plane's client: forwarded chat, text completions and embeddings (upstream/client.py).
+UPSTREAM: web.AppKey[UpstreamClient] = web.AppKey("upstream")
 GPU: web.AppKey[Gpu] = web.AppKey("gpu")
 STARTED_AT: web.AppKey[float] = web.AppKey("started_at")
 #: The GPU scheduler; plugins reach it through :func:`imageworks_proxy.tenancy` (the ``Tenancy`` protocol).
@@ -67,6 +71,10 @@ def pipeline(app: web.Application) -> Pipeline:
 
 def http(app: web.Application) -> ClientSession:
     return app[HTTP]
+
+
+def upstream(app: web.Application) -> UpstreamClient:
+    return app[UPSTREAM]
 
 
 def gpu(app: web.Application) -> Gpu:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from imageworks_proxy.config import Config
+    from imageworks_proxy.upstream.client import UpstreamClient
 
 #: A non-streamed answer: an OpenAI ``chat.completion`` object, or a ``text_completion`` for
 #: :meth:`Adapter.completions` (missing required fields are filled in later).
@@ -93,8 +94,15 @@ class Adapter:
 
     @property
     def http(self) -> aiohttp.ClientSession:
-        """The app's shared, pooled client session."""
+        """The app's shared, pooled client session, for the control plane (health checks, listings, admin
+        routes)."""
         return self.app[keys.HTTP]
+
+    @property
+    def upstream(self) -> UpstreamClient:
+        """The app's data-plane client (:mod:`imageworks_proxy.upstream.client`): use it to forward the
+        request itself (chat, text completions, embeddings)."""
+        return self.app[keys.UPSTREAM]
 
     def accepts(self, entry: Entry) -> bool:
         """Whether this adapter serves ``entry`` when several claim its backend. Default: yes."""
@@ -198,6 +206,59 @@ class Adapter:
         ``text_completion`` object, or when streaming an async iterator of ``text_completion`` chunks, with
         the same rules as :meth:`chat`. Default: 501, the model does not serve text completions."""
         raise not_served(self, call)
+
+
+class HeldStream:
+    """A :data:`ChunkStream` that gives back what it holds (a GPU lease, a server slot) once the stream is
+    over: read to the end, failed, or closed (the core always closes it).
+
+    ``on_error`` (optional) is awaited with a :class:`ProxyError` raised while reading, before the stream
+    closes (the vLLM adapter checks whether its server died). The wrapped stream's ``ready()`` is passed
+    on, so its chunks still reach the client in one write when they arrived together.
+    """
+
+    __slots__ = ("_chunks", "_done", "_on_error", "_ready", "_release")
+
+    def __init__(
+        self,
+        chunks: ChunkStream,
+        release: Callable[[], None],
+        on_error: Callable[[ProxyError], Awaitable[None]] | None = None,
+    ) -> None:
+        self._chunks = chunks
+        self._release = release
+        self._on_error = on_error
+        self._ready = getattr(chunks, "ready", None)
+        self._done = False
+
+    def ready(self) -> bool:
+        return self._ready is not None and self._ready()
+
+    def __aiter__(self) -> HeldStream:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        try:
+            return await anext(self._chunks)
+        except ProxyError as exc:
+            if self._on_error is not None:
+                await self._on_error(exc)
+            await self.aclose()
+            raise
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            aclose = getattr(self._chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            self._release()
 
 
 def not_served(adapter: Adapter, call: ChatCall) -> ProxyError:

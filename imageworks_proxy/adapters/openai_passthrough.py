@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import io
 import logging
 import os
 from collections.abc import AsyncIterator, Sequence
@@ -26,16 +25,18 @@ from imageworks_proxy.catalogue.registry import Entry
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.hookspecs import hookimpl
 from imageworks_proxy.upstream.body import read_capped, read_head
-from imageworks_proxy.upstream.errors import in_band_error, transport_failed, unreachable, upstream_error
-from imageworks_proxy.upstream.idle import IdleDeadline
-from imageworks_proxy.upstream.sse import EventTooLong, SSEParser
+from imageworks_proxy.upstream.client import (
+    UpstreamBroken,
+    UpstreamConnectError,
+    UpstreamHeadTimeout,
+    UpstreamResponse,
+)
+from imageworks_proxy.upstream.errors import transport_failed, unreachable, upstream_error
+from imageworks_proxy.upstream.sse_stream import SSEChunkStream
 from imageworks_proxy.upstream.urls import apply_loopback_alias, entry_base_url
 
 log = logging.getLogger("imageworks_proxy.passthrough")
 
-#: Upstream SSE lines may be long (reasoning traces, tool output); aiohttp's default caps a line at 128 KiB.
-READ_BUFSIZE = 4 * 1024 * 1024
-BIG_BODY = 512 * 1024
 #: How long the start-up check waits for each upstream's ``/models``.
 CHECK_TIMEOUT_S = 1.5
 
@@ -46,16 +47,10 @@ class OpenAIPassthroughAdapter(Adapter):
     description = "Any OpenAI-compatible server (base_url or http://host:port/v1)"
 
     @functools.cached_property
-    def _client_timeouts(self) -> tuple[aiohttp.ClientTimeout, aiohttp.ClientTimeout]:
-        """aiohttp's timeouts for a (non-streamed, streamed) call, made once: the configuration is fixed."""
-        cfg = self.config
-        # at most half a short backend budget, so a host that never accepts shows as unreachable
-        connect = min(10.0, cfg.backend_timeout_ms / 2000)
-        idle = cfg.stream_idle_timeout_ms / 1000
-        return (
-            aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=None),
-            aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=idle),
-        )
+    def _connect_s(self) -> float:
+        """How long a new upstream connection may take: at most half a short backend budget, so a host that
+        never accepts shows as unreachable (the configuration is fixed, so it is worked out once)."""
+        return min(10.0, self.config.backend_timeout_ms / 2000)
 
     def base_url(self, entry: Entry) -> str:
         url = entry_base_url(entry, default_port=None, default_url=None, path="/v1")
@@ -163,35 +158,32 @@ class OpenAIPassthroughAdapter(Adapter):
         cfg = self.config
         url = base_url.rstrip("/") + "/" + call.endpoint
         hdrs = headers if headers is not None else self.headers(call.entry)
-        data: bytes | io.BytesIO = orjson.dumps(call.body)
-        if len(data) > BIG_BODY:  # aiohttp writes big raw bodies in one go; a BytesIO is streamed in pieces
-            data = io.BytesIO(data)
-        timeout = self._client_timeouts[call.stream]
+        data = orjson.dumps(call.body)
+        # For streams the idle timeout bounds upstream silence from the start (the wait for the head too).
+        head_s = cfg.stream_idle_timeout_ms / 1000 if call.stream else None
         where = self.where(call)
         for attempt in (0, 1):
-            if isinstance(data, io.BytesIO):
-                data.seek(0)
             try:
                 async with asyncio.timeout(cfg.backend_timeout_ms / 1000):
-                    resp = await self.http.post(
-                        url, data=data, headers=hdrs, timeout=timeout, read_bufsize=READ_BUFSIZE
+                    resp = await self.upstream.post(
+                        url, data, hdrs, connect_timeout=self._connect_s, head_timeout=head_s
                     )
                     try:
                         if resp.status >= 400:
                             raise upstream_error(resp.status, await read_head(resp), where)
-                        sse = call.stream and "text/event-stream" in resp.headers.get("Content-Type", "")
+                        sse = call.stream and "text/event-stream" in resp.content_type
                         if not sse:  # a completion, or a JSON answer to a streaming request
                             raw = await read_capped(resp, cfg.max_upstream_body_bytes, where)
                     except BaseException:
                         resp.close()
                         raise
                 break
-            except aiohttp.ClientConnectorError as exc:
+            except UpstreamConnectError as exc:
                 if attempt == 0 and await self.on_unreachable(call):
                     continue
-                raise unreachable(where, call.request_id, f"{base_url}: {exc.os_error or exc}") from None
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise self._transport_error(exc, call, base_url, timeout) from None
+                raise unreachable(where, call.request_id, f"{base_url}: {exc}") from None
+            except (UpstreamBroken, TimeoutError) as exc:
+                raise self._transport_error(exc, call) from None
         if sse:
             return self._events(resp, where, usage_asked=_asks_usage(call.body))
         resp.release()
@@ -200,18 +192,10 @@ class OpenAIPassthroughAdapter(Adapter):
             return completion
         return self._replay_text(completion) if call.endpoint == COMPLETIONS else self._replay(completion)
 
-    def _transport_error(
-        self, exc: BaseException, call: ChatCall, base_url: str, timeout: aiohttp.ClientTimeout
-    ) -> ProxyError:
+    def _transport_error(self, exc: BaseException, call: ChatCall) -> ProxyError:
         """The client's error for a failure before the upstream answered (its address only in the log)."""
         cfg, where = self.config, self.where(call)
-        if isinstance(exc, aiohttp.ConnectionTimeoutError):
-            # Nothing accepted the connection: as unreachable as a refused one (aiohttp's timeout errors are
-            # TimeoutErrors too, so they are told apart before the generic case below).
-            detail = f"{base_url}: no connection accepted within {timeout.sock_connect:g} s"
-            return unreachable(where, call.request_id, detail)
-        if isinstance(exc, aiohttp.ServerTimeoutError):
-            # sock_read, set for streams only: the idle timeout bounds upstream silence from the start
+        if isinstance(exc, UpstreamHeadTimeout):  # streams only: the idle timeout from the start
             return ProxyError(
                 504,
                 "backend_timeout",
@@ -254,67 +238,16 @@ class OpenAIPassthroughAdapter(Adapter):
         """Per-backend fix-ups of a streamed chunk (vLLM overrides)."""
         return chunk
 
-    async def _events(
-        self, resp: aiohttp.ClientResponse, where: str, usage_asked: bool = False
-    ) -> AsyncIterator[dict[str, Any]]:
-        """The upstream's chunks. Idle time counts between data events (an upstream sending only ``: ping``
-        comments is idle), and a stream that ends without ``[DONE]`` must have finished every choice (and
-        sent its usage, when asked) or it is reported as cut short."""
+    def _events(self, resp: UpstreamResponse, where: str, usage_asked: bool = False) -> SSEChunkStream:
+        """The upstream's chunks (:class:`~imageworks_proxy.upstream.sse_stream.SSEChunkStream`)."""
         adjust = (
             self.adjust_chunk
             if type(self).adjust_chunk is not OpenAIPassthroughAdapter.adjust_chunk
             else None
         )
-        parser = SSEParser()
-        ending = _StreamEnding(usage_asked)
-        content = resp.content
-        idle = IdleDeadline(content, self.config.stream_idle_timeout_ms / 1000)
-        try:
-            # Each network read is split into events in one pass (no per-line awaits).
-            while True:
-                idle.arm()
-                raw = await content.readany()
-                idle.waiting = False
-                if not raw:
-                    break
-                events = parser.feed(raw)
-                for payload in events:
-                    if payload == b"[DONE]":
-                        return
-                    try:
-                        obj = orjson.loads(payload)
-                    except orjson.JSONDecodeError:
-                        raise ProxyError(
-                            502, "backend_error", f"{where} sent a stream event that is not JSON."
-                        ) from None
-                    if not isinstance(obj, dict):
-                        continue
-                    if obj.get("error"):
-                        raise in_band_error(obj, where)
-                    ending.note(obj)
-                    yield adjust(obj) if adjust else obj
-                if events:  # only data restarts the idle clock; comments and partial lines do not
-                    idle.restart()
-            if not ending.complete:
-                raise ProxyError(
-                    502, "backend_error", f"{where} ended the stream before it was done ({ending.missing})."
-                )
-        except TimeoutError:  # the idle deadline's, or aiohttp's sock_read (a ServerTimeoutError)
-            raise ProxyError(
-                504,
-                "stream_idle_timeout",
-                f"{where} sent no data for {self.config.stream_idle_timeout_ms} ms "
-                "(CHAT_PROXY_STREAM_IDLE_TIMEOUT_MS).",
-            ) from None
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            raise ProxyError(
-                502, "backend_error", f"{where} closed the stream early: {type(exc).__name__}"
-            ) from None
-        except EventTooLong as exc:
-            raise ProxyError(502, "backend_error", f"{where} sent {exc}.") from None
-        finally:
-            idle.cancel()
-            resp.close()
+        return SSEChunkStream(
+            resp, where, self.config.stream_idle_timeout_ms, usage_asked=usage_asked, adjust=adjust
+        )
 
     async def _replay_text(self, completion: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """A text completion answered as JSON to a streaming request: a streamed text completion's chunks
@@ -354,42 +287,6 @@ class OpenAIPassthroughAdapter(Adapter):
 def _asks_usage(body: dict[str, Any]) -> bool:
     opts = body.get("stream_options")
     return isinstance(opts, dict) and bool(opts.get("include_usage"))
-
-
-class _StreamEnding:
-    """What a stream has delivered so far: choices seen and finished, a usage chunk."""
-
-    __slots__ = ("finished", "seen", "usage", "usage_asked")
-
-    def __init__(self, usage_asked: bool) -> None:
-        self.usage_asked = usage_asked
-        self.seen: set[Any] = set()
-        self.finished: set[Any] = set()
-        self.usage = False
-
-    def note(self, chunk: dict[str, Any]) -> None:
-        choices = chunk.get("choices")
-        if isinstance(choices, list):
-            for i, choice in enumerate(choices):
-                if isinstance(choice, dict):
-                    index = choice.get("index", i)
-                    index = index if isinstance(index, int) else i
-                    self.seen.add(index)
-                    if choice.get("finish_reason"):
-                        self.finished.add(index)
-        if chunk.get("usage"):
-            self.usage = True
-
-    @property
-    def missing(self) -> str:
-        if not self.seen or self.seen - self.finished:
-            return "no finish_reason, no [DONE]"
-        return "no usage chunk, no [DONE]"
-
-    @property
-    def complete(self) -> bool:
-        """Every choice finished (and usage arrived when asked): a server that omits ``[DONE]`` is done."""
-        return bool(self.seen) and self.seen <= self.finished and (self.usage or not self.usage_asked)
 
 
 @hookimpl

@@ -17,13 +17,13 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
 
 from imageworks_proxy import keys
-from imageworks_proxy.adapters.base import ChatCall, ChunkStream, Completion, Embeddings
+from imageworks_proxy.adapters.base import ChatCall, ChunkStream, Completion, Embeddings, HeldStream
 from imageworks_proxy.adapters.vllm_external import VllmExternalAdapter
 from imageworks_proxy.catalogue.capabilities import Capabilities
 from imageworks_proxy.catalogue.registry import Entry, Registry
@@ -325,7 +325,10 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
             if isinstance(result, dict):
                 lease.release()
                 return result
-            return self._hold(result, lease)
+            return HeldStream(result, lease.release, on_error=self._stream_failed)
+
+    async def _stream_failed(self, exc: ProxyError) -> None:
+        await self.supervisor.check()  # a stream that broke may mean vLLM died: notice it now
 
     async def embeddings(self, call: ChatCall) -> Embeddings:
         """Only for entries marked as embedding models: starting a chat model for an embeddings request
@@ -341,20 +344,6 @@ class VllmOrchestratedAdapter(VllmExternalAdapter):
             )
         return await super().embeddings(call)
 
-    async def _hold(self, chunks: ChunkStream, lease: Lease) -> AsyncIterator[dict[str, Any]]:
-        try:
-            async for chunk in chunks:
-                yield chunk
-        except ProxyError:
-            await self.supervisor.check()
-            raise
-        finally:
-            lease.release()
-            aclose = getattr(chunks, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
-    # -- control (admin API, imageworks-loader) ------------------------------------------------
     async def activate(self, entry: Entry) -> dict[str, Any]:
         """Make ``entry`` the active model (waiting for in-flight requests on another one to finish),
         ignoring a start-failure backoff. Returns :meth:`public_state`."""

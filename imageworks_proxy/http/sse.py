@@ -220,6 +220,8 @@ class SSEWriter:
         #: when the oldest write still in progress began (None: no write in progress)
         self._writing_since: float | None = None
         self._ended = False
+        #: encoded chunks not written yet (see :meth:`hold`)
+        self._held: list[bytes] = []
 
     @property
     def committed(self) -> bool:
@@ -340,20 +342,41 @@ class SSEWriter:
             await asyncio.wait((task,))  # unlike awaiting it, lets a cancellation of our own task through
 
     async def send(self, chunk: dict[str, Any]) -> None:
+        self.hold(chunk)
+        await self.flush()
+
+    def hold(self, chunk: dict[str, Any]) -> None:
+        """Encode ``chunk`` for the next :meth:`flush` (chunks that arrived together go out in one write)."""
+        self._held.append(encode_event(chunk))
+
+    async def flush(self) -> None:
+        """Write the held chunks, if any."""
+        if self._held:
+            await self._write(self._take_held())
+
+    def _take_held(self, end: bytes = b"") -> bytes:
+        """The held chunks' bytes followed by ``end``; the first data marks :attr:`first_data_at`."""
+        held = self._held
+        if not held:
+            return end
         if not self.data_started:
             self.data_started = True
             self.first_data_at = time.perf_counter()
-        await self._write(encode_event(chunk))
+        data = held[0] + end if len(held) == 1 else b"".join(held) + end
+        held.clear()
+        return data
 
     async def send_error(self, error: ProxyError) -> None:
-        """In-band error event, then [DONE]."""
+        """The held chunks, an in-band error event, then [DONE]."""
         await self._stop_keepalive()
         await self.commit()
-        await self._write(b"data: " + orjson.dumps(error.payload(self.request_id)) + b"\n\n" + DONE)
+        event = b"data: " + orjson.dumps(error.payload(self.request_id)) + b"\n\n"
+        await self._write(self._take_held(event + DONE))
 
     async def finish(self) -> None:
+        """The held chunks and ``[DONE]``, in one write, and the end of the response."""
         await self._stop_keepalive()
-        await self._write(DONE, eof=True)
+        await self._write(self._take_held(DONE), eof=True)
 
     async def close(self) -> None:
         self._owner = None

@@ -3,9 +3,12 @@ bound (``CHAT_PROXY_MAX_UPSTREAM_BODY_BYTES``)."""
 
 from __future__ import annotations
 
-import aiohttp
+from typing import TYPE_CHECKING
 
 from imageworks_proxy.errors import ProxyError
+
+if TYPE_CHECKING:
+    from imageworks_proxy.upstream.client import UpstreamResponse
 
 #: How much of an upstream error body is read: plenty for any error message, never a whole runaway page.
 ERROR_BODY_BYTES = 64 * 1024
@@ -19,7 +22,7 @@ def too_big(where: str, limit: int) -> ProxyError:
     )
 
 
-async def read_capped(resp: aiohttp.ClientResponse, limit: int, where: str) -> bytes:
+async def read_capped(resp: UpstreamResponse, limit: int, where: str) -> bytes:
     """The whole body of ``resp``; :class:`ProxyError` 502 once it is (or announces to be) over ``limit``.
 
     The caller closes ``resp`` on error (the rest of the body is not read).
@@ -37,7 +40,7 @@ async def read_capped(resp: aiohttp.ClientResponse, limit: int, where: str) -> b
     return b"".join(parts)
 
 
-async def read_head(resp: aiohttp.ClientResponse, limit: int = ERROR_BODY_BYTES) -> bytes:
+async def read_head(resp: UpstreamResponse, limit: int = ERROR_BODY_BYTES) -> bytes:
     """At most the first ``limit`` bytes of ``resp``'s body (an error body: the rest is not wanted)."""
     parts: list[bytes] = []
     size = 0

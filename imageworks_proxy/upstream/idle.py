@@ -9,15 +9,17 @@ still waiting when the deadline passes fails, with :class:`TimeoutError` raised 
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
-import aiohttp
+if TYPE_CHECKING:
+    from imageworks_proxy.upstream.wire import ResponseReader
 
 #: Event loops may run a timer up to a millisecond early (libuv counts whole milliseconds): that is on time.
 _EARLY_S = 0.001
 
 
 class IdleDeadline:
-    """The deadline for the next data from ``content`` (an aiohttp body stream), ``idle_s`` after the
+    """The deadline for the next data from ``content`` (an upstream answer's body), ``idle_s`` after the
     last :meth:`restart` (or after construction).
 
     Call :meth:`arm` before each read and set :attr:`waiting` to false after it; call :meth:`restart`
@@ -28,7 +30,7 @@ class IdleDeadline:
 
     __slots__ = ("_content", "_idle_s", "_loop", "_timer", "deadline", "waiting")
 
-    def __init__(self, content: aiohttp.StreamReader, idle_s: float) -> None:
+    def __init__(self, content: ResponseReader, idle_s: float) -> None:
         self._loop = asyncio.get_running_loop()
         self._content = content
         self._idle_s = idle_s

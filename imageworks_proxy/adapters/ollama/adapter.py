@@ -46,6 +46,7 @@ from imageworks_proxy.gpu.tenancy import Lease, NoLease, Tenant, tenancy
 from imageworks_proxy.hookspecs import hookimpl
 from imageworks_proxy.upstream.autostart import ensure_started
 from imageworks_proxy.upstream.body import read_capped, read_head
+from imageworks_proxy.upstream.client import UpstreamBroken, UpstreamConnectError, UpstreamResponse
 from imageworks_proxy.upstream.errors import json_error_message, no_api_error, transport_failed, unreachable
 from imageworks_proxy.upstream.urls import apply_loopback_alias, entry_base_url
 
@@ -306,17 +307,18 @@ class OllamaAdapter(Adapter):
         return lease
 
     async def _complete(self, call: ChatCall, base: str, ex: _Exchange) -> Completion:
-        timeout = aiohttp.ClientTimeout(total=self._backend_s, sock_connect=self._connect_s)
         where = _where(call)
         with self._upstream_errors(call, base):
-            async with self.http.post(
-                base + ex.path, data=orjson.dumps(ex.payload), headers=_JSON, timeout=timeout
-            ) as resp:
-                status = resp.status
-                if status >= 400:
-                    raw = await read_head(resp)
-                else:
-                    raw = await read_capped(resp, self.config.max_upstream_body_bytes, where)
+            async with asyncio.timeout(self._backend_s):
+                resp = await self.upstream.post(
+                    base + ex.path, orjson.dumps(ex.payload), _JSON, connect_timeout=self._connect_s
+                )
+                async with resp:
+                    status = resp.status
+                    if status >= 400:
+                        raw = await read_head(resp)
+                    else:
+                        raw = await read_capped(resp, self.config.max_upstream_body_bytes, where)
         if status >= 400:
             raise self._http_error(status, raw, call, ex)
         try:
@@ -333,13 +335,12 @@ class OllamaAdapter(Adapter):
         assert ex.lines is not None
         # No total timeout: the backend timeout covers the wait for the first line, the idle timeout each
         # later read.
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_s)
-        resp: aiohttp.ClientResponse | None = None
+        resp: UpstreamResponse | None = None
         try:
             with self._upstream_errors(call, base):
                 async with asyncio.timeout(self._backend_s):
-                    resp = await self.http.post(
-                        base + ex.path, data=orjson.dumps(ex.payload), headers=_JSON, timeout=timeout
+                    resp = await self.upstream.post(
+                        base + ex.path, orjson.dumps(ex.payload), _JSON, connect_timeout=self._connect_s
                     )
                     if resp.status >= 400:
                         raise self._http_error(resp.status, await read_head(resp), call, ex)
@@ -363,7 +364,7 @@ class OllamaAdapter(Adapter):
         where = _where(call)
         try:
             yield
-        except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
+        except UpstreamConnectError as exc:
             error = unreachable(where, call.request_id, f"{base}: {_describe(exc)}", _START_HINT)
             error.hint = _START_ADVICE
             raise error from None
@@ -374,7 +375,7 @@ class OllamaAdapter(Adapter):
                 f"{where} did not answer within {self.config.backend_timeout_ms} ms "
                 "(CHAT_PROXY_BACKEND_TIMEOUT_MS)",
             ) from None
-        except aiohttp.ClientError as exc:
+        except UpstreamBroken as exc:
             raise transport_failed(where, call.request_id, exc) from None
 
     def _http_error(self, status: int, raw: bytes, call: ChatCall, ex: _Exchange) -> ProxyError:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 from typing import Any, Protocol
-
-import aiohttp
 
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.gpu.tenancy import Lease
+from imageworks_proxy.upstream.client import UpstreamBroken, UpstreamResponse
 from imageworks_proxy.upstream.ndjson import NdjsonSplitter, decode_line
+
+log = logging.getLogger("imageworks_proxy.ollama")
 
 
 class LineTranslator(Protocol):
@@ -36,7 +38,7 @@ class OllamaChunkStream:
 
     def __init__(
         self,
-        resp: aiohttp.ClientResponse,
+        resp: UpstreamResponse,
         translator: LineTranslator,
         *,
         where: str,
@@ -60,6 +62,10 @@ class OllamaChunkStream:
 
     def __aiter__(self) -> OllamaChunkStream:
         return self
+
+    def ready(self) -> bool:
+        """The next chunk is translated already (the core may write it together with this one)."""
+        return bool(self._pending)
 
     async def __anext__(self) -> dict[str, Any]:
         deadline: float | None = None
@@ -101,7 +107,8 @@ class OllamaChunkStream:
                 f"{self._where} sent no data for {self._idle_s * 1000:.0f} ms "
                 "(CHAT_PROXY_STREAM_IDLE_TIMEOUT_MS)",
             ) from None
-        except aiohttp.ClientError as exc:
+        except UpstreamBroken as exc:
+            log.warning("%s: the stream broke: %s", self._where, exc)
             raise ProxyError(
                 502, "backend_error", f"The stream from {self._where} broke ({type(exc).__name__})"
             ) from None

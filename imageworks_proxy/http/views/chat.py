@@ -99,6 +99,8 @@ async def serve(request: web.Request, endpoint: str) -> web.StreamResponse:
         ctx.status, ctx.error_code = exc.status, exc.code
         if writer is not None and writer.committed:
             await _send_error(writer, exc)
+            if ctx.first_byte is None:  # chunks held back went out with the error
+                ctx.first_byte = writer.first_data_at
             return writer.response  # type: ignore[return-value]
         raise
     except ClientGone:  # left while sending its body, or while the adapter waited (keep-alive, commit)
@@ -166,14 +168,21 @@ async def _stream(
             await _abandon(chunks)
             raise
         writer.arm_keepalive()
+        # A stream that says its next chunk is already here (ready()) gets its chunks written together:
+        # one write for what one upstream read delivered, never a chunk held while waiting for the network.
+        ready = getattr(chunks, "ready", None)
         async for chunk in chunks:
             for out in pipeline.run_chunk(ctx, chunk):
-                await writer.send(out)
+                writer.hold(out)
+            if ready is None or not ready():
+                await writer.flush()
                 if ctx.first_byte is None:
                     ctx.first_byte = writer.first_data_at
         for out in pipeline.run_stream_end(ctx):
-            await writer.send(out)
+            writer.hold(out)
         await writer.finish()
+        if ctx.first_byte is None:
+            ctx.first_byte = writer.first_data_at
     except ClientGone:
         # Only a failed or stalled write to the client means it left; an adapter's own ConnectionError is
         # an error the client must see in-band. Stop reading upstream at once (the finally closes the

@@ -9,15 +9,15 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from imageworks_proxy import (
     ChatCall,
     ChunkStream,
     Completion,
     Entry,
+    HeldStream,
     OpenAIPassthroughAdapter,
     Tenant,
     hookimpl,
@@ -90,23 +90,7 @@ class LlamaCppAdapter(OpenAIPassthroughAdapter):
         if not call.stream:
             _release_all(releases)
             return result
-        return _held(result, releases)
-
-
-async def _held(
-    chunks: AsyncIterator[dict[str, Any]], releases: list[Callable[[], None]]
-) -> AsyncIterator[dict[str, Any]]:
-    """Pass the chunks through and release the server and the lease when the stream is over."""
-    try:
-        async for chunk in chunks:
-            yield chunk
-    finally:
-        try:
-            aclose = getattr(chunks, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        finally:
-            _release_all(releases)
+        return HeldStream(result, lambda: _release_all(releases))
 
 
 def _release_all(releases: list[Callable[[], None]]) -> None:
