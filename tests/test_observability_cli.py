@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 
 import aiohttp
@@ -83,3 +84,18 @@ async def test_the_server_freezes_start_up_objects_and_collects_young_objects_le
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_a_log_call_with_a_bad_format_is_written_as_such_and_the_next_lines_follow():
+    code = (
+        "import logging\n"
+        "from imageworks_proxy.cli.logs import configure_logging\n"
+        "configure_logging('INFO')\n"
+        "logging.getLogger('imageworks_proxy.x').info('%d requests', 'not a number')\n"
+        "logging.getLogger('imageworks_proxy.x').info('after %s', 'it')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0
+    lines = proc.stderr.splitlines()
+    assert "<unformattable log record from imageworks_proxy.x: '%d requests'" in lines[0]
+    assert lines[1].endswith("INFO imageworks_proxy.x: after it") and len(lines) == 2

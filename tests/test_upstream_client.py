@@ -309,3 +309,47 @@ async def test_a_header_value_with_a_line_break_is_refused_before_sending(client
         await client.post(
             "http://127.0.0.1:9/x", b"{}", {"Authorization": "Bearer a\r\nX: y"}, connect_timeout=1
         )
+
+
+async def test_the_exchange_timeout_covers_head_and_body_and_can_be_lifted(client):
+    rest: list[asyncio.StreamWriter] = []
+
+    async def half_body(reader, writer):  # half the body now, the rest when the test says
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(2)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf ")
+        rest.append(writer)
+
+    server = await asyncio.start_server(half_body, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/x"
+    try:
+        resp = await client.post(url, b"{}", JSON, connect_timeout=2, timeout=0.2)
+        with pytest.raises(TimeoutError):  # the body did not complete within the exchange's time
+            await resp.read()
+        resp = await client.post(url, b"{}", JSON, connect_timeout=2, timeout=0.2)
+        resp.content.stop_timeout()
+        await asyncio.sleep(0.3)
+        rest[-1].write(b"done!")
+        assert await asyncio.wait_for(resp.read(), 5) == b"half done!"
+        resp.release()
+    finally:
+        for writer in rest:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_no_answer_within_the_exchange_timeout_is_a_plain_timeout(client):
+    async def silent(reader, writer):
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/x"
+    try:
+        with pytest.raises(TimeoutError) as caught:
+            await client.post(url, b"{}", JSON, connect_timeout=2, timeout=0.1, head_timeout=5)
+        assert not isinstance(caught.value, UpstreamHeadTimeout)
+    finally:
+        server.close()
+        await server.wait_closed()

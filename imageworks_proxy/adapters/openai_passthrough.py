@@ -164,19 +164,22 @@ class OpenAIPassthroughAdapter(Adapter):
         where = self.where(call)
         for attempt in (0, 1):
             try:
-                async with asyncio.timeout(cfg.backend_timeout_ms / 1000):
-                    resp = await self.upstream.post(
-                        url, data, hdrs, connect_timeout=self._connect_s, head_timeout=head_s
-                    )
-                    try:
-                        if resp.status >= 400:
-                            raise upstream_error(resp.status, await read_head(resp), where)
-                        sse = call.stream and "text/event-stream" in resp.content_type
-                        if not sse:  # a completion, or a JSON answer to a streaming request
-                            raw = await read_capped(resp, cfg.max_upstream_body_bytes, where)
-                    except BaseException:
-                        resp.close()
-                        raise
+                # The backend timeout bounds the wait for the answer, and for its body unless it streams.
+                resp = await self.upstream.post(
+                    url, data, hdrs, connect_timeout=self._connect_s, head_timeout=head_s,
+                    timeout=cfg.backend_timeout_ms / 1000,
+                )
+                try:
+                    if resp.status >= 400:
+                        raise upstream_error(resp.status, await read_head(resp), where)
+                    sse = call.stream and "text/event-stream" in resp.content_type
+                    if sse:
+                        resp.content.stop_timeout()  # from here the stream's idle deadline applies
+                    else:  # a completion, or a JSON answer to a streaming request
+                        raw = await read_capped(resp, cfg.max_upstream_body_bytes, where)
+                except BaseException:
+                    resp.close()
+                    raise
                 break
             except UpstreamConnectError as exc:
                 if attempt == 0 and await self.on_unreachable(call):

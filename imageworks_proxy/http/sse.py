@@ -220,6 +220,7 @@ class SSEWriter:
         #: when the oldest write still in progress began (None: no write in progress)
         self._writing_since: float | None = None
         self._ended = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # set on commit
         #: encoded chunks not written yet (see :meth:`hold`)
         self._held: list[bytes] = []
 
@@ -242,7 +243,9 @@ class SSEWriter:
         )
         self.response = resp  # set first: the handler returns it even when the client is already gone
         self._owner = asyncio.current_task()
-        self._clock = asyncio.get_running_loop().time
+        # kept: asyncio.get_running_loop() costs a getpid system call per call on Python 3.11
+        self._loop = asyncio.get_running_loop()
+        self._clock = self._loop.time
         self._last_write = self._clock()
         try:
             await resp.prepare(self.request)
@@ -278,7 +281,7 @@ class SSEWriter:
 
     def _arm_watchdog(self) -> None:
         if self.stall_s is not None and self._watchdog is None and not self.stalled:
-            self._watchdog = asyncio.get_running_loop().call_later(max(0.01, self.stall_s / 4), self._watch)
+            self._watchdog = self._loop.call_later(max(0.01, self.stall_s / 4), self._watch)
 
     def _watch(self) -> None:
         """Timer: hang up on the client when the write in progress has waited longer than ``stall_s``."""
@@ -305,13 +308,13 @@ class SSEWriter:
         """Send ``: keep-alive`` once the client has had nothing for ``keepalive_s``, until the stream
         ends (a timer that re-arms itself, not a task; a busy stream only moves its deadline)."""
         if self._timer is None and not self._ended and self.response is not None:
-            self._timer = asyncio.get_running_loop().call_at(self._last_write + self.keepalive_s, self._tick)
+            self._timer = self._loop.call_at(self._last_write + self.keepalive_s, self._tick)
 
     def _tick(self) -> None:
         self._timer = None
         if self._ended or self.response is None:
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         if loop.time() < self._last_write + self.keepalive_s:  # data went out meanwhile: not idle yet
             self.arm_keepalive()
             return

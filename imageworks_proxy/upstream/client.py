@@ -72,9 +72,14 @@ class _Target:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; it answers one request at a time."""
 
-    def __init__(self, key: tuple[str, str, int], client: UpstreamClient) -> None:
+    def __init__(
+        self, key: tuple[str, str, int], client: UpstreamClient, loop: asyncio.AbstractEventLoop
+    ) -> None:
         self.key = key
         self.client = client
+        #: The connection's event loop, kept: ``asyncio.get_running_loop()`` costs a ``getpid`` system call
+        #: per call on Python 3.11, and the hot path would make several per request.
+        self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.reader: ResponseReader | None = None
         self.closed = False
@@ -182,6 +187,7 @@ class UpstreamClient:
         self._open: set[_Connection] = set()
         self._targets: dict[str, _Target] = {}
         self._tls: ssl.SSLContext | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def post(
         self,
@@ -191,21 +197,34 @@ class UpstreamClient:
         *,
         connect_timeout: float,
         head_timeout: float | None = None,
+        timeout: float | None = None,
     ) -> UpstreamResponse:
         """Send ``body`` to ``url`` and wait for the answer's head.
 
         Raises :class:`UpstreamConnectError` when no connection could be made, :class:`UpstreamHeadTimeout`
         when nothing was answered within ``head_timeout`` seconds (None: no limit), :class:`UpstreamBroken`
         when the connection broke first. Cancelling the wait closes the connection.
+
+        ``timeout`` (None: none) bounds the whole exchange, from now until the body is complete: when it
+        passes, the wait for the head or the read in progress raises :class:`TimeoutError` and the
+        connection is closed. ``resp.content.stop_timeout()`` lifts it (a stream's body is bounded by its
+        idle deadline instead). One timer, where ``asyncio.timeout`` around the call would cost a
+        ``Timeout`` object and the task's cancel bookkeeping on every request.
         """
         target = self._target(url)
         request = _request(target.prefix, headers, body)
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         for attempt in (0, 1):
             conn = self._pooled(target.key)
             if conn is None:
                 conn = await self._connect(target, connect_timeout)
             reader = ResponseReader(conn)
             conn.reader = reader
+            if deadline is not None:
+                reader.start_timeout(deadline)
             conn.transport.write(request)  # type: ignore[union-attr]
             try:
                 await reader.wait_head(head_timeout)
@@ -254,7 +273,7 @@ class UpstreamClient:
         try:
             async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(target.key, self),
+                    lambda: _Connection(target.key, self, loop),
                     target.host,
                     target.port,
                     ssl=target.ssl,

@@ -30,8 +30,10 @@ class IdleDeadline:
 
     __slots__ = ("_content", "_idle_s", "_loop", "_timer", "deadline", "waiting")
 
-    def __init__(self, content: ResponseReader, idle_s: float) -> None:
-        self._loop = asyncio.get_running_loop()
+    def __init__(
+        self, content: ResponseReader, idle_s: float, loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
+        self._loop = loop or asyncio.get_running_loop()
         self._content = content
         self._idle_s = idle_s
         self._timer: asyncio.TimerHandle | None = None

@@ -54,7 +54,7 @@ class SSEChunkStream:
         self._adjust = adjust
         self._parser = SSEParser()
         self._ending = _StreamEnding(usage_asked)
-        self._idle = IdleDeadline(resp.content, idle_ms / 1000)
+        self._idle = IdleDeadline(resp.content, idle_ms / 1000, resp.content.loop)
         #: decoded chunks, then at most one end marker or error: each resolves without waiting
         self._queue: collections.deque[Any] = collections.deque()
         self._closed = False

@@ -55,6 +55,7 @@ class ResponseReader:
         "_paused",
         "_size",
         "_state",
+        "_timer",
         "_waiter",
         "eof",
         "headers",
@@ -66,7 +67,7 @@ class ResponseReader:
 
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
-        self._head: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._head: asyncio.Future[None] = conn.loop.create_future()
         self._state = _HEAD
         self._buf = b""
         self._chunks: collections.deque[bytes] = collections.deque()
@@ -79,6 +80,7 @@ class ResponseReader:
         self._left = 0
         self._chunk_left = 0
         self._chunk_state = _SIZE
+        self._timer: asyncio.TimerHandle | None = None
         self.received = False  # any byte of the answer arrived
         self.eof = False
         self.reusable = True
@@ -88,12 +90,17 @@ class ResponseReader:
 
     # -- the consumer's side -------------------------------------------------------------------------
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the answer arrives on."""
+        return self._conn.loop
+
     async def wait_head(self, timeout: float | None) -> None:
         head = self._head
         if timeout is None or head.done():
             await head
             return
-        timer = asyncio.get_running_loop().call_later(timeout, _expire, head, UpstreamHeadTimeout())
+        timer = self._conn.loop.call_later(timeout, _expire, head, UpstreamHeadTimeout())
         try:
             await head
         finally:
@@ -107,7 +114,7 @@ class ResponseReader:
                 raise self._exc
             if self.eof:
                 return b""
-            self._waiter = waiter = asyncio.get_running_loop().create_future()
+            self._waiter = waiter = self._conn.loop.create_future()
             await waiter
         data = chunks.popleft()
         self._size -= len(data)
@@ -115,6 +122,23 @@ class ResponseReader:
             self._paused = False
             self._conn.resume()
         return data
+
+    def start_timeout(self, deadline: float) -> None:
+        """Fail the exchange with :class:`TimeoutError` if it is not complete at ``deadline`` (loop time)."""
+        self._timer = self._conn.loop.call_at(deadline, self._time_out)
+
+    def stop_timeout(self) -> None:
+        """Lift :meth:`start_timeout`'s limit."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _time_out(self) -> None:
+        self._timer = None
+        if self._state != _DONE:
+            self.fail(TimeoutError())
+            if self._conn.reader is self:
+                self._conn.close()
 
     def set_exception(self, exc: BaseException) -> None:
         """Make a waiting (or the next waiting) read raise ``exc`` (the idle deadline uses it)."""
@@ -126,6 +150,7 @@ class ResponseReader:
         self.abort()
 
     def abort(self) -> None:
+        self.stop_timeout()
         if self._state != _DONE:
             self._state = _DONE
             self.eof = True
@@ -144,6 +169,7 @@ class ResponseReader:
             self.reusable = False
 
     def fail(self, exc: BaseException) -> None:
+        self.stop_timeout()
         if not self._head.done():
             self._head.set_exception(exc)
         else:
@@ -303,6 +329,7 @@ class ResponseReader:
             self._decoder = None
         self._state = _DONE
         self.eof = True
+        self.stop_timeout()
         self._wake()
         if self._paused:
             self._paused = False

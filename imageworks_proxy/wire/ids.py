@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import secrets
 
 
@@ -21,5 +22,10 @@ def tool_call_id() -> str:
 
 
 def request_id() -> str:
-    """``req_<24 hex>``, for a request that came without a usable ``X-Request-Id``."""
-    return "req_" + secrets.token_hex(12)
+    """``req_<24 hex>``, for a request that came without a usable ``X-Request-Id``.
+
+    Drawn from :mod:`random` (reseeded in a forked child), not :mod:`secrets`: a request id only has to
+    be unique, and ``secrets`` costs a ``getrandom`` system call on every request. The ids a client could
+    build on (completion and tool-call ids) stay unpredictable.
+    """
+    return f"req_{random.getrandbits(96):024x}"

@@ -309,16 +309,16 @@ class OllamaAdapter(Adapter):
     async def _complete(self, call: ChatCall, base: str, ex: _Exchange) -> Completion:
         where = _where(call)
         with self._upstream_errors(call, base):
-            async with asyncio.timeout(self._backend_s):
-                resp = await self.upstream.post(
-                    base + ex.path, orjson.dumps(ex.payload), _JSON, connect_timeout=self._connect_s
-                )
-                async with resp:
-                    status = resp.status
-                    if status >= 400:
-                        raw = await read_head(resp)
-                    else:
-                        raw = await read_capped(resp, self.config.max_upstream_body_bytes, where)
+            resp = await self.upstream.post(
+                base + ex.path, orjson.dumps(ex.payload), _JSON, connect_timeout=self._connect_s,
+                timeout=self._backend_s,
+            )
+            async with resp:
+                status = resp.status
+                if status >= 400:
+                    raw = await read_head(resp)
+                else:
+                    raw = await read_capped(resp, self.config.max_upstream_body_bytes, where)
         if status >= 400:
             raise self._http_error(status, raw, call, ex)
         try:
