@@ -9,9 +9,10 @@ the fake servers elsewhere.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import zlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -90,6 +91,26 @@ class Scripted:
             writer.close()
         self.server.close()
         await self.server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def raw_server(handle) -> AsyncIterator[str]:
+    """A server running ``handle(reader, writer)`` per connection; yields its URL. The writers the
+    handlers leave open are closed at the end."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def tracked(reader, writer):
+        writers.append(writer)
+        await handle(reader, writer)
+
+    server = await asyncio.start_server(tracked, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/x"
+    finally:
+        for writer in writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
 
 
 @pytest.fixture
@@ -220,17 +241,10 @@ async def test_no_head_in_time_is_a_head_timeout_and_the_connection_is_closed(cl
         release.set()
         writer.close()
 
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
+    async with raw_server(silent) as url:
         with pytest.raises(UpstreamHeadTimeout):
-            await client.post(
-                f"http://127.0.0.1:{port}/v1/x", b"{}", JSON, connect_timeout=2, head_timeout=0.1
-            )
+            await client.post(url, b"{}", JSON, connect_timeout=2, head_timeout=0.1)
         await asyncio.wait_for(release.wait(), 5)
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 async def test_a_reader_that_falls_behind_pauses_the_upstream(client):
@@ -243,20 +257,13 @@ async def test_a_reader_that_falls_behind_pauses_the_upstream(client):
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
         writer.write(b"x" * size)
 
-    server = await asyncio.start_server(big, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        resp = await client.post(f"http://127.0.0.1:{port}/v1/x", b"{}", JSON, connect_timeout=2)
+    async with raw_server(big) as url:
+        resp = await client.post(url, b"{}", JSON, connect_timeout=2)
         await asyncio.sleep(0.3)
         # the client stopped reading at its buffer limit, so most of the body still waits at the server
         assert held[0].transport.get_write_buffer_size() > BUFFER_LIMIT
         assert len(await resp.read()) == size
         resp.release()
-    finally:
-        for writer in held:
-            writer.close()
-        server.close()
-        await server.wait_closed()
 
 
 async def test_closing_an_unread_answer_and_closing_the_client_close_the_connections(client):
@@ -288,20 +295,13 @@ async def test_cancelling_the_wait_closes_the_connection(client):
         gone.set()
         writer.close()
 
-    server = await asyncio.start_server(slow, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        task = asyncio.ensure_future(
-            client.post(f"http://127.0.0.1:{port}/v1/x", b"{}", JSON, connect_timeout=2)
-        )
+    async with raw_server(slow) as url:
+        task = asyncio.ensure_future(client.post(url, b"{}", JSON, connect_timeout=2))
         await asyncio.wait_for(seen.wait(), 5)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         await asyncio.wait_for(gone.wait(), 5)
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 async def test_a_header_value_with_a_line_break_is_refused_before_sending(client):
@@ -320,9 +320,7 @@ async def test_the_exchange_timeout_covers_head_and_body_and_can_be_lifted(clien
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf ")
         rest.append(writer)
 
-    server = await asyncio.start_server(half_body, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/x"
-    try:
+    async with raw_server(half_body) as url:
         resp = await client.post(url, b"{}", JSON, connect_timeout=2, timeout=0.2)
         with pytest.raises(TimeoutError):  # the body did not complete within the exchange's time
             await resp.read()
@@ -332,11 +330,6 @@ async def test_the_exchange_timeout_covers_head_and_body_and_can_be_lifted(clien
         rest[-1].write(b"done!")
         assert await asyncio.wait_for(resp.read(), 5) == b"half done!"
         resp.release()
-    finally:
-        for writer in rest:
-            writer.close()
-        server.close()
-        await server.wait_closed()
 
 
 async def test_no_answer_within_the_exchange_timeout_is_a_plain_timeout(client):
@@ -344,12 +337,7 @@ async def test_no_answer_within_the_exchange_timeout_is_a_plain_timeout(client):
         await reader.read()
         writer.close()
 
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/x"
-    try:
+    async with raw_server(silent) as url:
         with pytest.raises(TimeoutError) as caught:
             await client.post(url, b"{}", JSON, connect_timeout=2, timeout=0.1, head_timeout=5)
         assert not isinstance(caught.value, UpstreamHeadTimeout)
-    finally:
-        server.close()
-        await server.wait_closed()
