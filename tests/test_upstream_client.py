@@ -9,8 +9,11 @@ the fake servers elsewhere.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gzip
+import socket
+import struct
 import zlib
 from collections.abc import AsyncIterator, Callable
 
@@ -341,3 +344,80 @@ async def test_no_answer_within_the_exchange_timeout_is_a_plain_timeout(client):
         with pytest.raises(TimeoutError) as caught:
             await client.post(url, b"{}", JSON, connect_timeout=2, timeout=0.1, head_timeout=5)
         assert not isinstance(caught.value, UpstreamHeadTimeout)
+
+
+async def test_a_login_in_the_url_is_sent_as_basic_authentication_unless_the_caller_sends_one(client):
+    server = Scripted(lambda n, req: answer(b"ok"))
+    async with server as url:
+        login_url = url.replace("http://", "http://user:s%40cret@")
+        await client.post(login_url, b"{}", JSON, connect_timeout=2)
+        await client.post(login_url, b"{}", {**JSON, "Authorization": "Bearer sk-own"}, connect_timeout=2)
+    expected = base64.b64encode(b"user:s@cret")
+    assert b"\r\nAuthorization: Basic " + expected + b"\r\n" in server.requests[0]
+    assert b"Basic" not in server.requests[1]
+    assert b"\r\nAuthorization: Bearer sk-own\r\n" in server.requests[1]
+
+
+async def test_an_upper_case_https_url_is_spoken_to_in_tls(client):
+    first: list[bytes] = []
+
+    async def plain(reader, writer):
+        first.append(await reader.read(5))
+        writer.close()
+
+    async with raw_server(plain) as url:
+        with pytest.raises(UpstreamConnectError):  # a plain server cannot finish the handshake
+            await client.post(url.replace("http://", "HTTPS://"), b'{"secret":1}', JSON, connect_timeout=2)
+    assert first and first[0][:1] == b"\x16"  # a TLS handshake record, never the request in clear
+
+
+async def test_a_kept_connection_closed_after_the_upstream_took_the_request_is_not_sent_again(client):
+    requests: list[bytes] = []
+
+    async def crashes_on_the_second(reader, writer):
+        while True:
+            try:
+                requests.append(await reader.readuntil(b"\r\n\r\n") + await reader.readexactly(2))
+            except asyncio.IncompleteReadError:
+                break
+            if len(requests) == 1:
+                writer.write(answer(b"ok"))
+            else:  # works on it a while, then goes away without an answer (a crash, a gateway timeout)
+                await asyncio.sleep(0.4)
+                break
+        writer.close()
+
+    async with raw_server(crashes_on_the_second) as url:
+        assert (await post(client, url))[2] == b"ok"
+        with pytest.raises(UpstreamBroken, match="before answering"):
+            await post(client, url)
+    assert len(requests) == 2  # the second request reached the upstream once
+
+
+async def test_a_connection_reset_is_not_the_end_of_a_body_that_ends_at_close(client):
+    async def reset(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + b'{"choices":[{"mess')
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST, not FIN
+
+    async with raw_server(reset) as url:
+        resp = await client.post(url, b"{}", JSON, connect_timeout=2)
+        with pytest.raises(UpstreamBroken, match="mid-answer"):
+            await resp.read()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"HTTP/1.1 204 No Content\r\nContent-Encoding: gzip\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 0\r\n\r\n",
+    ],
+    ids=["204", "empty-200"],
+)
+async def test_an_empty_body_marked_compressed_is_just_empty(client, data):
+    async with Scripted(lambda n, req: data) as url:
+        assert (await post(client, url))[2] == b""

@@ -6,11 +6,13 @@ small exchange as the whole rest of a minimal passthrough (``bench/instructions.
 one does only what forwarding needs, on a plain :class:`asyncio.Protocol`:
 
 - ``POST`` with a body already in memory, over keep-alive connections pooled per host (``http`` and
-  ``https``; idle ones are dropped after :attr:`UpstreamClient.keepalive_s`, as aiohttp's pool does);
+  ``https``; idle ones are closed after :attr:`UpstreamClient.keepalive_s`); a login in the URL is sent
+  as basic authentication;
 - answers with ``Content-Length``, ``Transfer-Encoding: chunked`` (trailers skipped) or ending at close;
   ``gzip`` and ``deflate`` bodies are decoded (no ``Accept-Encoding`` is sent, so servers rarely use them);
 - flow control: a reader that falls behind pauses the socket at :data:`BUFFER_LIMIT` buffered bytes;
-- a pooled connection the server closed in the meantime is replaced once, before anything was answered.
+- a kept connection that fails at once, before anything was answered (the server had closed it), is
+  replaced by a new one and the request sent again; a later failure is an error, never a second send.
 
 The control plane (health checks, model listings, Ollama's ``/api/show``, vLLM's admin routes) keeps using
 the app's aiohttp session: those calls are rare and want its conveniences. docs/architecture.md has the
@@ -20,10 +22,12 @@ split.
 from __future__ import annotations
 
 import asyncio
+import base64
+import collections
 import ssl
 import time
 from collections.abc import Mapping
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from imageworks_proxy.upstream.wire import (
     BUFFER_LIMIT,
@@ -44,21 +48,24 @@ __all__ = [
 
 #: Idle pooled connections kept per host; more are closed when released.
 MAX_IDLE_PER_HOST = 100
+#: A kept connection that breaks this soon after the request was written is taken to have been closed by
+#: the server before it read the request, and the request is sent again on a new connection.
+STALE_WINDOW_S = 0.25
 
 
 class _Target:
-    """A URL split once: where to connect and the request line's start."""
+    """A URL split once: where to connect, the request line's start and any login it carries."""
 
-    __slots__ = ("host", "key", "port", "prefix", "ssl")
+    __slots__ = ("authorization", "host", "key", "port", "prefix", "secure", "ssl")
 
-    def __init__(self, url: str, tls: ssl.SSLContext | None) -> None:
-        parts = urlsplit(url)
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)  # the scheme comes back lower-cased: HTTPS:// is https
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
-        secure = parts.scheme == "https"
+        self.secure = parts.scheme == "https"
+        self.ssl: ssl.SSLContext | None = None  # set by the client for https
         self.host = parts.hostname
-        self.port = parts.port or (443 if secure else 80)
-        self.ssl = tls if secure else None
+        self.port = parts.port or (443 if self.secure else 80)
         self.key = (parts.scheme, self.host, self.port)
         host = f"[{self.host}]" if ":" in self.host else self.host
         if parts.port is not None:
@@ -67,6 +74,11 @@ class _Target:
         if parts.query:
             path = f"{path}?{parts.query}"
         self.prefix = f"POST {path} HTTP/1.1\r\nHost: {host}\r\n".encode("latin-1")
+        #: ``user:password@`` in the URL, sent as basic authentication (unless the caller sends its own)
+        self.authorization: str | None = None
+        if parts.username is not None:
+            login = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+            self.authorization = "Basic " + base64.b64encode(login).decode("ascii")
 
 
 class _Connection(asyncio.Protocol):
@@ -180,10 +192,12 @@ class UpstreamResponse:
 class UpstreamClient:
     """Pooled keep-alive connections to the upstreams, owned by the app (closed on shutdown)."""
 
-    keepalive_s = 30.0
+    #: How long an idle connection is kept: under the 5 s after which uvicorn (vLLM) and llama.cpp's
+    #: server close theirs, so a kept connection is rarely one the server is closing at that moment.
+    keepalive_s = 4.0
 
     def __init__(self) -> None:
-        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._idle: dict[tuple[str, str, int], collections.deque[_Connection]] = {}
         self._open: set[_Connection] = set()
         self._targets: dict[str, _Target] = {}
         self._tls: ssl.SSLContext | None = None
@@ -210,8 +224,13 @@ class UpstreamClient:
         connection is closed. ``resp.content.stop_timeout()`` lifts it (a stream's body is bounded by its
         idle deadline instead). One timer, where ``asyncio.timeout`` around the call would cost a
         ``Timeout`` object and the task's cancel bookkeeping on every request.
+
+        A login in the URL (``http://user:password@host/…``) is sent as basic authentication unless
+        ``headers`` has an ``Authorization``.
         """
         target = self._target(url)
+        if target.authorization is not None and not any(k.lower() == "authorization" for k in headers):
+            headers = {**headers, "Authorization": target.authorization}
         request = _request(target.prefix, headers, body)
         loop = self._loop
         if loop is None:
@@ -226,14 +245,19 @@ class UpstreamClient:
             if deadline is not None:
                 reader.start_timeout(deadline)
             conn.transport.write(request)  # type: ignore[union-attr]
+            sent = loop.time()
             try:
                 await reader.wait_head(head_timeout)
             except UpstreamBroken:
-                # A pooled connection the upstream closed while idle: the request never reached it.
-                if attempt == 0 and conn.used and not reader.received:
+                # A kept connection the upstream had closed while it was idle fails at once, before the
+                # request could be read: send it again on a new one. A connection that fails later may
+                # have had the request taken and worked on (a crash, a gateway timing out): sending it
+                # again could run a generation twice, so that is an error.
+                if attempt == 0 and conn.used and not reader.received and loop.time() - sent < STALE_WINDOW_S:
                     continue
                 raise
             except BaseException:
+                reader.stop_timeout()
                 if conn.reader is reader:  # a complete answer may already have freed it for another request
                     conn.close()
                 raise
@@ -248,24 +272,28 @@ class UpstreamClient:
     def _target(self, url: str) -> _Target:
         target = self._targets.get(url)
         if target is None:
-            if url.startswith("https:") and self._tls is None:
-                self._tls = ssl.create_default_context()
-            target = _Target(url, self._tls)
+            target = _Target(url)
+            if target.secure:
+                if self._tls is None:
+                    self._tls = ssl.create_default_context()
+                target.ssl = self._tls
             if len(self._targets) >= 1024:  # URLs come from the registry; never let them pile up
                 self._targets.clear()
             self._targets[url] = target
         return target
 
     def _pooled(self, key: tuple[str, str, int]) -> _Connection | None:
+        """The most recently kept connection to ``key``; the ones idle too long are closed on the way."""
         idle = self._idle.get(key)
         if not idle:
             return None
         oldest = time.monotonic() - self.keepalive_s
+        while idle and (idle[0].closed or idle[0].idle_since <= oldest):  # oldest first
+            idle.popleft().close()
         while idle:
             conn = idle.pop()
-            if not conn.closed and conn.idle_since > oldest:
+            if not conn.closed:
                 return conn
-            conn.close()
         return None
 
     async def _connect(self, target: _Target, timeout: float) -> _Connection:
@@ -286,7 +314,9 @@ class UpstreamClient:
         return conn
 
     def _keep(self, conn: _Connection) -> None:
-        idle = self._idle.setdefault(conn.key, [])
+        idle = self._idle.get(conn.key)
+        if idle is None:
+            idle = self._idle[conn.key] = collections.deque()
         if len(idle) >= MAX_IDLE_PER_HOST:
             conn.close()
             return

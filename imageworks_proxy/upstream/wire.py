@@ -46,6 +46,7 @@ class ResponseReader:
         "_chunk_left",
         "_chunk_state",
         "_chunks",
+        "_compressed",
         "_conn",
         "_decoder",
         "_exc",
@@ -76,6 +77,7 @@ class ResponseReader:
         self._waiter: asyncio.Future[None] | None = None
         self._exc: BaseException | None = None
         self._decoder: zlib._Decompress | None = None
+        self._compressed = False  # bytes went to the decoder
         self._framing = _LENGTH
         self._left = 0
         self._chunk_left = 0
@@ -180,7 +182,7 @@ class ResponseReader:
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._state == _DONE:
             return
-        if self._state == _BODY and self._framing == _UNTIL_CLOSE:
+        if self._state == _BODY and self._framing == _UNTIL_CLOSE and exc is None:  # a reset is not an end
             try:
                 self._finish()
             except ValueError as bad:
@@ -212,7 +214,8 @@ class ResponseReader:
         self.headers = headers = _headers(lines)
         self._frame(version, headers)
         self._state = _BODY
-        self._head.set_result(None)
+        if not self._head.done():  # cancelled when the request was (its connection closes)
+            self._head.set_result(None)
         if self._framing == _LENGTH and self._left == 0:
             self._finish()
         if len(buf) > end + 4:
@@ -309,6 +312,7 @@ class ResponseReader:
 
     def _push(self, data: bytes) -> None:
         if self._decoder is not None:
+            self._compressed = True
             try:
                 data = self._decoder.decompress(data)
             except zlib.error as exc:
@@ -324,7 +328,7 @@ class ResponseReader:
 
     def _finish(self) -> None:
         if self._decoder is not None:
-            if not self._decoder.eof:
+            if self._compressed and not self._decoder.eof:  # an empty body (a 204, a 304) is no stream
                 raise ValueError("the compressed body was cut short")
             self._decoder = None
         self._state = _DONE
