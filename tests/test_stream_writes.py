@@ -25,15 +25,18 @@ def event(delta: dict, finish: str | None = None) -> bytes:
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
 
+PEERS: web.AppKey[list] = web.AppKey("peers")
 EVENTS = [event({"role": "assistant", "content": ""}), event({"content": "one"}), event({"content": " two"}),
           event({}, "stop")]
 
 
-def upstream(go_on: asyncio.Event | None) -> web.Application:
-    """Streams EVENTS: all in one write, or (``go_on`` given) the first, then the rest once it is set."""
+def upstream(go_on: asyncio.Event | None, tail_s: float = 0.0) -> web.Application:
+    """Streams EVENTS: all in one write, or (``go_on`` given) the first, then the rest once it is set;
+    the HTTP chunk that ends the body ``tail_s`` after ``[DONE]``."""
 
     async def chat(request: web.Request) -> web.StreamResponse:
         await request.read()
+        request.app[PEERS].append(request.transport.get_extra_info("peername"))
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         if go_on is None:
@@ -42,10 +45,12 @@ def upstream(go_on: asyncio.Event | None) -> web.Application:
             await resp.write(EVENTS[0])
             await go_on.wait()
             await resp.write(b"".join(EVENTS[1:]) + b"data: [DONE]\n\n")
+        await asyncio.sleep(tail_s)
         await resp.write_eof()
         return resp
 
     app = web.Application()
+    app[PEERS] = []
     app.router.add_post("/v1/chat/completions", chat)
     return app
 
@@ -160,3 +165,19 @@ async def test_a_held_stream_passes_ready_on_and_releases_once_when_it_ends():
     except ProxyError:
         pass
     assert (released, inner.closed, failures) == ([1, 2], 1, ["backend_error"])
+
+
+async def test_streams_one_after_another_reuse_the_upstream_connection(
+    aiohttp_server, registry_file, make_config, proxy_client
+):
+    server = await aiohttp_server(upstream(None, tail_s=0.05))
+    registry_file([{"name": "m", "backend": "openai", "served_model_id": "up",
+                    "backend_config": {"base_url": str(server.make_url("/v1"))}}])
+    client = await proxy_client(make_config())
+    for _ in range(3):
+        body = {"model": "m", "stream": True, "messages": user("hi")}
+        resp = await client.post("/v1/chat/completions", json=body)
+        assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+        await asyncio.sleep(0.1)  # the upstream's last HTTP chunk comes 0.05 s after its [DONE]
+    peers = server.app[PEERS]
+    assert len(peers) == 3 and len(set(peers)) == 1  # one connection: none was closed after its stream

@@ -421,3 +421,48 @@ async def test_a_connection_reset_is_not_the_end_of_a_body_that_ends_at_close(cl
 async def test_an_empty_body_marked_compressed_is_just_empty(client, data):
     async with Scripted(lambda n, req: data) as url:
         assert (await post(client, url))[2] == b""
+
+
+async def test_a_body_left_after_the_last_event_is_dropped_and_the_connection_kept(client):
+    async def events(reader, writer):
+        while True:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+                await reader.readexactly(2)
+            except asyncio.IncompleteReadError:
+                break
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\ne\r\ndata: [DONE]\n\n\r\n")
+            await asyncio.sleep(0.05)
+            writer.write(b"6\r\n: tail\r\n0\r\n\r\n")  # more bytes, then the end, after the client stopped
+        writer.close()
+
+    connections = []
+
+    async def counted(reader, writer):
+        connections.append(writer)
+        await events(reader, writer)
+
+    async with raw_server(counted) as url:
+        for _ in range(2):
+            resp = await client.post(url, b"{}", JSON, connect_timeout=2)
+            assert await resp.content.readany() == b"data: [DONE]\n\n"
+            resp.finish_quietly()
+            await asyncio.sleep(0.15)
+    assert len(connections) == 1
+
+
+async def test_a_body_that_does_not_end_soon_after_the_last_event_closes_its_connection(client):
+    gone = asyncio.Event()
+
+    async def never_ends(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\ne\r\ndata: [DONE]\n\n\r\n")
+        await reader.read()  # until the client closes
+        gone.set()
+        writer.close()
+
+    async with raw_server(never_ends) as url:
+        resp = await client.post(url, b"{}", JSON, connect_timeout=2)
+        assert await resp.content.readany() == b"data: [DONE]\n\n"
+        resp.content.finish_quietly(0.1)
+        await asyncio.wait_for(gone.wait(), 5)

@@ -12,7 +12,9 @@ one does only what forwarding needs, on a plain :class:`asyncio.Protocol`:
   ``gzip`` and ``deflate`` bodies are decoded (no ``Accept-Encoding`` is sent, so servers rarely use them);
 - flow control: a reader that falls behind pauses the socket at :data:`BUFFER_LIMIT` buffered bytes;
 - a kept connection that fails at once, before anything was answered (the server had closed it), is
-  replaced by a new one and the request sent again; a later failure is an error, never a second send.
+  replaced by a new one and the request sent again; a later failure is an error, never a second send;
+- a consumer done before the body ended (a stream after ``[DONE]``) can keep the connection:
+  :meth:`UpstreamResponse.finish_quietly` drops the rest and pools it if the body ends within a second.
 
 The control plane (health checks, model listings, Ollama's ``/api/show``, vLLM's admin routes) keeps using
 the app's aiohttp session: those calls are rare and want its conveniences. docs/architecture.md has the
@@ -181,6 +183,11 @@ class UpstreamResponse:
 
     def close(self) -> None:
         self.content.abort()
+
+    def finish_quietly(self) -> None:
+        """Done reading although the answer may not have ended (a stream after ``[DONE]``): the
+        connection is kept if the rest arrives within a second, closed otherwise."""
+        self.content.finish_quietly()
 
     async def __aenter__(self) -> UpstreamResponse:
         return self

@@ -75,16 +75,24 @@ class SSEChunkStream:
         item = queue.popleft()
         if type(item) is dict:
             return item
-        await self.aclose()
-        if item is _END:
+        if item is _END:  # done: the connection is kept for the next request if the body ends soon
+            self._close(finished=True)
             raise StopAsyncIteration
+        self._close(finished=False)
         raise item
 
     async def aclose(self) -> None:
+        """Stop reading: an unfinished stream's connection is closed (which stops the upstream's work)."""
+        self._close(finished=False)
+
+    def _close(self, finished: bool) -> None:
         if not self._closed:
             self._closed = True
             self._idle.cancel()
-            self._resp.close()
+            if finished:
+                self._resp.finish_quietly()
+            else:
+                self._resp.close()
 
     async def _read(self) -> None:
         idle = self._idle

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 HEAD_LIMIT = 64 * 1024
 #: Buffered body bytes at which the socket is paused until the reader catches up (resumed at half).
 BUFFER_LIMIT = 4 * 1024 * 1024
+#: How long :meth:`ResponseReader.finish_quietly` waits for the end of an answer to keep its connection.
+DRAIN_S = 1.0
 _LINE_LIMIT = 8 * 1024  # a chunk-size or trailer line
 
 _HEAD, _BODY, _DONE = range(3)
@@ -49,6 +51,7 @@ class ResponseReader:
         "_compressed",
         "_conn",
         "_decoder",
+        "_draining",
         "_exc",
         "_framing",
         "_head",
@@ -78,6 +81,7 @@ class ResponseReader:
         self._exc: BaseException | None = None
         self._decoder: zlib._Decompress | None = None
         self._compressed = False  # bytes went to the decoder
+        self._draining = False  # the consumer is gone; the rest of the body is dropped (finish_quietly)
         self._framing = _LENGTH
         self._left = 0
         self._chunk_left = 0
@@ -150,6 +154,22 @@ class ResponseReader:
     def release(self) -> None:
         """The consumer is done: a complete answer has freed its connection, an incomplete one closes it."""
         self.abort()
+
+    def finish_quietly(self, within_s: float = DRAIN_S) -> None:
+        """The consumer has all it wants, but the answer has not ended yet (a stream's ``[DONE]`` comes
+        before the HTTP chunk that ends the body): drop the rest as it arrives and keep the connection if
+        the answer ends within ``within_s`` seconds, else close it."""
+        if self._state == _DONE:
+            return
+        self.stop_timeout()
+        self._draining = True
+        self._decoder = None
+        self._chunks.clear()
+        self._size = 0
+        if self._paused:
+            self._paused = False
+            self._conn.resume()
+        self._timer = self._conn.loop.call_later(within_s, self.abort)
 
     def abort(self) -> None:
         self.stop_timeout()
@@ -311,6 +331,8 @@ class ResponseReader:
             self._push(out[0] if len(out) == 1 else b"".join(out))
 
     def _push(self, data: bytes) -> None:
+        if self._draining:
+            return
         if self._decoder is not None:
             self._compressed = True
             try:

@@ -123,7 +123,7 @@ class OllamaChunkStream:
             return
         self._closed = True
         if self._translator.finished:
-            self._resp.release()  # keeps the connection for reuse when the body was read to the end
+            self._resp.finish_quietly()  # keeps the connection for reuse once the body has ended
         else:
             self._resp.close()
         self._lease.release()
