@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 
 import orjson
+import pytest
 from aiohttp import web
 
 from imageworks_proxy.testing import user
@@ -160,10 +161,8 @@ async def test_a_held_stream_passes_ready_on_and_releases_once_when_it_ends():
     inner = Chunks({"n": 1}, ProxyError(502, "backend_error", "broke"))
     held = HeldStream(inner, lambda: released.append(2), on_error=on_error)
     assert await anext(held) == {"n": 1} and not held.ready()
-    try:
+    with pytest.raises(ProxyError):
         await anext(held)
-    except ProxyError:
-        pass
     assert (released, inner.closed, failures) == ([1, 2], 1, ["backend_error"])
 
 

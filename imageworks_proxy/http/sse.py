@@ -344,10 +344,6 @@ class SSEWriter:
             task.cancel()
             await asyncio.wait((task,))  # unlike awaiting it, lets a cancellation of our own task through
 
-    async def send(self, chunk: dict[str, Any]) -> None:
-        self.hold(chunk)
-        await self.flush()
-
     def hold(self, chunk: dict[str, Any]) -> None:
         """Encode ``chunk`` for the next :meth:`flush` (chunks that arrived together go out in one write)."""
         self._held.append(encode_event(chunk))

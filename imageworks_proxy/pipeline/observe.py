@@ -91,7 +91,6 @@ def _merge_call(calls: dict[int, dict[str, Any]], delta_call: Any) -> None:
         call["function"]["arguments"] += args
 
 
-
 def _tokens(ctx: ChatContext, st: _Reply | None) -> tuple[int | None, int | None, bool]:
     """Prompt and completion tokens as the backend counted them, else estimated (and said so)."""
     usage = ctx.usage if isinstance(ctx.usage, dict) else (st.usage if st is not None else None)

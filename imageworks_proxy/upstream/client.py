@@ -246,7 +246,7 @@ class UpstreamClient:
         for attempt in (0, 1):
             conn = self._pooled(target.key)
             if conn is None:
-                conn = await self._connect(target, connect_timeout)
+                conn = await self._connect(target, connect_timeout, loop)
             reader = ResponseReader(conn)
             conn.reader = reader
             if deadline is not None:
@@ -303,8 +303,9 @@ class UpstreamClient:
                 return conn
         return None
 
-    async def _connect(self, target: _Target, timeout: float) -> _Connection:
-        loop = asyncio.get_running_loop()
+    async def _connect(
+        self, target: _Target, timeout: float, loop: asyncio.AbstractEventLoop
+    ) -> _Connection:
         try:
             async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(

@@ -99,8 +99,6 @@ async def serve(request: web.Request, endpoint: str) -> web.StreamResponse:
         ctx.status, ctx.error_code = exc.status, exc.code
         if writer is not None and writer.committed:
             await _send_error(writer, exc)
-            if ctx.first_byte is None:  # chunks held back went out with the error
-                ctx.first_byte = writer.first_data_at
             return writer.response  # type: ignore[return-value]
         raise
     except ClientGone:  # left while sending its body, or while the adapter waited (keep-alive, commit)
@@ -124,6 +122,8 @@ async def serve(request: web.Request, endpoint: str) -> web.StreamResponse:
     finally:
         if writer is not None:
             await writer.close()
+            # the first data written, on every path (chunks held back go out with [DONE] or an error)
+            ctx.first_byte = writer.first_data_at
         try:
             pipeline.run_finish(ctx)
         except Exception:
@@ -176,13 +176,9 @@ async def _stream(
                 writer.hold(out)
             if ready is None or not ready():
                 await writer.flush()
-                if ctx.first_byte is None:
-                    ctx.first_byte = writer.first_data_at
         for out in pipeline.run_stream_end(ctx):
             writer.hold(out)
         await writer.finish()
-        if ctx.first_byte is None:
-            ctx.first_byte = writer.first_data_at
     except ClientGone:
         # Only a failed or stalled write to the client means it left; an adapter's own ConnectionError is
         # an error the client must see in-band. Stop reading upstream at once (the finally closes the
