@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import ClientSession, web
 
@@ -39,6 +40,9 @@ SWAPS: web.AppKey[SwapMetrics] = web.AppKey("swaps")
 RECENT: web.AppKey[RecentActivity] = web.AppKey("recent")
 #: Present only when CHAT_PROXY_ENABLE_METRICS=1.
 PROMETHEUS: web.AppKey[PromMetrics] = web.AppKey("prometheus")
+#: Set by the command-line server: ``(level, format, args) -> taken`` queues an access line straight to its
+#: log writer, without a LogRecord, when that writer is the line's only destination (cli/logs.py).
+ACCESS_LINES: web.AppKey[Callable[[int, str, tuple[Any, ...]], bool]] = web.AppKey("access_lines")
 
 
 # Per-request storage: typed RequestKeys on aiohttp versions that have them (3.14+), plain strings before.

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 import os
+import queue
 import signal
 import subprocess
 import sys
 
 import aiohttp
 
+from imageworks_proxy.cli.logs import LogWriter, _Formatter, _ThreadQueueHandler
 from imageworks_proxy.testing import free_port, user
 from imageworks_proxy.testing.fakes.openai import make_fake_openai, registry_for
 
@@ -99,3 +103,69 @@ def test_a_log_call_with_a_bad_format_is_written_as_such_and_the_next_lines_foll
     lines = proc.stderr.splitlines()
     assert "<unformattable log record from imageworks_proxy.x: '%d requests'" in lines[0]
     assert lines[1].endswith("INFO imageworks_proxy.x: after it") and len(lines) == 2
+
+
+def _writer() -> tuple[LogWriter, logging.Logger, io.StringIO]:
+    """A log writer (no thread: drained by hand) whose handler is the only one of a logger of its own."""
+    records: queue.SimpleQueue = queue.SimpleQueue()
+    handler = _ThreadQueueHandler(records)
+    writer = LogWriter(records, _Formatter(), handler)
+    logger = logging.Logger("imageworks_proxy.access")  # outside the logging tree: no root to reach
+    logger.addHandler(handler)
+    return writer, logger, io.StringIO()
+
+
+def _drained(writer: LogWriter, out: io.StringIO, monkeypatch) -> list[str]:
+    monkeypatch.setattr(sys, "stderr", out)
+    writer._drain()
+    return out.getvalue().splitlines()
+
+
+def test_a_line_queued_directly_reads_exactly_as_the_same_line_logged(monkeypatch):
+    writer, logger, out = _writer()
+    args = ("POST", "/v1/chat/completions", ' model="m"', 200, "", 12.345, "req_1")
+    logger.info("%s %s%s status=%d%s %.1fms rid=%s", *args)
+    assert writer.direct(logger)(logging.INFO, "%s %s%s status=%d%s %.1fms rid=%s", args) is True
+    logged, direct = _drained(writer, out, monkeypatch)
+    assert logged.split(" ", 2)[2] == direct.split(" ", 2)[2]
+    assert direct.endswith('INFO imageworks_proxy.access: POST /v1/chat/completions model="m" status=200 '
+                           "12.3ms rid=req_1")
+    # the same instant gives the same date and time, to the millisecond
+    record = logging.LogRecord("n", logging.WARNING, "", 0, "hi %s", ("x",), None)
+    record.created, record.msecs = 1_700_000_000.0421, 42.0
+    assert writer.formatter.line((1_700_000_000.0421, logging.WARNING, "n", "hi %s", ("x",))) == (
+        writer.formatter.format(record)
+    )
+
+
+def test_a_line_goes_the_usual_way_when_something_else_would_see_it(monkeypatch):
+    writer, logger, out = _writer()
+    direct = writer.direct(logger)
+    assert direct(logging.INFO, "a %s", ("line",)) is True
+    seen: list[str] = []
+    logger.addFilter(lambda record: seen.append(record.getMessage()) or True)
+    assert direct(logging.INFO, "a %s", ("line",)) is False  # the filter must see it
+    logger.filters.clear()
+    other = logging.Handler()
+    logger.addHandler(other)
+    assert direct(logging.INFO, "a %s", ("line",)) is False  # so must a second handler
+    logger.removeHandler(other)
+    parent = logging.Logger("imageworks_proxy")
+    parent.addHandler(other)
+    logger.parent = parent
+    assert direct(logging.INFO, "a %s", ("line",)) is False  # or one where the line propagates to
+    logger.propagate = False
+    assert direct(logging.INFO, "a %s", ("line",)) is True
+    writer.handler.setLevel(logging.WARNING)
+    assert direct(logging.INFO, "a %s", ("line",)) is False  # our handler would drop it
+    assert _drained(writer, out, monkeypatch)[-1].endswith("INFO imageworks_proxy.access: a line")
+    assert len(out.getvalue().splitlines()) == 2
+
+
+def test_a_direct_line_with_a_bad_format_is_written_as_such(monkeypatch):
+    writer, logger, out = _writer()
+    writer.direct(logger)(logging.INFO, "%d requests", ("not a number",))
+    logger.info("after %s", "it")
+    bad, after = _drained(writer, out, monkeypatch)
+    assert bad.startswith("<unformattable log record from imageworks_proxy.access: '%d requests'")
+    assert after.endswith("INFO imageworks_proxy.access: after it")

@@ -8,6 +8,9 @@ import logging.handlers
 import queue
 import sys
 import threading
+import time
+from collections.abc import Callable
+from typing import Any
 
 
 class _ThreadQueueHandler(logging.handlers.QueueHandler):
@@ -18,19 +21,35 @@ class _ThreadQueueHandler(logging.handlers.QueueHandler):
         return record
 
 
-class _Formatter(logging.Formatter):
-    """The standard format, with the date-time text built once per second rather than per record."""
+#: Every line: ``2026-01-01 12:00:02,667 INFO imageworks_proxy.access: <message>``.
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-    def __init__(self, fmt: str) -> None:
-        super().__init__(fmt)
+#: A line queued without a LogRecord: (time.time(), level, logger name, %-format, its arguments).
+Line = tuple[float, int, str, str, tuple[Any, ...]]
+
+
+class _Formatter(logging.Formatter):
+    """:data:`FORMAT`, with the date-time text built once per second rather than per record."""
+
+    def __init__(self) -> None:
+        super().__init__(FORMAT)
         self._second = -1
         self._text = ""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        second = int(record.created)
+        return self._asctime(record.created)
+
+    def _asctime(self, created: float) -> str:
+        second = int(created)
         if second != self._second:
-            self._second, self._text = second, super().formatTime(record, datefmt).rsplit(",", 1)[0]
-        return f"{self._text},{int(record.msecs):03d}"
+            self._second = second
+            self._text = time.strftime(self.default_time_format, self.converter(second))
+        return f"{self._text},{int((created - second) * 1000):03d}"
+
+    def line(self, line: Line) -> str:
+        """What :meth:`format` makes of a record with these fields, without the record."""
+        created, level, name, msg, args = line
+        return f"{self._asctime(created)} {logging.getLevelName(level)} {name}: {msg % args}"
 
 
 class LogWriter:
@@ -40,10 +59,12 @@ class LogWriter:
     log line with a queue append, not with a thread switch and a write per line.
     """
 
-    def __init__(self, records: queue.SimpleQueue[logging.LogRecord], formatter: logging.Formatter,
-                 interval_s: float = 0.05) -> None:
+    def __init__(self, records: queue.SimpleQueue[logging.LogRecord | Line], formatter: _Formatter,
+                 handler: logging.Handler, interval_s: float = 0.05) -> None:
         self.records = records
         self.formatter = formatter
+        #: The root handler that feeds ``records``.
+        self.handler = handler
         self.interval_s = interval_s
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -64,6 +85,42 @@ class LogWriter:
         while not self._stopping.wait(self.interval_s):
             self._drain()
 
+    def direct(self, logger: logging.Logger) -> Callable[[int, str, tuple[Any, ...]], bool]:
+        """A cheaper ``logger.log(level, msg, *args)`` for a line logged on every request.
+
+        The returned function queues ``(time, level, name, msg, args)`` for this thread to format as
+        :data:`FORMAT`, skipping the LogRecord, the logger's handler walk and the handler lock, and
+        returns True; or does nothing and returns False when the line would go anywhere but here (a
+        filter, a handler of its own, a handler added beside ours), so the caller logs it the usual way.
+        The caller has checked ``logger.isEnabledFor(level)``.
+        """
+        put, now = self.records.put_nowait, time.time
+
+        def log(level: int, msg: str, args: tuple[Any, ...]) -> bool:
+            if not self._only_destination(logger, level):
+                return False
+            put((now(), level, logger.name, msg, args))
+            return True
+
+        return log
+
+    def _only_destination(self, logger: logging.Logger, level: int) -> bool:
+        """Whether ``logger.log(level, ...)`` would reach this writer's handler and nothing else."""
+        if logger.filters or logger.disabled:
+            return False
+        mine = self.handler
+        found = False
+        current: logging.Logger | None = logger
+        while current is not None:
+            for handler in current.handlers:
+                if handler is not mine or found or handler.filters or level < handler.level:
+                    return False
+                found = True
+            if not current.propagate:
+                break
+            current = current.parent
+        return found
+
     def _drain(self) -> None:
         lines = []
         while True:
@@ -72,9 +129,13 @@ class LogWriter:
             except queue.Empty:
                 break
             try:
-                lines.append(self.formatter.format(record))
+                if type(record) is tuple:
+                    lines.append(self.formatter.line(record))
+                else:
+                    lines.append(self.formatter.format(record))
             except Exception as exc:  # a bad %-format must not lose the rest of the batch
-                lines.append(f"<unformattable log record from {record.name}: {record.msg!r} ({exc})>")
+                name, msg = (record[2], record[3]) if type(record) is tuple else (record.name, record.msg)
+                lines.append(f"<unformattable log record from {name}: {msg!r} ({exc})>")
         if lines:
             try:
                 sys.stderr.write("\n".join(lines) + "\n")
@@ -96,11 +157,12 @@ def configure_logging(level: str) -> LogWriter:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    writer = LogWriter(records, _Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    records: queue.SimpleQueue[logging.LogRecord | Line] = queue.SimpleQueue()
+    handler = _ThreadQueueHandler(records)
+    writer = LogWriter(records, _Formatter(), handler)
     root = logging.getLogger()
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
-    root.addHandler(_ThreadQueueHandler(records))
+    root.addHandler(handler)
     writer.start()
     atexit.register(writer.stop)
     # aiohttp's access log would duplicate our per-request line and could log credentials in URLs.

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
+from imageworks_proxy import keys
 from imageworks_proxy._version import __version__
 from imageworks_proxy.catalogue.registry import registry_files
 from imageworks_proxy.cli.logs import configure_logging
@@ -238,15 +239,17 @@ def serve(config: Config) -> int:
     if busy:
         return _fail("error", f"cannot listen on {config.host}:{config.port}: {busy} "
                      "(is another proxy running? --port picks another port)", 1)
-    configure_logging(config.log_level)
+    writer = configure_logging(config.log_level)
     for warning in config.warnings:
         log.warning("%s", warning)
     from imageworks_proxy.app import create_app
+    from imageworks_proxy.http.middlewares import access_log
 
     try:
         app = create_app(config)
     except PluginError as exc:
         return _fail("plugin error", str(exc))
+    app[keys.ACCESS_LINES] = writer.direct(access_log)
     warning = exposure_warning(config.host, config.api_keys)
     if warning:
         log.warning(warning)

@@ -32,6 +32,8 @@ QUIET_ROUTES = frozenset({"health", "metrics", "prometheus", "status", "status_a
 #: as in flight in the metrics and each ends in one request-log record, even when refused before the view.
 ADAPTER_ROUTES = {"chat": CHAT, "embeddings": EMBEDDINGS, "completions": COMPLETIONS}
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f\"\\]")
+#: The access line after the log's own prefix: method, path, model, status, error, ms, request id.
+ACCESS_FORMAT = "%s %s%s status=%d%s %.1fms rid=%s"
 
 
 def request_id(request: web.Request) -> str:
@@ -203,9 +205,7 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
             ctx = request.get(keys.CHAT_CONTEXT)
             model = getattr(ctx, "model", None)
             error = getattr(ctx, "error_code", None)
-            access_log.log(
-                level,
-                "%s %s%s status=%d%s %.1fms rid=%s",
+            args = (
                 request.method,
                 _clean(request.path, 200),
                 f' model="{_clean(model, 120)}"' if model else "",
@@ -214,3 +214,6 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
                 (time.perf_counter() - started) * 1000,
                 rid,
             )
+            direct = request.app.get(keys.ACCESS_LINES)
+            if direct is None or not direct(level, ACCESS_FORMAT, args):
+                access_log.log(level, ACCESS_FORMAT, *args)
