@@ -28,6 +28,7 @@ from aiohttp.http_exceptions import BadHttpMethod, ContentEncodingError, LineToo
 from imageworks_proxy.config import Config
 from imageworks_proxy.errors import ProxyError
 from imageworks_proxy.wire import ids
+from imageworks_proxy.wire.writes import BatchedTransport, WriteBatch
 
 log = logging.getLogger("imageworks_proxy.http")
 #: After answering a request whose body (or head) it will not read, how long the server keeps reading and
@@ -96,11 +97,14 @@ def _reason(exc: BaseException | None) -> str:
 class ProxyRequestHandler(web.RequestHandler):
     """aiohttp's connection handler with a deadline on request heads and OpenAI-shaped parse errors."""
 
-    __slots__ = ("_closing_at", "_draining", "_head_timer", "_last_payload", "_limits")
+    __slots__ = ("_batch", "_closing_at", "_draining", "_head_timer", "_last_payload", "_limits")
 
-    def __init__(self, manager: web.Server, *, limits: ServerLimits, **kwargs: Any) -> None:
+    def __init__(
+        self, manager: web.Server, *, limits: ServerLimits, batch: WriteBatch, **kwargs: Any
+    ) -> None:
         super().__init__(manager, **kwargs)
         self._limits = limits
+        self._batch = batch
         self._head_timer: asyncio.TimerHandle | None = None
         self._closing_at: asyncio.TimerHandle | None = None
         self._draining = False
@@ -110,6 +114,10 @@ class ProxyRequestHandler(web.RequestHandler):
     def idle(self) -> bool:
         """Open, and neither serving a request nor holding a complete one: keep-alive, or a head arriving."""
         return self.transport is not None and not self._request_in_progress and not self._messages
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Answers leave at the end of the tick, with the others written in it (wire/writes.py).
+        super().connection_made(BatchedTransport(transport, self._batch))  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
         if self._draining:
@@ -197,9 +205,12 @@ class ProxyServer(web.Server):
         super().__init__(handler, **kwargs)
         self._limits = limits
         self._warned_at = -CAP_WARNING_INTERVAL_S
+        self._batch = WriteBatch(self._loop)
 
     def __call__(self) -> ProxyRequestHandler:
-        return ProxyRequestHandler(self, loop=self._loop, limits=self._limits, **self._kwargs)
+        return ProxyRequestHandler(
+            self, loop=self._loop, limits=self._limits, batch=self._batch, **self._kwargs
+        )
 
     def connection_made(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)

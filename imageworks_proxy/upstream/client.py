@@ -38,6 +38,7 @@ from imageworks_proxy.upstream.wire import (
     UpstreamConnectError,
     UpstreamHeadTimeout,
 )
+from imageworks_proxy.wire.writes import BatchedTransport, WriteBatch
 
 __all__ = [
     "BUFFER_LIMIT",
@@ -101,7 +102,8 @@ class _Connection(asyncio.Protocol):
         self.used = False  # it carried a request before (a pooled connection)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # Requests leave at the end of the tick, with the others sent in it (wire/writes.py).
+        self.transport = BatchedTransport(transport, self.client.write_batch(self.loop))  # type: ignore[arg-type]
         self.client._open.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -209,6 +211,7 @@ class UpstreamClient:
         self._targets: dict[str, _Target] = {}
         self._tls: ssl.SSLContext | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._batch: WriteBatch | None = None
 
     async def post(
         self,
@@ -270,6 +273,13 @@ class UpstreamClient:
                 raise
             return UpstreamResponse(reader)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def write_batch(self, loop: asyncio.AbstractEventLoop) -> WriteBatch:
+        """The batch the connections' requests are written in (one per client: the client lives on one
+        loop)."""
+        if self._batch is None:
+            self._batch = WriteBatch(loop)
+        return self._batch
 
     async def close(self) -> None:
         for conn in list(self._open):
