@@ -31,25 +31,27 @@ def _received(sock: socket.socket) -> bytes:
         out += data
 
 
-async def test_writes_wait_for_the_end_of_the_tick_and_then_leave_in_order():
+async def test_the_first_write_of_a_tick_leaves_at_once_and_the_rest_at_its_end_in_order():
     batch = WriteBatch(asyncio.get_running_loop())
     (one, peer1), (two, peer2) = await _pair(batch), await _pair(batch)
     one.write(b"GET / HTTP/1.1\r\n")
+    assert _received(peer1) == b"GET / HTTP/1.1\r\n"  # the tick's first write: at once
     two.write(bytearray(b"second"))
     one.writelines([b"Host: x\r\n", memoryview(b"\r\n")])
     assert _received(peer1) == b"" and _received(peer2) == b""  # held: the peers have nothing yet
-    assert one.get_write_buffer_size() == len(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert one.get_write_buffer_size() == len(b"Host: x\r\n\r\n")
     await asyncio.sleep(0)  # the tick ends
-    assert _received(peer1) == b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert _received(peer1) == b"Host: x\r\n\r\n"
     assert _received(peer2) == b"second"
-    one.write(b"next tick")
-    await asyncio.sleep(0)
-    assert _received(peer1) == b"next tick"
+    two.write(b"next tick")
+    assert _received(peer2) == b"next tick"  # a new tick's first write
     one.close(), two.close(), peer1.close(), peer2.close()
 
 
 async def test_a_large_write_leaves_at_once():
-    transport, peer = await _pair(WriteBatch(asyncio.get_running_loop()))
+    batch = WriteBatch(asyncio.get_running_loop())
+    (opener, peer0), (transport, peer) = await _pair(batch), await _pair(batch)
+    opener.write(b"the tick's first write")
     transport.write(b"a" * 10)
     transport.write(b"b" * MAX_HELD)
     await asyncio.sleep(0.05)  # the loop writes what the socket takes; read before the held flush could run
@@ -60,16 +62,17 @@ async def test_a_large_write_leaves_at_once():
             break
         await asyncio.sleep(0.01)
     assert got == b"a" * 10 + b"b" * MAX_HELD
-    transport.close()
-    peer.close()
+    for sock in (opener, transport, peer0, peer):
+        sock.close()
 
 
 async def test_close_writes_what_is_held_first_and_abort_drops_it():
     batch = WriteBatch(asyncio.get_running_loop())
-    closed, peer1 = await _pair(batch)
+    (opener, peer0), (closed, peer1) = await _pair(batch), await _pair(batch)
+    aborted, peer2 = await _pair(batch)
+    opener.write(b"the tick's first write")
     closed.write(b"last words")
     closed.close()
-    aborted, peer2 = await _pair(batch)
     aborted.write(b"never sent")
     aborted.abort()
     await asyncio.sleep(0.05)
@@ -78,7 +81,8 @@ async def test_close_writes_what_is_held_first_and_abort_drops_it():
     aborted.write(b"after the end")  # dropped quietly, like a write to a closed transport
     await asyncio.sleep(0)
     assert aborted.is_closing()
-    peer1.close(), peer2.close()
+    for sock in (opener, peer0, peer1, peer2):
+        sock.close()
 
 
 async def test_the_command_line_server_still_sends_files(tmp_path, make_config):

@@ -3,12 +3,13 @@
 A write to a socket whose reader sleeps wakes that reader. When the reader's CPU is idle, the wake-up is
 an interrupt sent to that CPU, and in a virtual machine each one costs the writer tens of microseconds.
 A busy server writes once per request (the upstream request, the answer), its writes spread over the
-tick by the work between them, so nearly every one finds its reader asleep again. Held to the end of the
-tick, the writes leave back to back: the first wakes the reader, the rest find it awake
-(docs/benchmarks.md, "Writes made together").
+tick by the work between them, so nearly every one finds its reader asleep again. So the first write of
+a tick leaves at once (it wakes the reader, and alone it waits for nothing), and the tick's later writes
+are held to its end, to leave back to back while the reader is still awake (docs/benchmarks.md, "Writes
+made together").
 
-A tick is what the loop runs between two polls for I/O, so a write waits for work already queued, never
-for the network. The server's client connections (http/server.py) and the data plane's upstream
+A tick is what the loop runs between two polls for I/O, so a held write waits for work already queued,
+never for the network. The server's client connections (http/server.py) and the data plane's upstream
 connections (upstream/client.py) write through :class:`BatchedTransport`.
 """
 
@@ -23,30 +24,43 @@ MAX_HELD = 64 * 1024
 
 
 class WriteBatch:
-    """The transports of one event loop that hold writes this tick; one callback writes them all."""
+    """The transports of one event loop that hold writes this tick; one callback writes them all.
 
-    __slots__ = ("_held", "_loop")
+    The first write of a tick goes out at once: alone (one request at a time) it waits for nothing, and
+    under load it is the one that wakes the reader. The tick's later writes are held until the callback,
+    which the first write scheduled, runs at the start of the next tick.
+    """
+
+    __slots__ = ("_held", "_loop", "_open")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._held: list[BatchedTransport] = []
+        self._open = False  # a write went out this tick: the callback is scheduled
+
+    def first(self) -> bool:
+        """Whether this is the tick's first write (then it goes out at once; later ones are held)."""
+        if self._open:
+            return False
+        self._open = True
+        self._loop.call_soon(self.flush)
+        return True
 
     def hold(self, transport: BatchedTransport) -> None:
-        if not self._held:
-            self._loop.call_soon(self.flush)
         self._held.append(transport)
 
     def flush(self) -> None:
         held, self._held = self._held, []
+        self._open = False
         for transport in held:
             transport.flush()
 
 
 class BatchedTransport(asyncio.Transport):
-    """A transport whose writes wait for its :class:`WriteBatch` to flush.
+    """A transport whose writes, but the first of a tick, wait for its :class:`WriteBatch` to flush.
 
     Everything else goes straight to the wrapped transport. Closing writes what is held first; aborting
-    drops it. Writes keep their order, and more than :data:`MAX_HELD` bytes go out at once.
+    drops it. Writes keep their order, and more than :data:`MAX_HELD` bytes held go out at once.
     """
 
     __slots__ = ("_batch", "_chunks", "_size", "_transport")
@@ -66,6 +80,9 @@ class BatchedTransport(asyncio.Transport):
         if not data:
             return
         if not self._chunks:
+            if self._batch.first():
+                self._transport.write(data)
+                return
             self._batch.hold(self)
         self._chunks.append(bytes(data))  # a copy only of buffers the caller may reuse
         self._size += len(data)
