@@ -31,20 +31,25 @@ def _received(sock: socket.socket) -> bytes:
         out += data
 
 
-async def test_the_first_write_of_a_tick_leaves_at_once_and_the_rest_at_its_end_in_order():
+async def test_the_first_writer_of_a_tick_writes_at_once_and_the_rest_at_its_end_in_order():
     batch = WriteBatch(asyncio.get_running_loop())
     (one, peer1), (two, peer2) = await _pair(batch), await _pair(batch)
-    one.write(b"GET / HTTP/1.1\r\n")
-    assert _received(peer1) == b"GET / HTTP/1.1\r\n"  # the tick's first write: at once
-    two.write(bytearray(b"second"))
-    one.writelines([b"Host: x\r\n", memoryview(b"\r\n")])
-    assert _received(peer1) == b"" and _received(peer2) == b""  # held: the peers have nothing yet
-    assert one.get_write_buffer_size() == len(b"Host: x\r\n\r\n")
+    one.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    assert _received(peer1) == b"HTTP/1.1 200 OK\r\n\r\n"  # the tick's first write: at once
+    two.write(bytearray(b"GET / HTTP/1.1\r\n"))
+    two.writelines([b"Host: x\r\n", memoryview(b"\r\n")])
+    one.write(b"data: first chunk\n\n")
+    assert _received(peer1) == b"data: first chunk\n\n"  # the first writer's next write, as its head
+    assert _received(peer2) == b""  # held: the other peer has nothing yet
+    assert two.get_write_buffer_size() == len(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     await asyncio.sleep(0)  # the tick ends
-    assert _received(peer1) == b"Host: x\r\n\r\n"
-    assert _received(peer2) == b"second"
+    assert _received(peer2) == b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
     two.write(b"next tick")
-    assert _received(peer2) == b"next tick"  # a new tick's first write
+    assert _received(peer2) == b"next tick"  # the new tick's first writer
+    one.write(b"held now")
+    assert _received(peer1) == b""
+    await asyncio.sleep(0)
+    assert _received(peer1) == b"held now"
     one.close(), two.close(), peer1.close(), peer2.close()
 
 

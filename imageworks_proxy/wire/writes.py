@@ -3,9 +3,9 @@
 A write to a socket whose reader sleeps wakes that reader. When the reader's CPU is idle, the wake-up is
 an interrupt sent to that CPU, and in a virtual machine each one costs the writer tens of microseconds.
 A busy server writes once per request (the upstream request, the answer), its writes spread over the
-tick by the work between them, so nearly every one finds its reader asleep again. So the first write of
-a tick leaves at once (it wakes the reader, and alone it waits for nothing), and the tick's later writes
-are held to its end, to leave back to back while the reader is still awake (docs/benchmarks.md, "Writes
+tick by the work between them, so nearly every one finds its reader asleep again. So the tick's first
+writer writes at once (it wakes the reader, and alone it waits for nothing), and the other writes of the
+tick are held to its end, to leave back to back while the reader is still awake (docs/benchmarks.md, "Writes
 made together").
 
 A tick is what the loop runs between two polls for I/O, so a held write waits for work already queued,
@@ -26,38 +26,41 @@ MAX_HELD = 64 * 1024
 class WriteBatch:
     """The transports of one event loop that hold writes this tick; one callback writes them all.
 
-    The first write of a tick goes out at once: alone (one request at a time) it waits for nothing, and
-    under load it is the one that wakes the reader. The tick's later writes are held until the callback,
-    which the first write scheduled, runs at the start of the next tick.
+    The tick's first writer writes at once, for the rest of the tick too (a streamed answer's head and
+    first chunk): alone (one request at a time) it waits for nothing, and under load its first write is
+    the one that wakes the reader. The other transports' writes are held until the callback, scheduled by
+    that first write, runs at the start of the next tick.
     """
 
-    __slots__ = ("_held", "_loop", "_open")
+    __slots__ = ("_direct", "_held", "_loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._held: list[BatchedTransport] = []
-        self._open = False  # a write went out this tick: the callback is scheduled
+        self._direct: BatchedTransport | None = None  # this tick's first writer; None: nothing written yet
 
-    def first(self) -> bool:
-        """Whether this is the tick's first write (then it goes out at once; later ones are held)."""
-        if self._open:
-            return False
-        self._open = True
-        self._loop.call_soon(self.flush)
-        return True
+    def direct(self, transport: BatchedTransport) -> bool:
+        """Whether ``transport`` writes at once: it is this tick's first writer."""
+        first = self._direct
+        if first is None:
+            self._direct = transport
+            self._loop.call_soon(self.flush)
+            return True
+        return first is transport
 
     def hold(self, transport: BatchedTransport) -> None:
         self._held.append(transport)
 
     def flush(self) -> None:
         held, self._held = self._held, []
-        self._open = False
+        self._direct = None
         for transport in held:
             transport.flush()
 
 
 class BatchedTransport(asyncio.Transport):
-    """A transport whose writes, but the first of a tick, wait for its :class:`WriteBatch` to flush.
+    """A transport whose writes wait for its :class:`WriteBatch` to flush, unless it is the tick's first
+    writer.
 
     Everything else goes straight to the wrapped transport. Closing writes what is held first; aborting
     drops it. Writes keep their order, and more than :data:`MAX_HELD` bytes held go out at once.
@@ -80,7 +83,7 @@ class BatchedTransport(asyncio.Transport):
         if not data:
             return
         if not self._chunks:
-            if self._batch.first():
+            if self._batch.direct(self):
                 self._transport.write(data)
                 return
             self._batch.hold(self)
