@@ -31,7 +31,7 @@ def _received(sock: socket.socket) -> bytes:
         out += data
 
 
-async def test_the_first_writer_of_a_tick_writes_at_once_and_the_rest_at_its_end_in_order():
+async def test_the_first_writer_of_a_quiet_tick_writes_at_once_and_the_rest_at_its_end_in_order():
     batch = WriteBatch(asyncio.get_running_loop())
     (one, peer1), (two, peer2) = await _pair(batch), await _pair(batch)
     one.write(b"HTTP/1.1 200 OK\r\n\r\n")
@@ -44,12 +44,21 @@ async def test_the_first_writer_of_a_tick_writes_at_once_and_the_rest_at_its_end
     assert two.get_write_buffer_size() == len(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     await asyncio.sleep(0)  # the tick ends
     assert _received(peer2) == b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
-    two.write(b"next tick")
-    assert _received(peer2) == b"next tick"  # the new tick's first writer
-    one.write(b"held now")
-    assert _received(peer1) == b""
-    await asyncio.sleep(0)
-    assert _received(peer1) == b"held now"
+    one.close(), two.close(), peer1.close(), peer2.close()
+
+
+async def test_while_ticks_have_several_writers_every_write_is_held():
+    batch = WriteBatch(asyncio.get_running_loop())
+    (one, peer1), (two, peer2) = await _pair(batch), await _pair(batch)
+    one.write(b"a"), two.write(b"b")
+    await asyncio.sleep(0)  # a tick with two writers: the loop is busy
+    assert (_received(peer1), _received(peer2)) == (b"a", b"b")
+    two.write(b"busy")
+    assert _received(peer2) == b""  # even the tick's first write waits, to leave with the others
+    await asyncio.sleep(0)  # a tick with one writer: quiet again
+    assert _received(peer2) == b"busy"
+    one.write(b"quiet")
+    assert _received(peer1) == b"quiet"
     one.close(), two.close(), peer1.close(), peer2.close()
 
 

@@ -3,10 +3,10 @@
 A write to a socket whose reader sleeps wakes that reader. When the reader's CPU is idle, the wake-up is
 an interrupt sent to that CPU, and in a virtual machine each one costs the writer tens of microseconds.
 A busy server writes once per request (the upstream request, the answer), its writes spread over the
-tick by the work between them, so nearly every one finds its reader asleep again. So the tick's first
-writer writes at once (it wakes the reader, and alone it waits for nothing), and the other writes of the
-tick are held to its end, to leave back to back while the reader is still awake (docs/benchmarks.md, "Writes
-made together").
+tick by the work between them, so nearly every one finds its reader asleep again. So while the loop is
+busy a tick's writes are held to its end, to leave back to back: the first wakes the reader, the rest
+find it awake. While it is quiet the tick's first writer writes at once: alone, it waits for nothing
+(docs/benchmarks.md, "Writes made together").
 
 A tick is what the loop runs between two polls for I/O, so a held write waits for work already queued,
 never for the network. The server's client connections (http/server.py) and the data plane's upstream
@@ -26,33 +26,39 @@ MAX_HELD = 64 * 1024
 class WriteBatch:
     """The transports of one event loop that hold writes this tick; one callback writes them all.
 
-    The tick's first writer writes at once, for the rest of the tick too (a streamed answer's head and
-    first chunk): alone (one request at a time) it waits for nothing, and under load its first write is
-    the one that wakes the reader. The other transports' writes are held until the callback, scheduled by
-    that first write, runs at the start of the next tick.
+    While the loop is quiet (the last batch had fewer than two writers), the tick's first writer writes at
+    once, for the rest of the tick too: alone (one request at a time) it waits for nothing, and a streamed
+    answer's head and first chunk leave together. While it is busy, every write is held, so the tick's
+    writes wake the reader once rather than twice (the direct write, then the batch).
     """
 
-    __slots__ = ("_direct", "_held", "_loop")
+    __slots__ = ("_busy", "_direct", "_held", "_loop", "_open")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._held: list[BatchedTransport] = []
-        self._direct: BatchedTransport | None = None  # this tick's first writer; None: nothing written yet
+        self._open = False  # something was written this tick: the callback is scheduled
+        self._direct: BatchedTransport | None = None  # the quiet tick's first writer
+        self._busy = False
 
     def direct(self, transport: BatchedTransport) -> bool:
-        """Whether ``transport`` writes at once: it is this tick's first writer."""
-        first = self._direct
-        if first is None:
-            self._direct = transport
+        """Whether ``transport`` writes at once: the loop is quiet and it is this tick's first writer."""
+        if not self._open:
+            self._open = True
             self._loop.call_soon(self.flush)
-            return True
-        return first is transport
+            if not self._busy:
+                self._direct = transport
+                return True
+            return False
+        return self._direct is transport
 
     def hold(self, transport: BatchedTransport) -> None:
         self._held.append(transport)
 
     def flush(self) -> None:
         held, self._held = self._held, []
+        self._busy = len(held) + (self._direct is not None) >= 2
+        self._open = False
         self._direct = None
         for transport in held:
             transport.flush()
