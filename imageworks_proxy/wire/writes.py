@@ -65,8 +65,8 @@ class WriteBatch:
 
 
 class BatchedTransport(asyncio.Transport):
-    """A transport whose writes wait for its :class:`WriteBatch` to flush, unless it is the tick's first
-    writer.
+    """A transport whose writes wait for its :class:`WriteBatch` to flush, unless the batch lets them go
+    at once (a quiet tick's first writer).
 
     Everything else goes straight to the wrapped transport. Closing writes what is held first; aborting
     drops it. Writes keep their order, and more than :data:`MAX_HELD` bytes held go out at once.
@@ -80,10 +80,6 @@ class BatchedTransport(asyncio.Transport):
         self._batch = batch
         self._chunks: list[bytes] = []
         self._size = 0
-
-    @property
-    def wrapped(self) -> asyncio.Transport:
-        return self._transport
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
