@@ -88,13 +88,18 @@ class _Connection(asyncio.Protocol):
     """One keep-alive connection; it answers one request at a time."""
 
     def __init__(
-        self, key: tuple[str, str, int], client: UpstreamClient, loop: asyncio.AbstractEventLoop
+        self,
+        key: tuple[str, str, int],
+        client: UpstreamClient,
+        loop: asyncio.AbstractEventLoop,
+        batch: WriteBatch,
     ) -> None:
         self.key = key
         self.client = client
         #: The connection's event loop, kept: ``asyncio.get_running_loop()`` costs a ``getpid`` system call
         #: per call on Python 3.11, and the hot path would make several per request.
         self.loop = loop
+        self.batch = batch
         self.transport: asyncio.Transport | None = None
         self.reader: ResponseReader | None = None
         self.closed = False
@@ -103,7 +108,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Requests leave at the end of the tick, with the others sent in it (wire/writes.py).
-        self.transport = BatchedTransport(transport, self.client.write_batch(self.loop))  # type: ignore[arg-type]
+        self.transport = BatchedTransport(transport, self.batch)  # type: ignore[arg-type]
         self.client._open.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -242,14 +247,15 @@ class UpstreamClient:
         if target.authorization is not None and not any(k.lower() == "authorization" for k in headers):
             headers = {**headers, "Authorization": target.authorization}
         request = _request(target.prefix, headers, body)
-        loop = self._loop
-        if loop is None:
+        loop, batch = self._loop, self._batch
+        if loop is None or batch is None:
             loop = self._loop = asyncio.get_running_loop()
+            batch = self._batch = WriteBatch(loop)  # the connections' requests are written in it
         deadline = None if timeout is None else loop.time() + timeout
         for attempt in (0, 1):
             conn = self._pooled(target.key)
             if conn is None:
-                conn = await self._connect(target, connect_timeout, loop)
+                conn = await self._connect(target, connect_timeout, loop, batch)
             reader = ResponseReader(conn)
             conn.reader = reader
             if deadline is not None:
@@ -273,13 +279,6 @@ class UpstreamClient:
                 raise
             return UpstreamResponse(reader)
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def write_batch(self, loop: asyncio.AbstractEventLoop) -> WriteBatch:
-        """The batch the connections' requests are written in (one per client: the client lives on one
-        loop)."""
-        if self._batch is None:
-            self._batch = WriteBatch(loop)
-        return self._batch
 
     async def close(self) -> None:
         for conn in list(self._open):
@@ -314,12 +313,12 @@ class UpstreamClient:
         return None
 
     async def _connect(
-        self, target: _Target, timeout: float, loop: asyncio.AbstractEventLoop
+        self, target: _Target, timeout: float, loop: asyncio.AbstractEventLoop, batch: WriteBatch
     ) -> _Connection:
         try:
             async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(target.key, self, loop),
+                    lambda: _Connection(target.key, self, loop, batch),
                     target.host,
                     target.port,
                     ssl=target.ssl,
